@@ -1,0 +1,1 @@
+"""The engine: configs, model specs, building pipelines, the denoising loop, video output."""

@@ -1,0 +1,261 @@
+"""Plan a run (validate everything, resolve defaults, no weights) and build its pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
+from unison.engine.errors import UserError
+from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"model.device: not a torch device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={name} but no CUDA GPU is available here (use cpu or auto)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, *, fallback: str | None = None) -> str:
+    if name == "auto":
+        if fallback is not None:
+            return fallback
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before any weights are loaded."""
+
+    config: RunConfig
+    """The resolved config: family detected, sampling defaults filled, dtype and device concrete."""
+    spec: ModelSpec
+    device: torch.device
+    model_index: dict[str, Any] | None
+    """The folder's model_index.json, or None for a tiny in-process preset."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.config.model.path is None
+
+    def describe(self) -> list[str]:
+        c, s = self.config, self.config.sampling
+        source = "tiny random-weight preset (in-process)" if self.is_tiny else c.model.path
+        lines = [
+            f"model      {self.spec.title} [{self.spec.family}] from {source}",
+            f"device     {c.model.device}, {c.model.dtype} (VAE {c.model.vae_dtype})",
+            f"video      {s.width}x{s.height}, {s.frames} frames at {c.output.fps or self.spec.fps} fps, "
+            f"{s.steps} steps, seed {s.seed}",
+            f"guidance   {_guidance_text(self.spec, s)}",
+            f"parallel   ulysses {c.parallel.ulysses} x ring {c.parallel.ring} x cfg {c.parallel.cfg} "
+            f"x patch {c.parallel.patch}",
+            f"output     {c.output.path if c.output.decode else '(no video)'}"
+            + (f", latents to {c.output.save_latents}" if c.output.save_latents else ""),
+        ]
+        tokens = self.video_tokens()
+        if tokens is not None:
+            lines.insert(3, f"tokens     {tokens} video tokens per branch, {s.max_sequence_length} text tokens")
+        return lines
+
+    def video_tokens(self) -> int | None:
+        """Transformer sequence length of the video, read from the folder's configs (None for tiny)."""
+        if self.model_index is None:
+            return None
+        root = Path(self.config.model.path)
+        try:
+            tcfg = json.loads((root / self.spec.experts[0] / "config.json").read_text())
+            vcfg = json.loads((root / "vae" / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        spatial = vcfg.get("scale_factor_spatial") or vcfg.get("spatial_compression_ratio") or 8
+        temporal = vcfg.get("scale_factor_temporal") or vcfg.get("temporal_compression_ratio") or 4
+        patch = tcfg.get("patch_size")
+        pt, ph, pw = (patch if isinstance(patch, list) else (tcfg.get("patch_size_t", 1), patch, patch))
+        s = self.config.sampling
+        frames = (s.frames - 1) // temporal + 1
+        return (frames // pt) * (s.height // spatial // ph) * (s.width // spatial // pw)
+
+
+def _guidance_text(spec: ModelSpec, s: SamplingConfig) -> str:
+    if spec.embedded_guidance:
+        cfg = s.true_cfg_scale or 1.0
+        true = f", true CFG {cfg}" if cfg > 1 and s.negative_prompt is not None else ", no true CFG"
+        return f"embedded {s.guidance}{true}"
+    text = f"CFG {s.guidance}" if s.guidance > 1 else f"none (guidance {s.guidance} <= 1)"
+    if spec.two_experts:
+        text += f"; low-noise expert {s.guidance_2}"
+    return text
+
+
+def _resolve_family(model: ModelConfig) -> tuple[str, dict | None]:
+    if model.path is None:
+        if model.family == "auto":
+            raise UserError("model.family must name a family for the tiny preset, or give --model DIR")
+        get_spec(model.family)
+        return model.family, None
+    index = read_model_index(model.path)
+    found = detect_family(index)
+    if model.family not in ("auto", found):
+        raise UserError(
+            f"{model.path} holds a {found} model ({index.get('_class_name')}), but the config says "
+            f"model.family={model.family}"
+        )
+    for part in get_spec(found).experts:
+        if not (Path(model.path) / part / "config.json").is_file():
+            raise UserError(f"{model.path} has no {part}/config.json: not a complete diffusers folder")
+    return found, index
+
+
+def _resolve_sampling(s: SamplingConfig, spec: ModelSpec, *, tiny: bool) -> SamplingConfig:
+    d = spec.tiny_defaults if tiny else spec.defaults
+    filled = {name: getattr(d, name) for name in ("height", "width", "frames", "steps", "guidance",
+                                                   "max_sequence_length")
+              if getattr(s, name) is None}
+    s = dataclasses.replace(s, **filled)
+    if spec.two_experts and s.guidance_2 is None:
+        # As in diffusers, an unset guidance_2 follows the guidance the user gave; with neither
+        # given, both come from the family defaults.
+        from_defaults = "guidance" in filled and d.guidance_2 is not None
+        s = dataclasses.replace(s, guidance_2=d.guidance_2 if from_defaults else s.guidance)
+    if spec.embedded_guidance and s.true_cfg_scale is None:
+        s = dataclasses.replace(s, true_cfg_scale=d.true_cfg_scale)
+    return s
+
+
+def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
+    if s.steps < 1:
+        raise UserError(f"sampling.steps must be at least 1, got {s.steps}")
+    k = spec.temporal_factor
+    if s.frames < 1 or (s.frames - 1) % k:
+        near = max(1, (s.frames - 1) // k * k + 1)
+        raise UserError(
+            f"{spec.title} takes {k}k+1 frames (1, {k + 1}, {2 * k + 1}, ..., 81, ...); got {s.frames}, "
+            f"try {near} or {near + k}"
+        )
+    m = spec.size_multiple
+    for name in ("height", "width"):
+        value = getattr(s, name)
+        if value < m or value % m:
+            raise UserError(f"sampling.{name} must be a positive multiple of {m} for {spec.title}, got {value}")
+    if s.guidance < 0:
+        raise UserError(f"sampling.guidance must be >= 0, got {s.guidance}")
+    if s.max_sequence_length < 1:
+        raise UserError(f"sampling.max_sequence_length must be at least 1, got {s.max_sequence_length}")
+    spec.check_sampling(s)
+
+
+def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
+    degrees = {"ulysses": p.ulysses, "ring": p.ring, "cfg": p.cfg, "patch": p.patch}
+    for name, value in degrees.items():
+        if value < 1:
+            raise UserError(f"parallel.{name} must be at least 1, got {value}")
+    if p.cfg not in (1, 2):
+        raise UserError(f"parallel.cfg must be 1 or 2 (two guidance branches), got {p.cfg}")
+    product = p.ulysses * p.ring * p.cfg * p.patch
+    if product != world_size:
+        raise UserError(
+            f"parallel degrees ulysses {p.ulysses} x ring {p.ring} x cfg {p.cfg} x patch {p.patch} = {product} "
+            f"must equal the world size {world_size}"
+        )
+    if p.timeout_s <= 0:
+        raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
+
+
+def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
+    target = Path(path)
+    if suffix and target.suffix.lower() != suffix:
+        raise UserError(f"{what} must end with {suffix}: {path}")
+    if target.is_dir():
+        raise UserError(f"{what} is a folder, not a file: {path}")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} cannot be written: {ancestor} is not a folder ({path})")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
+
+
+def check_output(o: OutputConfig) -> None:
+    if o.decode:
+        _check_writable(o.path, what="output.path", suffix=".mp4")
+    if o.save_latents:
+        _check_writable(o.save_latents, what="output.save_latents")
+    if o.fps is not None and o.fps < 1:
+        raise UserError(f"output.fps must be at least 1, got {o.fps}")
+
+
+def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
+    """Validate `config` and resolve every default; reads only small JSON files, never weights."""
+    family, index = _resolve_family(config.model)
+    spec = get_spec(family)
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    model = dataclasses.replace(
+        config.model, family=family, device=str(device), dtype=dtype,
+        vae_dtype=resolve_dtype(config.model.vae_dtype, device, fallback=dtype),
+    )
+    sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
+    check_sampling(sampling, spec)
+    check_parallel(config.parallel, world_size=world_size)
+    check_output(config.output)
+    output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
+    resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
+    return Plan(config=resolved, spec=spec, device=device, model_index=index)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast like diffusers' from_pretrained does: `_keep_in_fp32_modules` stay in float32."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return
+    # diffusers warns on every ModelMixin.to(dtype); the float32 islands are restored below.
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32 and keep:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                sub.to(torch.float32)
+
+
+def load_pipeline(plan: Plan):
+    """Build the diffusers pipeline: the tiny preset in-process, or a local folder."""
+    import diffusers
+
+    model = plan.config.model
+    dtype, vae_dtype = DTYPES[model.dtype], DTYPES[model.vae_dtype]
+    if plan.is_tiny:
+        pipe = plan.spec.build_tiny(model.tiny_seed)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                _cast(component, vae_dtype if name == "vae" else dtype)
+    else:
+        cls = getattr(diffusers, plan.spec.pipeline_class)
+        try:
+            pipe = cls.from_pretrained(model.path, torch_dtype={"default": dtype, "vae": vae_dtype})
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
+    pipe.to(plan.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,224 @@
+"""Run configuration: one frozen, keyword-only dataclass per component, loaded strictly.
+
+Precedence, lowest first: dataclass defaults, the model family's defaults (for sampling
+fields left unset), YAML (`--config`), command-line flags, `--set section.key=value`.
+Unknown keys and wrong value types are `UserError`s that name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from unison.engine.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    family: str = "auto"
+    """Model family: wan, wan2.2, wan2.2-ti2v, hunyuanvideo, or auto (read from the folder)."""
+    path: str | None = None
+    """Local diffusers-format folder. None builds the family's tiny random-weight preset in-process."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the transformer and text encoders; auto is bfloat16 on a GPU, float32 on the CPU."""
+    vae_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """VAE dtype; float32 by default, as diffusers' Wan examples load it. auto follows `dtype`."""
+    device: str = "auto"
+    """torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    tiny_seed: int = 0
+    """Seed of the random weights of a tiny preset (ignored when `path` is set)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    prompt: str = "A red panda eating bamboo in a quiet forest, soft morning light."
+    """The text prompt."""
+    negative_prompt: str | None = None
+    """Negative prompt for classifier-free guidance (Wan; HunyuanVideo's true CFG)."""
+    height: int | None = None
+    """Video height in pixels; a multiple of 16 (32 for Wan 2.2 TI2V-5B). None: the family default."""
+    width: int | None = None
+    """Video width in pixels; same rule as height. None: the family default."""
+    frames: int | None = None
+    """Number of frames, 4k+1. None: the family default."""
+    steps: int | None = None
+    """Denoising steps (at least 1). None: the family default."""
+    guidance: float | None = None
+    """The pipeline's guidance_scale: CFG scale for Wan, embedded (distilled) guidance for HunyuanVideo."""
+    guidance_2: float | None = None
+    """Wan 2.2 two-expert only: CFG scale of the low-noise expert (guidance_scale_2); None means `guidance`."""
+    true_cfg_scale: float | None = None
+    """HunyuanVideo only: true classifier-free guidance scale (> 1 needs a negative prompt)."""
+    seed: int = 0
+    """Seed of the initial noise (a CPU generator, so every device and rank draws the same noise)."""
+    max_sequence_length: int | None = None
+    """Text tokens fed to the transformer. None: the family default (Wan 512, HunyuanVideo 256)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    ulysses: int = 1
+    """Ulysses (all-to-all) sequence-parallel degree."""
+    ring: int = 1
+    """Ring-attention sequence-parallel degree."""
+    cfg: int = 1
+    """CFG-parallel degree: 1, or 2 to run the cond and uncond branches on two halves of the ranks."""
+    patch: int = 1
+    """Patch-parallel degree (displaced patches / PipeFusion)."""
+    timeout_s: float = 300.0
+    """Timeout of every process group, in seconds: a stuck collective fails instead of hanging."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    path: str = "unison.mp4"
+    """Where the mp4 goes; the resolved config is written beside it with a .yaml suffix."""
+    save_latents: str | None = None
+    """If set, torch.save the final latents (before VAE decode) here."""
+    fps: int | None = None
+    """Frame rate of the mp4. None: the family's (Wan 16, HunyuanVideo 24)."""
+    decode: bool = True
+    """Decode and write the video. False stops after the latents (useful with save_latents)."""
+    vae_tiling: bool = False
+    """Decode with the VAE's own spatial tiling (lower peak memory at 720p)."""
+    progress: bool = True
+    """Show a progress bar per step (rank 0 only)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model, where its weights are, dtype and device."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """What to render and how: prompt, size, frames, steps, guidance, seed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How ranks split the work."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results go."""
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_class(name: str) -> type:
+    return {"model": ModelConfig, "sampling": SamplingConfig,
+            "parallel": ParallelConfig, "output": OutputConfig}[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def section_from_dict(cls: type, data: dict[str, Any], *, prefix: str, base: Any = None) -> Any:
+    """Build section `cls` from `data` on top of `base` (or the defaults), strictly."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix}: expected a mapping of keys, got {type(data).__name__}")
+    hints = _hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise UserError(f"unknown config key '{prefix}.{key}'; allowed in '{prefix}': {', '.join(allowed)}")
+        values[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    base = base if base is not None else cls()
+    return dataclasses.replace(base, **values)
+
+
+def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = None) -> RunConfig:
+    """Merge a nested mapping (as read from YAML) onto `base`; unknown sections or keys fail."""
+    base = base or RunConfig()
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    sections = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section '{name}'; allowed: {', '.join(SECTIONS)}")
+        sections[name] = section_from_dict(_section_class(name), value or {}, prefix=name,
+                                           base=getattr(base, name))
+    return dataclasses.replace(base, **sections)
+
+
+def load_yaml(path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return config_from_dict(data, base=base)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars (so 3, 3.5, true, null work)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw  # a prompt such as "[a] b" stays text
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return config_from_dict(nested, base=config)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)

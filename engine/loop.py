@@ -1,0 +1,96 @@
+"""The denoising loop, owned by the engine and built from the pipeline's own components.
+
+Structure differs from diffusers' `__call__` (so that CFG parallelism, per-branch cache
+contexts and per-step hooks can be added); numbers do not: the same calls in the same
+order, so on one device with no cache the final latents equal diffusers' output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from unison.engine.config import SamplingConfig
+from unison.engine.models import Conditioning, ModelSpec
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    index: int
+    timestep: float
+    expert: str
+    seconds: float
+
+
+@dataclass
+class LoopResult:
+    latents: torch.Tensor
+    """Final latents before VAE decode, shaped like diffusers' output_type="latent" result."""
+    steps: list[StepRecord] = field(default_factory=list)
+    encode_seconds: float = 0.0
+
+
+def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device) -> torch.Tensor:
+    """Initial noise from a CPU generator seeded with sampling.seed: the same tensor on every
+    device and every rank, so ranks never need to broadcast it."""
+    generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    denoiser = getattr(pipe, spec.experts[0])
+    return pipe.prepare_latents(1, denoiser.config.in_channels, sampling.height, sampling.width,
+                                sampling.frames, torch.float32, device, generator)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def select_expert(spec: ModelSpec, boundary: float | None, t: torch.Tensor) -> int:
+    """Index into spec.experts: experts[0] for timesteps at or above the boundary (high noise)."""
+    if boundary is None or t >= boundary:
+        return 0
+    return 1
+
+
+def denoise(
+    pipe,
+    spec: ModelSpec,
+    sampling: SamplingConfig,
+    *,
+    device: torch.device,
+    progress: bool = False,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> LoopResult:
+    started = time.perf_counter()
+    conditioning: Conditioning = spec.encode(pipe, sampling, device)
+    encode_seconds = time.perf_counter() - started
+    timesteps = spec.set_timesteps(pipe, sampling.steps, device)
+    experts = [getattr(pipe, name) for name in spec.experts]
+    boundary = spec.expert_boundary(pipe)
+    latents = initial_latents(pipe, spec, sampling, device)
+    records: list[StepRecord] = []
+    bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
+    with torch.no_grad(), bar:
+        for i, t in enumerate(timesteps):
+            step_start = time.perf_counter()
+            which = select_expert(spec, boundary, t)
+            model, scale = experts[which], conditioning.scales[which]
+            x = latents.to(model.dtype)
+            timestep = spec.timestep_input(pipe, t, latents)
+            noise = model(hidden_states=x, timestep=timestep, return_dict=False, **conditioning.cond)[0]
+            if conditioning.uncond is not None:
+                noise_uncond = model(hidden_states=x, timestep=timestep, return_dict=False,
+                                     **conditioning.uncond)[0]
+                noise = noise_uncond + scale * (noise - noise_uncond)
+            latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+            _sync(device)
+            record = StepRecord(index=i, timestep=float(t), expert=spec.experts[which],
+                                seconds=time.perf_counter() - step_start)
+            records.append(record)
+            bar.update(1)
+            if on_step is not None:
+                on_step(record)
+    return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds)

@@ -1,0 +1,85 @@
+"""ModelSpec: what the engine needs to know about one diffusers model family, as data.
+
+A family module (wan.py, hunyuan_video.py) fills one ModelSpec per family with small
+functions over the family's diffusers pipeline. The engine's loop calls only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingDefaults:
+    """Family defaults for sampling fields the user left unset."""
+
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float
+    max_sequence_length: int
+    guidance_2: float | None = None
+    true_cfg_scale: float | None = None
+
+
+@dataclass
+class Conditioning:
+    """Transformer keyword arguments per guidance branch, and the guidance scale per expert."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    scales: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    family: str
+    """Name used in configs and by `make-tiny --family`."""
+    title: str
+    """Human name, for logs and the README."""
+    pipeline_class: str
+    """diffusers pipeline class name (model_index.json's `_class_name`)."""
+    transformer_class: str
+    """diffusers transformer class name."""
+    experts: tuple[str, ...]
+    """Pipeline attributes of the denoisers, in order of use (high noise first)."""
+    fps: int
+    """Frame rate of the written video."""
+    size_multiple: int
+    """Height and width must be multiples of this (VAE spatial factor × patch size)."""
+    temporal_factor: int
+    """Frames must be temporal_factor·k + 1."""
+    embedded_guidance: bool
+    """The transformer takes guidance as an input (distilled guidance) rather than two branches."""
+    block_lists: tuple[str, ...]
+    """Transformer attributes holding the block ModuleLists, in execution order."""
+    defaults: SamplingDefaults
+    """Defaults for real checkpoints."""
+    tiny_defaults: SamplingDefaults
+    """Defaults for the tiny random-weight preset."""
+    matches: Callable[[dict[str, Any]], bool]
+    """Does a model_index.json mapping belong to this family?"""
+    build_tiny: Callable[[int], Any]
+    """Build the tiny random-weight pipeline from a seed (in-process, offline)."""
+    check_sampling: Callable[[Any], None]
+    """Raise UserError for sampling settings the family cannot take (beyond size/frames)."""
+    encode: Callable[[Any, Any, torch.device], Conditioning]
+    """(pipe, resolved sampling, device) -> Conditioning."""
+    set_timesteps: Callable[[Any, int, torch.device], torch.Tensor]
+    """(pipe, steps, device) -> timesteps, leaving the scheduler ready to step."""
+    timestep_input: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+    """(pipe, t, latents) -> the `timestep` argument of the transformer."""
+    expert_boundary: Callable[[Any], float | None]
+    """(pipe) -> timestep at and above which experts[0] runs; None for one expert."""
+    decode: Callable[[Any, torch.Tensor], torch.Tensor]
+    """(pipe, latents) -> decoded video tensor (B, C, F, H, W) in [-1, 1]."""
+    notes: tuple[str, ...] = field(default=())
+    """What is supported and what is not, for `--dry-run` and the README."""
+
+    @property
+    def two_experts(self) -> bool:
+        return len(self.experts) > 1

@@ -1,0 +1,120 @@
+"""HunyuanVideo T2V (diffusers' HunyuanVideoPipeline): embedded guidance, optional true CFG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from unison.engine.errors import UserError
+from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
+from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
+
+
+def _tiny_pipeline(seed: int):
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideoPipeline, HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    ids = dict(vocab_size=TINY_VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    # Three layers, so that the pipeline's "third hidden state from the end" is a real layer output.
+    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                                          num_key_value_heads=4, num_hidden_layers=3,
+                                          max_position_embeddings=1024, **ids))
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=37, num_attention_heads=4,
+                                                  num_hidden_layers=2, projection_dim=8,
+                                                  max_position_embeddings=77, **ids))
+    torch.manual_seed(seed + 1)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=10, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    )
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tiny_tokenizer(bos=True, eos=False),
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(bos=True, eos=True),
+    )
+
+
+def _check_sampling(sampling) -> None:
+    if sampling.guidance_2 is not None:
+        raise UserError(
+            "--guidance-2 has no meaning for HunyuanVideo: it has one transformer; --guidance sets its "
+            "embedded (distilled) guidance, and sampling.true_cfg_scale > 1 with a negative prompt adds true CFG"
+        )
+    if sampling.true_cfg_scale is not None and sampling.true_cfg_scale > 1 and sampling.negative_prompt is None:
+        raise UserError(
+            f"sampling.true_cfg_scale={sampling.true_cfg_scale} needs a negative prompt (--negative-prompt); "
+            "without one HunyuanVideo runs embedded guidance only"
+        )
+
+
+def _encode(pipe, sampling, device: torch.device) -> Conditioning:
+    dtype = pipe.transformer.dtype
+
+    def branch(prompt: str) -> dict[str, torch.Tensor]:
+        embeds, pooled, mask = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, num_videos_per_prompt=1, device=device,
+            max_sequence_length=sampling.max_sequence_length,
+        )
+        # Embedded guidance: the transformer takes the scale (× 1000) as an input on both branches.
+        guidance = torch.tensor([sampling.guidance], dtype=dtype, device=device) * 1000.0
+        return {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask.to(dtype),
+                "pooled_projections": pooled.to(dtype), "guidance": guidance}
+
+    true_cfg = sampling.true_cfg_scale or 1.0
+    do_true_cfg = true_cfg > 1 and sampling.negative_prompt is not None
+    return Conditioning(
+        cond=branch(sampling.prompt),
+        uncond=branch(sampling.negative_prompt) if do_true_cfg else None,
+        scales=(true_cfg,),
+    )
+
+
+def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
+    # HunyuanVideoPipeline passes explicit sigmas 1 → 1/steps; the scheduler shifts them.
+    sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+    pipe.scheduler.set_timesteps(sigmas=sigmas, device=device)
+    pipe.scheduler.set_begin_index(0)
+    return pipe.scheduler.timesteps
+
+
+def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    return t.expand(latents.shape[0]).to(latents.dtype)
+
+
+def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    latents = latents.to(pipe.vae.device, dtype=pipe.vae.dtype) / pipe.vae.config.scaling_factor
+    return pipe.vae.decode(latents, return_dict=False)[0]
+
+
+def _matches(index: dict[str, Any]) -> bool:
+    return index.get("_class_name") == "HunyuanVideoPipeline"
+
+
+HUNYUAN_VIDEO = ModelSpec(
+    family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
+    transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",), fps=24,
+    size_multiple=16, temporal_factor=4, embedded_guidance=True,
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=6.0,
+                              true_cfg_scale=1.0, max_sequence_length=256),
+    tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=6.0,
+                                   true_cfg_scale=1.0, max_sequence_length=32),
+    matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
+    set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
+    decode=_decode,
+    notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
+)
+
+SPECS = (HUNYUAN_VIDEO,)

@@ -1,0 +1,127 @@
+"""The engine: load a pipeline once, render videos, write them, summarise."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from unison.engine.build import Plan, load_pipeline, plan_run
+from unison.engine.config import RunConfig, dump_yaml
+from unison.engine.loop import LoopResult, denoise
+from unison.engine.video import save_tensor, to_uint8_frames, write_mp4, write_text
+
+log = logging.getLogger("unison")
+
+
+@dataclass
+class RenderResult:
+    config: RunConfig
+    """The resolved config, as saved beside the video."""
+    latents: torch.Tensor
+    loop: LoopResult
+    video_path: Path | None
+    config_path: Path | None
+    latents_path: Path | None
+    seconds: dict[str, float]
+    """Wall time per phase: load, encode, denoise, decode, write, total."""
+    peak_memory_bytes: int
+    peak_memory_kind: str
+
+    def summary(self) -> str:
+        steps = [r.seconds for r in self.loop.steps]
+        s = self.seconds
+        median = statistics.median(steps) if steps else 0.0
+        experts = sorted({r.expert for r in self.loop.steps})
+        lines = [
+            f"{len(steps)} steps in {sum(steps):.2f} s ({median:.3f} s/step median"
+            + (f", experts {', '.join(experts)}" if len(experts) > 1 else "") + ")",
+            "time      " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()),
+            f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
+        ]
+        if self.video_path:
+            lines.append(f"wrote     {self.video_path} and {self.config_path}")
+        if self.latents_path:
+            lines.append(f"latents   {self.latents_path}")
+        return "\n".join(lines)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS"
+
+
+def config_path_for(video_path: str | Path) -> Path:
+    return Path(video_path).with_suffix(".yaml")
+
+
+class Engine:
+    """Holds one loaded pipeline and renders any number of videos with it.
+
+    The model (family, folder, dtype, device) is fixed when the engine is built; sampling and
+    output may change per render. Every video starts from a fresh scheduler state.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        started = time.perf_counter()
+        self.pipe = load_pipeline(plan)
+        self.load_seconds = time.perf_counter() - started
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Engine":
+        return cls(plan_run(config))
+
+    def render(self, config: RunConfig | None = None, *, progress: bool | None = None) -> RenderResult:
+        """Render one video. `config` must name the same model as the engine's (default: its own)."""
+        plan = self.plan if config is None else plan_run(config)
+        if plan.config.model != self.plan.config.model:
+            raise ValueError("this engine holds a different model; build another Engine for it")
+        cfg, device = plan.config, plan.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        show = cfg.output.progress if progress is None else progress
+        loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show)
+        seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
+                   "denoise": sum(r.seconds for r in loop.steps)}
+        latents_path = video_path = config_path = None
+        if cfg.output.save_latents:
+            latents_path = Path(cfg.output.save_latents)
+            save_tensor(latents_path, loop.latents)
+        if cfg.output.decode:
+            t0 = time.perf_counter()
+            frames = self.decode(loop.latents)
+            seconds["decode"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            video_path = Path(cfg.output.path)
+            write_mp4(video_path, frames, fps=cfg.output.fps)
+            config_path = config_path_for(video_path)
+            write_text(config_path, dump_yaml(cfg))
+            seconds["write"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - started + self.load_seconds
+        peak, kind = peak_memory(device)
+        return RenderResult(config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
+                            config_path=config_path, latents_path=latents_path, seconds=seconds,
+                            peak_memory_bytes=peak, peak_memory_kind=kind)
+
+    def decode(self, latents: torch.Tensor):
+        """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch."""
+        pipe = self.pipe
+        if self.plan.config.output.vae_tiling:
+            pipe.vae.enable_tiling()
+        with torch.no_grad():
+            video = self.plan.spec.decode(pipe, latents)
+        frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+        return to_uint8_frames(frames)
+
+
+def generate(config: RunConfig, *, progress: bool | None = None) -> RenderResult:
+    """Plan, load and render one video (the `unison generate` path on one device)."""
+    return Engine.from_config(config).render(progress=progress)

@@ -1,0 +1,1 @@
+"""Launchers and the `unison` command line."""

@@ -1,0 +1,1 @@
+"""Parallel execution: topology (ParallelDims), collectives, parallel attention and VAE decode."""
