@@ -253,7 +253,7 @@ def load_pipeline(plan: Plan):
     else:
         cls = getattr(diffusers, plan.spec.pipeline_class)
         try:
-            pipe = cls.from_pretrained(model.path, torch_dtype={"default": dtype, "vae": vae_dtype})
+            pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype})
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
     pipe.to(plan.device)
