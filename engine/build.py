@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
-from unison.engine.errors import UserError
+from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +48,7 @@ class Plan:
     device: torch.device
     model_index: dict[str, Any] | None
     """The folder's model_index.json, or None for a tiny in-process preset."""
+    world_size: int = 1
 
     @property
     def is_tiny(self) -> bool:
@@ -213,10 +214,28 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
     check_sampling(sampling, spec)
     check_parallel(config.parallel, world_size=world_size)
+    if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
+        raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
+    _check_cfg_parallel(config.parallel, spec, sampling)
     check_output(config.output)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
-    return Plan(config=resolved, spec=spec, device=device, model_index=index)
+    return Plan(config=resolved, spec=spec, device=device, model_index=index, world_size=world_size)
+
+
+def _check_cfg_parallel(p: ParallelConfig, spec: ModelSpec, s: SamplingConfig) -> None:
+    if p.cfg == 1:
+        return
+    if spec.embedded_guidance:
+        two = (s.true_cfg_scale or 1.0) > 1 and s.negative_prompt is not None
+        if not two:
+            raise UserError(
+                f"CFG parallel needs two guidance branches; {spec.title} uses embedded guidance (one branch) "
+                "unless sampling.true_cfg_scale > 1 with a negative prompt"
+            )
+    elif s.guidance <= 1:
+        raise UserError(f"CFG parallel needs classifier-free guidance (guidance > 1), got {s.guidance}")
+
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from unison.engine.errors import UserError
+from unison.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
+from unison.parallel.comm import all_gather
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ def denoise(
     device: torch.device,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
+    runtime=None,
 ) -> LoopResult:
+    """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
+    guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
+    step; every rank then combines and steps the scheduler identically."""
     started = time.perf_counter()
     conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
@@ -72,6 +77,10 @@ def denoise(
     boundary = spec.expert_boundary(pipe)
     latents = initial_latents(pipe, spec, sampling, device)
     records: list[StepRecord] = []
+    cfg_group = runtime.groups.get("cfg") if runtime is not None else None
+    cfg_index = runtime.groups.index("cfg") if runtime is not None else 0
+    if cfg_group is not None and conditioning.uncond is None:
+        raise ValueError("CFG parallel needs two guidance branches, but this run has one")
     bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
     with torch.no_grad(), bar:
         for i, t in enumerate(timesteps):
@@ -80,8 +89,14 @@ def denoise(
             model, scale = experts[which], conditioning.scales[which]
             x = latents.to(model.dtype)
             timestep = spec.timestep_input(pipe, t, latents)
-            noise = model(hidden_states=x, timestep=timestep, return_dict=False, **conditioning.cond)[0]
-            if conditioning.uncond is not None:
+            if cfg_group is not None:
+                branch = conditioning.cond if cfg_index == 0 else conditioning.uncond
+                mine = model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
+                both = all_gather(mine.unsqueeze(0), dim=0, group=cfg_group, stats=runtime.stats)
+                noise = both[1] + scale * (both[0] - both[1])
+            else:
+                noise = model(hidden_states=x, timestep=timestep, return_dict=False, **conditioning.cond)[0]
+            if cfg_group is None and conditioning.uncond is not None:
                 noise_uncond = model(hidden_states=x, timestep=timestep, return_dict=False,
                                      **conditioning.uncond)[0]
                 noise = noise_uncond + scale * (noise - noise_uncond)

@@ -32,6 +32,8 @@ class RenderResult:
     """Wall time per phase: load, encode, denoise, decode, write, total."""
     peak_memory_bytes: int
     peak_memory_kind: str
+    comm_bytes_per_step: dict[str, float]
+    """Bytes this rank sent per step, by collective kind (empty on one rank)."""
 
     def summary(self) -> str:
         steps = [r.seconds for r in self.loop.steps]
@@ -44,6 +46,9 @@ class RenderResult:
             "time      " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()),
             f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
         ]
+        if self.comm_bytes_per_step:
+            lines.append("comm      " + ", ".join(f"{k} {v / 2**20:.3f} MiB/step"
+                                                  for k, v in sorted(self.comm_bytes_per_step.items())))
         if self.video_path:
             lines.append(f"wrote     {self.video_path} and {self.config_path}")
         if self.latents_path:
@@ -72,30 +77,43 @@ class Engine:
         self.plan = plan
         started = time.perf_counter()
         self.pipe = load_pipeline(plan)
+        self.runtime = None
+        if plan.world_size > 1:
+            from unison.engine.parallelize import Runtime, parallelize
+
+            self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size)
+            self.handles = parallelize(self.pipe, plan.spec, self.runtime)
         self.load_seconds = time.perf_counter() - started
 
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 decodes and writes (VAE decode on one rank for now)."""
+        return self.runtime is None or self.runtime.rank == 0
+
     @classmethod
-    def from_config(cls, config: RunConfig) -> "Engine":
-        return cls(plan_run(config))
+    def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Engine":
+        return cls(plan_run(config, world_size=world_size))
 
     def render(self, config: RunConfig | None = None, *, progress: bool | None = None) -> RenderResult:
         """Render one video. `config` must name the same model as the engine's (default: its own)."""
-        plan = self.plan if config is None else plan_run(config)
+        plan = self.plan if config is None else plan_run(config, world_size=self.plan.world_size)
         if plan.config.model != self.plan.config.model:
             raise ValueError("this engine holds a different model; build another Engine for it")
         cfg, device = plan.config, plan.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        show = cfg.output.progress if progress is None else progress
-        loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show)
+        show = (cfg.output.progress if progress is None else progress) and self.is_writer
+        if self.runtime is not None:
+            self.runtime.stats.reset()
+        loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
-        if cfg.output.save_latents:
+        if cfg.output.save_latents and self.is_writer:
             latents_path = Path(cfg.output.save_latents)
             save_tensor(latents_path, loop.latents)
-        if cfg.output.decode:
+        if cfg.output.decode and self.is_writer:
             t0 = time.perf_counter()
             frames = self.decode(loop.latents)
             seconds["decode"] = time.perf_counter() - t0
@@ -107,7 +125,10 @@ class Engine:
             seconds["write"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - started + self.load_seconds
         peak, kind = peak_memory(device)
-        return RenderResult(config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
+        comm = {}
+        if self.runtime is not None and loop.steps:
+            comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
+        return RenderResult(comm_bytes_per_step=comm, config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
                             config_path=config_path, latents_path=latents_path, seconds=seconds,
                             peak_memory_bytes=peak, peak_memory_kind=kind)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.engine.errors import UserError
+from unison.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -29,6 +29,9 @@ _FLAG_KEYS = {
     "seed": "sampling.seed",
     "output": "output.path",
     "save_latents": "output.save_latents",
+    "ulysses": "parallel.ulysses",
+    "ring": "parallel.ring",
+    "cfg_parallel": "parallel.cfg",
 }
 
 
@@ -88,6 +91,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="output .mp4 path")
     p.add_argument("--save-latents", dest="save_latents", help="torch.save the final latents here")
+    p.add_argument("--ulysses", type=int, help="Ulysses (all-to-all) degree")
+    p.add_argument("--ring", type=int, help="ring-attention degree")
+    p.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=2,
+                   help="run the two guidance branches on two halves of the ranks")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
 
@@ -112,14 +119,25 @@ def parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from unison.engine.build import plan_run
 
-    plan = plan_run(build_config(args))
+    from unison.launch.dist import DistEnv
+
+    env = DistEnv.from_env()
+    plan = plan_run(build_config(args), world_size=env.world_size)
     if args.dry_run:
-        print("\n".join(plan.describe()))
+        if env.rank == 0:
+            from unison.parallel.dims import ParallelDims
+
+            p = plan.config.parallel
+            dims = ParallelDims(cfg=p.cfg, patch=p.patch, ring=p.ring, ulysses=p.ulysses,
+                                world_size=env.world_size)
+            print("\n".join(plan.describe() + dims.describe()))
         return 0
     from unison.engine.render import Engine
 
+    env.init(timeout_s=plan.config.parallel.timeout_s)
     result = Engine(plan).render()
-    print(result.summary())
+    if env.rank == 0:
+        print(result.summary())
     return 0
 
 

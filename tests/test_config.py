@@ -11,7 +11,7 @@ import pytest
 
 from unison.engine.config import (ModelConfig, RunConfig, SamplingConfig, apply_overrides, config_from_dict,
                                   dump_yaml, load_yaml)
-from unison.engine.errors import UserError
+from unison.errors import UserError
 from unison.launch.cli import build_config, parser
 
 ROOT = Path(__file__).resolve().parent.parent

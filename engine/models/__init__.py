@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unison.engine.errors import UserError
+from unison.errors import UserError
 from unison.engine.models import hunyuan_video, wan
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 

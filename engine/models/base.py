@@ -77,6 +77,8 @@ class ModelSpec:
     """(pipe) -> timestep at and above which experts[0] runs; None for one expert."""
     decode: Callable[[Any, torch.Tensor], torch.Tensor]
     """(pipe, latents) -> decoded video tensor (B, C, F, H, W) in [-1, 1]."""
+    sequence_parallel_plan: Callable[..., None] | None = None
+    """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     notes: tuple[str, ...] = field(default=())
     """What is supported and what is not, for `--dry-run` and the README."""
 

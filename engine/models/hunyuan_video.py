@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unison.engine.errors import UserError
+from unison.errors import UserError
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from unison.engine.errors import UserError
+from unison.errors import UserError
+from unison.engine.models.wan_parallel import sequence_parallel_plan
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
@@ -147,7 +148,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         build_tiny=lambda seed: _tiny_pipeline(seed, variant=family),
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
-        notes=notes,
+        sequence_parallel_plan=sequence_parallel_plan, notes=notes,
     )
 
 

@@ -1,4 +1,4 @@
-"""Errors that mean "the user asked for something we cannot do" (exit code 2, one line)."""
+"""Errors shared by every layer. Errors that mean "the user asked for something we cannot do" (exit code 2, one line)."""
 
 
 class UserError(ValueError):

@@ -1,0 +1,79 @@
+"""Where Wan's sequence is split and gathered, and its self-attention under sequence parallelism.
+
+Split at the first block's input (tokens, per-token modulation for TI2V-5B, rotary tables),
+gather after the last block, so patch embedding, timestep modulation, RoPE tables, the output
+norm and projection see exactly what they see on one rank. Cross-attention to the text needs
+no communication: text is replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unison.parallel.attention import parallel_attention
+from unison.parallel.sequence import Handle, SequenceShard
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary embedding: pairs (x[2i], x[2i+1]) rotated by the angle of frequency i."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out.type_as(x)
+
+
+class WanSelfAttention:
+    """Processor for a Wan block's attn1 whose attention runs across the sequence-parallel group."""
+
+    def __init__(self, shard: SequenceShard):
+        self.shard = shard
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if attn.fused_projections:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        out = parallel_attention(q, k, v, groups=self.shard.attention, valid_len=self.shard.valid_len)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) -> None:
+    blocks = transformer.blocks
+
+    def split_inputs(module, args):
+        hidden, text, modulation, rope = args
+        hidden = shard.split(hidden, dim=1, record=True)
+        if modulation.ndim == 4:  # TI2V-5B: one modulation per token
+            modulation = shard.split(modulation, dim=1)
+        rope = tuple(shard.split(t, dim=1) for t in rope)
+        shard.cache.update(modulation=modulation, rope=rope)
+        return hidden, text, modulation, rope
+
+    def reuse_inputs(module, args):
+        return args[0], args[1], shard.cache["modulation"], shard.cache["rope"]
+
+    def gather_output(module, args, output):
+        shard.cache.clear()
+        return shard.gather(output, dim=1)
+
+    hooks = [blocks[0].register_forward_pre_hook(split_inputs)]
+    hooks += [block.register_forward_pre_hook(reuse_inputs) for block in blocks[1:]]
+    hooks.append(blocks[-1].register_forward_hook(gather_output))
+    originals = [block.attn1.processor for block in blocks]
+    for block in blocks:
+        block.attn1.set_processor(WanSelfAttention(shard))
+
+    def undo():
+        for hook in hooks:
+            hook.remove()
+        for block, processor in zip(blocks, originals):
+            block.attn1.set_processor(processor)
+
+    handle.undo.append(undo)
