@@ -1,0 +1,55 @@
+"""Topology: degrees validated with errors naming every factor; ulysses contiguous; dry run prints the mesh."""
+
+from __future__ import annotations
+
+import pytest
+
+from unison.errors import UserError
+from unison.launch.cli import main
+from unison.parallel.attention import check_heads
+from unison.parallel.dims import ParallelDims
+
+
+def test_ulysses_contiguous_ring_and_cfg_stride():
+    dims = ParallelDims(cfg=2, ring=2, ulysses=2, world_size=8)
+    assert dims.group_ranks(("ulysses",)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.group_ranks(("ring",)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.group_ranks(("cfg",)) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert dims.group_ranks(("ring", "ulysses")) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert dims.coords(6) == {"cfg": 1, "patch": 0, "ring": 1, "ulysses": 0}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ulysses=2, ring=2, world_size=8), "ulysses 2 x ring 2 x cfg 1 x patch 1 = 4 must equal the world size 8"),
+    (dict(cfg=3, world_size=3), "parallel.cfg must be 1 or 2"),
+    (dict(ring=0, world_size=1), "parallel.ring must be at least 1"),
+])
+def test_bad_degrees(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        ParallelDims(**kwargs)
+
+
+def test_heads_not_divisible_names_valid_degrees():
+    with pytest.raises(UserError, match="valid Ulysses degrees: 1, 2, 3, 4, 6, 12"):
+        check_heads(12, 5)
+    check_heads(12, 4)
+
+
+def test_dry_run_under_torchrun_prints_the_mesh(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--dry-run", "--ulysses", "2", "--cfg-parallel", "--output", str(tmp_path / "a.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "ulysses  groups [0, 1] [2, 3]" in out and "cfg      groups [0, 2] [1, 3]" in out
+
+
+@pytest.mark.parametrize("world, argv, message", [
+    ("4", ["--ulysses", "2"], "must equal the world size 4"),
+    ("4", ["--cfg-parallel", "--ulysses", "2", "--guidance", "1"], "CFG parallel needs classifier-free guidance"),
+    ("2", ["--cfg-parallel", "--set", "model.family=hunyuanvideo"], "uses embedded guidance"),
+    ("4", ["--ulysses", "4", "--set", "model.family=hunyuanvideo"], "not supported for HunyuanVideo"),
+])
+def test_bad_parallel_requests(monkeypatch, capsys, world, argv, message):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert main(["--dry-run", *argv]) == 2
+    assert message in capsys.readouterr().err
