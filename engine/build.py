@@ -161,18 +161,10 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
 
 
 def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
-    degrees = {"ulysses": p.ulysses, "ring": p.ring, "cfg": p.cfg, "patch": p.patch}
-    for name, value in degrees.items():
-        if value < 1:
-            raise UserError(f"parallel.{name} must be at least 1, got {value}")
-    if p.cfg not in (1, 2):
-        raise UserError(f"parallel.cfg must be 1 or 2 (two guidance branches), got {p.cfg}")
-    product = p.ulysses * p.ring * p.cfg * p.patch
-    if product != world_size:
-        raise UserError(
-            f"parallel degrees ulysses {p.ulysses} x ring {p.ring} x cfg {p.cfg} x patch {p.patch} = {product} "
-            f"must equal the world size {world_size}"
-        )
+    """Degrees are validated by ParallelDims itself (one place for the rules)."""
+    from unison.parallel.dims import ParallelDims
+
+    ParallelDims(cfg=p.cfg, patch=p.patch, ring=p.ring, ulysses=p.ulysses, world_size=world_size)
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
 
