@@ -160,11 +160,15 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
     spec.check_sampling(s)
 
 
-def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
-    """Degrees are validated by ParallelDims itself (one place for the rules)."""
+def parallel_dims(p: ParallelConfig, *, world_size: int):
+    """The ParallelDims of a parallel config; it validates the degrees (one place for the rules)."""
     from unison.parallel.dims import ParallelDims
 
-    ParallelDims(cfg=p.cfg, patch=p.patch, ring=p.ring, ulysses=p.ulysses, world_size=world_size)
+    return ParallelDims(cfg=p.cfg, patch=p.patch, ring=p.ring, ulysses=p.ulysses, world_size=world_size)
+
+
+def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
+    parallel_dims(p, world_size=world_size)
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
 

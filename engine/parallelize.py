@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from unison.engine.build import parallel_dims
 from unison.engine.models import ModelSpec
 from unison.errors import UserError
 from unison.parallel.attention import AttentionGroups, check_heads
@@ -36,8 +37,7 @@ class Runtime:
 
     @classmethod
     def create(cls, parallel, *, world_size: int) -> "Runtime":
-        dims = ParallelDims(cfg=parallel.cfg, patch=parallel.patch, ring=parallel.ring,
-                            ulysses=parallel.ulysses, world_size=world_size)
+        dims = parallel_dims(parallel, world_size=world_size)
         rank = dist.get_rank() if dist.is_initialized() else 0
         return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s))
 

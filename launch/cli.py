@@ -125,11 +125,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     plan = plan_run(build_config(args), world_size=env.world_size)
     if args.dry_run:
         if env.rank == 0:
-            from unison.parallel.dims import ParallelDims
+            from unison.engine.build import parallel_dims
 
-            p = plan.config.parallel
-            dims = ParallelDims(cfg=p.cfg, patch=p.patch, ring=p.ring, ulysses=p.ulysses,
-                                world_size=env.world_size)
+            dims = parallel_dims(plan.config.parallel, world_size=env.world_size)
             print("\n".join(plan.describe() + dims.describe()))
         return 0
     from unison.engine.render import Engine
