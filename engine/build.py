@@ -14,6 +14,7 @@ import torch
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
+from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -213,10 +214,26 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
     _check_cfg_parallel(config.parallel, spec, sampling)
+    for heads in _attention_heads(config.model, spec):
+        check_heads(heads, config.parallel.ulysses)
     check_output(config.output)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
     return Plan(config=resolved, spec=spec, device=device, model_index=index, world_size=world_size)
+
+
+def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:
+    """Attention heads of each expert transformer, from the folder's config.json (no weights)."""
+    if model.path is None:
+        return [spec.tiny_heads]
+    heads = []
+    for part in spec.experts:
+        config_file = Path(model.path) / part / "config.json"
+        try:
+            heads.append(int(json.loads(config_file.read_text())["num_attention_heads"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{config_file}: cannot read num_attention_heads ({err})") from None
+    return heads
 
 
 def _check_cfg_parallel(p: ParallelConfig, spec: ModelSpec, s: SamplingConfig) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from unison.engine.build import parallel_dims
 from unison.engine.models import ModelSpec
 from unison.errors import UserError
-from unison.parallel.attention import AttentionGroups, check_heads
+from unison.parallel.attention import AttentionGroups
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
 from unison.parallel.sequence import Handle, SequenceShard, apply_sequence_parallel
@@ -48,14 +48,12 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime) -> list[Handle]:
         raise UserError("patch parallelism is not in this build yet (parallel.patch must be 1)")
     handles = []
     if dims.sp > 1:
-        if spec.sequence_parallel_plan is None:
-            raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
         attention = AttentionGroups(ulysses=groups.get("ulysses"), ulysses_size=dims.ulysses,
                                     ring=groups.get("ring"), ring_size=dims.ring,
-                                    ring_index=groups.index("ring"), stats=runtime.stats)
+                                    ring_index=groups.index("ring"), ulysses_index=groups.index("ulysses"),
+                                    stats=runtime.stats)
         for name in spec.experts:
             transformer = getattr(pipe, name)
-            check_heads(transformer.config.num_attention_heads, dims.ulysses)
             shard = SequenceShard(attention=attention, group=groups.get("sp"), size=dims.sp,
                                   index=groups.index("sp"), stats=runtime.stats)
             handles.append(apply_sequence_parallel(transformer, spec.sequence_parallel_plan, shard))

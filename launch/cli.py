@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.errors import UserError
+from unison.errors import PeerFailed, UserError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 # Flag -> config key, for flags that set one field.
 _FLAG_KEYS = {
@@ -131,9 +132,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print("\n".join(plan.describe() + dims.describe()))
         return 0
     from unison.engine.render import Engine
+    from unison.parallel.failure import FailureWatch
 
-    env.init(timeout_s=plan.config.parallel.timeout_s)
-    result = Engine(plan).render()
+    timeout_s = plan.config.parallel.timeout_s
+    env.init(timeout_s=timeout_s)
+    with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+        result = Engine(plan).render()
     if env.rank == 0:
         print(result.summary())
     return 0
@@ -163,3 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except PeerFailed as err:
+        print(f"unison: error: {err}", file=sys.stderr)
+        return EXIT_FAILED

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from unison.engine.build import plan_run
+from unison.engine.config import ModelConfig, ParallelConfig, RunConfig
+from unison.engine.models import SPECS
 from unison.errors import UserError
 from unison.launch.cli import main
 from unison.parallel.attention import check_heads
@@ -29,6 +32,26 @@ def test_bad_degrees(kwargs, message):
         ParallelDims(**kwargs)
 
 
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_tiny_heads_match_the_built_model(family):
+    spec = SPECS[family]
+    pipe = spec.build_tiny(0)
+    assert [getattr(pipe, name).config.num_attention_heads for name in spec.experts] == (
+        [spec.tiny_heads] * len(spec.experts))
+
+
+def test_plan_checks_heads_before_loading(tiny_folder):
+    """The Ulysses degree is checked against the folder's config.json (and the tiny preset's
+    heads) when the run is planned, before any weight is read."""
+    folder = tiny_folder("hunyuanvideo")
+    for model in (ModelConfig(path=folder), ModelConfig(family="wan")):
+        config = RunConfig(model=model, parallel=ParallelConfig(ulysses=3))
+        with pytest.raises(UserError, match="Ulysses degree 3 does not divide the model's 4 attention heads; "
+                                            "valid Ulysses degrees: 1, 2, 4"):
+            plan_run(config, world_size=3)
+        assert plan_run(RunConfig(model=model, parallel=ParallelConfig(ring=3)), world_size=3)
+
+
 def test_heads_not_divisible_names_valid_degrees():
     with pytest.raises(UserError, match="valid Ulysses degrees: 1, 2, 3, 4, 6, 12"):
         check_heads(12, 5)
@@ -47,7 +70,7 @@ def test_dry_run_under_torchrun_prints_the_mesh(monkeypatch, capsys, tmp_path):
     ("4", ["--ulysses", "2"], "must equal the world size 4"),
     ("4", ["--cfg-parallel", "--ulysses", "2", "--guidance", "1"], "CFG parallel needs classifier-free guidance"),
     ("2", ["--cfg-parallel", "--set", "model.family=hunyuanvideo"], "uses embedded guidance"),
-    ("4", ["--ulysses", "4", "--set", "model.family=hunyuanvideo"], "not supported for HunyuanVideo"),
+    ("3", ["--ulysses", "3", "--set", "model.family=hunyuanvideo"], "valid Ulysses degrees: 1, 2, 4"),
 ])
 def test_bad_parallel_requests(monkeypatch, capsys, world, argv, message):
     monkeypatch.setenv("WORLD_SIZE", world)

@@ -1,4 +1,4 @@
-"""Invariant 2: N-rank final latents equal the one-rank run (Wan 2.1, Wan 2.2), gloo on the CPU."""
+"""Invariant 2: N-rank final latents equal the one-rank run (Wan 2.1, Wan 2.2, HunyuanVideo), gloo on the CPU."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import torch
 from multirank import run_ranks
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
+from unison.parallel.cost import TransformerShape, bytes_per_step
 
 
 def _config(family: str, height: int, parallel: ParallelConfig) -> RunConfig:
+    # HunyuanVideo runs true CFG (two branches, so CFG parallel applies) besides embedded guidance;
+    # at 128 text tokens its prompts (111 and 105 tokens after the template crop, with the tiny
+    # tokenizer) leave padding that joint attention must mask.
+    hunyuan = family == "hunyuanvideo"
     return RunConfig(
         model=ModelConfig(family=family),
         sampling=SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", height=height,
-                                width=64, frames=9, steps=4, guidance=4.0, max_sequence_length=16),
+                                width=height if hunyuan else 64, frames=9, steps=3 if hunyuan else 4,
+                                guidance=4.0, true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=128 if hunyuan else 16),
         parallel=parallel, output=OutputConfig(decode=False, progress=False))
 
 
@@ -27,18 +33,29 @@ def _one_rank(family: str, height: int) -> torch.Tensor:
     return Engine.from_config(_config(family, height, ParallelConfig())).render().latents
 
 
-CASES = [
-    # family, height (64: 48 tokens; 48: 27 tokens, which 2 and 4 do not divide), layout
-    ("wan", 64, dict(ulysses=2)),
-    ("wan", 48, dict(ulysses=4)),
-    ("wan", 48, dict(ring=2)),
-    ("wan", 64, dict(ring=4)),
-    ("wan", 48, dict(ulysses=2, ring=2)),
-    ("wan", 64, dict(cfg=2)),
-    ("wan", 48, dict(cfg=2, ulysses=2)),
-    ("wan2.2", 48, dict(ulysses=2)),
-    ("wan2.2", 64, dict(cfg=2, ring=2)),
+# Every family in every layout the issue names. Height 64 gives 48 video tokens; height 48 gives
+# 27 (Wan: 3x3x3 at width 64; HunyuanVideo: 3x3x3 at 48x48), which neither 2 nor 4 divides.
+LAYOUTS = [
+    (64, dict(ulysses=2)),
+    (48, dict(ulysses=4)),
+    (48, dict(ring=2)),
+    (64, dict(ring=4)),
+    (48, dict(ulysses=2, ring=2)),
+    (64, dict(cfg=2)),
+    (48, dict(cfg=2, ulysses=2)),
 ]
+CASES = [(family, height, layout) for family in ("wan", "wan2.2", "hunyuanvideo") for height, layout in LAYOUTS]
+
+
+def _tiny_shape(family: str, latents: torch.Tensor) -> TransformerShape:
+    """The tiny presets' shapes: Wan 4 heads x 12, 3 blocks, patches 1x2x2; HunyuanVideo 4 heads
+    x 10, 2 dual- + 2 single-stream blocks, patches 1x2x2, 128 text tokens in joint attention."""
+    _, _, frames, height, width = latents.shape
+    tokens = frames * (height // 2) * (width // 2)
+    if family == "hunyuanvideo":
+        return TransformerShape(video_tokens=tokens, heads=4, head_dim=10, attentions=4,
+                                latent_elements=latents.numel(), joint_text_tokens=128)
+    return TransformerShape(video_tokens=tokens, heads=4, head_dim=12, attentions=3, latent_elements=latents.numel())
 
 
 @pytest.mark.parametrize("family, height, layout", CASES,
@@ -48,22 +65,37 @@ def test_n_ranks_equal_one_rank(family, height, layout):
     world = parallel.ulysses * parallel.ring * parallel.cfg
     reference = _one_rank(family, height)
     results = run_ranks(world, _render, family, height, parallel)
+    # Communication equals the analytic count (two guidance branches per step, float32).
+    expected = bytes_per_step(_tiny_shape(family, reference), **layout, branches=2, element_bytes=4)
     for latents, comm in results:
         err = ((latents - reference).norm() / reference.norm()).item()
         assert err <= 1e-5, err
-        assert comm, "a parallel run sent nothing"
+        assert comm == expected
 
 
-def test_ulysses_counters_equal_analytic_bytes():
-    """Ulysses 2 on the tiny Wan (48 tokens, 4 heads x 12, 3 blocks, CFG in batch of two branches).
+def test_analytic_count_by_hand():
+    """bytes_per_step (checked against the engine's counters above) against hand arithmetic.
 
-    Per self-attention each rank sends half of its q, k, v and output shards (all-to-all), and
-    per forward the final gather sends its (24 tokens x 48 channels) shard once.
+    Tiny Wan, Ulysses 2, 48 tokens, 4 heads x 12, 3 blocks, two branches, float32: per
+    self-attention each rank sends half of its q, k, v and output shards (24 tokens x 48
+    channels) by all-to-all; per forward the final gather sends its shard once.
+    Tiny HunyuanVideo adds, per joint attention, its two heads of the 128-token text output.
     """
-    parallel = ParallelConfig(ulysses=2, timeout_s=60)
-    results = run_ranks(2, _render, "wan", 64, parallel)
-    tokens, heads, dim, blocks, forwards, f32 = 24, 4, 12, 3, 2, 4
-    all_to_all = forwards * blocks * 4 * (tokens * heads * dim * f32) // 2
-    gather = forwards * tokens * heads * dim * f32
-    for _, comm in results:
-        assert comm == {"all_to_all": all_to_all, "all_gather": gather}
+    tokens, heads, f32 = 24, 4, 4
+    wan = TransformerShape(video_tokens=48, heads=4, head_dim=12, attentions=3, latent_elements=3072)
+    assert bytes_per_step(wan, ulysses=2, branches=2, element_bytes=4) == {
+        "all_to_all": 2 * 3 * 4 * (tokens * heads * 12 * f32) // 2,
+        "all_gather": 2 * tokens * heads * 12 * f32,
+    }
+    hunyuan = TransformerShape(video_tokens=48, heads=4, head_dim=10, attentions=4, latent_elements=768,
+                               joint_text_tokens=128)
+    assert bytes_per_step(hunyuan, ulysses=2, branches=2, element_bytes=4) == {
+        "all_to_all": 2 * 4 * 4 * (tokens * heads * 10 * f32) // 2,
+        "all_gather": 2 * 4 * 128 * 2 * 10 * f32 + 2 * tokens * heads * 10 * f32,
+    }
+    # Ring 2 x cfg 2: one forward per rank; K and V shards pass once per attention; the
+    # prediction (768 elements) is exchanged once.
+    assert bytes_per_step(hunyuan, ring=2, cfg=2, branches=2, element_bytes=4) == {
+        "ring_p2p": 4 * 2 * tokens * heads * 10 * f32,
+        "all_gather": tokens * heads * 10 * f32 + 768 * f32,
+    }

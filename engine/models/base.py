@@ -77,6 +77,9 @@ class ModelSpec:
     """(pipe) -> timestep at and above which experts[0] runs; None for one expert."""
     decode: Callable[[Any, torch.Tensor], torch.Tensor]
     """(pipe, latents) -> decoded video tensor (B, C, F, H, W) in [-1, 1]."""
+    tiny_heads: int = 4
+    """Attention heads of the tiny preset's transformers (checked against the Ulysses degree
+    before anything is built; a test checks it against the built model)."""
     sequence_parallel_plan: Callable[..., None] | None = None
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     notes: tuple[str, ...] = field(default=())

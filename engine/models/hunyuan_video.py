@@ -9,6 +9,7 @@ import torch
 
 from unison.errors import UserError
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
+from unison.engine.models.hunyuan_parallel import sequence_parallel_plan
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
 
@@ -113,7 +114,7 @@ HUNYUAN_VIDEO = ModelSpec(
                                    true_cfg_scale=1.0, max_sequence_length=32),
     matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
-    decode=_decode,
+    decode=_decode, sequence_parallel_plan=sequence_parallel_plan,
     notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
 )
 

@@ -1,0 +1,60 @@
+"""Bytes each rank sends per denoising step, from shapes alone.
+
+This is the analytic count of what the engine's collectives send (tests check it against the
+engine's own counters on tiny models; benchmarks/comm_bytes.py tabulates it at real shapes):
+
+- Ulysses, per sequence-parallel attention: all-to-alls of q, k, v and the output, each sending
+  (U-1)/U of this rank's shard (s tokens x hidden); joint attention also all-gathers this rank's
+  heads of the text output (HunyuanVideo).
+- Ring, per attention: R-1 passes of this rank's K and V chunk (U·s tokens x hidden/U).
+- Per forward: the final all-gather of this rank's s-token output shard to the sp-1 others.
+- CFG parallel, per step: one all-gather of this rank's noise prediction.
+Text for Wan's cross-attention is replicated and costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What the communication of one forward depends on."""
+
+    video_tokens: int
+    """Tokens after patch embedding (frames x height x width in patches)."""
+    heads: int
+    head_dim: int
+    attentions: int
+    """Sequence-parallel (self or joint) attentions per forward: Wan's blocks, HunyuanVideo's
+    dual- plus single-stream blocks."""
+    latent_elements: int
+    """Elements of one noise prediction (CFG parallel exchanges it)."""
+    joint_text_tokens: int = 0
+    """Text tokens inside joint attention (HunyuanVideo); 0 where text enters by cross-attention."""
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+def bytes_per_step(shape: TransformerShape, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, branches: int = 1,
+                   element_bytes: int = 2) -> dict[str, int]:
+    """Bytes one rank sends per step, by collective kind. `branches`: guidance branches per step
+    (2 with classifier-free guidance); each rank runs branches / cfg forwards per step."""
+    sp = ulysses * ring
+    shard = -(-shape.video_tokens // sp)
+    shard_bytes = shard * shape.hidden * element_bytes
+    forwards = branches // cfg
+    sent = {"all_to_all": 0, "ring_p2p": 0, "all_gather": 0}
+    if ulysses > 1:
+        sent["all_to_all"] = forwards * shape.attentions * 4 * (shard_bytes * (ulysses - 1) // ulysses)
+        text_heads = shape.joint_text_tokens * (shape.hidden // ulysses) * element_bytes
+        sent["all_gather"] += forwards * shape.attentions * text_heads * (ulysses - 1)
+    if ring > 1:
+        sent["ring_p2p"] = forwards * shape.attentions * (ring - 1) * 2 * shard_bytes
+    if sp > 1:
+        sent["all_gather"] += forwards * shard_bytes * (sp - 1)
+    if cfg > 1:
+        sent["all_gather"] += shape.latent_elements * element_bytes * (cfg - 1)
+    return {kind: n for kind, n in sent.items() if n}
