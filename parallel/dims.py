@@ -11,6 +11,7 @@ import datetime
 import itertools
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from unison.errors import UserError
@@ -96,6 +97,9 @@ class Groups:
     rank: int
     groups: dict[str, object] = field(default_factory=dict)
     ranks: dict[str, list[int]] = field(default_factory=dict)
+    mesh: object | None = None
+    """A named torch DeviceMesh over the axes larger than one (None on one rank), built from
+    these groups so that its groups carry our timeout: for libraries that take a mesh."""
 
     def get(self, name: str):
         return self.groups.get(name)
@@ -118,4 +122,11 @@ def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float) -> Groups:
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 out.groups[name], out.ranks[name] = group, ranks
+    active = [a for a in AXES if getattr(dims, a) > 1]
+    if active:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        layout = torch.arange(dims.world_size).reshape([getattr(dims, a) for a in active])
+        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], "cuda" if torch.cuda.is_available() else "cpu",
+                                         mesh=layout, mesh_dim_names=tuple(active))
     return out
