@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
+from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
 from unison.parallel.attention import check_heads
@@ -189,6 +189,24 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
         raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
 
 
+def check_cache(c: CacheConfig) -> None:
+    if c.kind == "fbcache":
+        if c.threshold < 0:
+            raise UserError(f"cache.threshold must be at least 0, got {c.threshold}")
+        if c.warmup_steps < 0:
+            raise UserError(f"cache.warmup_steps must be at least 0, got {c.warmup_steps}")
+        if c.max_consecutive_skips is not None and c.max_consecutive_skips < 1:
+            raise UserError(f"cache.max_consecutive_skips must be at least 1 (or null), got {c.max_consecutive_skips}")
+    if c.kind == "pab":
+        for kind in ("self", "cross"):
+            skip = getattr(c, f"{kind}_skip_range")
+            lo, hi = getattr(c, f"{kind}_timestep_min"), getattr(c, f"{kind}_timestep_max")
+            if skip is not None and skip < 1:
+                raise UserError(f"cache.{kind}_skip_range must be at least 1 (or null), got {skip}")
+            if lo >= hi:
+                raise UserError(f"cache.{kind}_timestep_min ({lo}) must be below cache.{kind}_timestep_max ({hi})")
+
+
 def check_output(o: OutputConfig) -> None:
     if o.decode:
         _check_writable(o.path, what="output.path", suffix=".mp4")
@@ -216,6 +234,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     _check_cfg_parallel(config.parallel, spec, sampling)
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
+    check_cache(config.cache)
     check_output(config.output)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
@@ -288,6 +307,9 @@ def load_pipeline(plan: Plan):
             pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype})
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # modules built in-process start in training mode (dropout on)
     pipe.to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

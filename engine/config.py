@@ -76,6 +76,34 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    kind: Literal["none", "fbcache", "pab"] = "none"
+    """Which step cache: none, fbcache (First-Block Cache) or pab (Pyramid Attention Broadcast)."""
+    threshold: float = 0.05
+    """fbcache: skip the remaining blocks when the first block's residual changed by at most this
+    (relative mean absolute change, as diffusers' FirstBlockCacheConfig). 0 never skips."""
+    warmup_steps: int = 0
+    """fbcache: the first steps always compute."""
+    max_consecutive_skips: int | None = None
+    """fbcache: compute after this many skips in a row (null: no limit)."""
+    self_skip_range: int | None = 2
+    """pab: inside its window, self-attention (HunyuanVideo: joint) is computed every this many steps."""
+    self_timestep_min: float = 100.0
+    """pab: self-attention's window is timesteps strictly between min and max."""
+    self_timestep_max: float = 800.0
+    """pab: upper end of self-attention's window."""
+    cross_skip_range: int | None = 6
+    """pab: the same for cross-attention to the text (Wan)."""
+    cross_timestep_min: float = 100.0
+    """pab: lower end of cross-attention's window."""
+    cross_timestep_max: float = 800.0
+    """pab: upper end of cross-attention's window."""
+    verify: bool = False
+    """Cross-check every cache decision across ranks; a disagreement raises an error naming the
+    step, the cache and the ranks (costs one small collective per decision)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     path: str = "unison.mp4"
     """Where the mp4 goes; the resolved config is written beside it with a .yaml suffix."""
@@ -99,6 +127,8 @@ class RunConfig:
     """What to render and how: prompt, size, frames, steps, guidance, seed."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How ranks split the work."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Which step cache skips redundant work, and how much."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
 
@@ -108,7 +138,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
 def _section_class(name: str) -> type:
     return {"model": ModelConfig, "sampling": SamplingConfig,
-            "parallel": ParallelConfig, "output": OutputConfig}[name]
+            "parallel": ParallelConfig, "cache": CacheConfig, "output": OutputConfig}[name]
 
 
 def _describe(tp: Any) -> str:

@@ -65,10 +65,15 @@ def denoise(
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
     runtime=None,
+    caches: dict | None = None,
 ) -> LoopResult:
     """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
     guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
-    step; every rank then combines and steps the scheduler identically."""
+    step; every rank then combines and steps the scheduler identically. `caches` (per expert
+    name) are told the step and the branch (cache context) before every forward."""
+    caches = caches or {}
+    for cache in caches.values():
+        cache.reset()
     started = time.perf_counter()
     conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
@@ -87,18 +92,25 @@ def denoise(
             step_start = time.perf_counter()
             which = select_expert(spec, boundary, t)
             model, scale = experts[which], conditioning.scales[which]
+            cache = caches.get(spec.experts[which])
             x = latents.to(model.dtype)
             timestep = spec.timestep_input(pipe, t, latents)
+
+            def predict(context: str, branch: dict) -> torch.Tensor:
+                if cache is not None:
+                    cache.set_context(context)
+                return model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
+
+            if cache is not None:
+                cache.begin_step(i, float(t))
             if cfg_group is not None:
-                branch = conditioning.cond if cfg_index == 0 else conditioning.uncond
-                mine = model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
+                mine = predict("cond", conditioning.cond) if cfg_index == 0 else predict("uncond", conditioning.uncond)
                 both = all_gather(mine.unsqueeze(0), dim=0, group=cfg_group, stats=runtime.stats)
                 noise = both[1] + scale * (both[0] - both[1])
             else:
-                noise = model(hidden_states=x, timestep=timestep, return_dict=False, **conditioning.cond)[0]
+                noise = predict("cond", conditioning.cond)
             if cfg_group is None and conditioning.uncond is not None:
-                noise_uncond = model(hidden_states=x, timestep=timestep, return_dict=False,
-                                     **conditioning.uncond)[0]
+                noise_uncond = predict("uncond", conditioning.uncond)
                 noise = noise_uncond + scale * (noise - noise_uncond)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
             _sync(device)

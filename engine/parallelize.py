@@ -30,6 +30,8 @@ class Runtime:
     dims: ParallelDims
     groups: Groups
     stats: CommStats = field(default_factory=CommStats)
+    shards: dict[str, SequenceShard] = field(default_factory=dict)
+    """Each expert transformer's sequence shard (empty without sequence parallelism)."""
 
     @property
     def rank(self) -> int:
@@ -57,6 +59,7 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime) -> list[Handle]:
             shard = SequenceShard(attention=attention, group=groups.get("sp"), size=dims.sp,
                                   index=groups.index("sp"), stats=runtime.stats)
             handles.append(apply_sequence_parallel(transformer, spec.sequence_parallel_plan, shard))
+            runtime.shards[name] = shard
     if runtime.rank == 0:
         log.info("%s on %d ranks", " x ".join(f"{a} {getattr(dims, a)}" for a in ("ulysses", "ring", "cfg")
                                              if getattr(dims, a) > 1) or "one rank", dims.world_size)

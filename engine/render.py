@@ -6,12 +6,14 @@ import logging
 import resource
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from unison.engine.build import Plan, load_pipeline, plan_run
+from unison.engine.caches import apply_caches
+from unison.engine.caches import describe as describe_caches
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine.loop import LoopResult, denoise
 from unison.engine.video import save_tensor, to_uint8_frames, write_mp4, write_text
@@ -34,6 +36,12 @@ class RenderResult:
     peak_memory_kind: str
     comm_bytes_per_step: dict[str, float]
     """Bytes this rank sent per step, by collective kind (empty on one rank)."""
+    comm_calls: dict[str, int] = field(default_factory=dict)
+    """Collective calls this rank made in the whole render, by kind."""
+    cache_lines: list[str] = field(default_factory=list)
+    """The step cache's summary (empty without a cache)."""
+    cache_decisions: dict[str, list[tuple]] = field(default_factory=dict)
+    """Per expert: every cache decision (step, context, what, computed), in order."""
 
     def summary(self) -> str:
         steps = [r.seconds for r in self.loop.steps]
@@ -46,6 +54,7 @@ class RenderResult:
             "time      " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()),
             f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
         ]
+        lines += [f"cache     {line}" for line in self.cache_lines]
         if self.comm_bytes_per_step:
             lines.append("comm      " + ", ".join(f"{k} {v / 2**20:.3f} MiB/step"
                                                   for k, v in sorted(self.comm_bytes_per_step.items())))
@@ -78,6 +87,8 @@ class Engine:
         started = time.perf_counter()
         self.pipe = load_pipeline(plan)
         self.runtime = None
+        self.caches = {}
+        self.cache_config = None
         if plan.world_size > 1:
             from unison.engine.parallelize import Runtime, parallelize
 
@@ -106,7 +117,9 @@ class Engine:
         show = (cfg.output.progress if progress is None else progress) and self.is_writer
         if self.runtime is not None:
             self.runtime.stats.reset()
-        loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime)
+        self._use_cache(cfg.cache)
+        loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
+                       caches=self.caches)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
@@ -128,9 +141,20 @@ class Engine:
         comm = {}
         if self.runtime is not None and loop.steps:
             comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
-        return RenderResult(comm_bytes_per_step=comm, config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
+        calls = dict(self.runtime.stats.calls) if self.runtime is not None else {}
+        return RenderResult(comm_bytes_per_step=comm, comm_calls=calls, cache_lines=describe_caches(self.caches),
+                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()}, config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
                             config_path=config_path, latents_path=latents_path, seconds=seconds,
                             peak_memory_bytes=peak, peak_memory_kind=kind)
+
+    def _use_cache(self, cache) -> None:
+        """Apply the render's cache config, replacing a different one from an earlier render."""
+        if cache == self.cache_config:
+            return
+        for applied in self.caches.values():
+            applied.remove()
+        self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime)
+        self.cache_config = cache
 
     def decode(self, latents: torch.Tensor):
         """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch."""

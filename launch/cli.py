@@ -33,6 +33,7 @@ _FLAG_KEYS = {
     "ulysses": "parallel.ulysses",
     "ring": "parallel.ring",
     "cfg_parallel": "parallel.cfg",
+    "cache": "cache.kind",
 }
 
 
@@ -96,6 +97,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--ring", type=int, help="ring-attention degree")
     p.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=2,
                    help="run the two guidance branches on two halves of the ranks")
+    p.add_argument("--cache", choices=("none", "fbcache", "pab"),
+                   help="step cache: First-Block Cache or Pyramid Attention Broadcast (tune with --set cache.…)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
 

@@ -82,3 +82,14 @@ def ring_exchange(tensors: list[torch.Tensor], *, group, stats: CommStats | None
         return received
 
     return wait
+
+
+def all_reduce_sum(x: torch.Tensor, *, group, stats: CommStats | None) -> torch.Tensor:
+    """Sum `x` over the group (a copy; `x` is left as it was)."""
+    if group is None:
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    if stats is not None:
+        stats.add("all_reduce", _nbytes(out))
+    return out

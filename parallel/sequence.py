@@ -42,6 +42,11 @@ class SequenceShard:
             x = torch.cat([x, x.new_zeros(shape)], dim=dim)
         return x.narrow(dim, self.index * chunk, chunk)
 
+    def local_valid(self) -> int:
+        """Real (unpadded) tokens at the start of this rank's shard of the current forward."""
+        chunk = -(-self.valid_len // self.size)
+        return max(0, min(chunk, self.valid_len - self.index * chunk))
+
     def gather(self, x: torch.Tensor, *, dim: int = 1) -> torch.Tensor:
         full = all_gather(x, dim=dim, group=self.group, stats=self.stats)
         return full.narrow(dim, 0, self.valid_len)

@@ -80,6 +80,9 @@ class ModelSpec:
     tiny_heads: int = 4
     """Attention heads of the tiny preset's transformers (checked against the Ulysses degree
     before anything is built; a test checks it against the built model)."""
+    attention_modules: Callable[[Any], dict[str, list[torch.nn.Module]]] | None = None
+    """(transformer) -> {"self": [...], "cross": [...]}: the attention modules Pyramid Attention
+    Broadcast reuses (joint video+text attention counts as self)."""
     sequence_parallel_plan: Callable[..., None] | None = None
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     notes: tuple[str, ...] = field(default=())

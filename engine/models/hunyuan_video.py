@@ -99,6 +99,11 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.vae.decode(latents, return_dict=False)[0]
 
 
+def _attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return {"self": [b.attn for b in blocks]}
+
+
 def _matches(index: dict[str, Any]) -> bool:
     return index.get("_class_name") == "HunyuanVideoPipeline"
 
@@ -114,7 +119,7 @@ HUNYUAN_VIDEO = ModelSpec(
                                    true_cfg_scale=1.0, max_sequence_length=32),
     matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
-    decode=_decode, sequence_parallel_plan=sequence_parallel_plan,
+    decode=_decode, sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules,
     notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
 )
 

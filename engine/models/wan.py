@@ -137,6 +137,10 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / inv_std + mean, return_dict=False)[0]
 
 
+def _attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
+    return {"self": [b.attn1 for b in transformer.blocks], "cross": [b.attn2 for b in transformer.blocks]}
+
+
 def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_multiple=16, fps=16,
           notes=()) -> ModelSpec:
     return ModelSpec(
@@ -148,7 +152,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         build_tiny=lambda seed: _tiny_pipeline(seed, variant=family),
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
-        sequence_parallel_plan=sequence_parallel_plan, notes=notes,
+        sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules, notes=notes,
     )
 
 

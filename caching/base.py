@@ -1,0 +1,86 @@
+"""What every cache shares: wrapping module forwards (and undoing it), state per cache context,
+the current step, and counts for the run summary.
+
+A cache is applied to one transformer (Wan 2.2's experts each get their own). The loop tells it
+the step (`begin_step`) and the branch (`set_context("cond")` / `"uncond"`) before each forward;
+state never leaks between contexts, and `reset()` (every new video) forgets all of it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+_MARK = "_unison_cache"
+
+
+@dataclass
+class Tally:
+    """Per context: forwards (or attention calls) computed and skipped."""
+
+    computed: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+
+
+class Cache:
+    """Base of First-Block Cache and Pyramid Attention Broadcast."""
+
+    name = "cache"
+
+    def __init__(self, transformer: torch.nn.Module):
+        if getattr(transformer, _MARK, None) is not None:
+            raise RuntimeError(f"a cache ({getattr(transformer, _MARK).name}) is already applied to this "
+                               "transformer; remove it first")
+        self.transformer = transformer
+        self.context = "cond"
+        self.step = 0
+        self.timestep = 0.0
+        self.states: dict[str, Any] = {}
+        self.tally = Tally()
+        self.decisions: list[tuple] = []
+        """(step, context, what, computed) for every decision, in order: the skip schedule."""
+        self._wrapped: list[torch.nn.Module] = []
+        setattr(transformer, _MARK, self)
+
+    # -- what the loop calls ------------------------------------------------------------------
+    def begin_step(self, index: int, timestep: float) -> None:
+        self.step, self.timestep = index, float(timestep)
+
+    def set_context(self, name: str) -> None:
+        self.context = name
+
+    def reset(self) -> None:
+        """Forget every context's state and counts (a new video)."""
+        self.states.clear()
+        self.tally = Tally()
+        self.decisions = []
+
+    def remove(self) -> None:
+        """Restore the original forwards; the transformer is as it was before apply."""
+        for module in self._wrapped:
+            del module.forward
+        self._wrapped.clear()
+        setattr(self.transformer, _MARK, None)
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def state(self, factory: Callable[[], Any]) -> Any:
+        if self.context not in self.states:
+            self.states[self.context] = factory()
+        return self.states[self.context]
+
+    def wrap(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
+        """Make module(...) call forward(original_forward, *args, **kwargs); hooks still run around it."""
+        original = module.forward
+        module.forward = lambda *args, **kwargs: forward(original, *args, **kwargs)
+        self._wrapped.append(module)
+
+    def record(self, what: str, computed: bool) -> None:
+        self.decisions.append((self.step, self.context, what, computed))
+        (self.tally.computed if computed else self.tally.skipped)[self.context] += 1
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        contexts = sorted(set(self.tally.computed) | set(self.tally.skipped))
+        return {c: {"computed": self.tally.computed[c], "skipped": self.tally.skipped[c]} for c in contexts}

@@ -1,0 +1,142 @@
+"""First-Block Cache: run the first block; if its output residual barely changed since the last
+computed step, reuse the remaining blocks' residual instead of running them.
+
+The criterion is diffusers' `FirstBlockCacheConfig` (after ParaAttention): the relative mean
+absolute change of the first block's residual against the one from the last computed step,
+    Σ|r - r_prev| / Σ|r_prev|  <=  threshold  ->  skip,
+so a threshold tuned for diffusers' hook makes the same decisions here on one rank. Under
+sequence parallelism both sums run over this rank's real (unpadded) tokens and are added over
+the sequence-parallel group by `Agreement.ratio` before anyone branches, so every rank decides
+as one rank would over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from unison.caching.agree import Agreement
+from unison.caching.base import Cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstBlockCacheConfig:
+    threshold: float = 0.05
+    """Skip the remaining blocks when the first block's residual changed by at most this much
+    (relative mean absolute change). 0 never skips."""
+    warmup_steps: int = 0
+    """The first steps always compute."""
+    max_consecutive_skips: int | None = None
+    """After this many skips in a row, compute (None: no limit)."""
+    verify: bool = False
+    """Cross-check every decision across ranks; disagreement raises an error naming the ranks."""
+
+
+@dataclass
+class _State:
+    prev_residual: torch.Tensor | None = None
+    """The first block's residual at the last computed step."""
+    head_output: object = None
+    tail_residual: tuple | None = None
+    """(hidden, text or None): last block's output minus the first block's, at that step."""
+    computing: bool = True
+    skips_in_row: int = 0
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class FirstBlockCache(Cache):
+    name = "fbcache"
+
+    def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module],
+                 agreement: Agreement, valid_tokens: Callable[[], int | None]):
+        if len(blocks) < 2:
+            raise ValueError("First-Block Cache needs at least two transformer blocks")
+        if config.threshold < 0:
+            raise ValueError(f"threshold must be at least 0, got {config.threshold}")
+        super().__init__(transformer)
+        self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
+        self.blocks = len(blocks)
+        self.changes: list[tuple[int, str, float]] = []
+        """(step, context, relative change) for every decision that measured one: to tune the threshold."""
+        self._tuple_output = False
+        self.wrap(blocks[0], self._head)
+        for block in blocks[1:-1]:
+            self.wrap(block, self._middle)
+        self.wrap(blocks[-1], self._tail)
+
+    def _must_compute(self, state: _State) -> bool:
+        limit = self.config.max_consecutive_skips
+        return (state.prev_residual is None or self.step < self.config.warmup_steps
+                or (limit is not None and state.skips_in_row >= limit))
+
+    def _change(self, residual: torch.Tensor, prev: torch.Tensor) -> float:
+        rows = self.valid_tokens()
+        if rows is not None:
+            residual, prev = residual[:, :rows], prev[:, :rows]
+        return self.agreement.ratio((residual - prev).abs().sum(dtype=torch.float64),
+                                    prev.abs().sum(dtype=torch.float64))
+
+    def _head(self, original, *args, **kwargs):
+        output = original(*args, **kwargs)
+        self._tuple_output = isinstance(output, tuple)
+        residual = _hidden(output) - args[0]
+        state = self.state(_State)
+        compute = self._must_compute(state)
+        if not compute:
+            change = self._change(residual, state.prev_residual)
+            self.changes.append((self.step, self.context, change))
+            compute = change > self.config.threshold
+        self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
+        self.record("forward", compute)
+        state.computing = compute
+        if compute:
+            state.prev_residual, state.head_output, state.skips_in_row = residual, output, 0
+            return output
+        state.skips_in_row += 1
+        if self._tuple_output:
+            return tuple(o + r if r is not None else o for o, r in zip(output, state.tail_residual))
+        return output + state.tail_residual[0]
+
+    def reset(self) -> None:
+        super().reset()
+        self.changes = []
+
+    def _passthrough(self, args):
+        """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
+        return tuple(args[:2]) if self._tuple_output else args[0]
+
+    def _middle(self, original, *args, **kwargs):
+        if self.state(_State).computing:
+            return original(*args, **kwargs)
+        return self._passthrough(args)
+
+    def _tail(self, original, *args, **kwargs):
+        state = self.state(_State)
+        if not state.computing:
+            return self._passthrough(args)
+        output = original(*args, **kwargs)
+        if self._tuple_output:
+            state.tail_residual = (output[0] - state.head_output[0], output[1] - state.head_output[1])
+        else:
+            state.tail_residual = (output - state.head_output, None)
+        return output
+
+    def saved_fraction(self) -> float:
+        """Share of block calls not run (skipped forwards run 1 of `blocks` blocks)."""
+        total = sum(self.tally.computed.values()) + sum(self.tally.skipped.values())
+        return sum(self.tally.skipped.values()) * (self.blocks - 1) / self.blocks / total if total else 0.0
+
+
+def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group=None,
+                            blocks: list[torch.nn.Module], valid_tokens: Callable[[], int | None] = lambda: None,
+                            stats=None) -> FirstBlockCache:
+    """Apply First-Block Cache to `transformer`'s `blocks` (in execution order). `group`: the
+    ranks that share the blocks' collectives (the sequence-parallel group), over which the
+    decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
+    return FirstBlockCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
+                           agreement=Agreement(group=group, stats=stats, verify=config.verify))

@@ -1,0 +1,100 @@
+"""Pyramid Attention Broadcast: inside a timestep window, an attention's output is computed every
+few steps and reused in between, with separate ranges for self- and cross-attention (the PAB
+paper reuses cross-attention longest and self-attention least).
+
+Decisions depend only on the step and the timestep, never on tensor data, so every rank takes
+them identically without a message; verify mode cross-checks that anyway. A reused attention
+skips its collectives too (Ulysses' all-to-alls, Ring's K/V passes): with sequence parallelism,
+that is where PAB saves communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from unison.caching.agree import Agreement
+from unison.caching.base import Cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class PyramidAttentionBroadcastConfig:
+    self_skip_range: int | None = 2
+    """Inside its window, self-attention (HunyuanVideo: joint attention) is computed every this many
+    steps and reused in between. None or 1: always computed."""
+    self_timestep_min: float = 100.0
+    self_timestep_max: float = 800.0
+    """Self-attention's window: timesteps strictly between min and max."""
+    cross_skip_range: int | None = 6
+    """The same for cross-attention to the text (Wan)."""
+    cross_timestep_min: float = 100.0
+    cross_timestep_max: float = 800.0
+    verify: bool = False
+    """Cross-check every decision across ranks."""
+
+    def rule(self, kind: str) -> tuple[int | None, float, float]:
+        if kind == "self":
+            return self.self_skip_range, self.self_timestep_min, self.self_timestep_max
+        return self.cross_skip_range, self.cross_timestep_min, self.cross_timestep_max
+
+
+@dataclass
+class _State:
+    calls: dict[int, int] = field(default_factory=dict)
+    outputs: dict[int, object] = field(default_factory=dict)
+
+
+class PyramidAttentionBroadcast(Cache):
+    name = "pab"
+
+    def __init__(self, transformer, config: PyramidAttentionBroadcastConfig, *,
+                 attentions: dict[str, list[torch.nn.Module]], agreement: Agreement):
+        for kind in attentions:
+            if kind not in ("self", "cross"):
+                raise ValueError(f"attention kind must be self or cross, got {kind!r}")
+            skip, lo, hi = config.rule(kind)
+            if skip is not None and skip < 1:
+                raise ValueError(f"{kind}_skip_range must be at least 1, got {skip}")
+            if lo >= hi:
+                raise ValueError(f"{kind}_timestep_min must be below {kind}_timestep_max, got {lo} >= {hi}")
+        super().__init__(transformer)
+        self.config, self.agreement = config, agreement
+        self.calls_per_forward = sum(len(modules) for modules in attentions.values())
+        index = 0
+        for kind, modules in attentions.items():
+            for module in modules:
+                self.wrap(module, self._make_forward(kind, index))
+                index += 1
+
+    def _make_forward(self, kind: str, index: int):
+        skip, lo, hi = self.config.rule(kind)
+
+        def forward(original, *args, **kwargs):
+            state = self.state(_State)
+            calls = state.calls.get(index, 0)
+            state.calls[index] = calls + 1
+            compute = (skip is None or skip == 1 or index not in state.outputs
+                       or not lo < self.timestep < hi or calls % skip == 0)
+            self.agreement.check(compute, step=self.step, cache=f"{self.name} {kind}-attention {index}",
+                                 context=self.context)
+            self.record(kind, compute)
+            if compute:
+                state.outputs[index] = original(*args, **kwargs)
+            return state.outputs[index]
+
+        return forward
+
+    def saved_fraction(self) -> float:
+        """Share of attention calls reused instead of computed."""
+        total = sum(self.tally.computed.values()) + sum(self.tally.skipped.values())
+        return sum(self.tally.skipped.values()) / total if total else 0.0
+
+
+def apply_pyramid_attention_broadcast(transformer, config: PyramidAttentionBroadcastConfig, *, group=None,
+                                      attentions: dict[str, list[torch.nn.Module]],
+                                      stats=None) -> PyramidAttentionBroadcast:
+    """Apply PAB to the attention modules `attentions` ({"self": [...], "cross": [...]}) of
+    `transformer`. `group` is only used by verify mode (decisions need no agreement)."""
+    return PyramidAttentionBroadcast(transformer, config, attentions=attentions,
+                                     agreement=Agreement(group=group, stats=stats, verify=config.verify))

@@ -1,0 +1,53 @@
+"""Applying the configured step cache to a loaded pipeline (one cache per expert transformer).
+
+The cache decides over the sequence-parallel group: the ranks that share the transformer
+blocks' collectives. CFG-parallel halves run different branches (cache contexts), so each half
+decides for its own branch, exactly as one rank decides per branch.
+"""
+
+from __future__ import annotations
+
+from unison.caching import (Cache, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, apply_first_block_cache,
+                            apply_pyramid_attention_broadcast)
+from unison.engine.config import CacheConfig
+from unison.engine.models import ModelSpec
+
+_PAB_FIELDS = ("self_skip_range", "self_timestep_min", "self_timestep_max", "cross_skip_range",
+               "cross_timestep_min", "cross_timestep_max", "verify")
+_FBCACHE_FIELDS = ("threshold", "warmup_steps", "max_consecutive_skips", "verify")
+
+
+def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dict[str, Cache]:
+    if cache.kind == "none":
+        return {}
+    group = runtime.groups.get("sp") if runtime is not None else None
+    stats = runtime.stats if runtime is not None else None
+    applied = {}
+    for name in spec.experts:
+        transformer = getattr(pipe, name)
+        if cache.kind == "fbcache":
+            config = FirstBlockCacheConfig(**{f: getattr(cache, f) for f in _FBCACHE_FIELDS})
+            shard = runtime.shards.get(name) if runtime is not None else None
+            blocks = [block for attr in spec.block_lists for block in getattr(transformer, attr)]
+            applied[name] = apply_first_block_cache(
+                transformer, config, group=group, blocks=blocks, stats=stats,
+                valid_tokens=shard.local_valid if shard is not None else (lambda: None))
+        else:
+            config = PyramidAttentionBroadcastConfig(**{f: getattr(cache, f) for f in _PAB_FIELDS})
+            applied[name] = apply_pyramid_attention_broadcast(
+                transformer, config, group=group, attentions=spec.attention_modules(transformer), stats=stats)
+    return applied
+
+
+def describe(caches: dict[str, Cache]) -> list[str]:
+    """Summary lines: per expert and context, forwards (fbcache) or attention calls (pab)
+    computed and skipped, and the share of block or attention compute saved."""
+    lines = []
+    for expert, cache in caches.items():
+        unit = "forwards" if cache.name == "fbcache" else "attention calls"
+        counts = "; ".join(f"{context} {c['computed']} computed / {c['skipped']} skipped"
+                           for context, c in cache.summary().items())
+        prefix = f"{cache.name}" + (f" [{expert}]" if len(caches) > 1 else "")
+        what = "block" if cache.name == "fbcache" else "attention"
+        lines.append(f"{prefix}: {unit}: {counts}; ~{cache.saved_fraction():.0%} of {what} compute saved")
+    return lines

@@ -1,0 +1,161 @@
+"""Caches: one battery every cache passes, First-Block Cache's decisions against diffusers' own hook,
+and invariant 3 (ranks decide in lockstep, N-rank schedule = one-rank schedule) under every mode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from multirank import run_ranks
+from test_parallel_engine import _config
+from unison.caching import (CacheDisagreement, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig,
+                            apply_first_block_cache, apply_pyramid_attention_broadcast)
+from unison.engine.config import CacheConfig, ParallelConfig, RunConfig
+from unison.engine.render import Engine
+
+# Thresholds between the tiny models' first-block changes (Wan ~0.09-0.12, HunyuanVideo ~0.2-0.4
+# at these sizes), so that some steps skip and some compute.
+THRESHOLD = {"wan": 0.105, "wan2.2": 0.1, "hunyuanvideo": 0.34}
+NEVER = {"fbcache": CacheConfig(kind="fbcache", threshold=0.0),
+         "pab": CacheConfig(kind="pab", self_skip_range=None, cross_skip_range=None)}
+# PAB's windows cover the middle of the tiny runs' timesteps (Wan: 999, 937, 833, 625 for 4 steps).
+PAB = CacheConfig(kind="pab", self_skip_range=2, self_timestep_min=500, self_timestep_max=990,
+                  cross_skip_range=3, cross_timestep_min=500, cross_timestep_max=990)
+
+
+def _cached(family: str, height: int, cache: CacheConfig, parallel: ParallelConfig = ParallelConfig(),
+            steps: int = 4) -> RunConfig:
+    config = _config(family, height, parallel)
+    return dataclasses.replace(config, cache=cache, sampling=dataclasses.replace(config.sampling, steps=steps))
+
+
+def _fbcache(family: str, **kw) -> CacheConfig:
+    return CacheConfig(kind="fbcache", threshold=THRESHOLD[family], **kw)
+
+
+def _computed(decisions) -> list[bool]:
+    return [d[-1] for d in decisions]
+
+
+# ---------------------------------------------------------------------------------------------
+# The battery: every cache, every family.
+
+BATTERY = [(kind, family) for kind in ("fbcache", "pab") for family in ("wan", "hunyuanvideo")]
+
+
+@pytest.mark.parametrize("kind, family", BATTERY, ids=[f"{k}-{f}" for k, f in BATTERY])
+def test_cache_battery(kind, family):
+    plain = Engine.from_config(_cached(family, 48, CacheConfig()))
+    reference = plain.render().latents
+    assert torch.equal(plain.render().latents, reference)  # an engine renders the same video twice
+
+    # Settings that never skip change nothing, and every decision is "compute".
+    never = Engine.from_config(_cached(family, 48, NEVER[kind]))
+    result = never.render()
+    assert torch.equal(result.latents, reference)
+    assert result.cache_decisions and all(_computed(d) == [True] * len(d) for d in result.cache_decisions.values())
+
+    # A skipping configuration skips some and computes some, and changes the output.
+    skipping = _fbcache(family) if kind == "fbcache" else PAB
+    engine = Engine.from_config(_cached(family, 48, skipping))
+    first = engine.render()
+    flags = sum(map(_computed, first.cache_decisions.values()), [])
+    assert True in flags and False in flags
+    assert not torch.equal(first.latents, reference)
+    assert any(line.startswith(kind) and "skipped" in line for line in first.cache_lines)
+
+    # State resets between videos: a second render with the same engine repeats the first exactly.
+    second = engine.render()
+    assert second.cache_decisions == first.cache_decisions
+    assert torch.equal(second.latents, first.latents)
+
+    # Applying twice fails; removing restores the original transformer.
+    cache = engine.caches["transformer"]
+    transformer = engine.pipe.transformer
+    with pytest.raises(RuntimeError, match="already applied"):
+        if kind == "fbcache":
+            apply_first_block_cache(transformer, FirstBlockCacheConfig(), blocks=list(transformer.modules())[:2])
+        else:
+            apply_pyramid_attention_broadcast(transformer, PyramidAttentionBroadcastConfig(), attentions={})
+    cache.remove()
+    assert not [m for m in transformer.modules() if "forward" in vars(m)]
+    engine.caches = {}
+    assert torch.equal(engine.render(_cached(family, 48, CacheConfig())).latents, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank: the same decisions as diffusers' FirstBlockCacheConfig hook, same threshold, same model.
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_fbcache_decides_like_diffusers(tiny_folder, family):
+    from diffusers import HunyuanVideoPipeline, WanPipeline
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersConfig
+    from diffusers.hooks import HookRegistry, apply_first_block_cache as diffusers_apply
+
+    from unison.engine.config import ModelConfig, OutputConfig, SamplingConfig
+
+    folder, threshold = tiny_folder(family), THRESHOLD[family]
+    size = dict(height=48, width=48 if family == "hunyuanvideo" else 64, frames=9, steps=6)
+    text = 128 if family == "hunyuanvideo" else 16
+    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
+                              true_cfg_scale=3.0 if family == "hunyuanvideo" else None, max_sequence_length=text,
+                              **size)
+    ours = Engine.from_config(RunConfig(model=ModelConfig(path=folder), sampling=sampling,
+                                        cache=CacheConfig(kind="fbcache", threshold=threshold),
+                                        output=OutputConfig(decode=False, progress=False))).render()
+
+    cls = HunyuanVideoPipeline if family == "hunyuanvideo" else WanPipeline
+    pipe = cls.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    diffusers_apply(pipe.transformer, DiffusersConfig(threshold=threshold))
+    first = pipe.transformer.transformer_blocks[0] if family == "hunyuanvideo" else pipe.transformer.blocks[0]
+    hook = HookRegistry.check_if_exists_or_initialize(first).get_hook("fbc_leader_block_hook")
+    theirs: list[bool] = []
+    decide = hook._should_compute_remaining_blocks
+    hook._should_compute_remaining_blocks = lambda residual: theirs.append(decide(residual)) or theirs[-1]
+    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=size["height"],
+                  width=size["width"], num_frames=9, num_inference_steps=6, max_sequence_length=text)
+    if family == "hunyuanvideo":
+        kwargs.update(guidance_scale=4.0, true_cfg_scale=3.0)
+    else:
+        kwargs.update(guidance_scale=4.0)
+    latents = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False,
+                   **kwargs)[0]
+
+    assert True in theirs and False in theirs, theirs
+    assert _computed(ours.cache_decisions["transformer"]) == theirs
+    assert ((ours.latents - latents).norm() / latents.norm()).item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Lockstep: N ranks take the one-rank schedule, step for step, and reach the one-rank latents.
+
+def _render_cached(rank, world, config):
+    result = Engine.from_config(config, world_size=world).render()
+    return result.latents, result.cache_decisions, result.comm_calls
+
+
+LAYOUTS = [dict(ulysses=2), dict(ulysses=4), dict(ring=2), dict(ulysses=2, ring=2), dict(cfg=2),
+           dict(cfg=2, ulysses=2)]
+LOCKSTEP = [(family, layout) for family in ("wan", "hunyuanvideo") for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("family, layout", LOCKSTEP,
+                         ids=[f + "-" + "x".join(f"{k}{v}" for k, v in l.items()) for f, l in LOCKSTEP])
+def test_fbcache_lockstep(family, layout):
+    one = Engine.from_config(_cached(family, 48, _fbcache(family))).render()
+    flags = _computed(one.cache_decisions["transformer"])
+    assert True in flags and False in flags  # the schedule is mixed, so lockstep means something
+    parallel = ParallelConfig(**layout, timeout_s=60)
+    world = parallel.ulysses * parallel.ring * parallel.cfg
+    config = _cached(family, 48, _fbcache(family, verify=True), parallel)
+    for latents, decisions, _ in run_ranks(world, _render_cached, config):
+        if parallel.cfg == 1:
+            assert decisions == one.cache_decisions
+        else:  # each cfg half holds its own branch's context: together they are the one-rank schedule
+            mine = {d[1] for d in decisions["transformer"]}
+            assert len(mine) == 1
+            assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
+        assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
