@@ -20,7 +20,8 @@ from unison.engine.render import Engine
 THRESHOLD = {"wan": 0.105, "wan2.2": 0.1, "hunyuanvideo": 0.34}
 NEVER = {"fbcache": CacheConfig(kind="fbcache", threshold=0.0),
          "pab": CacheConfig(kind="pab", self_skip_range=None, cross_skip_range=None)}
-# PAB's windows cover the middle of the tiny runs' timesteps (Wan: 999, 937, 833, 625 for 4 steps).
+# PAB's windows cover the middle of the tiny runs' timesteps (4 steps: Wan 999, 900, 750, 500;
+# HunyuanVideo 1000, 955, 875, 700).
 PAB = CacheConfig(kind="pab", self_skip_range=2, self_timestep_min=500, self_timestep_max=990,
                   cross_skip_range=3, cross_timestep_min=500, cross_timestep_max=990)
 
@@ -159,3 +160,53 @@ def test_fbcache_lockstep(family, layout):
             assert len(mine) == 1
             assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
         assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
+
+
+def test_pab_skips_the_collectives_of_reused_attention():
+    """Ulysses 2, tiny Wan (3 blocks, two branches, steps at t = 999, 900, 750, 500). Self-attention
+    (range 2, window 500 < t < 990) is computed at steps 0 (first), 2 (2 % 2 == 0) and 3 (t = 500
+    is outside the open window), reused at step 1: 3 blocks x 2 branches x 3 steps = 18 computed
+    self-attentions, each 4 all-to-alls (q, k, v, output), so 72 instead of 96 without PAB."""
+    parallel = ParallelConfig(ulysses=2, timeout_s=60)
+    one = Engine.from_config(_cached("wan", 48, PAB)).render()
+    assert [s.timestep for s in one.loop.steps] == [999.0, 900.0, 750.0, 500.0]
+    for latents, decisions, calls in run_ranks(2, _render_cached, _cached("wan", 48, PAB, parallel)):
+        assert decisions == one.cache_decisions
+        assert calls["all_to_all"] == 72
+        assert sum(1 for d in decisions["transformer"] if d[2] == "self" and d[3]) == 18
+        assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
+
+
+def test_pab_lockstep_joint_attention_with_verify():
+    """HunyuanVideo, cfg 2 x ulysses 2, verify on: PAB decisions need no message, and verify
+    confirms every rank took each one; each half runs its branch's one-rank schedule."""
+    one = Engine.from_config(_cached("hunyuanvideo", 48, PAB)).render()
+    parallel = ParallelConfig(cfg=2, ulysses=2, timeout_s=60)
+    config = _cached("hunyuanvideo", 48, dataclasses.replace(PAB, verify=True), parallel)
+    for latents, decisions, _ in run_ranks(4, _render_cached, config):
+        mine = {d[1] for d in decisions["transformer"]}
+        assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
+        assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
+
+
+def _perturbed_rank(rank, world, config):
+    """Rank 1 inflates its (already agreed) First-Block Cache metric: its decisions differ."""
+    from unison.caching.agree import Agreement
+
+    if rank == 1:
+        agreed = Agreement.ratio
+        Agreement.ratio = lambda self, num, den: agreed(self, num, den) * 100
+    try:
+        Engine.from_config(config, world_size=world).render()
+    except CacheDisagreement as err:
+        return str(err)
+    return "no error"
+
+
+def test_verify_names_the_disagreeing_ranks_instead_of_hanging():
+    one = Engine.from_config(_cached("wan", 48, _fbcache("wan"))).render()
+    step, context = next((d[0], d[1]) for d in one.cache_decisions["transformer"] if not d[3])
+    config = _cached("wan", 48, _fbcache("wan", verify=True), ParallelConfig(ulysses=2, timeout_s=60))
+    messages = run_ranks(2, _perturbed_rank, config)
+    # Rank 0 skips where one rank first skips; inflated, rank 1 computes: both ranks stop there.
+    assert messages == [f"step {step}: fbcache ({context}) decisions disagree: rank 0 skips, rank 1 computes"] * 2
