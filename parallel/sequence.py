@@ -63,6 +63,27 @@ class Handle:
             self.undo.pop()()
 
 
+def install_split_gather(handle: Handle, blocks: list[torch.nn.Module], *, split, reuse, gather,
+                         attention: str, processor) -> None:
+    """The hooks every family's plan installs: `split` as a pre-hook on the first block, `reuse`
+    on the others (per-forward split tensors), `gather` as a forward hook on the last block, and
+    `processor` on each block's `attention` module. Adds the undo of all of it to `handle`."""
+    hooks = [blocks[0].register_forward_pre_hook(split)]
+    hooks += [block.register_forward_pre_hook(reuse) for block in blocks[1:]]
+    hooks.append(blocks[-1].register_forward_hook(gather))
+    originals = [getattr(block, attention).processor for block in blocks]
+    for block in blocks:
+        getattr(block, attention).set_processor(processor)
+
+    def undo():
+        for hook in hooks:
+            hook.remove()
+        for block, original in zip(blocks, originals):
+            getattr(block, attention).set_processor(original)
+
+    handle.undo.append(undo)
+
+
 _MARK = "_unison_sequence_parallel"
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from unison.parallel.attention import parallel_joint_attention
-from unison.parallel.sequence import Handle, SequenceShard
+from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -81,17 +81,5 @@ def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) ->
         hidden, text = output
         return shard.gather(hidden, dim=1), text
 
-    hooks = [blocks[0].register_forward_pre_hook(split_inputs)]
-    hooks += [block.register_forward_pre_hook(reuse_inputs) for block in blocks[1:]]
-    hooks.append(blocks[-1].register_forward_hook(gather_output))
-    originals = [block.attn.processor for block in blocks]
-    for block in blocks:
-        block.attn.set_processor(HunyuanJointAttention(shard))
-
-    def undo():
-        for hook in hooks:
-            hook.remove()
-        for block, processor in zip(blocks, originals):
-            block.attn.set_processor(processor)
-
-    handle.undo.append(undo)
+    install_split_gather(handle, blocks, split=split_inputs, reuse=reuse_inputs, gather=gather_output,
+                         attention="attn", processor=HunyuanJointAttention(shard))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from unison.parallel.attention import parallel_attention
-from unison.parallel.sequence import Handle, SequenceShard
+from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,17 +63,5 @@ def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) ->
         shard.cache.clear()
         return shard.gather(output, dim=1)
 
-    hooks = [blocks[0].register_forward_pre_hook(split_inputs)]
-    hooks += [block.register_forward_pre_hook(reuse_inputs) for block in blocks[1:]]
-    hooks.append(blocks[-1].register_forward_hook(gather_output))
-    originals = [block.attn1.processor for block in blocks]
-    for block in blocks:
-        block.attn1.set_processor(WanSelfAttention(shard))
-
-    def undo():
-        for hook in hooks:
-            hook.remove()
-        for block, processor in zip(blocks, originals):
-            block.attn1.set_processor(processor)
-
-    handle.undo.append(undo)
+    install_split_gather(handle, blocks, split=split_inputs, reuse=reuse_inputs, gather=gather_output,
+                         attention="attn1", processor=WanSelfAttention(shard))
