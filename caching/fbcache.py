@@ -33,6 +33,14 @@ class FirstBlockCacheConfig:
     verify: bool = False
     """Cross-check every decision across ranks; disagreement raises an error naming the ranks."""
 
+    def __post_init__(self):
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be at least 0, got {self.threshold}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be at least 1 (or null), got {self.max_consecutive_skips}")
+
 
 @dataclass
 class _State:
@@ -56,8 +64,6 @@ class FirstBlockCache(Cache):
                  agreement: Agreement, valid_tokens: Callable[[], int | None]):
         if len(blocks) < 2:
             raise ValueError("First-Block Cache needs at least two transformer blocks")
-        if config.threshold < 0:
-            raise ValueError(f"threshold must be at least 0, got {config.threshold}")
         super().__init__(transformer)
         self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
         self.blocks = len(blocks)

@@ -33,6 +33,14 @@ class PyramidAttentionBroadcastConfig:
     verify: bool = False
     """Cross-check every decision across ranks."""
 
+    def __post_init__(self):
+        for kind in ("self", "cross"):
+            skip, lo, hi = self.rule(kind)
+            if skip is not None and skip < 1:
+                raise ValueError(f"{kind}_skip_range must be at least 1 (or null), got {skip}")
+            if lo >= hi:
+                raise ValueError(f"{kind}_timestep_min ({lo}) must be below {kind}_timestep_max ({hi})")
+
     def rule(self, kind: str) -> tuple[int | None, float, float]:
         if kind == "self":
             return self.self_skip_range, self.self_timestep_min, self.self_timestep_max
@@ -53,11 +61,6 @@ class PyramidAttentionBroadcast(Cache):
         for kind in attentions:
             if kind not in ("self", "cross"):
                 raise ValueError(f"attention kind must be self or cross, got {kind!r}")
-            skip, lo, hi = config.rule(kind)
-            if skip is not None and skip < 1:
-                raise ValueError(f"{kind}_skip_range must be at least 1, got {skip}")
-            if lo >= hi:
-                raise ValueError(f"{kind}_timestep_min must be below {kind}_timestep_max, got {lo} >= {hi}")
         super().__init__(transformer)
         self.config, self.agreement = config, agreement
         self.calls_per_forward = sum(len(modules) for modules in attentions.values())

@@ -190,21 +190,13 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
 
 
 def check_cache(c: CacheConfig) -> None:
-    if c.kind == "fbcache":
-        if c.threshold < 0:
-            raise UserError(f"cache.threshold must be at least 0, got {c.threshold}")
-        if c.warmup_steps < 0:
-            raise UserError(f"cache.warmup_steps must be at least 0, got {c.warmup_steps}")
-        if c.max_consecutive_skips is not None and c.max_consecutive_skips < 1:
-            raise UserError(f"cache.max_consecutive_skips must be at least 1 (or null), got {c.max_consecutive_skips}")
-    if c.kind == "pab":
-        for kind in ("self", "cross"):
-            skip = getattr(c, f"{kind}_skip_range")
-            lo, hi = getattr(c, f"{kind}_timestep_min"), getattr(c, f"{kind}_timestep_max")
-            if skip is not None and skip < 1:
-                raise UserError(f"cache.{kind}_skip_range must be at least 1 (or null), got {skip}")
-            if lo >= hi:
-                raise UserError(f"cache.{kind}_timestep_min ({lo}) must be below cache.{kind}_timestep_max ({hi})")
+    """The caching layer's own config checks, as UserErrors before anything loads."""
+    from unison.engine.caches import cache_config
+
+    try:
+        cache_config(c)
+    except ValueError as err:
+        raise UserError(f"cache.{err}") from None
 
 
 def check_output(o: OutputConfig) -> None:

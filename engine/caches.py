@@ -7,18 +7,28 @@ decides for its own branch, exactly as one rank decides per branch.
 
 from __future__ import annotations
 
+import dataclasses
+
 from unison.caching import (Cache, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, apply_first_block_cache,
                             apply_pyramid_attention_broadcast)
 from unison.engine.config import CacheConfig
 from unison.engine.models import ModelSpec
 
-_PAB_FIELDS = ("self_skip_range", "self_timestep_min", "self_timestep_max", "cross_skip_range",
-               "cross_timestep_min", "cross_timestep_max", "verify")
-_FBCACHE_FIELDS = ("threshold", "warmup_steps", "max_consecutive_skips", "verify")
+_CONFIGS = {"fbcache": FirstBlockCacheConfig, "pab": PyramidAttentionBroadcastConfig}
+
+
+def cache_config(cache: CacheConfig) -> FirstBlockCacheConfig | PyramidAttentionBroadcastConfig | None:
+    """The caching layer's config for `cache` (None for no cache), from the `cache` section's fields
+    of the same names; ValueError names a bad field."""
+    if cache.kind == "none":
+        return None
+    cls = _CONFIGS[cache.kind]
+    return cls(**{f.name: getattr(cache, f.name) for f in dataclasses.fields(cls)})
 
 
 def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dict[str, Cache]:
-    if cache.kind == "none":
+    config = cache_config(cache)
+    if config is None:
         return {}
     group = runtime.groups.get("sp") if runtime is not None else None
     stats = runtime.stats if runtime is not None else None
@@ -26,14 +36,12 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     for name in spec.experts:
         transformer = getattr(pipe, name)
         if cache.kind == "fbcache":
-            config = FirstBlockCacheConfig(**{f: getattr(cache, f) for f in _FBCACHE_FIELDS})
             shard = runtime.shards.get(name) if runtime is not None else None
             blocks = [block for attr in spec.block_lists for block in getattr(transformer, attr)]
             applied[name] = apply_first_block_cache(
                 transformer, config, group=group, blocks=blocks, stats=stats,
                 valid_tokens=shard.local_valid if shard is not None else (lambda: None))
         else:
-            config = PyramidAttentionBroadcastConfig(**{f: getattr(cache, f) for f in _PAB_FIELDS})
             applied[name] = apply_pyramid_attention_broadcast(
                 transformer, config, group=group, attentions=spec.attention_modules(transformer), stats=stats)
     return applied
