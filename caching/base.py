@@ -8,21 +8,11 @@ state never leaks between contexts, and `reset()` (every new video) forgets all 
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 _MARK = "_unison_cache"
-
-
-@dataclass
-class Tally:
-    """Per context: forwards (or attention calls) computed and skipped."""
-
-    computed: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
 
 
 class Cache:
@@ -39,7 +29,6 @@ class Cache:
         self.step = 0
         self.timestep = 0.0
         self.states: dict[str, Any] = {}
-        self.tally = Tally()
         self.decisions: list[tuple] = []
         """(step, context, what, computed) for every decision, in order: the skip schedule."""
         self._wrapped: list[torch.nn.Module] = []
@@ -55,7 +44,6 @@ class Cache:
     def reset(self) -> None:
         """Forget every context's state and counts (a new video)."""
         self.states.clear()
-        self.tally = Tally()
         self.decisions = []
 
     def remove(self) -> None:
@@ -79,8 +67,15 @@ class Cache:
 
     def record(self, what: str, computed: bool) -> None:
         self.decisions.append((self.step, self.context, what, computed))
-        (self.tally.computed if computed else self.tally.skipped)[self.context] += 1
 
     def summary(self) -> dict[str, dict[str, int]]:
-        contexts = sorted(set(self.tally.computed) | set(self.tally.skipped))
-        return {c: {"computed": self.tally.computed[c], "skipped": self.tally.skipped[c]} for c in contexts}
+        """Per context: forwards (or attention calls) computed and skipped."""
+        counts: dict[str, dict[str, int]] = {}
+        for _, context, _, computed in self.decisions:
+            entry = counts.setdefault(context, {"computed": 0, "skipped": 0})
+            entry["computed" if computed else "skipped"] += 1
+        return dict(sorted(counts.items()))
+
+    def skipped_share(self) -> float:
+        """Share of decisions that skipped."""
+        return sum(not d[3] for d in self.decisions) / len(self.decisions) if self.decisions else 0.0

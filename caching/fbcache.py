@@ -134,8 +134,7 @@ class FirstBlockCache(Cache):
 
     def saved_fraction(self) -> float:
         """Share of block calls not run (skipped forwards run 1 of `blocks` blocks)."""
-        total = sum(self.tally.computed.values()) + sum(self.tally.skipped.values())
-        return sum(self.tally.skipped.values()) * (self.blocks - 1) / self.blocks / total if total else 0.0
+        return self.skipped_share() * (self.blocks - 1) / self.blocks
 
 
 def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group=None,

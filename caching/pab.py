@@ -90,8 +90,7 @@ class PyramidAttentionBroadcast(Cache):
 
     def saved_fraction(self) -> float:
         """Share of attention calls reused instead of computed."""
-        total = sum(self.tally.computed.values()) + sum(self.tally.skipped.values())
-        return sum(self.tally.skipped.values()) / total if total else 0.0
+        return self.skipped_share()
 
 
 def apply_pyramid_attention_broadcast(transformer, config: PyramidAttentionBroadcastConfig, *, group=None,
