@@ -9,6 +9,7 @@ sliced off, not masked), so the result equals one-rank attention over the real t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -71,10 +72,16 @@ LSE_KERNELS = {"math": _lse_math, "torch-cpu": _lse_torch_cpu, "flash-attn": _ls
                "torch-cuda": _lse_torch_cuda}
 
 
+@functools.cache
+def _has_flash_attn() -> bool:
+    """Looked up once: lse_kernel_for runs for every ring chunk."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def lse_kernel_for(q: torch.Tensor) -> str:
     """The fastest log-sum-exp kernel for q's device and dtype."""
     if q.is_cuda:
-        if q.dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None:
+        if q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn():
             return "flash-attn"
         return "torch-cuda"
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
