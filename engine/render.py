@@ -142,10 +142,11 @@ class Engine:
         if self.runtime is not None and loop.steps:
             comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
         calls = dict(self.runtime.stats.calls) if self.runtime is not None else {}
-        return RenderResult(comm_bytes_per_step=comm, comm_calls=calls, cache_lines=describe_caches(self.caches),
-                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()}, config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
+        return RenderResult(config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
                             config_path=config_path, latents_path=latents_path, seconds=seconds,
-                            peak_memory_bytes=peak, peak_memory_kind=kind)
+                            peak_memory_bytes=peak, peak_memory_kind=kind, comm_bytes_per_step=comm,
+                            comm_calls=calls, cache_lines=describe_caches(self.caches),
+                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()})
 
     def _use_cache(self, cache) -> None:
         """Apply the render's cache config, replacing a different one from an earlier render."""

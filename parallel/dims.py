@@ -127,6 +127,7 @@ def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float) -> Groups:
         from torch.distributed.device_mesh import DeviceMesh
 
         layout = torch.arange(dims.world_size).reshape([getattr(dims, a) for a in active])
-        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], "cuda" if torch.cuda.is_available() else "cpu",
-                                         mesh=layout, mesh_dim_names=tuple(active))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], device, mesh=layout,
+                                         mesh_dim_names=tuple(active))
     return out
