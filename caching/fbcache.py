@@ -8,6 +8,14 @@ so a threshold tuned for diffusers' hook makes the same decisions here on one ra
 sequence parallelism both sums run over this rank's real (unpadded) tokens and are added over
 the sequence-parallel group by `Agreement.ratio` before anyone branches, so every rank decides
 as one rank would over the whole sequence.
+
+Guidance branches decide separately by default (cache contexts "cond" and "uncond"), as one rank
+does. With `joint_cfg` the conditional branch leads: its change decides the step for both, so both
+branches skip the same steps. Under CFG parallelism that is what turns skips into time saved: the
+two halves exchange their predictions every step, so a step is only as fast as its slower half,
+and per-branch decisions that differ leave one half waiting. On one rank the unconditional pass
+reads the decision cond took a moment earlier; under CFG parallelism the agreement group spans
+both halves, the uncond ranks add zeros to the sums, and every rank reads cond's ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import torch
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache
 
+LEADER = "cond"
+"""The cache context whose change decides for both branches under joint_cfg."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class FirstBlockCacheConfig:
@@ -30,6 +41,9 @@ class FirstBlockCacheConfig:
     """The first steps always compute."""
     max_consecutive_skips: int | None = None
     """After this many skips in a row, compute (None: no limit)."""
+    joint_cfg: bool = False
+    """One decision per step for both guidance branches, taken from the conditional branch's
+    change (default: each branch decides from its own change)."""
     verify: bool = False
     """Cross-check every decision across ranks; disagreement raises an error naming the ranks."""
 
@@ -69,6 +83,8 @@ class FirstBlockCache(Cache):
         self.blocks = len(blocks)
         self.changes: list[tuple[int, str, float]] = []
         """(step, context, relative change) for every decision that measured one: to tune the threshold."""
+        self._led: dict[int, bool] = {}
+        """joint_cfg: the conditional branch's decision per step, when it ran on this rank."""
         self._tuple_output = False
         self.wrap(blocks[0], self._head)
         for block in blocks[1:-1]:
@@ -87,16 +103,29 @@ class FirstBlockCache(Cache):
         return self.agreement.ratio((residual - prev).abs().sum(dtype=torch.float64),
                                     prev.abs().sum(dtype=torch.float64))
 
+    def _decide(self, residual: torch.Tensor, state: _State) -> bool:
+        """Compute (True) or skip. Every rank of the agreement group reaches the same answer
+        through the same collectives: the rules before `ratio` depend only on the step history."""
+        follower = self.config.joint_cfg and self.context != LEADER
+        if follower and self.step in self._led:
+            return self._led[self.step]
+        if self._must_compute(state):
+            return True
+        if follower:  # CFG parallel: the leading half's sums arrive; this half adds nothing
+            zero = torch.zeros((), dtype=torch.float64, device=residual.device)
+            return self.agreement.ratio(zero, zero) > self.config.threshold
+        change = self._change(residual, state.prev_residual)
+        self.changes.append((self.step, self.context, change))
+        return change > self.config.threshold
+
     def _head(self, original, *args, **kwargs):
         output = original(*args, **kwargs)
         self._tuple_output = isinstance(output, tuple)
         residual = _hidden(output) - args[0]
         state = self.state(_State)
-        compute = self._must_compute(state)
-        if not compute:
-            change = self._change(residual, state.prev_residual)
-            self.changes.append((self.step, self.context, change))
-            compute = change > self.config.threshold
+        compute = self._decide(residual, state)
+        if self.config.joint_cfg and self.context == LEADER:
+            self._led[self.step] = compute
         self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
         self.record("forward", compute)
         state.computing = compute
@@ -110,7 +139,7 @@ class FirstBlockCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.changes = []
+        self.changes, self._led = [], {}
 
     def _passthrough(self, args):
         """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
@@ -141,7 +170,7 @@ def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group
                             blocks: list[torch.nn.Module], valid_tokens: Callable[[], int | None] = lambda: None,
                             stats=None) -> FirstBlockCache:
     """Apply First-Block Cache to `transformer`'s `blocks` (in execution order). `group`: the
-    ranks that share the blocks' collectives (the sequence-parallel group), over which the
-    decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
+    ranks that share the blocks' collectives (the sequence-parallel group; with joint_cfg under
+    CFG parallelism, both halves' sequence-parallel ranks), over which the decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
     return FirstBlockCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
                            agreement=Agreement(group=group, stats=stats, verify=config.verify))

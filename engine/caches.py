@@ -2,7 +2,8 @@
 
 The cache decides over the sequence-parallel group: the ranks that share the transformer
 blocks' collectives. CFG-parallel halves run different branches (cache contexts), so each half
-decides for its own branch, exactly as one rank decides per branch.
+decides for its own branch, exactly as one rank decides per branch; with fbcache's joint_cfg the
+conditional branch decides for both, agreed over both halves (the cfg_sp group).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     config = cache_config(cache)
     if config is None:
         return {}
-    group = runtime.groups.get("sp") if runtime is not None else None
+    joint = cache.kind == "fbcache" and cache.joint_cfg and runtime is not None and runtime.dims.cfg > 1
+    group = runtime.groups.get("cfg_sp" if joint else "sp") if runtime is not None else None
     stats = runtime.stats if runtime is not None else None
     applied = {}
     for name in spec.experts:

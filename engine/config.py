@@ -86,6 +86,11 @@ class CacheConfig:
     """fbcache: the first steps always compute."""
     max_consecutive_skips: int | None = None
     """fbcache: compute after this many skips in a row (null: no limit)."""
+    joint_cfg: bool = False
+    """fbcache: one decision per step for both guidance branches, led by the conditional branch's
+    change, so both skip the same steps (under CFG parallel neither half waits for the other).
+    Default: each branch decides from its own change, as diffusers does. pab's decisions depend
+    only on the step, so they are the same for both branches anyway."""
     self_skip_range: int | None = 2
     """pab: inside its window, self-attention (HunyuanVideo: joint) is computed every this many steps."""
     self_timestep_min: float = 100.0

@@ -86,7 +86,7 @@ class ParallelDims:
 
 
 GROUP_AXES = {"ulysses": ("ulysses",), "ring": ("ring",), "sp": ("ring", "ulysses"), "cfg": ("cfg",),
-              "patch": ("patch",)}
+              "patch": ("patch",), "cfg_sp": ("cfg", "ring", "ulysses")}
 
 
 @dataclass

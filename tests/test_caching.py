@@ -210,3 +210,49 @@ def test_verify_names_the_disagreeing_ranks_instead_of_hanging():
     messages = run_ranks(2, _perturbed_rank, config)
     # Rank 0 skips where one rank first skips; inflated, rank 1 computes: both ranks stop there.
     assert messages == [f"step {step}: fbcache ({context}) decisions disagree: rank 0 skips, rank 1 computes"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# joint_cfg: the conditional branch decides for both; N ranks (CFG parallel included) agree.
+
+# 6 steps; at these thresholds the two branches' own schedules differ, every measured change at
+# least 0.0025 away from the threshold.
+JOINT_THRESHOLD = {"wan": 0.125, "hunyuanvideo": 0.30}
+
+
+def _joint(family: str, **kw) -> CacheConfig:
+    return CacheConfig(kind="fbcache", threshold=JOINT_THRESHOLD[family], joint_cfg=True, **kw)
+
+
+def _by_context(decisions) -> dict[str, list[tuple[int, bool]]]:
+    out: dict[str, list[tuple[int, bool]]] = {}
+    for step, context, _, computed in decisions:
+        out.setdefault(context, []).append((step, computed))
+    return out
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_joint_cfg_lets_the_conditional_branch_decide_for_both(family):
+    own = dataclasses.replace(_joint(family), joint_cfg=False)
+    per_branch = _by_context(Engine.from_config(_cached(family, 48, own, steps=6)).render()
+                             .cache_decisions["transformer"])
+    assert per_branch["cond"] != per_branch["uncond"]  # the branches disagree on their own: joint changes that
+    joint = _by_context(Engine.from_config(_cached(family, 48, _joint(family), steps=6)).render()
+                        .cache_decisions["transformer"])
+    assert {computed for _, computed in joint["cond"]} == {True, False}
+    assert joint["cond"] == per_branch["cond"]
+    assert joint["uncond"] == joint["cond"]
+
+
+@pytest.mark.parametrize("family, layout", [("wan", dict(cfg=2)), ("hunyuanvideo", dict(cfg=2, ulysses=2))],
+                         ids=["wan-cfg2", "hunyuanvideo-cfg2xulysses2"])
+def test_joint_cfg_lockstep_across_cfg_halves(family, layout):
+    cache = _joint(family)
+    one = Engine.from_config(_cached(family, 48, cache, steps=6)).render()
+    parallel = ParallelConfig(**layout, timeout_s=60)
+    config = _cached(family, 48, dataclasses.replace(cache, verify=True), parallel, steps=6)
+    for latents, decisions, _ in run_ranks(parallel.cfg * parallel.ulysses, _render_cached, config):
+        mine = {d[1] for d in decisions["transformer"]}
+        assert len(mine) == 1
+        assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
+        assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
