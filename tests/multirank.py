@@ -44,6 +44,10 @@ def run_ranks(world: int, fn, *args) -> list:
         try:
             mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
                                join=True, start_method="spawn")
-        except mp.ProcessRaisedException as err:
-            raise AssertionError(str(err)) from None
+        except mp.ProcessException as err:
+            # Every rank's own traceback, not only the first one to fail: a rank that died of a
+            # lost peer hides the rank that caused it.
+            reports = [f"--- rank {r} ---\n" + open(path).read() for r in range(world)
+                       if os.path.exists(path := os.path.join(out_dir, f"rank{r}.err"))]
+            raise AssertionError("\n".join([str(err), *reports])) from None
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
