@@ -105,8 +105,10 @@ class Engine:
     def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Engine":
         return cls(plan_run(config, world_size=world_size))
 
-    def render(self, config: RunConfig | None = None, *, progress: bool | None = None) -> RenderResult:
-        """Render one video. `config` must name the same model as the engine's (default: its own)."""
+    def render(self, config: RunConfig | None = None, *, progress: bool | None = None,
+               on_step=None) -> RenderResult:
+        """Render one video. `config` must name the same model as the engine's (default: its own);
+        `on_step(record)` is called after every denoising step (for progress reports)."""
         plan = self.plan if config is None else plan_run(config, world_size=self.plan.world_size)
         if plan.config.model != self.plan.config.model:
             raise ValueError("this engine holds a different model; build another Engine for it")
@@ -119,7 +121,7 @@ class Engine:
             self.runtime.stats.reset()
         self._use_cache(cfg.cache)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
-                       caches=self.caches)
+                       caches=self.caches, on_step=on_step)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
