@@ -15,6 +15,7 @@ from unison.errors import PeerFailed, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 # Flag -> config key, for flags that set one field.
 _FLAG_KEYS = {
@@ -76,11 +77,12 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return apply_overrides(config, args.set or [])
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="render one video", description="Render one video.")
+def _add_run_options(p, *, single: bool) -> None:
+    """Flags shared by generate and batch (batch jobs bring their own prompt and output)."""
     p.add_argument("--config", help="YAML run recipe (a path, or a name under configs/)")
     p.add_argument("--model", help="local diffusers-format model folder")
-    p.add_argument("--prompt")
+    if single:
+        p.add_argument("--prompt")
     p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -91,8 +93,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-2", dest="guidance_2", type=float,
                    help="Wan 2.2 A14B: guidance of the low-noise expert")
     p.add_argument("--seed", type=int)
-    p.add_argument("--output", help="output .mp4 path")
-    p.add_argument("--save-latents", dest="save_latents", help="torch.save the final latents here")
+    if single:
+        p.add_argument("--output", help="output .mp4 path")
+        p.add_argument("--save-latents", dest="save_latents", help="torch.save the final latents here")
     p.add_argument("--ulysses", type=int, help="Ulysses (all-to-all) degree")
     p.add_argument("--ring", type=int, help="ring-attention degree")
     p.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=2,
@@ -100,7 +103,48 @@ def _add_generate(sub) -> None:
     p.add_argument("--cache", choices=("none", "fbcache", "pab"),
                    help="step cache: First-Block Cache or Pyramid Attention Broadcast (tune with --set cache.…)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: local (start one on this machine), "
+                   "auto (the cluster this node belongs to) or host:port")
+    p.add_argument("--ranks-per-engine", dest="ranks_per_engine", type=int,
+                   help="with --ray: ranks (GPUs) per engine (default: the product of the parallel degrees)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="render one video", description="Render one video.")
+    _add_run_options(p, single=True)
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="render a JSONL file of jobs into a folder (resumable)",
+                       description="Render every job of a JSONL file (one JSON object per line: prompt, "
+                       "optional id, per-job overrides) into DIR/<id>.mp4 and DIR/<id>.yaml, recording each "
+                       "attempt in DIR/manifest.jsonl. Running the same command again resumes.")
+    p.add_argument("jobs", help="JSONL file of jobs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-retries", dest="max_retries", type=int, default=2,
+                   help="attempts after the first before a job is marked failed (default 2)")
+    p.add_argument("--engines", type=int, help="with --ray: engines (default: as many as the GPUs hold)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_run_options(p, single=False)
+
+
+def _add_slurm(sub) -> None:
+    p = sub.add_parser("slurm", help="print an sbatch script for this run",
+                       description="Print a filled sbatch script: srun torchrun (one engine over every GPU of "
+                       "the allocation) or a Ray cluster inside the allocation running `unison batch --ray auto`.")
+    p.add_argument("--mode", choices=("torchrun", "ray"), default="torchrun")
+    p.add_argument("--config", required=True, help="YAML run recipe for every rank")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, required=True)
+    p.add_argument("--cpus-per-gpu", dest="cpus_per_gpu", type=int, default=8)
+    p.add_argument("--jobs", help="JSONL file of jobs (batch); without it one video (generate)")
+    p.add_argument("--out", help="output folder of the batch")
+    p.add_argument("--ranks-per-engine", dest="ranks_per_engine", type=int,
+                   help="ray mode: GPUs per engine (default: the config's parallel degrees)")
+    p.add_argument("--partition")
+    p.add_argument("--time", default="04:00:00")
+    p.add_argument("--job-name", dest="job_name", default="unison")
 
 
 def _add_make_tiny(sub) -> None:
@@ -116,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unison", description="Render video with diffusion transformers.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    _add_batch(sub)
+    _add_slurm(sub)
     _add_make_tiny(sub)
     return p
 
@@ -125,7 +171,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from unison.launch.dist import DistEnv
 
-    env = DistEnv.from_env()
+    if args.ray:
+        from unison.launch.runs import generate_on_ray
+
+        return generate_on_ray(build_config(args), address=args.ray, ranks_per_engine=args.ranks_per_engine,
+                               dry_run=args.dry_run)
+    env = DistEnv.detect()
     plan = plan_run(build_config(args), world_size=env.world_size)
     if args.dry_run:
         if env.rank == 0:
@@ -143,6 +194,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = Engine(plan).render()
     if env.rank == 0:
         print(result.summary())
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from unison.launch.runs import batch_local, batch_on_ray
+
+    config = build_config(args)
+    if args.max_retries < 0:
+        raise UserError(f"--max-retries must be at least 0, got {args.max_retries}")
+    if args.ray:
+        return batch_on_ray(config, jobs=args.jobs, out=args.out, address=args.ray, engines=args.engines,
+                            ranks_per_engine=args.ranks_per_engine, max_retries=args.max_retries,
+                            progress=args.progress)
+    if args.engines is not None or args.ranks_per_engine is not None:
+        raise UserError("--engines and --ranks-per-engine need --ray (under torchrun all ranks are one engine)")
+    return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from unison.launch.slurm import SlurmRequest, render_script
+
+    request = SlurmRequest(**{k: v for k, v in vars(args).items() if k != "command"})
+    # A bad recipe fails here, not hours later in the queue.
+    print(render_script(request, load_yaml(_find_config(args.config))), end="")
     return 0
 
 
@@ -164,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # `unison` alone runs the embedded default
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"generate": cmd_generate, "make-tiny": cmd_make_tiny}
+    commands = {"generate": cmd_generate, "batch": cmd_batch, "slurm": cmd_slurm, "make-tiny": cmd_make_tiny}
     try:
         return commands[args.command](args)
     except UserError as err:
@@ -173,3 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailed as err:
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("unison: interrupted; finished videos are kept (a batch resumes when run again)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,72 @@
+"""The worker: one engine (all its ranks) that loads the model once and renders jobs.
+
+Every launcher drives the same worker: a single process, torchrun (all ranks are one engine and
+run the jobs in the same order), and Ray (one actor per rank, jobs handed out by the driver).
+Rendering is collective, so every rank of an engine runs the same job at the same time; rank 0
+writes the files.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+from unison.engine.build import Plan, plan_run
+from unison.engine.config import RunConfig
+from unison.engine.jobs import Job
+from unison.engine.render import Engine
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: str
+    seconds: float
+    steps: int
+    step_seconds: float
+    """Median seconds per denoising step."""
+    video: str | None
+    """The video this rank wrote (rank 0), else None."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    job: str | None
+    step: int
+    steps: int
+
+
+class Worker:
+    """Holds one Engine; `run(job)` renders it. `progress()` may be read from another thread."""
+
+    def __init__(self, plan: Plan):
+        self.engine = Engine(plan)
+        self._lock = threading.Lock()
+        self._progress = Progress(job=None, step=0, steps=0)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Worker":
+        return cls(plan_run(config, world_size=world_size))
+
+    def progress(self) -> Progress:
+        with self._lock:
+            return self._progress
+
+    def _set(self, progress: Progress) -> None:
+        with self._lock:
+            self._progress = progress
+
+    def run(self, job: Job) -> Outcome:
+        started = time.perf_counter()
+        steps = job.config.sampling.steps
+        self._set(Progress(job=job.id, step=0, steps=steps))
+        try:
+            result = self.engine.render(job.config, progress=False,
+                                        on_step=lambda r: self._set(Progress(job.id, r.index + 1, steps)))
+        finally:
+            self._set(Progress(job=None, step=0, steps=0))
+        times = [r.seconds for r in result.loop.steps]
+        return Outcome(id=job.id, seconds=time.perf_counter() - started, steps=len(times),
+                       step_seconds=statistics.median(times) if times else 0.0,
+                       video=str(result.video_path) if result.video_path else None)

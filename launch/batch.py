@@ -1,0 +1,148 @@
+"""`unison batch`: render a JSONL file of jobs into a folder, resumably.
+
+What every driver shares lives here: reading and resuming the batch (`prepare`), recording each
+attempt in the manifest and deciding retries (`Ledger`), the end-of-batch summary. The local
+driver (`run_local`) serves a single process and torchrun, where all ranks are one engine and run
+the jobs in file order; the Ray driver (launch/ray_batch.py) spreads jobs over several engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from unison.engine.config import RunConfig
+from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, resume
+from unison.errors import UserError
+
+log = logging.getLogger("unison")
+
+
+@dataclass(frozen=True)
+class Batch:
+    todo: list[Job]
+    attempts: dict[str, int]
+    """Attempts already recorded per job still to render."""
+    skipped: int
+    """Jobs already finished by an earlier run."""
+    total: int
+    problems: list[Problem]
+
+
+def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, world_size: int) -> Batch:
+    """Read and validate the jobs, report bad lines on stderr, remove a killed run's temporary
+    files, and resume from the manifest."""
+    out_dir = Path(out_dir).resolve()  # Ray actors and other nodes see the same absolute paths
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out is a file, not a folder: {out_dir}")
+    jobs, problems = read_jobs(jobs_path, base=base, out_dir=out_dir, world_size=world_size)
+    for problem in problems:
+        print(f"unison: {jobs_path}: {problem} (skipped)", file=sys.stderr)
+    if not jobs:
+        raise UserError(f"{jobs_path}: no valid job to render")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_partial_files(out_dir)
+    state = resume(jobs, Manifest(out_dir))
+    return Batch(todo=state.todo, attempts=state.attempts, skipped=len(state.finished), total=len(jobs),
+                 problems=problems)
+
+
+@dataclass
+class Ledger:
+    """Records attempts in the manifest and keeps the batch's tally (the driver's side only)."""
+
+    manifest: Manifest | None
+    """None: nothing recorded (a single `generate --ray` video)."""
+    batch: Batch
+    max_retries: int
+    progress: bool = False
+    attempts: dict[str, int] = field(default_factory=dict)
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.attempts = dict(self.batch.attempts)
+        self.bar = tqdm(total=self.batch.total, initial=self.batch.skipped, desc="batch", unit="job",
+                        disable=not self.progress, dynamic_ncols=True)
+
+    def attempt(self, job: Job) -> int:
+        """The number of the attempt about to start (1 for a fresh job)."""
+        return self.attempts.get(job.id, 0) + 1
+
+    def succeeded(self, job: Job, *, seconds: float, steps: int, step_seconds: float) -> None:
+        number = self.attempt(job)
+        self.attempts[job.id] = number
+        self._append(Record(id=job.id, status="done", attempts=number, seconds=round(seconds, 3),
+                                    steps=steps, step_seconds=round(step_seconds, 4)))
+        self.done += 1
+        self.step_seconds.append(step_seconds)
+        self.bar.update(1)
+
+    def failed_attempt(self, job: Job, error: str, *, seconds: float) -> bool:
+        """Record a failed attempt; True when the job should run again."""
+        number = self.attempt(job)
+        self.attempts[job.id] = number
+        again = number <= self.max_retries
+        self._append(Record(id=job.id, status="retry" if again else "failed", attempts=number,
+                                    seconds=round(seconds, 3), error=error))
+        if again:
+            self.retries += 1
+            log.warning("job %s failed (attempt %d, retrying): %s", job.id, number, error)
+        else:
+            self.failed += 1
+            self.bar.update(1)
+            log.warning("job %s failed after %d attempts: %s", job.id, number, error)
+        return again
+
+    def _append(self, record: Record) -> None:
+        if self.manifest is not None:
+            self.manifest.append(record)
+
+    def summary(self) -> str:
+        hours = (time.perf_counter() - self.started) / 3600
+        rate = f"{self.done / hours:.0f} videos/hour" if hours > 0 else "-"
+        step = f"{statistics.median(self.step_seconds):.3f} s/step (median)" if self.step_seconds else "no steps"
+        return (f"batch     {self.batch.total} jobs: {self.done} done, {self.failed} failed, {self.retries} "
+                f"retries, {self.batch.skipped} already finished, {len(self.batch.problems)} bad lines skipped; {hours * 3600:.1f} s, {rate}, {step}"
+                + (f"; manifest {self.manifest.path}" if self.manifest is not None else ""))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:500]
+
+
+def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
+    """Run `todo` in order on `worker` (all ranks of one engine call this with the same list; only
+    rank 0 holds the ledger). On one rank a failed job is retried in place. With several ranks a
+    failure may leave a collective half-done, so the attempt is recorded and the batch ends; the
+    same command (or torchrun --max-restarts) resumes it."""
+    for job in todo:
+        while True:
+            started = time.perf_counter()
+            try:
+                outcome = worker.run(job)
+            except Exception as err:
+                if ledger is None:
+                    raise
+                again = ledger.failed_attempt(job, error_text(err), seconds=time.perf_counter() - started)
+                if worker.engine.plan.world_size > 1:
+                    raise
+                if again:
+                    continue
+                break
+            if ledger is not None:
+                ledger.succeeded(job, seconds=outcome.seconds, steps=outcome.steps,
+                                 step_seconds=outcome.step_seconds)
+            break

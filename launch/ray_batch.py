@@ -1,0 +1,282 @@
+"""The Ray driver: K engines of N ranks each, jobs handed out as engines free up.
+
+Ray only starts processes and carries calls; the collectives stay in torch.distributed. Each
+engine is a placement group of N bundles (one GPU each on a GPU cluster, one CPU each otherwise)
+with one actor per bundle. The actors are ordered by node before ranks are given out, so
+consecutive ranks (Ulysses groups) share a node; rank 0's actor picks a free port on its node and
+every actor joins a torch.distributed group of its own engine with a tcp:// rendezvous there
+(NCCL on GPUs, gloo on CPUs), then loads the model once.
+
+Faults: a job that raises, or an actor that dies, takes its engine down (every rank: a failure
+can leave a collective half-done) and the engine is rebuilt; the job goes back to the front of
+the queue until it has used its retries, then it is marked failed. Ctrl-C kills the actors; the
+manifest then holds every finished job and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+from unison.engine.config import RunConfig
+from unison.engine.jobs import Job
+from unison.errors import UserError
+from unison.launch.batch import Ledger, error_text
+
+log = logging.getLogger("unison")
+
+FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TOKENIZERS_PARALLELISM", "HF_HOME")
+"""Driver environment variables the rank actors get too (network interface choices, caches)."""
+MAX_REBUILDS = 3
+"""An engine that fails to come up this many times in a row is given up."""
+
+
+class RankActor:
+    """One rank of one engine (a Ray actor; two concurrent calls so progress can be read mid-job)."""
+
+    def node(self) -> tuple[str, str]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, *, rank: int, world_size: int, address: str, port: int, config: RunConfig,
+              env: dict[str, str], threads: int | None) -> bool:
+        import torch
+
+        from unison.engine.worker import Worker
+        from unison.launch.dist import DistEnv
+
+        os.environ.update(env)
+        if threads is not None:  # CPU bundles: as many threads as the bundle has cores
+            torch.set_num_threads(threads)
+        # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), hence local_rank 0.
+        DistEnv(rank=rank, world_size=world_size, local_rank=0, master_addr=address, master_port=port,
+                source="ray").init(timeout_s=config.parallel.timeout_s)
+        self.worker = Worker.from_config(config, world_size=world_size)
+        return True
+
+    def run(self, job: Job):
+        return self.worker.run(job)
+
+    def progress(self):
+        worker = getattr(self, "worker", None)
+        return worker.progress() if worker is not None else None
+
+
+def rank_order(nodes: list[str]) -> list[int]:
+    """Bundle indices in rank order: grouped by node (nodes in order of first appearance), bundle
+    order kept inside a node, so consecutive ranks share a node whenever they can."""
+    first = {node: i for i, node in reversed(list(enumerate(nodes)))}
+    return sorted(range(len(nodes)), key=lambda i: (first[nodes[i]], i))
+
+
+@dataclass
+class EngineSlot:
+    index: int
+    actors: list = field(default_factory=list)
+    """Rank-ordered actors."""
+    group: object = None
+    job: Job | None = None
+    refs: list = field(default_factory=list)
+    started: float = 0.0
+    failures_in_row: int = 0
+
+
+@dataclass
+class RayOptions:
+    engines: int
+    ranks_per_engine: int
+    gpus: bool
+    cpus_per_rank: float = 1.0
+    setup_timeout_s: float = 600.0
+
+
+def options_for_cluster(*, engines: int | None, ranks_per_engine: int) -> RayOptions:
+    """Engines from the flag, else as many as the cluster's GPUs hold (one engine on a CPU cluster)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if engines is None:
+        engines = max(1, gpus // ranks_per_engine) if gpus else 1
+    if engines < 1:
+        raise UserError(f"--engines must be at least 1, got {engines}")
+    kind, have = ("GPUs", gpus) if gpus else ("CPUs", cpus)
+    if engines * ranks_per_engine > have:
+        raise UserError(f"{engines} engines x {ranks_per_engine} ranks need {engines * ranks_per_engine} {kind}; "
+                        f"the Ray cluster has {have}")
+    return RayOptions(engines=engines, ranks_per_engine=ranks_per_engine, gpus=gpus > 0)
+
+
+class RayBatch:
+    """Drives the engines. `on_start(slot, job)` is called when a job starts (tests use it to
+    kill an actor mid-job)."""
+
+    def __init__(self, config: RunConfig, options: RayOptions, *, progress: bool = False,
+                 on_start: Callable[[EngineSlot, Job], None] | None = None):
+        import ray
+
+        self.ray, self.config, self.options, self.progress = ray, config, options, progress
+        self.on_start = on_start
+        bundle = {"GPU": 1, "CPU": options.cpus_per_rank} if options.gpus else {"CPU": options.cpus_per_rank}
+        self.bundle = bundle
+        self.actor_class = ray.remote(num_cpus=options.cpus_per_rank, num_gpus=1 if options.gpus else 0,
+                                      max_concurrency=2)(RankActor)
+        self.env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        self.threads = None if options.gpus else max(1, int(options.cpus_per_rank))
+
+    # -- engines ----------------------------------------------------------------------------------
+    def _start(self, slot: EngineSlot) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ray, n = self.ray, self.options.ranks_per_engine
+        slot.group = placement_group([dict(self.bundle) for _ in range(n)], strategy="PACK")
+        ray.get(slot.group.ready(), timeout=self.options.setup_timeout_s)
+        actors = [self.actor_class.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            slot.group, placement_group_bundle_index=i)).remote() for i in range(n)]
+        nodes = ray.get([a.node.remote() for a in actors], timeout=self.options.setup_timeout_s)
+        order = rank_order([node_id for node_id, _ in nodes])
+        slot.actors = [actors[i] for i in order]
+        address = nodes[order[0]][1]
+        port = ray.get(slot.actors[0].free_port.remote())
+        ray.get([a.setup.remote(rank=r, world_size=n, address=address, port=port, config=self.config,
+                                env=self.env, threads=self.threads)
+                 for r, a in enumerate(slot.actors)], timeout=self.options.setup_timeout_s)
+
+    def _stop(self, slot: EngineSlot) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in slot.actors:
+            self.ray.kill(actor, no_restart=True)
+        if slot.group is not None:
+            remove_placement_group(slot.group)
+        slot.actors, slot.group, slot.job, slot.refs = [], None, None, []
+
+    def _bring_up(self, slot: EngineSlot) -> bool:
+        while slot.failures_in_row < MAX_REBUILDS:
+            try:
+                self._start(slot)
+                return True
+            except Exception as err:  # noqa: BLE001 - any start failure: clean up and try again
+                slot.failures_in_row += 1
+                log.warning("engine %d failed to start (%d of %d): %s", slot.index, slot.failures_in_row,
+                            MAX_REBUILDS, error_text(err))
+                self._stop(slot)
+        return False
+
+    # -- the queue --------------------------------------------------------------------------------
+    def run(self, todo: list[Job], ledger: Ledger) -> None:
+        queue = deque(todo)
+        slots = [EngineSlot(index=i) for i in range(self.options.engines)]
+        bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress, leave=False)
+                for i in range(len(slots))]
+        live = []
+        try:
+            for slot in slots:
+                if self._bring_up(slot):
+                    live.append(slot)
+            if not live:
+                raise RuntimeError("no engine could be started; see the warnings above")
+            while queue or any(s.job is not None for s in live):
+                for slot in live:
+                    if slot.job is None and queue:
+                        self._assign(slot, queue.popleft())
+                busy = [s for s in live if s.job is not None]
+                refs = [r for s in busy for r in s.refs]
+                self.ray.wait(refs, num_returns=1, timeout=0.5)
+                for slot in busy:
+                    self._collect(slot, queue, ledger)
+                live = [s for s in live if s.actors]
+                if not live and queue:
+                    raise RuntimeError(f"every engine failed; {len(queue)} jobs were not rendered "
+                                       "(the same command resumes them)")
+                self._show(live, bars)
+        finally:
+            for bar in bars:
+                bar.close()
+            for slot in slots:
+                if slot.actors:
+                    self._stop(slot)
+
+    def _assign(self, slot: EngineSlot, job: Job) -> None:
+        slot.job, slot.started = job, time.perf_counter()
+        slot.refs = [a.run.remote(job) for a in slot.actors]
+        if self.on_start is not None:
+            self.on_start(slot, job)
+
+    def _collect(self, slot: EngineSlot, queue: deque, ledger: Ledger) -> None:
+        ready, _ = self.ray.wait(slot.refs, num_returns=len(slot.refs), timeout=0)
+        error = None
+        for ref in ready:
+            try:
+                outcome = self.ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a job error or a dead actor: both end the attempt
+                error = err
+                break
+            if ref is slot.refs[0]:
+                first = outcome
+        if error is None and len(ready) < len(slot.refs):
+            return  # still running
+        job, seconds = slot.job, time.perf_counter() - slot.started
+        if error is None:
+            slot.job, slot.refs, slot.failures_in_row = None, [], 0
+            ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds)
+            return
+        message = _describe_error(error)
+        if ledger.failed_attempt(job, message, seconds=seconds):
+            queue.appendleft(job)
+        self._stop(slot)
+        log.warning("engine %d is rebuilt after: %s", slot.index, message)
+        self._bring_up(slot)
+
+    def _show(self, slots: list[EngineSlot], bars: list) -> None:
+        if not self.progress:
+            return
+        for slot in slots:
+            text = f"engine {slot.index}: idle"
+            if slot.job is not None:
+                try:
+                    state = self.ray.get(slot.actors[0].progress.remote(), timeout=1)
+                except Exception:  # noqa: BLE001 - progress is best effort
+                    state = None
+                step = f" step {state.step}/{state.steps}" if state is not None and state.job else ""
+                text = f"engine {slot.index}: {slot.job.id}{step}"
+            bars[slot.index].set_description_str(text)
+
+
+def _describe_error(err: BaseException) -> str:
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "an engine rank died (its actor exited)"
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return error_text(getattr(err, "cause", None) or err)
+    return error_text(err)
+
+
+def connect(address: str, *, ranks: int) -> None:
+    """ray.init for --ray: "local" starts a one-machine cluster on loopback, with at least one CPU
+    slot per rank (CPU engines on a small machine share its cores); "auto" or an address joins a
+    running one (`ray start --head` on the first node, `ray start --address` on the rest)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 num_cpus=max(os.cpu_count() or 1, ranks))
+    else:
+        ray.init(address=address, log_to_driver=False)

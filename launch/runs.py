@@ -1,0 +1,108 @@
+"""What `unison batch` and `unison generate --ray` do, per launcher (the CLI parses, this runs).
+
+Validation comes first everywhere: the run config and every job line are checked (no weights
+read) before any process group forms or any model loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unison.engine.build import plan_run
+from unison.engine.config import RunConfig
+from unison.engine.jobs import Job, Manifest
+from unison.errors import UserError
+from unison.launch.batch import Batch, Ledger, prepare, run_local
+from unison.launch.dist import DistEnv
+
+
+def _exit_code(ledger: Ledger) -> int:
+    return 1 if ledger.failed else 0
+
+
+def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, progress: bool,
+                env: DistEnv | None = None) -> int:
+    """A single process, or every rank of a torchrun / srun job as one engine. Rank 0 reads the
+    jobs and the manifest and hands the list of jobs still to render to the other ranks."""
+    import torch.distributed as dist
+
+    from unison.engine.worker import Worker
+    from unison.parallel.failure import FailureWatch
+
+    env = env or DistEnv.detect()
+    plan = plan_run(config, world_size=env.world_size)
+    timeout_s = plan.config.parallel.timeout_s
+    if env.world_size == 1:
+        batch = prepare(jobs, out, base=config, world_size=1)
+    else:
+        env.init(timeout_s=timeout_s)
+        payload: list = [None]
+        if env.rank == 0:
+            try:
+                payload = [prepare(jobs, out, base=config, world_size=env.world_size)]
+            except UserError as err:
+                payload = [str(err)]
+        dist.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], str):
+            raise UserError(payload[0])
+        batch = payload[0]
+    ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress) if env.rank == 0 else None
+    try:
+        if batch.todo:  # a finished batch loads nothing
+            with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+                run_local(ledger, batch.todo, worker=Worker(plan))
+    finally:
+        if ledger is not None:
+            ledger.close()
+    if ledger is None:
+        return 0
+    print(ledger.summary())
+    return _exit_code(ledger)
+
+
+def _ray_run(config: RunConfig, batch: Batch, ledger: Ledger, *, address: str, engines: int | None,
+             ranks: int, progress: bool) -> None:
+    from unison.launch.ray_batch import RayBatch, connect, options_for_cluster
+
+    connect(address, ranks=(engines or 1) * ranks)
+    options = options_for_cluster(engines=engines, ranks_per_engine=ranks)
+    RayBatch(config, options, progress=progress).run(batch.todo, ledger)
+
+
+def _ranks(config: RunConfig, ranks_per_engine: int | None) -> int:
+    p = config.parallel
+    ranks = ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch
+    plan_run(config, world_size=ranks)  # degrees must multiply to the engine's ranks
+    return ranks
+
+
+def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engines: int | None,
+                 ranks_per_engine: int | None, max_retries: int, progress: bool) -> int:
+    ranks = _ranks(config, ranks_per_engine)
+    batch = prepare(jobs, out, base=config, world_size=ranks)
+    ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress)
+    try:
+        _ray_run(config, batch, ledger, address=address, engines=engines, ranks=ranks, progress=progress)
+    finally:
+        ledger.close()
+    print(ledger.summary())
+    return _exit_code(ledger)
+
+
+def generate_on_ray(config: RunConfig, *, address: str, ranks_per_engine: int | None, dry_run: bool) -> int:
+    """One video on one Ray engine: a batch of one through the same driver (no manifest)."""
+    ranks = _ranks(config, ranks_per_engine)
+    plan = plan_run(config, world_size=ranks)
+    if dry_run:
+        print("\n".join(plan.describe()) + f"\nray        1 engine x {ranks} ranks at {address}")
+        return 0
+    job = Job(id=Path(plan.config.output.path).stem, line=0, config=plan.config)
+    batch = Batch(todo=[job], attempts={}, skipped=0, total=1, problems=[])
+    ledger = Ledger(None, batch, max_retries=0, progress=plan.config.output.progress)
+    try:
+        _ray_run(config, batch, ledger, address=address, engines=1, ranks=ranks,
+                 progress=plan.config.output.progress)
+    finally:
+        ledger.close()
+    print(ledger.summary() + f"\nwrote     {plan.config.output.path}")
+    return _exit_code(ledger)
