@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from unison.engine.build import Plan, plan_run
 from unison.engine.config import RunConfig
@@ -57,13 +58,19 @@ class Worker:
         with self._lock:
             self._progress = progress
 
-    def run(self, job: Job) -> Outcome:
+    def run(self, job: Job, *, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+        """Render `job`; `on_progress` is also told every step (the local driver's bar)."""
         started = time.perf_counter()
         steps = job.config.sampling.steps
+
+        def step(record) -> None:
+            self._set(Progress(job.id, record.index + 1, steps))
+            if on_progress is not None:
+                on_progress(self.progress())
+
         self._set(Progress(job=job.id, step=0, steps=steps))
         try:
-            result = self.engine.render(job.config, progress=False,
-                                        on_step=lambda r: self._set(Progress(job.id, r.index + 1, steps)))
+            result = self.engine.render(job.config, progress=False, on_step=step)
         finally:
             self._set(Progress(job=None, step=0, steps=0))
         times = [r.seconds for r in result.loop.steps]

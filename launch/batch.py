@@ -103,6 +103,10 @@ class Ledger:
             log.warning("job %s failed after %d attempts: %s", job.id, number, error)
         return again
 
+    def show(self, progress) -> None:
+        """The current job and step, beside the batch bar."""
+        self.bar.set_postfix_str(f"{progress.job} step {progress.step}/{progress.steps}", refresh=True)
+
     def _append(self, record: Record) -> None:
         if self.manifest is not None:
             self.manifest.append(record)
@@ -132,7 +136,7 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
         while True:
             started = time.perf_counter()
             try:
-                outcome = worker.run(job)
+                outcome = worker.run(job, on_progress=ledger.show if ledger is not None else None)
             except Exception as err:
                 if ledger is None:
                     raise
