@@ -322,3 +322,23 @@ def test_slurm_environment_parses_into_ranks_and_address():
     from unison.launch.ray_batch import rank_order
 
     assert rank_order(["b", "a", "b", "a"]) == [0, 2, 1, 3]  # consecutive ranks share a node
+
+
+def test_ray_interrupt_stops_every_engine_and_the_batch_resumes(ray_local, single, tmp_path):
+    jobs, reference = single
+
+    def interrupt(slot, job):
+        if job.id == "j3":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _ray_batch(jobs, out, on_start=interrupt)
+    from ray.util import placement_group_table
+
+    assert {g["state"] for g in placement_group_table().values()} <= {"REMOVED"}  # every engine is down
+    finished = _done_ids(out)
+    assert "j3" not in finished and set(finished) <= {"j0", "j1", "j2", "j4", "j5"}
+    assert _batch(jobs, out) == 0  # resume in one process
+    assert _done_ids(out) == [f"j{i}" for i in range(6)] and len(_records(out)) == 6
+    _assert_same_videos(out, reference, ["j3"])
