@@ -170,7 +170,7 @@ def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group
                             blocks: list[torch.nn.Module], valid_tokens: Callable[[], int | None] = lambda: None,
                             stats=None) -> FirstBlockCache:
     """Apply First-Block Cache to `transformer`'s `blocks` (in execution order). `group`: the
-    ranks that share the blocks' collectives (the sequence-parallel group; with joint_cfg under
-    CFG parallelism, both halves' sequence-parallel ranks), over which the decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
+    ranks that share the blocks' collectives (the sequence- or patch-parallel group; with joint_cfg
+    under CFG parallelism, both halves' ranks), over which the decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
     return FirstBlockCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
                            agreement=Agreement(group=group, stats=stats, verify=config.verify))

@@ -172,6 +172,11 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
     parallel_dims(p, world_size=world_size)
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
+    if p.patch_warmup_steps < 0:
+        raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
+    if p.patch > 1 and (p.ulysses > 1 or p.ring > 1):
+        raise UserError(f"patch parallelism combines with cfg parallel only: set ulysses and ring to 1 "
+                        f"(got patch {p.patch}, ulysses {p.ulysses}, ring {p.ring})")
 
 
 def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
@@ -224,6 +229,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
     _check_cfg_parallel(config.parallel, spec, sampling)
+    if config.parallel.patch > 1 and not spec.displaced_patches:
+        raise UserError(f"patch parallelism is not supported for {spec.title} yet (Wan families only)")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     check_cache(config.cache)

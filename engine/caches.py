@@ -1,9 +1,10 @@
 """Applying the configured step cache to a loaded pipeline (one cache per expert transformer).
 
-The cache decides over the sequence-parallel group: the ranks that share the transformer
-blocks' collectives. CFG-parallel halves run different branches (cache contexts), so each half
+The cache decides over the ranks that share the transformer blocks' collectives (sequence- or
+patch-parallel). CFG-parallel halves run different branches (cache contexts), so each half
 decides for its own branch, exactly as one rank decides per branch; with fbcache's joint_cfg the
-conditional branch decides for both, agreed over both halves (the cfg_sp group).
+conditional branch decides for both, agreed over both halves (the cfg_tokens group). Under patch
+parallelism the deciding group is the patch group (`tokens`: every rank splitting the tokens).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     if config is None:
         return {}
     joint = cache.kind == "fbcache" and cache.joint_cfg and runtime is not None and runtime.dims.cfg > 1
-    group = runtime.groups.get("cfg_sp" if joint else "sp") if runtime is not None else None
+    group = runtime.groups.get("cfg_tokens" if joint else "tokens") if runtime is not None else None
     stats = runtime.stats if runtime is not None else None
     applied = {}
     for name in spec.experts:

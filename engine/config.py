@@ -70,7 +70,11 @@ class ParallelConfig:
     cfg: int = 1
     """CFG-parallel degree: 1, or 2 to run the cond and uncond branches on two halves of the ranks."""
     patch: int = 1
-    """Patch-parallel degree (displaced patches / PipeFusion)."""
+    """Displaced patch-parallel degree: each rank computes a contiguous range of the tokens and
+    attends to the other ranks' K/V from the previous step (Wan; combines with cfg)."""
+    patch_warmup_steps: int = 4
+    """Patch parallel: the first steps exchange K/V synchronously and are exact (DistriFusion's
+    default warm-up); later steps use one-step-stale K/V from the other patches."""
     timeout_s: float = 300.0
     """Timeout of every process group, in seconds: a stuck collective fails instead of hanging."""
 

@@ -74,6 +74,8 @@ def denoise(
     caches = caches or {}
     for cache in caches.values():
         cache.reset()
+    if runtime is not None:
+        runtime.begin_video()
     started = time.perf_counter()
     conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
@@ -99,10 +101,14 @@ def denoise(
             def predict(context: str, branch: dict) -> torch.Tensor:
                 if cache is not None:
                     cache.set_context(context)
+                if runtime is not None:
+                    runtime.set_branch(context)
                 return model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
 
             if cache is not None:
                 cache.begin_step(i, float(t))
+            if runtime is not None:
+                runtime.begin_step(i)
             if cfg_group is not None:
                 mine = predict("cond", conditioning.cond) if cfg_index == 0 else predict("uncond", conditioning.uncond)
                 both = all_gather(mine.unsqueeze(0), dim=0, group=cfg_group, stats=runtime.stats)

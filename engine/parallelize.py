@@ -1,6 +1,7 @@
 """Apply parallelism to a loaded pipeline, in a fixed order.
 
-1. sequence parallelism (Ulysses / Ring / USP) on every expert transformer;
+1. sequence parallelism (Ulysses / Ring / USP) on every expert transformer, or displaced patch
+   parallelism (the same split and gather, self-attention over stale K/V; parallel/patch.py);
 2. CFG parallelism is not a transformation of the model: the loop runs one branch per half of
    the cfg axis and exchanges the predictions once per step.
 """
@@ -18,6 +19,7 @@ from unison.errors import UserError
 from unison.parallel.attention import AttentionGroups
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
+from unison.parallel.patch import DisplacedKV
 from unison.parallel.sequence import Handle, SequenceShard, apply_sequence_parallel
 
 log = logging.getLogger("unison")
@@ -31,7 +33,35 @@ class Runtime:
     groups: Groups
     stats: CommStats = field(default_factory=CommStats)
     shards: dict[str, SequenceShard] = field(default_factory=dict)
-    """Each expert transformer's sequence shard (empty without sequence parallelism)."""
+    """Each expert transformer's sequence shard (empty without sequence or patch parallelism)."""
+
+    def begin_video(self) -> None:
+        for shard in self.shards.values():
+            if shard.displaced is not None:
+                shard.displaced.reset()
+
+    def begin_step(self, index: int) -> None:
+        for shard in self.shards.values():
+            if shard.displaced is not None:
+                shard.displaced.begin_step(index)
+
+    def set_branch(self, branch: str) -> None:
+        """The guidance branch about to run: displaced K/V are kept per branch."""
+        for shard in self.shards.values():
+            if shard.displaced is not None:
+                shard.displaced.branch = branch
+
+    def describe(self, transformers: dict) -> list[str]:
+        """Per-rank memory of patch parallelism: weights held and stale K/V buffers."""
+        lines = []
+        for name, shard in self.shards.items():
+            if shard.displaced is None:
+                continue
+            weights = sum(p.numel() * p.element_size() for p in transformers[name].parameters())
+            lines.append(f"{name}: weights {weights / 2**20:.2f} MiB per rank, stale K/V buffers "
+                         f"{shard.displaced.held_bytes() / 2**20:.2f} MiB per rank "
+                         f"(warm-up {shard.displaced.warmup_steps} steps)")
+        return lines
 
     @property
     def rank(self) -> int:
@@ -44,11 +74,21 @@ class Runtime:
         return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s))
 
 
-def parallelize(pipe, spec: ModelSpec, runtime: Runtime) -> list[Handle]:
+def parallelize(pipe, spec: ModelSpec, runtime: Runtime, *, warmup_steps: int = 4) -> list[Handle]:
+    """Apply sequence or patch parallelism to every expert; `warmup_steps`: patch parallelism's
+    synchronous (exact) first steps."""
     dims, groups = runtime.dims, runtime.groups
-    if dims.patch > 1:
-        raise UserError("patch parallelism is not in this build yet (parallel.patch must be 1)")
     handles = []
+    if dims.patch > 1:
+        if not spec.displaced_patches:
+            raise UserError(f"patch parallelism is not supported for {spec.title} yet")
+        for name in spec.experts:
+            shard = SequenceShard(attention=AttentionGroups(stats=runtime.stats), group=groups.get("patch"),
+                                  size=dims.patch, index=groups.index("patch"), stats=runtime.stats)
+            shard.displaced = DisplacedKV(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
+                                          warmup_steps=warmup_steps, stats=runtime.stats)
+            handles.append(apply_sequence_parallel(getattr(pipe, name), spec.sequence_parallel_plan, shard))
+            runtime.shards[name] = shard
     if dims.sp > 1:
         attention = AttentionGroups(ulysses=groups.get("ulysses"), ulysses_size=dims.ulysses,
                                     ring=groups.get("ring"), ring_size=dims.ring,
@@ -61,6 +101,6 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime) -> list[Handle]:
             handles.append(apply_sequence_parallel(transformer, spec.sequence_parallel_plan, shard))
             runtime.shards[name] = shard
     if runtime.rank == 0:
-        log.info("%s on %d ranks", " x ".join(f"{a} {getattr(dims, a)}" for a in ("ulysses", "ring", "cfg")
+        log.info("%s on %d ranks", " x ".join(f"{a} {getattr(dims, a)}" for a in ("ulysses", "ring", "patch", "cfg")
                                              if getattr(dims, a) > 1) or "one rank", dims.world_size)
     return handles

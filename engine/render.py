@@ -42,6 +42,8 @@ class RenderResult:
     """The step cache's summary (empty without a cache)."""
     cache_decisions: dict[str, list[tuple]] = field(default_factory=dict)
     """Per expert: every cache decision (step, context, what, computed), in order."""
+    parallel_lines: list[str] = field(default_factory=list)
+    """Patch parallelism's per-rank memory (weights, stale K/V buffers); empty otherwise."""
 
     def summary(self) -> str:
         steps = [r.seconds for r in self.loop.steps]
@@ -55,6 +57,7 @@ class RenderResult:
             f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
         ]
         lines += [f"cache     {line}" for line in self.cache_lines]
+        lines += [f"patch     {line}" for line in self.parallel_lines]
         if self.comm_bytes_per_step:
             lines.append("comm      " + ", ".join(f"{k} {v / 2**20:.3f} MiB/step"
                                                   for k, v in sorted(self.comm_bytes_per_step.items())))
@@ -93,7 +96,8 @@ class Engine:
             from unison.engine.parallelize import Runtime, parallelize
 
             self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size)
-            self.handles = parallelize(self.pipe, plan.spec, self.runtime)
+            self.handles = parallelize(self.pipe, plan.spec, self.runtime,
+                                       warmup_steps=plan.config.parallel.patch_warmup_steps)
         self.load_seconds = time.perf_counter() - started
 
     @property
@@ -148,7 +152,9 @@ class Engine:
                             config_path=config_path, latents_path=latents_path, seconds=seconds,
                             peak_memory_bytes=peak, peak_memory_kind=kind, comm_bytes_per_step=comm,
                             comm_calls=calls, cache_lines=describe_caches(self.caches),
-                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()})
+                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()},
+                            parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
+                            if self.runtime is not None else [])
 
     def _use_cache(self, cache) -> None:
         """Apply the render's cache config, replacing a different one from an earlier render."""

@@ -86,7 +86,11 @@ class ParallelDims:
 
 
 GROUP_AXES = {"ulysses": ("ulysses",), "ring": ("ring",), "sp": ("ring", "ulysses"), "cfg": ("cfg",),
-              "patch": ("patch",), "cfg_sp": ("cfg", "ring", "ulysses")}
+              "patch": ("patch",), "tokens": ("patch", "ring", "ulysses"),
+              "cfg_tokens": ("cfg", "patch", "ring", "ulysses")}
+"""sp: the ranks that split one branch's tokens for exact attention; tokens: all ranks that split
+one branch's tokens (sp or patch), which share the transformer blocks' collectives; cfg_tokens:
+both branches' token ranks (the whole engine)."""
 
 
 @dataclass

@@ -29,6 +29,9 @@ class SequenceShard:
     """Unpadded sequence length of the current forward (set when the sequence is split)."""
     cache: dict = field(default_factory=dict)
     """Per-forward split tensors that every block needs (rotary tables, per-token modulation)."""
+    displaced: object | None = None
+    """Patch parallelism: the DisplacedKV self-attention exchanges stale K/V through (None under
+    exact sequence parallelism)."""
 
     def split(self, x: torch.Tensor, *, dim: int = 1, record: bool = False) -> torch.Tensor:
         length = x.shape[dim]

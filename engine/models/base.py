@@ -85,6 +85,8 @@ class ModelSpec:
     Broadcast reuses (joint video+text attention counts as self)."""
     sequence_parallel_plan: Callable[..., None] | None = None
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
+    displaced_patches: bool = False
+    """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
     notes: tuple[str, ...] = field(default=())
     """What is supported and what is not, for `--dry-run` and the README."""
 

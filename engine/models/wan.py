@@ -152,7 +152,8 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         build_tiny=lambda seed: _tiny_pipeline(seed, variant=family),
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
-        sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules, notes=notes,
+        sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, attention_modules=_attention_modules,
+        notes=notes,
     )
 
 

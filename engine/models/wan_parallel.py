@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from unison.parallel.attention import parallel_attention
+from unison.parallel.patch import displaced_attention
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
@@ -25,7 +26,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class WanSelfAttention:
-    """Processor for a Wan block's attn1 whose attention runs across the sequence-parallel group."""
+    """Processor for a Wan block's attn1 whose attention runs across the sequence-parallel group
+    (exact), or over this patch's fresh and the other patches' stale K/V (patch parallelism)."""
 
     def __init__(self, shard: SequenceShard):
         self.shard = shard
@@ -39,7 +41,10 @@ class WanSelfAttention:
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
         if rotary_emb is not None:
             q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        out = parallel_attention(q, k, v, groups=self.shard.attention, valid_len=self.shard.valid_len)
+        if self.shard.displaced is not None:
+            out = displaced_attention(q, k, v, kv=self.shard.displaced, key=id(attn), valid_len=self.shard.valid_len)
+        else:
+            out = parallel_attention(q, k, v, groups=self.shard.attention, valid_len=self.shard.valid_len)
         out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
