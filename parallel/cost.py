@@ -8,6 +8,9 @@ engine's own counters on tiny models; benchmarks/comm_bytes.py tabulates it at r
   heads of the text output (HunyuanVideo).
 - Ring, per attention: R-1 passes of this rank's K and V chunk (U·s tokens x hidden/U).
 - Per forward: the final all-gather of this rank's s-token output shard to the sp-1 others.
+- Patch parallel (displaced), per attention: an all-gather of this rank's K and V chunk (P-1
+  copies of s tokens x hidden each), synchronous in warm-up steps, asynchronous (overlapping
+  the next step's compute) after; per forward the same final all-gather as above.
 - CFG parallel, per step: one all-gather of this rank's noise prediction.
 Text for Wan's cross-attention is replicated and costs nothing.
 """
@@ -39,14 +42,18 @@ class TransformerShape:
 
 
 def bytes_per_step(shape: TransformerShape, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, branches: int = 1,
-                   element_bytes: int = 2) -> dict[str, int]:
+                   patch: int = 1, displaced: bool = False, element_bytes: int = 2) -> dict[str, int]:
     """Bytes one rank sends per step, by collective kind. `branches`: guidance branches per step
-    (2 with classifier-free guidance); each rank runs branches / cfg forwards per step."""
-    sp = ulysses * ring
+    (2 with classifier-free guidance); each rank runs branches / cfg forwards per step.
+    `displaced`: a patch-parallel step after warm-up (its K/V exchange is asynchronous)."""
+    sp = ulysses * ring * patch
     shard = -(-shape.video_tokens // sp)
     shard_bytes = shard * shape.hidden * element_bytes
     forwards = branches // cfg
-    sent = {"all_to_all": 0, "ring_p2p": 0, "all_gather": 0}
+    sent = {"all_to_all": 0, "ring_p2p": 0, "all_gather": 0, "all_gather_async": 0}
+    if patch > 1:
+        sent["all_gather_async" if displaced else "all_gather"] += \
+            forwards * shape.attentions * 2 * shard_bytes * (patch - 1)
     if ulysses > 1:
         sent["all_to_all"] = forwards * shape.attentions * 4 * (shard_bytes * (ulysses - 1) // ulysses)
         text_heads = shape.joint_text_tokens * (shape.hidden // ulysses) * element_bytes

@@ -11,6 +11,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 TIMEOUT_S = 60
 
@@ -44,7 +45,7 @@ def run_ranks(world: int, fn, *args) -> list:
         try:
             mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
                                join=True, start_method="spawn")
-        except mp.ProcessException as err:
+        except ProcessException as err:
             # Every rank's own traceback, not only the first one to fail: a rank that died of a
             # lost peer hides the rank that caused it.
             reports = [f"--- rank {r} ---\n" + open(path).read() for r in range(world)

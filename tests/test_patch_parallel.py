@@ -32,6 +32,11 @@ def _patch(height: int, warmup: int, *, family: str = "wan", cache: CacheConfig 
     return dataclasses.replace(config, cache=cache)
 
 
+def _bytes_per_step(rank, world, config):
+    result = Engine.from_config(config, world_size=world).render()
+    return result.latents, result.comm_bytes_per_step
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -117,3 +122,20 @@ def test_patch_bad_layouts(family, layout, message):
     config = _config(family, 48, ParallelConfig(**layout))
     with pytest.raises(UserError, match=message):
         plan_run(config, world_size=world)
+
+
+def test_exchange_bytes_match_the_analytic_count():
+    """The engine's byte counters for patch 2 equal parallel/cost.py's count: all synchronous
+    under a full warm-up, and K/V asynchronous on displaced steps (float32 tiny Wan)."""
+    from test_parallel_engine import _tiny_shape
+    from unison.parallel.cost import bytes_per_step
+
+    latents, counted = run_ranks(2, _bytes_per_step, _patch(48, STEPS))[0]
+    shape = _tiny_shape("wan", latents)
+    assert counted == bytes_per_step(shape, patch=2, branches=BRANCHES, element_bytes=4)
+    _, counted = run_ranks(2, _bytes_per_step, _patch(48, 1))[0]
+    sync, displaced = (bytes_per_step(shape, patch=2, branches=BRANCHES, displaced=d, element_bytes=4)
+                       for d in (False, True))
+    expected = {kind: (sync.get(kind, 0) + (STEPS - 1) * displaced.get(kind, 0)) / STEPS
+                for kind in set(sync) | set(displaced)}
+    assert counted == pytest.approx(expected)
