@@ -174,6 +174,8 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
         raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
     if p.patch_warmup_steps < 0:
         raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
+    if p.pipefusion_patches is not None and p.pipefusion_patches < 1:
+        raise UserError(f"parallel.pipefusion_patches must be at least 1 (or null), got {p.pipefusion_patches}")
     if p.patch > 1 and (p.ulysses > 1 or p.ring > 1):
         raise UserError(f"patch parallelism combines with cfg parallel only: set ulysses and ring to 1 "
                         f"(got patch {p.patch}, ulysses {p.ulysses}, ring {p.ring})")
@@ -231,6 +233,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     _check_cfg_parallel(config.parallel, spec, sampling)
     if config.parallel.patch > 1 and not spec.displaced_patches:
         raise UserError(f"patch parallelism is not supported for {spec.title} yet (Wan families only)")
+    if config.parallel.patch > 1 and config.parallel.patch_mode == "pipefusion" and config.cache.kind != "none":
+        raise UserError("caches under PipeFusion are not supported yet: use parallel.patch_mode=displaced "
+                        "or cache.kind=none")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     check_cache(config.cache)

@@ -75,6 +75,13 @@ class ParallelConfig:
     patch_warmup_steps: int = 4
     """Patch parallel: the first steps exchange K/V synchronously and are exact (DistriFusion's
     default warm-up); later steps use one-step-stale K/V from the other patches."""
+    patch_mode: Literal["displaced", "pipefusion"] = "displaced"
+    """displaced: every rank holds every block and computes its patch of tokens; pipefusion: the
+    blocks split into `patch` stages (about 1/N of the block weights per rank) and the tokens
+    stream through them in patches."""
+    pipefusion_patches: int | None = None
+    """PipeFusion: patches per step after warm-up (null: the patch degree). More patches, smaller
+    pipeline bubbles, smaller matmuls."""
     timeout_s: float = 300.0
     """Timeout of every process group, in seconds: a stuck collective fails instead of hanging."""
 
@@ -124,6 +131,9 @@ class OutputConfig:
     """Decode and write the video. False stops after the latents (useful with save_latents)."""
     vae_tiling: bool = False
     """Decode with the VAE's own spatial tiling (lower peak memory at 720p)."""
+    parallel_decode: bool = True
+    """When the engine has more than one rank, all ranks decode the VAE's tiles in parallel and
+    rank 0 blends them (parallel/vae.py); implies tiling. False: rank 0 decodes alone."""
     progress: bool = True
     """Show a progress bar per step (rank 0 only)."""
 

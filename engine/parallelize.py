@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from unison.engine.build import parallel_dims
+from unison.engine.config import ParallelConfig
 from unison.engine.models import ModelSpec
 from unison.errors import UserError
 from unison.parallel.attention import AttentionGroups
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
 from unison.parallel.patch import DisplacedKV
+from unison.parallel.pipefusion import PipeStage
 from unison.parallel.sequence import Handle, SequenceShard, apply_sequence_parallel
 
 log = logging.getLogger("unison")
@@ -33,34 +35,31 @@ class Runtime:
     groups: Groups
     stats: CommStats = field(default_factory=CommStats)
     shards: dict[str, SequenceShard] = field(default_factory=dict)
-    """Each expert transformer's sequence shard (empty without sequence or patch parallelism)."""
+    """Each expert transformer's sequence shard (empty without sequence or displaced patch parallelism)."""
+    stale: dict[str, DisplacedKV | PipeStage] = field(default_factory=dict)
+    """Patch parallelism's per-expert state (stale K/V, steps, branch)."""
 
     def begin_video(self) -> None:
-        for shard in self.shards.values():
-            if shard.displaced is not None:
-                shard.displaced.reset()
+        for state in self.stale.values():
+            state.reset()
 
     def begin_step(self, index: int) -> None:
-        for shard in self.shards.values():
-            if shard.displaced is not None:
-                shard.displaced.begin_step(index)
+        for state in self.stale.values():
+            state.begin_step(index)
 
     def set_branch(self, branch: str) -> None:
-        """The guidance branch about to run: displaced K/V are kept per branch."""
-        for shard in self.shards.values():
-            if shard.displaced is not None:
-                shard.displaced.branch = branch
+        """The guidance branch about to run: stale K/V are kept per branch."""
+        for state in self.stale.values():
+            state.branch = branch
 
     def describe(self, transformers: dict) -> list[str]:
         """Per-rank memory of patch parallelism: weights held and stale K/V buffers."""
         lines = []
-        for name, shard in self.shards.items():
-            if shard.displaced is None:
-                continue
+        for name, state in self.stale.items():
             weights = sum(p.numel() * p.element_size() for p in transformers[name].parameters())
-            lines.append(f"{name}: weights {weights / 2**20:.2f} MiB per rank, stale K/V buffers "
-                         f"{shard.displaced.held_bytes() / 2**20:.2f} MiB per rank "
-                         f"(warm-up {shard.displaced.warmup_steps} steps)")
+            mode = "PipeFusion stage" if isinstance(state, PipeStage) else "displaced patches"
+            lines.append(f"{name}: {mode}, weights {weights / 2**20:.2f} MiB per rank, stale K/V buffers "
+                         f"{state.held_bytes() / 2**20:.2f} MiB per rank (warm-up {state.warmup_steps} steps)")
         return lines
 
     @property
@@ -74,12 +73,21 @@ class Runtime:
         return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s))
 
 
-def parallelize(pipe, spec: ModelSpec, runtime: Runtime, *, warmup_steps: int = 4) -> list[Handle]:
-    """Apply sequence or patch parallelism to every expert; `warmup_steps`: patch parallelism's
-    synchronous (exact) first steps."""
+def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfig) -> list[Handle]:
+    """Apply sequence or patch parallelism (displaced or PipeFusion) to every expert."""
     dims, groups = runtime.dims, runtime.groups
+    warmup_steps = parallel.patch_warmup_steps
     handles = []
-    if dims.patch > 1:
+    if dims.patch > 1 and parallel.patch_mode == "pipefusion":
+        if spec.pipefusion_plan is None:
+            raise UserError(f"PipeFusion is not supported for {spec.title} yet")
+        for name in spec.experts:
+            stage = PipeStage(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
+                              warmup_steps=warmup_steps, patches=parallel.pipefusion_patches or dims.patch,
+                              stats=runtime.stats)
+            spec.pipefusion_plan(getattr(pipe, name), stage)
+            runtime.stale[name] = stage
+    elif dims.patch > 1:
         if not spec.displaced_patches:
             raise UserError(f"patch parallelism is not supported for {spec.title} yet")
         for name in spec.experts:
@@ -89,6 +97,7 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, *, warmup_steps: int = 
                                           warmup_steps=warmup_steps, stats=runtime.stats)
             handles.append(apply_sequence_parallel(getattr(pipe, name), spec.sequence_parallel_plan, shard))
             runtime.shards[name] = shard
+            runtime.stale[name] = shard.displaced
     if dims.sp > 1:
         attention = AttentionGroups(ulysses=groups.get("ulysses"), ulysses_size=dims.ulysses,
                                     ring=groups.get("ring"), ring_size=dims.ring,

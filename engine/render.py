@@ -96,8 +96,7 @@ class Engine:
             from unison.engine.parallelize import Runtime, parallelize
 
             self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size)
-            self.handles = parallelize(self.pipe, plan.spec, self.runtime,
-                                       warmup_steps=plan.config.parallel.patch_warmup_steps)
+            self.handles = parallelize(self.pipe, plan.spec, self.runtime, plan.config.parallel)
         self.load_seconds = time.perf_counter() - started
 
     @property
@@ -132,10 +131,13 @@ class Engine:
         if cfg.output.save_latents and self.is_writer:
             latents_path = Path(cfg.output.save_latents)
             save_tensor(latents_path, loop.latents)
-        if cfg.output.decode and self.is_writer:
+        # Parallel decode is collective: every rank decodes its tiles, rank 0 gets the frames.
+        parallel_decode = self.runtime is not None and cfg.output.parallel_decode
+        if cfg.output.decode and (self.is_writer or parallel_decode):
             t0 = time.perf_counter()
-            frames = self.decode(loop.latents)
+            frames = self.decode(loop.latents, output=cfg.output)
             seconds["decode"] = time.perf_counter() - t0
+        if cfg.output.decode and self.is_writer:
             t0 = time.perf_counter()
             video_path = Path(cfg.output.path)
             write_mp4(video_path, frames, fps=cfg.output.fps)
@@ -165,13 +167,31 @@ class Engine:
         self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime)
         self.cache_config = cache
 
-    def decode(self, latents: torch.Tensor):
-        """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch."""
-        pipe = self.pipe
-        if self.plan.config.output.vae_tiling:
-            pipe.vae.enable_tiling()
-        with torch.no_grad():
-            video = self.plan.spec.decode(pipe, latents)
+    def decode(self, latents: torch.Tensor, *, output=None):
+        """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch.
+
+        `output` (default: the engine's) says how. With more than one rank and
+        `output.parallel_decode`, this is collective: every rank must call it, each decodes its
+        share of the VAE's tiles, and rank 0 gets the frames (the others None)."""
+        pipe, output = self.pipe, output or self.plan.config.output
+        if self.runtime is not None and output.parallel_decode:
+            from types import SimpleNamespace
+
+            from unison.parallel.vae import ParallelVAE
+
+            # The whole engine's group: every rank takes part, whatever the denoising layout. The
+            # family's decode reads only pipe.vae, so its latent scaling runs unchanged. No byte
+            # counts: the runtime's counters are reported per denoising step.
+            vae = ParallelVAE(pipe.vae, group=self.runtime.groups.get("cfg_tokens"))
+            with torch.no_grad():
+                video = self.plan.spec.decode(SimpleNamespace(vae=vae), latents)
+            if video is None:
+                return None
+        else:
+            if output.vae_tiling:
+                pipe.vae.enable_tiling()
+            with torch.no_grad():
+                video = self.plan.spec.decode(pipe, latents)
         frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
         return to_uint8_frames(frames)
 

@@ -63,7 +63,7 @@ class DistEnv:
 
     @classmethod
     def detect(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
-        if "RANK" in environ and "WORLD_SIZE" in environ:
+        if "WORLD_SIZE" in environ:
             return cls.from_torchrun(environ)
         if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
             return cls.from_slurm(environ)

@@ -87,6 +87,8 @@ class ModelSpec:
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     displaced_patches: bool = False
     """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
+    pipefusion_plan: Callable[..., Any] | None = None
+    """(transformer, PipeStage) -> keeps the stage's blocks behind a StageRunner (None: no PipeFusion)."""
     notes: tuple[str, ...] = field(default=())
     """What is supported and what is not, for `--dry-run` and the README."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from unison.errors import UserError
-from unison.engine.models.wan_parallel import sequence_parallel_plan
+from unison.engine.models.wan_parallel import pipefusion_plan, sequence_parallel_plan
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
@@ -152,7 +152,8 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         build_tiny=lambda seed: _tiny_pipeline(seed, variant=family),
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
-        sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, attention_modules=_attention_modules,
+        sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
+        attention_modules=_attention_modules,
         notes=notes,
     )
 

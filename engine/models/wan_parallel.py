@@ -12,6 +12,7 @@ import torch
 
 from unison.parallel.attention import parallel_attention
 from unison.parallel.patch import displaced_attention
+from unison.parallel.pipefusion import PipeStage, apply_pipefusion
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
@@ -25,6 +26,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
+def _qkv(attn, hidden_states, rotary_emb):
+    """Projections, q/k norms and RoPE, as Wan's own processor computes them."""
+    if attn.fused_projections:
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+    if rotary_emb is not None:
+        q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+    return q, k, v
+
+
 class WanSelfAttention:
     """Processor for a Wan block's attn1 whose attention runs across the sequence-parallel group
     (exact), or over this patch's fresh and the other patches' stale K/V (patch parallelism)."""
@@ -33,14 +47,7 @@ class WanSelfAttention:
         self.shard = shard
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if attn.fused_projections:
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-        if rotary_emb is not None:
-            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        q, k, v = _qkv(attn, hidden_states, rotary_emb)
         if self.shard.displaced is not None:
             out = displaced_attention(q, k, v, kv=self.shard.displaced, key=id(attn), valid_len=self.shard.valid_len)
         else:
@@ -70,3 +77,33 @@ def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) ->
 
     install_split_gather(handle, blocks, split=split_inputs, reuse=reuse_inputs, gather=gather_output,
                          attention="attn1", processor=WanSelfAttention(shard))
+
+
+class WanStageAttention:
+    """Processor for attn1 of a PipeFusion stage's blocks: the current patch's queries against
+    the layer's full-sequence K/V buffer (this patch fresh, the rest as the stage last saw it)."""
+
+    def __init__(self, stage: PipeStage):
+        self.stage = stage
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = _qkv(attn, hidden_states, rotary_emb)
+        out = self.stage.attend(id(attn), q, k, v).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _patch_args(rest: tuple, start: int, end: int) -> tuple:
+    """A block's other inputs for tokens [start, end): text whole, per-token modulation (TI2V-5B)
+    and the rotary tables sliced."""
+    text, modulation, rope = rest
+    if modulation.ndim == 4:
+        modulation = modulation[:, start:end]
+    return text, modulation, tuple(t[:, start:end] for t in rope)
+
+
+def pipefusion_plan(transformer, stage: PipeStage):
+    def install(blocks, stage):
+        for block in blocks:
+            block.attn1.set_processor(WanStageAttention(stage))
+
+    return apply_pipefusion(transformer, attr="blocks", stage=stage, slice_args=_patch_args, install_attention=install)
