@@ -11,6 +11,9 @@ engine's own counters on tiny models; benchmarks/comm_bytes.py tabulates it at r
 - Patch parallel (displaced), per attention: an all-gather of this rank's K and V chunk (P-1
   copies of s tokens x hidden each), synchronous in warm-up steps, asynchronous (overlapping
   the next step's compute) after; per forward the same final all-gather as above.
+- PipeFusion, per forward: every stage but the last sends the whole sequence's hidden states on
+  to the next stage (in patches), and the last stage broadcasts the output to the P-1 others
+  (`pipefusion_bytes_per_step`: the busiest rank, which is the last stage for P > 2).
 - CFG parallel, per step: one all-gather of this rank's noise prediction.
 Text for Wan's cross-attention is replicated and costs nothing.
 """
@@ -65,3 +68,12 @@ def bytes_per_step(shape: TransformerShape, *, ulysses: int = 1, ring: int = 1, 
     if cfg > 1:
         sent["all_gather"] += shape.latent_elements * element_bytes * (cfg - 1)
     return {kind: n for kind, n in sent.items() if n}
+
+
+def pipefusion_bytes_per_step(shape: TransformerShape, *, stages: int, cfg: int = 1, branches: int = 1,
+                              element_bytes: int = 2) -> dict[str, dict[str, int]]:
+    """Bytes per step sent by a middle/first stage and by the last stage of a PipeFusion group."""
+    forwards = branches // cfg
+    hidden = shape.video_tokens * shape.hidden * element_bytes
+    return {"stage": {"p2p": forwards * hidden},
+            "last stage": {"broadcast": forwards * hidden * (stages - 1)}}

@@ -198,3 +198,12 @@ def test_pipefusion_bad_settings(layout, cache, message):
     config = dataclasses.replace(_config("wan", 48, ParallelConfig(**layout)), cache=cache)
     with pytest.raises(UserError, match=message):
         plan_run(config, world_size=2)
+
+
+def test_pipefusion_bytes_match_the_analytic_count():
+    from test_parallel_engine import _tiny_shape
+    from unison.parallel.cost import pipefusion_bytes_per_step
+
+    outs = run_ranks(2, _bytes_per_step, _pipefusion(48, 1, patches=3))
+    expected = pipefusion_bytes_per_step(_tiny_shape("wan", outs[0][0]), stages=2, branches=BRANCHES, element_bytes=4)
+    assert outs[0][1] == expected["stage"] and outs[1][1] == expected["last stage"]
