@@ -101,7 +101,7 @@ class Engine:
 
     @property
     def is_writer(self) -> bool:
-        """Rank 0 decodes and writes (VAE decode on one rank for now)."""
+        """Rank 0 writes (with output.parallel_decode every rank decodes tiles; rank 0 blends)."""
         return self.runtime is None or self.runtime.rank == 0
 
     @classmethod
