@@ -231,8 +231,11 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
     _check_cfg_parallel(config.parallel, spec, sampling)
-    if config.parallel.patch > 1 and not spec.displaced_patches:
-        raise UserError(f"patch parallelism is not supported for {spec.title} yet (Wan families only)")
+    p = config.parallel
+    if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
+                            else spec.displaced_patches):
+        raise UserError(f"patch parallelism is not supported for {spec.title} yet (Wan families only; "
+                        f"mode {p.patch_mode})")
     if config.parallel.patch > 1 and config.parallel.patch_mode == "pipefusion" and config.cache.kind != "none":
         raise UserError("caches under PipeFusion are not supported yet: use parallel.patch_mode=displaced "
                         "or cache.kind=none")

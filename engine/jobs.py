@@ -179,11 +179,7 @@ class Resume:
 def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
     """Which jobs remain: a job is finished when its last record is failed, or done with its video
     on disk (a video deleted by hand is rendered again)."""
-    last: dict[str, Record] = {}
-    attempts: dict[str, int] = {}
-    for record in manifest.records():
-        last[record.id] = record
-        attempts[record.id] = record.attempts
+    last = {record.id: record for record in manifest.records()}
     todo, finished = [], {}
     for job in jobs:
         record = last.get(job.id)
@@ -193,7 +189,7 @@ def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
         else:
             todo.append(job)
     return Resume(todo=todo, finished=finished,
-                  attempts={j.id: attempts[j.id] for j in todo if j.id in attempts and last[j.id].status == "retry"})
+                  attempts={j.id: last[j.id].attempts for j in todo if j.id in last and last[j.id].status == "retry"})
 
 
 def clean_partial_files(out_dir: str | Path) -> int:

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from unison.engine.build import parallel_dims
 from unison.engine.config import ParallelConfig
 from unison.engine.models import ModelSpec
-from unison.errors import UserError
 from unison.parallel.attention import AttentionGroups
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
@@ -78,9 +77,8 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
     dims, groups = runtime.dims, runtime.groups
     warmup_steps = parallel.patch_warmup_steps
     handles = []
+    # plan_run has checked that the family supports the patch mode.
     if dims.patch > 1 and parallel.patch_mode == "pipefusion":
-        if spec.pipefusion_plan is None:
-            raise UserError(f"PipeFusion is not supported for {spec.title} yet")
         for name in spec.experts:
             stage = PipeStage(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
                               warmup_steps=warmup_steps, patches=parallel.pipefusion_patches or dims.patch,
@@ -88,8 +86,6 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
             spec.pipefusion_plan(getattr(pipe, name), stage)
             runtime.stale[name] = stage
     elif dims.patch > 1:
-        if not spec.displaced_patches:
-            raise UserError(f"patch parallelism is not supported for {spec.title} yet")
         for name in spec.experts:
             shard = SequenceShard(attention=AttentionGroups(stats=runtime.stats), group=groups.get("patch"),
                                   size=dims.patch, index=groups.index("patch"), stats=runtime.stats)

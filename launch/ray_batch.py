@@ -220,18 +220,15 @@ class RayBatch:
     def _collect(self, slot: EngineSlot, queue: deque, ledger: Ledger) -> None:
         ready, _ = self.ray.wait(slot.refs, num_returns=len(slot.refs), timeout=0)
         error = None
-        for ref in ready:
-            try:
-                outcome = self.ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - a job error or a dead actor: both end the attempt
-                error = err
-                break
-            if ref is slot.refs[0]:
-                first = outcome
+        try:
+            self.ray.get(ready)
+        except Exception as err:  # noqa: BLE001 - a job error or a dead actor: both end the attempt
+            error = err
         if error is None and len(ready) < len(slot.refs):
             return  # still running
         job, seconds = slot.job, time.perf_counter() - slot.started
         if error is None:
+            first = self.ray.get(slot.refs[0])  # rank 0's outcome
             slot.job, slot.refs, slot.failures_in_row = None, [], 0
             ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds)
             return

@@ -69,16 +69,16 @@ def _ray_run(config: RunConfig, batch: Batch, ledger: Ledger, *, address: str, e
     RayBatch(config, options, progress=progress).run(batch.todo, ledger)
 
 
-def _ranks(config: RunConfig, ranks_per_engine: int | None) -> int:
+def _engine_plan(config: RunConfig, ranks_per_engine: int | None):
+    """One engine's plan; its world size is --ranks-per-engine or the product of the degrees
+    (which must multiply to it)."""
     p = config.parallel
-    ranks = ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch
-    plan_run(config, world_size=ranks)  # degrees must multiply to the engine's ranks
-    return ranks
+    return plan_run(config, world_size=ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch)
 
 
 def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engines: int | None,
                  ranks_per_engine: int | None, max_retries: int, progress: bool) -> int:
-    ranks = _ranks(config, ranks_per_engine)
+    ranks = _engine_plan(config, ranks_per_engine).world_size
     batch = prepare(jobs, out, base=config, world_size=ranks)
     ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress)
     try:
@@ -91,8 +91,8 @@ def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engine
 
 def generate_on_ray(config: RunConfig, *, address: str, ranks_per_engine: int | None, dry_run: bool) -> int:
     """One video on one Ray engine: a batch of one through the same driver (no manifest)."""
-    ranks = _ranks(config, ranks_per_engine)
-    plan = plan_run(config, world_size=ranks)
+    plan = _engine_plan(config, ranks_per_engine)
+    ranks = plan.world_size
     if dry_run:
         print("\n".join(plan.describe()) + f"\nray        1 engine x {ranks} ranks at {address}")
         return 0
