@@ -1,6 +1,7 @@
-"""Displaced patch parallelism: quality by warm-up steps (tiny Wan, CPU, gloo) and bytes per step
-against Ulysses at real shapes (shape arithmetic from unison.parallel.cost, which the tests check
-against the engine's counters).
+"""Patch parallelism (displaced, PipeFusion): quality by warm-up steps (tiny Wan and HunyuanVideo,
+CPU, gloo), bytes per step against Ulysses at real shapes (shape arithmetic from
+unison.parallel.cost, which the tests check against the engine's counters), and per-rank memory
+(weights and stale K/V buffers) at real shapes (models built on the meta device, no weights).
 
     python benchmarks/patch_parallel.py [--write benchmarks/results/DATE-patch-parallel.md]
 """
@@ -30,10 +31,13 @@ WARMUPS = (1, 2, 4, 8)
 LINKS = (("NVLink 450 GB/s", 450e9), ("PCIe 4.0 x16 ~25 GB/s", 25e9))
 
 
-def _config(parallel: ParallelConfig) -> RunConfig:
-    return RunConfig(model=ModelConfig(family="wan"),
+def _config(parallel: ParallelConfig, family: str = "wan") -> RunConfig:
+    hunyuan = family == "hunyuanvideo"  # true CFG too, so both families run two branches
+    return RunConfig(model=ModelConfig(family=family),
                      sampling=SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", height=64,
-                                             width=64, frames=9, steps=STEPS, guidance=4.0, max_sequence_length=16),
+                                             width=64, frames=9, steps=STEPS, guidance=4.0,
+                                             true_cfg_scale=3.0 if hunyuan else None,
+                                             max_sequence_length=128 if hunyuan else 16),
                      parallel=parallel, output=OutputConfig(decode=False, progress=False))
 
 
@@ -46,19 +50,75 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def quality() -> list[tuple[str, int, int, float, float]]:
-    engine = Engine.from_config(_config(ParallelConfig()))
-    exact = engine.render().latents
-    reference = engine.decode(exact)
+# (family, mode, patch, ulysses): the tiny Wan has 3 blocks, the tiny HunyuanVideo 4.
+LAYOUTS = [("wan", "displaced", 2, 1), ("wan", "displaced", 4, 1), ("wan", "displaced", 2, 2),
+           ("wan", "pipefusion", 2, 1), ("wan", "pipefusion", 3, 1),
+           ("hunyuanvideo", "displaced", 2, 1), ("hunyuanvideo", "pipefusion", 2, 1)]
+
+
+def quality() -> list[tuple]:
     rows = []
-    for mode, degrees in (("displaced", (2, 4)), ("pipefusion", (2, 3))):  # the tiny Wan has 3 blocks
-        for patch in degrees:
+    for family in ("wan", "hunyuanvideo"):
+        engine = Engine.from_config(_config(ParallelConfig(), family))
+        exact = engine.render().latents
+        reference = engine.decode(exact)
+        for fam, mode, patch, ulysses in LAYOUTS:
+            if fam != family:
+                continue
             for warmup in WARMUPS:
-                parallel = ParallelConfig(patch=patch, patch_mode=mode, patch_warmup_steps=warmup, timeout_s=60)
-                latents = run_ranks(patch, _render, _config(parallel))[0]
+                parallel = ParallelConfig(patch=patch, ulysses=ulysses, patch_mode=mode, patch_warmup_steps=warmup,
+                                          timeout_s=120)
+                latents = run_ranks(patch * ulysses, _render, _config(parallel, family))[0]
                 error = ((latents - exact).norm() / exact.norm()).item()
-                rows.append((mode, patch, warmup, error, _psnr(engine.decode(latents), reference)))
+                rows.append((family, mode, patch, ulysses, warmup, error, _psnr(engine.decode(latents), reference)))
     return rows
+
+
+def _meta_blocks(family: str) -> tuple[int, list[int]]:
+    """(parameters outside the blocks, parameters per block) of the real-size transformer."""
+    if family == "hunyuanvideo":
+        from diffusers import HunyuanVideoTransformer3DModel as cls
+
+        kwargs, lists = {}, ("transformer_blocks", "single_transformer_blocks")  # diffusers' defaults: 13B
+    else:
+        from diffusers import WanTransformer3DModel as cls
+
+        kwargs = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16,
+                      out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+                      qk_norm="rms_norm_across_heads", eps=1e-6)  # Wan 2.1 14B
+        lists = ("blocks",)
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    blocks = [sum(p.numel() for p in b.parameters()) for attr in lists for b in getattr(model, attr)]
+    return sum(p.numel() for p in model.parameters()) - sum(blocks), blocks
+
+
+MEMORY = [("HunyuanVideo 13B, 720x1280x129, one branch", "hunyuanvideo", 129, 720, 1280, 24, 1),
+          ("Wan 2.1 14B, 720x1280x81, two branches", "wan", 81, 720, 1280, 40, 2)]
+
+
+def memory() -> list[str]:
+    from unison.parallel.cost import stale_kv_bytes
+    from unison.parallel.pipefusion import stage_blocks
+
+    out = ["| model | layout | weights GiB/rank | stale K/V GiB/rank | total GiB/rank |", "|---|---|---:|---:|---:|"]
+    for name, family, frames, height, width, heads, branches in MEMORY:
+        shared, blocks = _meta_blocks(family)
+        shape = _shape(frames, height, width, heads=heads, attentions=len(blocks))
+        gib = 2 ** 30
+        for layout, mode, patch, ulysses in (("one GPU", None, 1, 1), ("displaced patch 4", "displaced", 4, 1),
+                                             ("displaced patch 4 x ulysses 2", "displaced", 4, 2),
+                                             ("PipeFusion 4", "pipefusion", 4, 1),
+                                             ("PipeFusion 8", "pipefusion", 8, 1)):
+            if mode == "pipefusion":
+                stages = [stage_blocks([1.0] * len(blocks), patch, i) for i in range(patch)]  # as the engine
+                weights = shared + max(sum(blocks[i] for i in r) for r in stages)
+                kv = stale_kv_bytes(shape, mode=mode, patch=patch, branches=branches)
+            else:
+                weights = shared + sum(blocks)
+                kv = stale_kv_bytes(shape, mode=mode, patch=patch, ulysses=ulysses, branches=branches) if mode else 0
+            out.append(f"| {name} | {layout} | {weights * 2 / gib:.1f} | {kv / gib:.1f} | {(weights * 2 + kv) / gib:.1f} |")
+    return out
 
 
 def _shape(frames, height, width, *, heads, attentions) -> TransformerShape:
@@ -72,15 +132,17 @@ MODELS = [("Wan 2.1 1.3B, 480x832x81", _shape(81, 480, 832, heads=12, attentions
 
 
 def report(rows) -> str:
-    out = [f"# Displaced patch parallelism: quality by warm-up, bytes against Ulysses ({datetime.date.today()})", "",
+    out = [f"# Patch parallelism: quality by warm-up, bytes against Ulysses, memory per rank ({datetime.date.today()})", "",
            f"Device: CPU only ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, gloo. "
            "Produced by `python benchmarks/patch_parallel.py`.", "",
-           f"## Error against the exact one-rank result (tiny Wan 2.1, 64x64, 9 frames, {STEPS} steps, CFG, float32)",
+           f"## Error against the exact one-rank result (tiny Wan 2.1 and HunyuanVideo, 64x64, 9 frames, {STEPS} steps, "
+           "CFG, float32)",
            "", "Warm-up steps exchange K/V synchronously (exact); the rest attend to one-step-stale K/V of the "
            "other patches. PSNR of the decoded uint8 frames against the exact video.", "",
-           "| mode | patch | warm-up steps | latents rel. error | decoded PSNR (dB) |", "|---|---:|---:|---:|---:|"]
-    out += [f"| {m} | {p} | {w} | {e:.2e} | {'exact' if psnr == float('inf') else f'{psnr:.1f}'} |"
-            for m, p, w, e, psnr in rows]
+           "| model | mode | patch | ulysses | warm-up steps | latents rel. error | decoded PSNR (dB) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {f} | {m} | {p} | {u} | {w} | {e:.2e} | {'exact' if psnr == float('inf') else f'{psnr:.1f}'} |"
+            for f, m, p, u, w, e, psnr in rows]
     out += ["", "PipeFusion here streams `patch` patches per step through `patch` stages (the default); "
             "each stage's patch m sees this step's K/V for patches before m and last step's for the rest."]
     out += ["", "Random tiny weights are not a quality measure of a trained model (DistriFusion reports the "
@@ -113,6 +175,16 @@ def report(rows) -> str:
             "within one step's compute. On NVLink both fit easily; on PCIe Ulysses' all-to-alls stall every "
             "attention for the transfer time above, while the patch exchange stays hidden as long as the "
             "transfer time is below the step's compute time. Projection from counted bytes; no GPU was used."]
+    out += ["", "## Memory per rank at real shapes (bf16; models built on the meta device)", "",
+            "Weights: everything outside the blocks on every rank, plus the blocks a rank holds (PipeFusion: "
+            "its stage of equal block counts; the largest stage shown). Stale K/V: video K and V of "
+            "every attention layer a rank runs, per guidance branch (`unison.parallel.cost.stale_kv_bytes`, "
+            "checked against the engine's buffers by the tests). Activations are not counted.", ""]
+    out += memory()
+    out += ["", "Displaced patches keep every layer's whole-sequence K/V on every rank: at HunyuanVideo 720p "
+            "that alone is far beyond one GPU, and Ulysses inside the patch only divides it by U. PipeFusion "
+            "divides both the weights and the buffers by the number of stages, which is why it is the mode "
+            "for HunyuanVideo at 720p."]
     return "\n".join(out) + "\n"
 
 

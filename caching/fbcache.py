@@ -16,6 +16,11 @@ two halves exchange their predictions every step, so a step is only as fast as i
 and per-branch decisions that differ leave one half waiting. On one rank the unconditional pass
 reads the decision cond took a moment earlier; under CFG parallelism the agreement group spans
 both halves, the uncond ranks add zeros to the sums, and every rank reads cond's ratio.
+
+Under PipeFusion the first block lives on stage 0 only: the StageRunner runs it on the whole
+sequence there (fresh K/V, so exact), every stage joins the agreement (the others add zeros),
+and on a skipped step stage 0 adds the cached residual and broadcasts the result (see
+parallel/pipefusion.py). The decision is the one-rank decision whenever the block's input is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache
+from unison.parallel.pipefusion import StageRunner
 
 LEADER = "cond"
 """The cache context whose change decides for both branches under joint_cfg."""
@@ -74,22 +80,34 @@ def _hidden(output):
 class FirstBlockCache(Cache):
     name = "fbcache"
 
-    def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module],
-                 agreement: Agreement, valid_tokens: Callable[[], int | None]):
-        if len(blocks) < 2:
+    def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module] | None = None,
+                 pipeline: StageRunner | None = None, agreement: Agreement, valid_tokens: Callable[[], int | None]):
+        total = pipeline.total_blocks if pipeline is not None else len(blocks)
+        if total < 2:
             raise ValueError("First-Block Cache needs at least two transformer blocks")
+        if pipeline is not None and pipeline.gate is not None:
+            raise RuntimeError("this PipeFusion stage already has a First-Block Cache")
         super().__init__(transformer)
         self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
-        self.blocks = len(blocks)
+        self.blocks = total
+        self.pipeline = pipeline
         self.changes: list[tuple[int, str, float]] = []
         """(step, context, relative change) for every decision that measured one: to tune the threshold."""
         self._led: dict[int, bool] = {}
         """joint_cfg: the conditional branch's decision per step, when it ran on this rank."""
         self._tuple_output = False
+        if pipeline is not None:  # the StageRunner calls decide / skipped / computed
+            pipeline.gate = self
+            return
         self.wrap(blocks[0], self._head)
         for block in blocks[1:-1]:
             self.wrap(block, self._middle)
         self.wrap(blocks[-1], self._tail)
+
+    def remove(self) -> None:
+        super().remove()
+        if self.pipeline is not None:
+            self.pipeline.gate = None
 
     def _must_compute(self, state: _State) -> bool:
         limit = self.config.max_consecutive_skips
@@ -118,10 +136,9 @@ class FirstBlockCache(Cache):
         self.changes.append((self.step, self.context, change))
         return change > self.config.threshold
 
-    def _head(self, original, *args, **kwargs):
-        output = original(*args, **kwargs)
-        self._tuple_output = isinstance(output, tuple)
-        residual = _hidden(output) - args[0]
+    def _gate(self, residual: torch.Tensor) -> bool:
+        """Decide this forward from the first block's residual, record it, and keep the state
+        every later decision needs; the same on every rank of the agreement group."""
         state = self.state(_State)
         compute = self._decide(residual, state)
         if self.config.joint_cfg and self.context == LEADER:
@@ -130,12 +147,37 @@ class FirstBlockCache(Cache):
         self.record("forward", compute)
         state.computing = compute
         if compute:
-            state.prev_residual, state.head_output, state.skips_in_row = residual, output, 0
+            state.prev_residual, state.skips_in_row = residual, 0
+        else:
+            state.skips_in_row += 1
+        return compute
+
+    def _head(self, original, *args, **kwargs):
+        output = original(*args, **kwargs)
+        self._tuple_output = isinstance(output, tuple)
+        if self._gate(_hidden(output) - args[0]):
+            self.state(_State).head_output = output
             return output
-        state.skips_in_row += 1
+        tail = self.state(_State).tail_residual
         if self._tuple_output:
-            return tuple(o + r if r is not None else o for o, r in zip(output, state.tail_residual))
-        return output + state.tail_residual[0]
+            return tuple(o + r if r is not None else o for o, r in zip(output, tail))
+        return output + tail[0]
+
+    # -- a PipeFusion StageRunner's gate (parallel/pipefusion.py's FirstBlockGate) ---------------
+    def decide(self, residual: torch.Tensor, head: torch.Tensor | None) -> bool:
+        """Stage 0 passes the first block's whole-sequence residual and output; the other stages
+        an empty residual, so their sums are zero and every rank reads stage 0's change."""
+        compute = self._gate(residual)
+        if compute:
+            self.state(_State).head_output = head
+        return compute
+
+    def skipped(self, head: torch.Tensor) -> torch.Tensor:
+        return head + self.state(_State).tail_residual[0]
+
+    def computed(self, output: torch.Tensor) -> None:
+        state = self.state(_State)
+        state.tail_residual = (output - state.head_output, None)
 
     def reset(self) -> None:
         super().reset()
@@ -167,10 +209,14 @@ class FirstBlockCache(Cache):
 
 
 def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group=None,
-                            blocks: list[torch.nn.Module], valid_tokens: Callable[[], int | None] = lambda: None,
-                            stats=None) -> FirstBlockCache:
-    """Apply First-Block Cache to `transformer`'s `blocks` (in execution order). `group`: the
-    ranks that share the blocks' collectives (the sequence- or patch-parallel group; with joint_cfg
-    under CFG parallelism, both halves' ranks), over which the decision is agreed; `valid_tokens()`: real tokens at the start of this rank's shard."""
-    return FirstBlockCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
+                            blocks: list[torch.nn.Module] | None = None, pipeline: StageRunner | None = None,
+                            valid_tokens: Callable[[], int | None] = lambda: None, stats=None) -> FirstBlockCache:
+    """Apply First-Block Cache to `transformer`'s `blocks` (in execution order), or to the
+    PipeFusion `pipeline` that stands in for them (as its gate). `group`: the ranks that share
+    the blocks' collectives (the sequence- or patch-parallel group; with joint_cfg under CFG
+    parallelism, both halves' ranks), over which the decision is agreed; `valid_tokens()`: real
+    tokens at the start of this rank's shard."""
+    if (blocks is None) == (pipeline is None):
+        raise ValueError("pass exactly one of blocks and pipeline")
+    return FirstBlockCache(transformer, config, blocks=blocks, pipeline=pipeline, valid_tokens=valid_tokens,
                            agreement=Agreement(group=group, stats=stats, verify=config.verify))

@@ -176,9 +176,13 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
         raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
     if p.pipefusion_patches is not None and p.pipefusion_patches < 1:
         raise UserError(f"parallel.pipefusion_patches must be at least 1 (or null), got {p.pipefusion_patches}")
-    if p.patch > 1 and (p.ulysses > 1 or p.ring > 1):
-        raise UserError(f"patch parallelism combines with cfg parallel only: set ulysses and ring to 1 "
-                        f"(got patch {p.patch}, ulysses {p.ulysses}, ring {p.ring})")
+    if p.patch > 1 and p.ring > 1:
+        raise UserError(f"patch parallelism does not combine with ring (got patch {p.patch}, ring {p.ring}): "
+                        f"ring exists to not hold the whole sequence's K/V, and the stale K/V buffers hold it "
+                        f"anyway; use ulysses inside the patch")
+    if p.patch > 1 and p.patch_mode == "pipefusion" and p.ulysses > 1:
+        raise UserError(f"PipeFusion combines with cfg parallel only (got patch {p.patch}, ulysses {p.ulysses}): "
+                        f"use parallel.patch_mode=displaced to combine patches with ulysses")
 
 
 def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
@@ -234,11 +238,10 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
     p = config.parallel
     if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
                             else spec.displaced_patches):
-        raise UserError(f"patch parallelism is not supported for {spec.title} yet (Wan families only; "
-                        f"mode {p.patch_mode})")
-    if config.parallel.patch > 1 and config.parallel.patch_mode == "pipefusion" and config.cache.kind != "none":
-        raise UserError("caches under PipeFusion are not supported yet: use parallel.patch_mode=displaced "
-                        "or cache.kind=none")
+        raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
+    if p.patch > 1 and p.patch_mode == "pipefusion" and config.cache.kind == "pab":
+        raise UserError("Pyramid Attention Broadcast under PipeFusion is not supported: use cache.kind=fbcache "
+                        "or parallel.patch_mode=displaced")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     check_cache(config.cache)

@@ -4,7 +4,8 @@ The cache decides over the ranks that share the transformer blocks' collectives 
 patch-parallel). CFG-parallel halves run different branches (cache contexts), so each half
 decides for its own branch, exactly as one rank decides per branch; with fbcache's joint_cfg the
 conditional branch decides for both, agreed over both halves (the cfg_tokens group). Under patch
-parallelism the deciding group is the patch group (`tokens`: every rank splitting the tokens).
+parallelism the deciding group is the patch group (`tokens`: every rank splitting the tokens);
+under PipeFusion First-Block Cache gates the StageRunner, whose stage 0 holds the first block.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     applied = {}
     for name in spec.experts:
         transformer = getattr(pipe, name)
-        if cache.kind == "fbcache":
+        runner = runtime.runners.get(name) if runtime is not None else None
+        if cache.kind == "fbcache" and runner is not None:
+            applied[name] = apply_first_block_cache(transformer, config, group=group, pipeline=runner, stats=stats)
+        elif cache.kind == "fbcache":
             shard = runtime.shards.get(name) if runtime is not None else None
             blocks = [block for attr in spec.block_lists for block in getattr(transformer, attr)]
             applied[name] = apply_first_block_cache(

@@ -70,8 +70,9 @@ class ParallelConfig:
     cfg: int = 1
     """CFG-parallel degree: 1, or 2 to run the cond and uncond branches on two halves of the ranks."""
     patch: int = 1
-    """Displaced patch-parallel degree: each rank computes a contiguous range of the tokens and
-    attends to the other ranks' K/V from the previous step (Wan; combines with cfg)."""
+    """Patch-parallel degree: each rank (displaced) or stage (pipefusion) works on contiguous
+    ranges of the tokens, attending to the other patches' K/V from the previous step. Combines
+    with cfg; displaced patches also with ulysses (inside each patch); never with ring."""
     patch_warmup_steps: int = 4
     """Patch parallel: the first steps exchange K/V synchronously and are exact (DistriFusion's
     default warm-up); later steps use one-step-stale K/V from the other patches."""

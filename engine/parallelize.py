@@ -1,7 +1,9 @@
 """Apply parallelism to a loaded pipeline, in a fixed order.
 
-1. sequence parallelism (Ulysses / Ring / USP) on every expert transformer, or displaced patch
-   parallelism (the same split and gather, self-attention over stale K/V; parallel/patch.py);
+1. on every expert transformer: PipeFusion (the blocks split into stages; parallel/pipefusion.py),
+   or one sequence split over the patch x ring x ulysses ranks: exact attention (Ulysses / Ring /
+   USP), or displaced patches (self-attention over stale K/V from the other patches, Ulysses
+   inside each patch; parallel/patch.py);
 2. CFG parallelism is not a transformation of the model: the loop runs one branch per half of
    the cfg axis and exchanges the predictions once per step.
 """
@@ -20,7 +22,7 @@ from unison.parallel.attention import AttentionGroups
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
 from unison.parallel.patch import DisplacedKV
-from unison.parallel.pipefusion import PipeStage
+from unison.parallel.pipefusion import PipeStage, StageRunner
 from unison.parallel.sequence import Handle, SequenceShard, apply_sequence_parallel
 
 log = logging.getLogger("unison")
@@ -37,6 +39,8 @@ class Runtime:
     """Each expert transformer's sequence shard (empty without sequence or displaced patch parallelism)."""
     stale: dict[str, DisplacedKV | PipeStage] = field(default_factory=dict)
     """Patch parallelism's per-expert state (stale K/V, steps, branch)."""
+    runners: dict[str, StageRunner] = field(default_factory=dict)
+    """PipeFusion: each expert's StageRunner (where First-Block Cache gates the pipeline)."""
 
     def begin_video(self) -> None:
         for state in self.stale.values():
@@ -83,27 +87,25 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
             stage = PipeStage(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
                               warmup_steps=warmup_steps, patches=parallel.pipefusion_patches or dims.patch,
                               stats=runtime.stats)
-            spec.pipefusion_plan(getattr(pipe, name), stage)
+            runtime.runners[name] = spec.pipefusion_plan(getattr(pipe, name), stage)
             runtime.stale[name] = stage
-    elif dims.patch > 1:
-        for name in spec.experts:
-            shard = SequenceShard(attention=AttentionGroups(stats=runtime.stats), group=groups.get("patch"),
-                                  size=dims.patch, index=groups.index("patch"), stats=runtime.stats)
-            shard.displaced = DisplacedKV(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
-                                          warmup_steps=warmup_steps, stats=runtime.stats)
-            handles.append(apply_sequence_parallel(getattr(pipe, name), spec.sequence_parallel_plan, shard))
-            runtime.shards[name] = shard
-            runtime.stale[name] = shard.displaced
-    if dims.sp > 1:
+    elif dims.patch > 1 or dims.sp > 1:
+        # One split over every rank of the branch's tokens (patch x ring x ulysses, in that order,
+        # so a patch is a contiguous range); displaced patches exchange stale K/V over the patch
+        # group, after Ulysses has traded heads for tokens inside the patch.
         attention = AttentionGroups(ulysses=groups.get("ulysses"), ulysses_size=dims.ulysses,
                                     ring=groups.get("ring"), ring_size=dims.ring,
                                     ring_index=groups.index("ring"), ulysses_index=groups.index("ulysses"),
                                     stats=runtime.stats)
         for name in spec.experts:
-            transformer = getattr(pipe, name)
-            shard = SequenceShard(attention=attention, group=groups.get("sp"), size=dims.sp,
-                                  index=groups.index("sp"), stats=runtime.stats)
-            handles.append(apply_sequence_parallel(transformer, spec.sequence_parallel_plan, shard))
+            shard = SequenceShard(attention=attention, group=groups.get("tokens"), size=groups.size("tokens"),
+                                  index=groups.index("tokens"), stats=runtime.stats)
+            if dims.patch > 1:
+                shard.displaced = DisplacedKV(group=groups.get("patch"), size=dims.patch,
+                                              index=groups.index("patch"), warmup_steps=warmup_steps,
+                                              stats=runtime.stats)
+                runtime.stale[name] = shard.displaced
+            handles.append(apply_sequence_parallel(getattr(pipe, name), spec.sequence_parallel_plan, shard))
             runtime.shards[name] = shard
     if runtime.rank == 0:
         log.info("%s on %d ranks", " x ".join(f"{a} {getattr(dims, a)}" for a in ("ulysses", "ring", "patch", "cfg")

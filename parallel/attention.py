@@ -144,7 +144,7 @@ def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=N
     return partial[0].transpose(1, 2).to(q.dtype), text_out.transpose(1, 2).to(q.dtype)
 
 
-def _scatter_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
+def scatter_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
     """(B, L, H, D) sequence shard, all heads -> (B, U·L, H/U, D) all of this group's tokens."""
     u = groups.ulysses_size
     b, length, heads, dim = x.shape
@@ -153,8 +153,8 @@ def _scatter_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
     return x.permute(1, 0, 2, 3, 4).reshape(b, u * length, heads // u, dim)
 
 
-def _gather_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
-    """Inverse of _scatter_heads."""
+def gather_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
+    """Inverse of scatter_heads."""
     u = groups.ulysses_size
     b, total, heads, dim = x.shape
     x = x.reshape(b, u, total // u, heads, dim).permute(1, 0, 2, 3, 4)
@@ -176,7 +176,7 @@ def parallel_attention(q, k, v, *, groups: AttentionGroups, valid_len: int) -> t
     rank's shard of the output, (B, L, H, D)."""
     if groups.ulysses_size > 1:
         check_heads(q.shape[2], groups.ulysses_size)
-        q, k, v = (_scatter_heads(t, groups) for t in (q, k, v))
+        q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
     chunk = q.shape[1]
     if groups.ring_size > 1:
         valid = [max(0, min(chunk, valid_len - c * chunk)) for c in range(groups.ring_size)]
@@ -186,11 +186,11 @@ def parallel_attention(q, k, v, *, groups: AttentionGroups, valid_len: int) -> t
         if valid_len < chunk:
             out = torch.cat([out, out.new_zeros(out.shape[0], chunk - valid_len, *out.shape[2:])], dim=1)
     if groups.ulysses_size > 1:
-        out = _gather_heads(out, groups)
+        out = gather_heads(out, groups)
     return out
 
 
-def _own_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
+def own_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
     """This Ulysses rank's slice of the heads of a tensor every rank holds in full."""
     per = x.shape[2] // groups.ulysses_size
     return x[:, :, groups.ulysses_index * per:(groups.ulysses_index + 1) * per]
@@ -211,8 +211,8 @@ def parallel_joint_attention(q, k, v, text_q, text_k, text_v, *, groups: Attenti
     u = groups.ulysses_size
     if u > 1:
         check_heads(q.shape[2], u)
-        q, k, v = (_scatter_heads(t, groups) for t in (q, k, v))
-        text_q, text_k, text_v = (_own_heads(t, groups) for t in (text_q, text_k, text_v))
+        q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
+        text_q, text_k, text_v = (own_heads(t, groups) for t in (text_q, text_k, text_v))
     text_k, text_v = text_k[:, :text_valid], text_v[:, :text_valid]
     chunk = q.shape[1]
     if groups.ring_size > 1:
@@ -225,6 +225,6 @@ def parallel_joint_attention(q, k, v, text_q, text_k, text_v, *, groups: Attenti
         if valid_len < chunk:
             out = torch.cat([out, out.new_zeros(out.shape[0], chunk - valid_len, *out.shape[2:])], dim=1)
     if u > 1:
-        out = _gather_heads(out, groups)
+        out = gather_heads(out, groups)
         text_out = all_gather(text_out, dim=2, group=groups.ulysses, stats=groups.stats)
     return out, text_out

@@ -77,3 +77,16 @@ def pipefusion_bytes_per_step(shape: TransformerShape, *, stages: int, cfg: int 
     hidden = shape.video_tokens * shape.hidden * element_bytes
     return {"stage": {"p2p": forwards * hidden},
             "last stage": {"broadcast": forwards * hidden * (stages - 1)}}
+
+
+def stale_kv_bytes(shape: TransformerShape, *, mode: str, patch: int, ulysses: int = 1, branches: int = 1,
+                   element_bytes: int = 2) -> int:
+    """Bytes of stale K/V buffers one rank holds under patch parallelism: every attention layer's
+    whole-sequence video K and V per guidance branch it runs. Displaced patches keep every layer
+    (its heads only, with Ulysses inside the patch); a PipeFusion stage keeps only its own layers
+    (the largest stage by count: ceil(layers / P)). Sequences the degree does not divide add the
+    padding to the displaced buffers."""
+    per_layer = 2 * shape.video_tokens * shape.heads * shape.head_dim * element_bytes * branches
+    if mode == "displaced":
+        return per_layer * shape.attentions // ulysses
+    return per_layer * -(-shape.attentions // patch)

@@ -9,7 +9,7 @@ import torch
 
 from unison.errors import UserError
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
-from unison.engine.models.hunyuan_parallel import sequence_parallel_plan
+from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
 
@@ -112,7 +112,7 @@ HUNYUAN_VIDEO = ModelSpec(
     family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
     transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",), fps=24,
     size_multiple=16, temporal_factor=4, embedded_guidance=True,
-    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    block_lists=BLOCK_LISTS,
     defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=6.0,
                               true_cfg_scale=1.0, max_sequence_length=256),
     tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=6.0,
@@ -120,6 +120,7 @@ HUNYUAN_VIDEO = ModelSpec(
     matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
     decode=_decode, sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules,
+    displaced_patches=True, pipefusion_plan=pipefusion_plan,
     notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
 )
 

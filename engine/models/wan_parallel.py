@@ -12,7 +12,7 @@ import torch
 
 from unison.parallel.attention import parallel_attention
 from unison.parallel.patch import displaced_attention
-from unison.parallel.pipefusion import PipeStage, apply_pipefusion
+from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
@@ -49,7 +49,8 @@ class WanSelfAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = _qkv(attn, hidden_states, rotary_emb)
         if self.shard.displaced is not None:
-            out = displaced_attention(q, k, v, kv=self.shard.displaced, key=id(attn), valid_len=self.shard.valid_len)
+            out = displaced_attention(q, k, v, kv=self.shard.displaced, key=id(attn), valid_len=self.shard.valid_len,
+                                      groups=self.shard.attention)
         else:
             out = parallel_attention(q, k, v, groups=self.shard.attention, valid_len=self.shard.valid_len)
         out = out.flatten(2, 3).type_as(q)
@@ -101,9 +102,16 @@ def _patch_args(rest: tuple, start: int, end: int) -> tuple:
     return text, modulation, tuple(t[:, start:end] for t in rope)
 
 
+BLOCK_CALLS = BlockCalls(prepare=lambda args: (args[0], (), args[1:]),
+                         call=lambda block, x, carried, rest: (block(x, *rest), carried),
+                         slice_rest=_patch_args, finish=lambda hidden, args: hidden)
+"""Wan's blocks take (hidden, text, modulation, rope) and return hidden; text is cross-attended
+and never updated, so nothing is carried."""
+
+
 def pipefusion_plan(transformer, stage: PipeStage):
     def install(blocks, stage):
         for block in blocks:
             block.attn1.set_processor(WanStageAttention(stage))
 
-    return apply_pipefusion(transformer, attr="blocks", stage=stage, slice_args=_patch_args, install_attention=install)
+    return apply_pipefusion(transformer, attrs=("blocks",), stage=stage, calls=BLOCK_CALLS, install_attention=install)
