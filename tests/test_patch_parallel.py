@@ -60,8 +60,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     ("wan2.2", 48, dict(patch=2)),       # two experts, each with its own stale buffers
     ("wan", 48, dict(patch=2, cfg=2)),   # a patch group per guidance branch
     ("hunyuanvideo", 48, dict(patch=2)),          # joint attention with the text copies, uneven
-    ("hunyuanvideo", 64, dict(patch=2, cfg=2)),
-], ids=["wan-p2", "wan-p2-uneven", "wan-p4-uneven", "wan2.2-p2", "wan-p2xcfg2", "hunyuan-p2-uneven", "hunyuan-p2xcfg2"])
+], ids=["wan-p2", "wan-p2-uneven", "wan-p4-uneven", "wan2.2-p2", "wan-p2xcfg2", "hunyuan-p2-uneven"])
 def test_warmup_covering_every_step_is_exact(family, height, layout):
     one = Engine.from_config(_config(family, height, ParallelConfig())).render().latents
     world = layout.get("patch", 2) * layout.get("cfg", 1)
