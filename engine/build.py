@@ -14,21 +14,10 @@ import torch
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
+from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
 from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"model.device: not a torch device: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device={name} but no CUDA GPU is available here (use cpu or auto)")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device, *, fallback: str | None = None) -> str:
@@ -46,10 +35,15 @@ class Plan:
     config: RunConfig
     """The resolved config: family detected, sampling defaults filled, dtype and device concrete."""
     spec: ModelSpec
-    device: torch.device
+    placement: Placement
+    """This rank's device (cuda:local_rank % GPUs, or cpu) and the process-group backend for it."""
     model_index: dict[str, Any] | None
     """The folder's model_index.json, or None for a tiny in-process preset."""
     world_size: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
 
     @property
     def is_tiny(self) -> bool:
@@ -219,14 +213,20 @@ def check_output(o: OutputConfig) -> None:
         raise UserError(f"output.fps must be at least 1, got {o.fps}")
 
 
-def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
-    """Validate `config` and resolve every default; reads only small JSON files, never weights."""
+def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpus: int | None = None) -> Plan:
+    """Validate `config` and resolve every default; reads only small JSON files, never weights.
+    `local_rank` picks this rank's GPU; `gpus` (default: the GPUs visible here) is for tests."""
     family, index = _resolve_family(config.model)
     spec = get_spec(family)
-    device = resolve_device(config.model.device)
+    placement = place(config.model.device, world_size=world_size, local_rank=local_rank,
+                      gpus=visible_gpus() if gpus is None else gpus)
+    device = placement.device
     dtype = resolve_dtype(config.model.dtype, device)
+    # The resolved config records the device type (each rank picks its own GPU from it), or the
+    # one GPU a one-rank run was pinned to.
+    pinned = ":" in config.model.device
     model = dataclasses.replace(
-        config.model, family=family, device=str(device), dtype=dtype,
+        config.model, family=family, device=str(device) if pinned else placement.kind, dtype=dtype,
         vae_dtype=resolve_dtype(config.model.vae_dtype, device, fallback=dtype),
     )
     sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
@@ -244,11 +244,17 @@ def plan_run(config: RunConfig, *, world_size: int = 1) -> Plan:
                         "or parallel.patch_mode=displaced")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
+    if p.shard_weights and p.patch > 1:
+        raise UserError(f"parallel.shard_weights does not combine with patch parallelism (patch {p.patch}): "
+                        f"displaced patches keep whole blocks per rank and PipeFusion already splits the blocks "
+                        f"into stages; use shard_weights with ulysses, ring or cfg")
+    check_attention_backend(p.attention_backend, device)
+    check_compile(config.model.compile, device)
     check_cache(config.cache)
     check_output(config.output)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
-    return Plan(config=resolved, spec=spec, device=device, model_index=index, world_size=world_size)
+    return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size)
 
 
 def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:

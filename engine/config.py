@@ -33,6 +33,12 @@ class ModelConfig:
     """torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     tiny_seed: int = 0
     """Seed of the random weights of a tiny preset (ignored when `path` is set)."""
+    compile: Literal["none", "blocks"] = "none"
+    """torch.compile: none, or blocks (each transformer block compiled once, regionally, as
+    diffusers' compile_repeated_blocks; cache decisions and collectives stay outside)."""
+    offload: bool = False
+    """Keep what is idle off the GPU: the text encoders go to the CPU once the prompts are
+    encoded, and Wan 2.2 A14B's idle expert waits on the CPU while the other one runs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +91,14 @@ class ParallelConfig:
     pipeline bubbles, smaller matmuls."""
     timeout_s: float = 300.0
     """Timeout of every process group, in seconds: a stuck collective fails instead of hanging."""
+    shard_weights: bool = False
+    """Shard the transformer blocks' weights across the engine's ranks with torch's FSDP2
+    (`fully_shard`), gathered block by block in the forward: about 1/N of the block weights per
+    rank. Combines with ulysses, ring and cfg; not with patch parallelism."""
+    attention_backend: Literal["auto", "sdpa", "flash-attn", "sage", "xfuser"] = "auto"
+    """Local attention kernel: auto (flash-attn on a GPU when installed, else torch's sdpa),
+    sdpa, flash-attn, sage (SageAttention) or xfuser (xDiT's long-context attention); the last
+    three need a GPU and their package."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ order, so on one device with no cache the final latents equal diffusers' output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,9 +45,48 @@ def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: tor
                                 sampling.frames, torch.float32, device, generator)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class StepTimer:
+    """Per-step times without stalling the GPU.
+
+    On the CPU a step's time is its wall time. On a CUDA device each step records an event pair
+    on the compute stream and the times are read once, after the loop: a per-step
+    `torch.cuda.synchronize` would also wait for the communication streams, so an asynchronous
+    exchange started in one step (displaced patches' all-gather, waited on a step later) could
+    then overlap only the rest of its own step. Events on the compute stream wait for nothing
+    but the compute. `wall()` is the host's view, for progress only: the host may run ahead of
+    the GPU by a step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple] = []
+        self._mark = time.perf_counter()
+
+    def start(self):
+        self._mark = time.perf_counter()
+        if not self.cuda:
+            return self._mark
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((started, end))
+        else:
+            self.events.append((started, time.perf_counter()))
+
+    def wall(self) -> float:
+        return time.perf_counter() - self._mark
+
+    def seconds(self) -> list[float]:
+        """Every step's seconds (on CUDA, waits for the last step's compute, nothing else)."""
+        if not self.cuda:
+            return [end - start for start, end in self.events]
+        if self.events:
+            self.events[-1][1].synchronize()
+        return [start.elapsed_time(end) / 1000 for start, end in self.events]
 
 
 def select_expert(spec: ModelSpec, boundary: float | None, t: torch.Tensor) -> int:
@@ -89,9 +129,10 @@ def denoise(
     if cfg_group is not None and conditioning.uncond is None:
         raise ValueError("CFG parallel needs two guidance branches, but this run has one")
     bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
+    timer = StepTimer(device)
     with torch.no_grad(), bar:
         for i, t in enumerate(timesteps):
-            step_start = time.perf_counter()
+            step_start = timer.start()
             which = select_expert(spec, boundary, t)
             model, scale = experts[which], conditioning.scales[which]
             cache = caches.get(spec.experts[which])
@@ -119,11 +160,12 @@ def denoise(
                 noise_uncond = predict("uncond", conditioning.uncond)
                 noise = noise_uncond + scale * (noise - noise_uncond)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-            _sync(device)
-            record = StepRecord(index=i, timestep=float(t), expert=spec.experts[which],
-                                seconds=time.perf_counter() - step_start)
+            timer.stop(step_start)
+            # Progress sees the host's time; the records get the device's (below).
+            record = StepRecord(index=i, timestep=float(t), expert=spec.experts[which], seconds=timer.wall())
             records.append(record)
             bar.update(1)
             if on_step is not None:
                 on_step(record)
+    records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
     return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds)

@@ -35,6 +35,12 @@ _FLAG_KEYS = {
     "ring": "parallel.ring",
     "cfg_parallel": "parallel.cfg",
     "cache": "cache.kind",
+    "patch": "parallel.patch",
+    "pipefusion": "parallel.patch_mode",
+    "shard_weights": "parallel.shard_weights",
+    "attention_backend": "parallel.attention_backend",
+    "compile": "model.compile",
+    "offload": "model.offload",
 }
 
 
@@ -100,6 +106,17 @@ def _add_run_options(p, *, single: bool) -> None:
     p.add_argument("--ring", type=int, help="ring-attention degree")
     p.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_const", const=2,
                    help="run the two guidance branches on two halves of the ranks")
+    p.add_argument("--patch", type=int, help="patch-parallel degree (displaced patches; with --pipefusion, stages)")
+    p.add_argument("--pipefusion", action="store_const", const="pipefusion",
+                   help="patch parallelism as PipeFusion: the blocks split into --patch stages")
+    p.add_argument("--shard-weights", dest="shard_weights", action="store_const", const=True,
+                   help="shard the transformer blocks' weights over the ranks (FSDP2)")
+    p.add_argument("--attention-backend", dest="attention_backend",
+                   choices=("auto", "sdpa", "flash-attn", "sage", "xfuser"), help="local attention kernel")
+    p.add_argument("--compile", action="store_const", const="blocks",
+                   help="torch.compile each transformer block once (regional compilation)")
+    p.add_argument("--offload", action="store_const", const=True,
+                   help="text encoders to the CPU after encoding; Wan 2.2's idle expert on the CPU")
     p.add_argument("--cache", choices=("none", "fbcache", "pab"),
                    help="step cache: First-Block Cache or Pyramid Attention Broadcast (tune with --set cache.…)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
@@ -177,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_on_ray(build_config(args), address=args.ray, ranks_per_engine=args.ranks_per_engine,
                                dry_run=args.dry_run)
     env = DistEnv.detect()
-    plan = plan_run(build_config(args), world_size=env.world_size)
+    plan = plan_run(build_config(args), world_size=env.world_size, local_rank=env.local_rank)
     if args.dry_run:
         if env.rank == 0:
             from unison.engine.build import parallel_dims
@@ -189,8 +206,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from unison.parallel.failure import FailureWatch
 
     timeout_s = plan.config.parallel.timeout_s
-    env.init(timeout_s=timeout_s)
-    with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+    with env.joined(timeout_s=timeout_s, placement=plan.placement), \
+            FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
         result = Engine(plan).render()
     if env.rank == 0:
         print(result.summary())

@@ -8,15 +8,17 @@ first that applies, torchrun's variables taking precedence (srun torchrun sets b
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
+from unison.engine.placement import Placement
 from unison.errors import UserError
 
 DEFAULT_PORT = 29500
@@ -73,17 +75,32 @@ class DistEnv:
         """Set MASTER_ADDR / MASTER_PORT for code that reads them (the failure watch's store)."""
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = self.master_addr, str(self.master_port)
 
-    def init(self, *, timeout_s: float) -> None:
-        """Join the process group: NCCL when this rank has a GPU, gloo on the CPU; always a timeout."""
+    def init(self, *, timeout_s: float, placement: Placement) -> bool:
+        """Join the process group with the backend that follows this rank's device (NCCL for a
+        CUDA device, which becomes this process's current device and the group's `device_id`;
+        gloo otherwise, also on a GPU host); always a timeout. True if this call created it."""
         if self.world_size == 1 or dist.is_initialized():
-            return
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(self.local_rank)
+            return False
+        extra = {}
+        if placement.device.type == "cuda":
+            torch.cuda.set_device(placement.device)
+            extra["device_id"] = placement.device
         if self.source != "torchrun":
             self.export()
-        dist.init_process_group(backend, init_method=self.init_method, rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(placement.backend, init_method=self.init_method, rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s), **extra)
+        return True
+
+    @contextlib.contextmanager
+    def joined(self, *, timeout_s: float, placement: Placement) -> Iterator[None]:
+        """The process group for the length of a run: joined on entry, destroyed on exit (also on
+        an error), unless it existed before."""
+        created = self.init(timeout_s=timeout_s, placement=placement)
+        try:
+            yield
+        finally:
+            if created and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

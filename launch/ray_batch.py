@@ -55,6 +55,7 @@ class RankActor:
               env: dict[str, str], threads: int | None) -> bool:
         import torch
 
+        from unison.engine.build import plan_run
         from unison.engine.worker import Worker
         from unison.launch.dist import DistEnv
 
@@ -62,9 +63,10 @@ class RankActor:
         if threads is not None:  # CPU bundles: as many threads as the bundle has cores
             torch.set_num_threads(threads)
         # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), hence local_rank 0.
+        plan = plan_run(config, world_size=world_size, local_rank=0)
         DistEnv(rank=rank, world_size=world_size, local_rank=0, master_addr=address, master_port=port,
-                source="ray").init(timeout_s=config.parallel.timeout_s)
-        self.worker = Worker.from_config(config, world_size=world_size)
+                source="ray").init(timeout_s=config.parallel.timeout_s, placement=plan.placement)
+        self.worker = Worker(plan)
         return True
 
     def run(self, job: Job):

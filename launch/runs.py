@@ -30,30 +30,30 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
     from unison.parallel.failure import FailureWatch
 
     env = env or DistEnv.detect()
-    plan = plan_run(config, world_size=env.world_size)
+    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
     timeout_s = plan.config.parallel.timeout_s
-    if env.world_size == 1:
-        batch = prepare(jobs, out, base=config, world_size=1)
-    else:
-        env.init(timeout_s=timeout_s)
-        payload: list = [None]
-        if env.rank == 0:
-            try:
-                payload = [prepare(jobs, out, base=config, world_size=env.world_size)]
-            except UserError as err:
-                payload = [str(err)]
-        dist.broadcast_object_list(payload, src=0)
-        if isinstance(payload[0], str):
-            raise UserError(payload[0])
-        batch = payload[0]
-    ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress) if env.rank == 0 else None
-    try:
-        if batch.todo:  # a finished batch loads nothing
-            with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
-                run_local(ledger, batch.todo, worker=Worker(plan))
-    finally:
-        if ledger is not None:
-            ledger.close()
+    with env.joined(timeout_s=timeout_s, placement=plan.placement):
+        if env.world_size == 1:
+            batch = prepare(jobs, out, base=config, world_size=1)
+        else:
+            payload: list = [None]
+            if env.rank == 0:
+                try:
+                    payload = [prepare(jobs, out, base=config, world_size=env.world_size)]
+                except UserError as err:
+                    payload = [str(err)]
+            dist.broadcast_object_list(payload, src=0)
+            if isinstance(payload[0], str):
+                raise UserError(payload[0])
+            batch = payload[0]
+        ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress) if env.rank == 0 else None
+        try:
+            if batch.todo:  # a finished batch loads nothing
+                with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+                    run_local(ledger, batch.todo, worker=Worker(plan))
+        finally:
+            if ledger is not None:
+                ledger.close()
     if ledger is None:
         return 0
     print(ledger.summary())

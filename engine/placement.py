@@ -1,0 +1,104 @@
+"""Where a rank runs and how ranks talk: one decision, from the config and the environment.
+
+Every launcher (single process, torchrun, srun, Ray) gives the engine a local rank; this module
+turns `model.device` plus that local rank into this rank's device, and the device into the
+process-group backend, so the backend always follows the device the plan chose:
+
+| model.device | world size | this rank's device                 | backend |
+|--------------|------------|------------------------------------|---------|
+| auto         | any        | cuda:(local_rank % GPUs) if a GPU, else cpu | nccl / gloo |
+| cuda         | any        | cuda:(local_rank % GPUs)           | nccl    |
+| cuda:N       | 1          | cuda:N                             | (none)  |
+| cuda:N       | > 1        | error: every rank would share GPU N |        |
+| cpu          | any        | cpu (gloo even on a GPU host)      | gloo    |
+
+`local_rank % GPUs` is right both when a node's ranks see all its GPUs (torchrun: local rank k
+takes GPU k) and when srun or Ray bind one GPU per task through CUDA_VISIBLE_DEVICES (each rank
+sees one GPU, index 0).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from unison.errors import UserError
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    """This rank's device (cuda with an index, or cpu)."""
+    backend: str
+    """Process-group backend for this device: nccl for CUDA, gloo otherwise."""
+
+    @property
+    def kind(self) -> str:
+        """The device type without an index (what the resolved config records)."""
+        return self.device.type
+
+
+def place(requested: str, *, world_size: int, local_rank: int, gpus: int) -> Placement:
+    """This rank's device and backend. `gpus` is torch.cuda.device_count() (0 without CUDA)."""
+    if requested == "auto":
+        requested = "cuda" if gpus > 0 else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"model.device: not a torch device: {requested!r}") from None
+    if device.type != "cuda":
+        return Placement(device=device, backend="gloo")
+    if gpus == 0:
+        raise UserError(f"model.device={requested} but no CUDA GPU is available here (use cpu or auto)")
+    if device.index is not None:
+        if world_size > 1:
+            raise UserError(f"model.device={requested} would put all {world_size} ranks on one GPU; use "
+                            f"model.device=cuda (each rank takes GPU local_rank % {gpus})")
+        if device.index >= gpus:
+            raise UserError(f"model.device={requested} but this machine shows {gpus} GPU(s) (cuda:0..cuda:{gpus - 1})")
+        return Placement(device=device, backend="nccl")
+    return Placement(device=torch.device("cuda", local_rank % gpus), backend="nccl")
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+ATTENTION_PACKAGES = {"flash-attn": "flash_attn", "sage": "sageattention", "xfuser": "xfuser"}
+"""Attention backends beyond torch's own sdpa, and the Python package each needs."""
+
+
+def check_attention_backend(name: str, device: torch.device) -> None:
+    """A backend other than sdpa/auto needs a GPU and its package: a one-line error otherwise."""
+    if name in ("auto", "sdpa"):
+        return
+    package = ATTENTION_PACKAGES[name]
+    pip_name = {"flash_attn": "flash-attn", "sageattention": "sageattention", "xfuser": "xfuser"}[package]
+    if device.type != "cuda":
+        raise UserError(f"parallel.attention_backend={name} needs a CUDA GPU (this run is on {device}); "
+                        f"use sdpa or auto")
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"parallel.attention_backend={name} needs the '{pip_name}' package, which is not "
+                        f"installed (pip install {pip_name}, or use sdpa)")
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    """model.compile=blocks needs TorchDynamo on this Python and a compiler for the device:
+    a C++ compiler for the CPU (inductor's C++ backend), Triton for CUDA."""
+    if mode == "none":
+        return
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError("model.compile=blocks: torch.compile is not supported on this Python/torch build; "
+                        "use model.compile=none")
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("model.compile=blocks on a GPU needs the 'triton' package, which is not installed; "
+                            "use model.compile=none")
+    elif not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise UserError("model.compile=blocks on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                        "use model.compile=none")
