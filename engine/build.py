@@ -14,7 +14,9 @@ import torch
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
+from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
+from unison.engine.precision import cast_component
 from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,11 +57,12 @@ class Plan:
         lines = [
             f"model      {self.spec.title} [{self.spec.family}] from {source}",
             f"device     {c.model.device}, {c.model.dtype} (VAE {c.model.vae_dtype})",
+            f"components {self.components()}",
             f"video      {s.width}x{s.height}, {s.frames} frames at {c.output.fps or self.spec.fps} fps, "
             f"{s.steps} steps, seed {s.seed}",
             f"guidance   {_guidance_text(self.spec, s)}",
             f"parallel   ulysses {c.parallel.ulysses} x ring {c.parallel.ring} x cfg {c.parallel.cfg} "
-            f"x patch {c.parallel.patch}",
+            f"x patch {c.parallel.patch}" + _shard_text(c.parallel, self.world_size),
             f"output     {c.output.path if c.output.decode else '(no video)'}"
             + (f", latents to {c.output.save_latents}" if c.output.save_latents else ""),
         ]
@@ -67,6 +70,27 @@ class Plan:
         if tokens is not None:
             lines.insert(3, f"tokens     {tokens} video tokens per branch, {s.max_sequence_length} text tokens")
         return lines
+
+    def components(self) -> str:
+        """Each component's dtype and device as load_pipeline will give them, from the config
+        alone: experts and text encoders in model.dtype, the VAE in model.vae_dtype, float32
+        islands named by the component's class (diffusers' transformer class; for a folder, the
+        classes its model_index.json names), idle modules on the CPU under model.offload."""
+        from unison.engine.precision import class_has_fp32_islands
+
+        model = self.config.model
+        idle = offloader_for(self, None).idle()
+        parts = []
+        for name in (*self.spec.experts, *self.spec.text_encoders, "vae"):
+            dtype = model.vae_dtype if name == "vae" else model.dtype
+            if name in self.spec.experts:
+                library, class_name = "diffusers", self.spec.transformer_class
+            else:
+                library, class_name = (self.model_index or {}).get(name) or (None, None)
+            islands = class_has_fp32_islands(library, class_name, DTYPES[dtype])
+            where = f"{Offloader.park} (offload)" if name in idle else str(self.device)
+            parts.append(f"{name} {dtype}{' (+float32 islands)' if islands else ''} on {where}")
+        return ", ".join(parts)
 
     def video_tokens(self) -> int | None:
         """Transformer sequence length of the video, read from the folder's configs (None for tiny)."""
@@ -85,6 +109,14 @@ class Plan:
         s = self.config.sampling
         frames = (s.frames - 1) // temporal + 1
         return (frames // pt) * (s.height // spatial // ph) * (s.width // spatial // pw)
+
+
+def _shard_text(p: ParallelConfig, world_size: int) -> str:
+    if not p.shard_weights:
+        return ""
+    if world_size == 1:
+        return ", shard_weights ignored (one rank: nothing to shard)"
+    return f", block weights sharded over {world_size} ranks (FSDP2)"
 
 
 def _guidance_text(spec: ModelSpec, s: SamplingConfig) -> str:
@@ -286,24 +318,10 @@ def _check_cfg_parallel(p: ParallelConfig, spec: ModelSpec, s: SamplingConfig) -
 
 
 
-def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast like diffusers' from_pretrained does: `_keep_in_fp32_modules` stay in float32."""
-    if all(p.dtype == dtype for p in module.parameters()):
-        return
-    # diffusers warns on every ModelMixin.to(dtype); the float32 islands are restored below.
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        module.to(dtype)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    keep = getattr(module, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32 and keep:
-        for name, sub in module.named_modules():
-            if any(k in name.split(".") for k in keep):
-                sub.to(torch.float32)
+def offloader_for(plan: Plan, pipe) -> Offloader:
+    """The run's offloader (a no-op unless model.offload); experts stay put under shard_weights."""
+    return Offloader(pipe, plan.spec.experts, plan.device, enabled=plan.config.model.offload,
+                     experts_too=not plan.config.parallel.shard_weights)
 
 
 def load_pipeline(plan: Plan):
@@ -316,16 +334,23 @@ def load_pipeline(plan: Plan):
         pipe = plan.spec.build_tiny(model.tiny_seed)
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
-                _cast(component, vae_dtype if name == "vae" else dtype)
+                cast_component(component, vae_dtype if name == "vae" else dtype)
     else:
         cls = getattr(diffusers, plan.spec.pipeline_class)
         try:
             pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype})
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
-    for component in pipe.components.values():
+    # With model.offload the idle modules stay on the CPU (engine/offload.py moves them in when needed).
+    offloader = offloader_for(plan, pipe)
+    idle = offloader.idle()
+    for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             component.eval()  # modules built in-process start in training mode (dropout on)
-    pipe.to(plan.device)
+            # Inference only. Beyond memory: with parameters that require grad, a forward outside
+            # torch.no_grad (prompt encoding) records a graph, and sdpa then picks another kernel
+            # than diffusers' no_grad __call__ does, which shows in bfloat16.
+            component.requires_grad_(False)
+            component.to(offloader.park if name in idle else plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

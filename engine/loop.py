@@ -7,6 +7,7 @@ order, so on one device with no cache the final latents equal diffusers' output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
+from unison.engine.offload import Offloader
 from unison.parallel.comm import all_gather
 
 
@@ -106,18 +108,22 @@ def denoise(
     on_step: Callable[[StepRecord], None] | None = None,
     runtime=None,
     caches: dict | None = None,
+    offload: Offloader | None = None,
 ) -> LoopResult:
     """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
     guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
     step; every rank then combines and steps the scheduler identically. `caches` (per expert
-    name) are told the step and the branch (cache context) before every forward."""
+    name) are told the step and the branch (cache context) before every forward. `offload`
+    (model.offload) brings the text encoders in to encode and keeps only the running expert on
+    the device."""
     caches = caches or {}
     for cache in caches.values():
         cache.reset()
     if runtime is not None:
         runtime.begin_video()
     started = time.perf_counter()
-    conditioning: Conditioning = spec.encode(pipe, sampling, device)
+    with offload.encoding() if offload is not None else contextlib.nullcontext():
+        conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
     timesteps = spec.set_timesteps(pipe, sampling.steps, device)
     experts = [getattr(pipe, name) for name in spec.experts]
@@ -134,6 +140,8 @@ def denoise(
         for i, t in enumerate(timesteps):
             step_start = timer.start()
             which = select_expert(spec, boundary, t)
+            if offload is not None:
+                offload.use_expert(spec.experts[which])
             model, scale = experts[which], conditioning.scales[which]
             cache = caches.get(spec.experts[which])
             x = latents.to(model.dtype)

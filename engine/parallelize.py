@@ -1,11 +1,16 @@
 """Apply parallelism to a loaded pipeline, in a fixed order.
 
-1. on every expert transformer: PipeFusion (the blocks split into stages; parallel/pipefusion.py),
+1. with parallel.shard_weights, on every expert transformer: its blocks' weights sharded over
+   all the engine's ranks with FSDP2, gathered block by block in the forward (parallel/shard.py);
+2. on every expert transformer: PipeFusion (the blocks split into stages; parallel/pipefusion.py),
    or one sequence split over the patch x ring x ulysses ranks: exact attention (Ulysses / Ring /
    USP), or displaced patches (self-attention over stale K/V from the other patches, Ulysses
    inside each patch; parallel/patch.py);
-2. CFG parallelism is not a transformation of the model: the loop runs one branch per half of
+3. CFG parallelism is not a transformation of the model: the loop runs one branch per half of
    the cfg axis and exchanges the predictions once per step.
+
+Step caches come later, per render (engine/caches.py): they replace block and attention
+`forward`s, which every hook installed here runs around.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
 from unison.parallel.patch import DisplacedKV
 from unison.parallel.pipefusion import PipeStage, StageRunner
+from unison.parallel.shard import ShardedWeights, apply_weight_sharding
 from unison.parallel.sequence import Handle, SequenceShard, apply_sequence_parallel
 
 log = logging.getLogger("unison")
@@ -41,6 +47,8 @@ class Runtime:
     """Patch parallelism's per-expert state (stale K/V, steps, branch)."""
     runners: dict[str, StageRunner] = field(default_factory=dict)
     """PipeFusion: each expert's StageRunner (where First-Block Cache gates the pipeline)."""
+    sharded: dict[str, ShardedWeights] = field(default_factory=dict)
+    """parallel.shard_weights: each expert's sharded blocks (empty otherwise)."""
 
     def begin_video(self) -> None:
         for state in self.stale.values():
@@ -56,8 +64,9 @@ class Runtime:
             state.branch = branch
 
     def describe(self, transformers: dict) -> list[str]:
-        """Per-rank memory of patch parallelism: weights held and stale K/V buffers."""
-        lines = []
+        """Per-rank memory of weight sharding (block weights held) and of patch parallelism
+        (weights held and stale K/V buffers)."""
+        lines = [f"{name}: {sharded.describe()}" for name, sharded in self.sharded.items()]
         for name, state in self.stale.items():
             weights = sum(p.numel() * p.element_size() for p in transformers[name].parameters())
             mode = "PipeFusion stage" if isinstance(state, PipeStage) else "displaced patches"
@@ -70,10 +79,11 @@ class Runtime:
         return self.groups.rank
 
     @classmethod
-    def create(cls, parallel, *, world_size: int) -> "Runtime":
+    def create(cls, parallel, *, world_size: int, device_type: str = "cpu") -> "Runtime":
         dims = parallel_dims(parallel, world_size=world_size)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s))
+        return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s,
+                                                  device_type=device_type))
 
 
 def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfig) -> list[Handle]:
@@ -81,6 +91,16 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
     dims, groups = runtime.dims, runtime.groups
     warmup_steps = parallel.patch_warmup_steps
     handles = []
+    if parallel.shard_weights:
+        # First, so that on each block FSDP2's forward hook (free the gathered weights) runs before
+        # the sequence gather hook on the last block (which allocates the whole sequence); its
+        # pre-forward hook is prepended, so the weights are gathered before the split hooks and
+        # the attention processors run whatever the order. It only swaps parameters, which
+        # sequence parallelism never touches. plan_run refuses it with patch parallelism. One
+        # group of every rank (both CFG halves too): the weights are the same on all of them.
+        for name in spec.experts:
+            runtime.sharded[name] = apply_weight_sharding(getattr(pipe, name), block_lists=spec.block_lists,
+                                                          mesh_or_group=groups.get("cfg_tokens"))
     # plan_run has checked that the family supports the patch mode.
     if dims.patch > 1 and parallel.patch_mode == "pipefusion":
         for name in spec.experts:
@@ -110,4 +130,6 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
     if runtime.rank == 0:
         log.info("%s on %d ranks", " x ".join(f"{a} {getattr(dims, a)}" for a in ("ulysses", "ring", "patch", "cfg")
                                              if getattr(dims, a) > 1) or "one rank", dims.world_size)
+        for name, sharded in runtime.sharded.items():
+            log.info("%s: %s", name, sharded.describe())
     return handles

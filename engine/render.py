@@ -10,12 +10,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from unison.engine.build import Plan, load_pipeline, plan_run
+from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run
 from unison.engine.caches import apply_caches
 from unison.engine.caches import describe as describe_caches
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine.loop import LoopResult, denoise
+from unison.engine.precision import describe_components
 from unison.engine.video import save_tensor, to_uint8_frames, write_mp4, write_text
 
 log = logging.getLogger("unison")
@@ -43,7 +45,12 @@ class RenderResult:
     cache_decisions: dict[str, list[tuple]] = field(default_factory=dict)
     """Per expert: every cache decision (step, context, what, computed), in order."""
     parallel_lines: list[str] = field(default_factory=list)
-    """Patch parallelism's per-rank memory (weights, stale K/V buffers); empty otherwise."""
+    """Per-rank memory of weight sharding (block weights held on this rank, of how many) and of
+    patch parallelism (weights, stale K/V buffers); empty otherwise."""
+    peak_memory_per_rank: list[int] = field(default_factory=list)
+    """Every rank's peak memory, in rank order (empty on one rank)."""
+    components: str = ""
+    """Each component's dtype and device, read from its parameters after the render."""
 
     def summary(self) -> str:
         steps = [r.seconds for r in self.loop.steps]
@@ -54,10 +61,14 @@ class RenderResult:
             f"{len(steps)} steps in {sum(steps):.2f} s ({median:.3f} s/step median"
             + (f", experts {', '.join(experts)}" if len(experts) > 1 else "") + ")",
             "time      " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()),
-            f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
+            f"memory    peak {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})"
+            + (", per rank " + ", ".join(f"{b / 2**30:.2f}" for b in self.peak_memory_per_rank) + " GiB"
+               if self.peak_memory_per_rank else ""),
         ]
+        if self.components:
+            lines.append(f"components {self.components}")
         lines += [f"cache     {line}" for line in self.cache_lines]
-        lines += [f"patch     {line}" for line in self.parallel_lines]
+        lines += [f"parallel  {line}" for line in self.parallel_lines]
         if self.comm_bytes_per_step:
             lines.append("comm      " + ", ".join(f"{k} {v / 2**20:.3f} MiB/step"
                                                   for k, v in sorted(self.comm_bytes_per_step.items())))
@@ -89,14 +100,21 @@ class Engine:
         self.plan = plan
         started = time.perf_counter()
         self.pipe = load_pipeline(plan)
+        self.offloader = offloader_for(plan, self.pipe)
         self.runtime = None
         self.caches = {}
         self.cache_config = None
         if plan.world_size > 1:
             from unison.engine.parallelize import Runtime, parallelize
 
-            self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size)
+            self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size,
+                                          device_type=plan.device.type)
             self.handles = parallelize(self.pipe, plan.spec, self.runtime, plan.config.parallel)
+        self.compiled = {}
+        if plan.config.model.compile == "blocks":  # after parallelism: the blocks and processors it leaves
+            from unison.engine.compile import compile_experts
+
+            self.compiled = compile_experts(self.pipe, plan.spec, announce=self.is_writer)
         self.load_seconds = time.perf_counter() - started
 
     @property
@@ -124,7 +142,7 @@ class Engine:
             self.runtime.stats.reset()
         self._use_cache(cfg.cache)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
-                       caches=self.caches, on_step=on_step)
+                       caches=self.caches, on_step=on_step, offload=self.offloader)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
@@ -146,6 +164,10 @@ class Engine:
             seconds["write"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - started + self.load_seconds
         peak, kind = peak_memory(device)
+        peaks = []
+        if self.runtime is not None:
+            peaks = [None] * self.plan.world_size
+            dist.all_gather_object(peaks, peak, group=self.runtime.groups.get("cfg_tokens"))
         comm = {}
         if self.runtime is not None and loop.steps:
             comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
@@ -156,7 +178,9 @@ class Engine:
                             comm_calls=calls, cache_lines=describe_caches(self.caches),
                             cache_decisions={name: list(c.decisions) for name, c in self.caches.items()},
                             parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
-                            if self.runtime is not None else [])
+                            if self.runtime is not None else [], peak_memory_per_rank=peaks,
+                            components=describe_components(
+                                self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")))
 
     def _use_cache(self, cache) -> None:
         """Apply the render's cache config, replacing a different one from an earlier render."""

@@ -115,8 +115,9 @@ class Groups:
         return self.ranks.get(name, [self.rank]).index(self.rank)
 
 
-def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float) -> Groups:
-    """Create every group of the mesh (all ranks call this in the same order)."""
+def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float, device_type: str = "cpu") -> Groups:
+    """Create every group of the mesh (all ranks call this in the same order); `device_type` is
+    the engine's device type (the plan's placement), which the DeviceMesh records."""
     out = Groups(dims=dims, rank=rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     for name, axes in GROUP_AXES.items():
@@ -131,7 +132,6 @@ def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float) -> Groups:
         from torch.distributed.device_mesh import DeviceMesh
 
         layout = torch.arange(dims.world_size).reshape([getattr(dims, a) for a in active])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], device, mesh=layout,
+        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], device_type, mesh=layout,
                                          mesh_dim_names=tuple(active))
     return out

@@ -193,13 +193,15 @@ def _perturbed_rank(rank, world, config):
     """Rank 1 inflates its (already agreed) First-Block Cache metric: its decisions differ."""
     from unison.caching.agree import Agreement
 
+    agreed = Agreement.ratio
     if rank == 1:
-        agreed = Agreement.ratio
         Agreement.ratio = lambda self, num, den: agreed(self, num, den) * 100
     try:
         Engine.from_config(config, world_size=world).render()
     except CacheDisagreement as err:
         return str(err)
+    finally:
+        Agreement.ratio = agreed  # the rank's process serves later tests
     return "no error"
 
 

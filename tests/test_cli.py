@@ -96,6 +96,18 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         (["--set", "parallel.ulysses=2"], "must equal the world size 1"),
         (["--set", "parallel.cfg=3", "--set", "parallel.ulysses=1"], "parallel.cfg must be 1 or 2"),
         (["--set", "sampling"], "--set expects section.key=value"),
+        (["--attention-backend", "flash-attn"], "attention_backend=flash-attn needs a CUDA GPU"),
+        (["--set", "parallel.attention_backend=flashattn"], "parallel.attention_backend: expected"),
+        (["--set", "model.compile=max"], "model.compile: expected"),
+    ]
+
+
+def _bad_cases_two_ranks() -> list[tuple[list[str], str]]:
+    """Bad input that only a multi-rank launch can give (the CLI under torchrun, WORLD_SIZE=2)."""
+    return [
+        (["--patch", "2", "--shard-weights"], "shard_weights does not combine with patch parallelism"),
+        (["--patch", "2", "--pipefusion", "--ulysses", "2"], "must equal the world size 2"),
+        (["--ulysses", "2", "--ring", "2"], "must equal the world size 2"),
     ]
 
 
@@ -105,12 +117,40 @@ def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("weights loaded before the error"))
-    for argv, expected in _bad_cases(tmp_path, tiny_folder("wan")):
+    cases = _bad_cases(tmp_path, tiny_folder("wan"))
+    capsys.readouterr()  # make-tiny's own output, when this test made the folder
+    for argv, expected in cases:
         code = main(argv)
         err = capsys.readouterr().err.strip()
         assert code == 2, (argv, err)
         assert err.startswith("unison: error: ") and expected in err, (argv, err)
         assert "\n" not in err, (argv, err)
+
+
+def test_bad_input_table_two_ranks(tmp_path, monkeypatch, capsys):
+    """The same contract under a launcher's environment: refused before any process group forms."""
+    import unison.engine.build as build
+    import unison.launch.dist as dist_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("weights loaded before the error"))
+    monkeypatch.setattr(dist_module.DistEnv, "init", lambda *a, **k: pytest.fail("joined a group before the error"))
+    for argv, expected in _bad_cases_two_ranks():
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("unison: error: ") and expected in err and "\n" not in err, (argv, err)
+
+
+def test_compile_where_it_cannot_run(monkeypatch, capsys):
+    """No C++ compiler for inductor's CPU backend: one line and exit 2 before anything loads."""
+    import unison.engine.placement as placement
+
+    monkeypatch.setattr(placement.shutil, "which", lambda name: None)
+    assert main(["--compile", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.compile=blocks on the CPU needs a C++ compiler" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
