@@ -16,7 +16,7 @@ from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
 from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
-from unison.engine.precision import cast_component
+from unison.engine.precision import cast_component, class_has_fp32_islands
 from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,8 +76,6 @@ class Plan:
         alone: experts and text encoders in model.dtype, the VAE in model.vae_dtype, float32
         islands named by the component's class (diffusers' transformer class; for a folder, the
         classes its model_index.json names), idle modules on the CPU under model.offload."""
-        from unison.engine.precision import class_has_fp32_islands
-
         model = self.config.model
         idle = offloader_for(self, None).idle()
         parts = []
@@ -320,8 +318,8 @@ def _check_cfg_parallel(p: ParallelConfig, spec: ModelSpec, s: SamplingConfig) -
 
 def offloader_for(plan: Plan, pipe) -> Offloader:
     """The run's offloader (a no-op unless model.offload); experts stay put under shard_weights."""
-    return Offloader(pipe, plan.spec.experts, plan.device, enabled=plan.config.model.offload,
-                     experts_too=not plan.config.parallel.shard_weights)
+    return Offloader(pipe, plan.spec.experts, plan.spec.text_encoders, plan.device,
+                     enabled=plan.config.model.offload, experts_too=not plan.config.parallel.shard_weights)
 
 
 def load_pipeline(plan: Plan):

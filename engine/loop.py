@@ -122,7 +122,7 @@ def denoise(
     if runtime is not None:
         runtime.begin_video()
     started = time.perf_counter()
-    with offload.encoding() if offload is not None else contextlib.nullcontext():
+    with torch.no_grad(), offload.encoding() if offload is not None else contextlib.nullcontext():
         conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
     timesteps = spec.set_timesteps(pipe, sampling.steps, device)

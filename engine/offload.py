@@ -21,8 +21,6 @@ from typing import Iterator
 
 import torch
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
 
 class Offloader:
     """Moves a pipeline's idle modules between the compute device and the CPU."""
@@ -30,9 +28,9 @@ class Offloader:
     park = torch.device("cpu")
     """Where idle modules wait."""
 
-    def __init__(self, pipe, experts: tuple[str, ...], device: torch.device, *, enabled: bool,
-                 experts_too: bool = True):
-        self.pipe, self.experts, self.device = pipe, experts, device
+    def __init__(self, pipe, experts: tuple[str, ...], text_encoders: tuple[str, ...], device: torch.device, *,
+                 enabled: bool, experts_too: bool = True):
+        self.pipe, self.experts, self.text_encoders, self.device = pipe, experts, text_encoders, device
         self.enabled = enabled
         self.experts_too = experts_too and len(experts) > 1
         self.moves: list[tuple[str, str]] = []
@@ -49,7 +47,7 @@ class Offloader:
         """Components that start on the CPU: the text encoders and every expert but the first."""
         if not self.enabled:
             return set()
-        return set(TEXT_ENCODERS) | (set(self.experts[1:]) if self.experts_too else set())
+        return set(self.text_encoders) | (set(self.experts[1:]) if self.experts_too else set())
 
     @contextlib.contextmanager
     def encoding(self) -> Iterator[None]:
@@ -57,12 +55,12 @@ class Offloader:
         if not self.enabled:
             yield
             return
-        for name in TEXT_ENCODERS:
+        for name in self.text_encoders:
             self._move(name, self.device)
         try:
             yield
         finally:
-            for name in TEXT_ENCODERS:
+            for name in self.text_encoders:
                 self._move(name, self.park)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

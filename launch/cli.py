@@ -171,6 +171,10 @@ def _add_make_tiny(sub) -> None:
     p.add_argument("--family", required=True, choices=sorted(SPECS))
     p.add_argument("--out", required=True, help="folder to write (save_pretrained)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the saved transformer(s) and text encoder(s), float32 kept where diffusers "
+                   "and transformers keep it when loading in that dtype; the VAE is saved in float32 "
+                   "(load it in another dtype with model.vae_dtype)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -245,8 +249,19 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out is a file, not a folder: {out}")
     pipe = get_spec(args.family).build_tiny(args.seed)
+    if args.dtype != "float32":
+        import torch
+
+        from unison.engine.build import DTYPES
+        from unison.engine.precision import cast_component
+
+        # Stored as a real checkpoint in that dtype would be; the VAE stays float32, as diffusers'
+        # Wan examples load it (it is small, and float32 on disk loses nothing for any vae_dtype).
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "vae":
+                cast_component(component, DTYPES[args.dtype])
     pipe.save_pretrained(out)
-    print(f"wrote a tiny {args.family} pipeline to {out}")
+    print(f"wrote a tiny {args.family} pipeline ({args.dtype}) to {out}")
     return 0
 
 

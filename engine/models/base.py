@@ -47,6 +47,8 @@ class ModelSpec:
     """diffusers transformer class name."""
     experts: tuple[str, ...]
     """Pipeline attributes of the denoisers, in order of use (high noise first)."""
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    """Pipeline attributes of the text encoders (for the plan's per-component dtype and device)."""
     fps: int
     """Frame rate of the written video."""
     size_multiple: int

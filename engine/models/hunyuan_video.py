@@ -110,7 +110,8 @@ def _matches(index: dict[str, Any]) -> bool:
 
 HUNYUAN_VIDEO = ModelSpec(
     family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
-    transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",), fps=24,
+    transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",),
+    text_encoders=("text_encoder", "text_encoder_2"), fps=24,
     size_multiple=16, temporal_factor=4, embedded_guidance=True,
     block_lists=BLOCK_LISTS,
     defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=6.0,
