@@ -92,9 +92,12 @@ class ParallelConfig:
     timeout_s: float = 300.0
     """Timeout of every process group, in seconds: a stuck collective fails instead of hanging."""
     shard_weights: bool = False
-    """Shard the transformer blocks' weights across the engine's ranks with torch's FSDP2
+    """Shard the transformer blocks' weights across all the engine's ranks with torch's FSDP2
     (`fully_shard`), gathered block by block in the forward: about 1/N of the block weights per
-    rank. Combines with ulysses, ring and cfg; not with patch parallelism."""
+    rank, for one all-gather of each block's weights per forward. The other weights (embeddings,
+    output head: a few percent) stay whole on every rank. Combines with ulysses, ring, cfg and
+    the step caches; not with patch parallelism. On one rank there is nothing to shard: the
+    flag is accepted and changes nothing, so one recipe runs on any number of ranks."""
     attention_backend: Literal["auto", "sdpa", "flash-attn", "sage", "xfuser"] = "auto"
     """Local attention kernel: auto (flash-attn on a GPU when installed, else torch's sdpa),
     sdpa, flash-attn, sage (SageAttention) or xfuser (xDiT's long-context attention); the last

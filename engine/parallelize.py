@@ -87,7 +87,8 @@ class Runtime:
 
 
 def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfig) -> list[Handle]:
-    """Apply sequence or patch parallelism (displaced or PipeFusion) to every expert."""
+    """Shard the block weights (parallel.shard_weights), then apply sequence or patch parallelism
+    (displaced or PipeFusion), to every expert."""
     dims, groups = runtime.dims, runtime.groups
     warmup_steps = parallel.patch_warmup_steps
     handles = []
@@ -100,7 +101,7 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
         # group of every rank (both CFG halves too): the weights are the same on all of them.
         for name in spec.experts:
             runtime.sharded[name] = apply_weight_sharding(getattr(pipe, name), block_lists=spec.block_lists,
-                                                          mesh_or_group=groups.get("cfg_tokens"))
+                                                          mesh_or_group=groups.get("cfg_tokens"), stats=runtime.stats)
     # plan_run has checked that the family supports the patch mode.
     if dims.patch > 1 and parallel.patch_mode == "pipefusion":
         for name in spec.experts:
