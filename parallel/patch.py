@@ -8,18 +8,22 @@ sequence parallelism's split and gather (and its RoPE slicing) unchanged, and a 
 convolution across patch borders (the reason DistriFusion splits U-Net images by rows), so the
 only interaction between patches is attention, which is exactly what the stale K/V stand in for.
 
-Per self-attention layer and guidance branch, a rank keeps the full K and V from the previous
-step. In a displaced step it overwrites its own chunk with the fresh K/V, attends, and starts an
-asynchronous all-gather of its fresh K/V that is waited on only when the same layer runs in the
-next step, so the exchange overlaps a whole step of compute. The first `warmup_steps` steps
-gather synchronously and attend to fresh K/V everywhere: they equal the one-rank result. When a
-cache skips a layer, nothing is exchanged; the next computed step sees the K/V of the last step
-that computed it (its pending all-gather is waited on then).
+Per self-attention layer and guidance branch, a rank keeps one whole-sequence K and one V buffer,
+allocated the first time the layer runs and refilled in place from then on. In a displaced step it
+waits for the all-gather that the same layer started in the previous step, overwrites its own
+chunk with the fresh K/V, attends, and only then starts an asynchronous all-gather of that chunk
+into the same buffers (the other ranks' chunks are what this step's attention just read), waited
+on when the layer next runs: the exchange overlaps a whole step of compute, and no step copies
+or allocates a whole sequence. The first `warmup_steps` steps gather synchronously and attend to
+fresh K/V everywhere: they equal the one-rank result. When a cache skips a layer, nothing is
+exchanged; the next computed step sees the K/V of the last step that computed it (its pending
+all-gather is waited on then).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,20 +31,30 @@ import torch.distributed as dist
 from unison.parallel.attention import AttentionGroups, check_heads, gather_heads, own_heads, scatter_heads, sdpa
 from unison.parallel.comm import CommStats, all_gather
 
+# all_gather_single is all_gather_into_tensor's name from torch 2.13 (the old one warns there).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+T = TypeVar("T")
+
 
 @dataclass
 class _Buffer:
-    parts: list[list[torch.Tensor]]
-    """Per gathered tensor (K, V, ...), every rank's chunk in group-rank order."""
-    work: object | None = None
-    """The pending asynchronous all-gather filling `parts` (None once complete)."""
+    """One layer's whole-sequence K and V of one guidance branch, each (batch, group size, chunk,
+    heads, head_dim): group rank r's chunk of sample b at [b, r], so an all-gather of a sample
+    writes every rank's chunk straight into place, and `flatten(1, 2)` is the (batch, tokens,
+    heads, head_dim) sequence without a copy."""
 
-    def full(self, dim: int) -> list[torch.Tensor]:
-        if self.work is not None:
-            for w in self.work:
-                w.wait()
-            self.work = None
-        return [torch.cat(p, dim=dim) for p in self.parts]
+    tensors: list[torch.Tensor]
+    work: list = field(default_factory=list)
+    """The pending asynchronous all-gathers filling `tensors` (empty once complete)."""
+
+    def wait(self) -> None:
+        for work in self.work:
+            work.wait()
+        self.work.clear()
+
+    def sequences(self) -> list[torch.Tensor]:
+        return [t.flatten(1, 2) for t in self.tensors]
 
 
 @dataclass
@@ -55,52 +69,61 @@ class DisplacedKV:
     step: int = 0
     branch: str = "cond"
     buffers: dict = field(default_factory=dict)
-    bytes_held: int = 0
 
     def begin_step(self, index: int) -> None:
         self.step = index
 
     def reset(self) -> None:
-        """A new video: finish pending transfers (every rank issued them) and forget every buffer."""
+        """A new video: finish pending transfers (every rank issued them) and free every buffer."""
         for buffer in self.buffers.values():
-            buffer.full(dim=1)
+            buffer.wait()
         self.buffers.clear()
 
     @property
     def synchronous(self) -> bool:
         return self.step < self.warmup_steps
 
-    def exchange(self, key, fresh: list[torch.Tensor], *, dim: int = 1) -> list[torch.Tensor]:
-        """Full-sequence tensors for this layer: every rank's fresh chunks in a synchronous step
-        (or the first time a layer runs), else the stale ones with this rank's chunk fresh; then
-        start sharing this step's fresh chunks for the next step."""
+    def exchange(self, key, k: torch.Tensor, v: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor], T]) -> T:
+        """`attend(keys, values)` over the whole sequence, (batch, tokens, heads, head_dim) with
+        this rank's fresh chunk `k`, `v` in place: every rank's fresh chunks in a synchronous step
+        (or the first time a layer runs), else the other ranks' from the layer's previous step.
+        Then this step's fresh chunks are shared for the next step. Returns what `attend` does."""
         key = (self.branch, key)
-        previous = self.buffers.get(key)
-        if self.synchronous or previous is None:
-            full = [all_gather(t, dim=dim, group=self.group, stats=self.stats) for t in fresh]
-            self.buffers[key] = _Buffer(parts=[list(t.chunk(self.size, dim=dim)) for t in full])
-            return full
-        stale = previous.full(dim)
-        chunk = fresh[0].shape[dim]
-        for t, f in zip(stale, fresh):
-            t.narrow(dim, self.index * chunk, chunk).copy_(f)
-        self.buffers[key] = self._start(fresh)
-        return stale
+        buffer = self.buffers.get(key)
+        if buffer is not None:
+            buffer.wait()  # the chunks the previous step's all-gather is writing
+        shapes = [(t.shape[0], self.size, *t.shape[1:]) for t in (k, v)]
+        new = buffer is None or [t.shape for t in buffer.tensors] != shapes or buffer.tensors[0].dtype != k.dtype
+        if new:
+            buffer = self.buffers[key] = _Buffer(tensors=[t.new_empty(s) for t, s in zip((k, v), shapes)])
+        for t, chunk in zip(buffer.tensors, (k, v)):
+            t[:, self.index].copy_(chunk)
+        if self.synchronous or new:
+            self._gather(buffer, asynchronous=False)
+            return attend(*buffer.sequences())
+        out = attend(*buffer.sequences())
+        # Only after the attention has read the buffers may the all-gather overwrite them. (On a
+        # GPU the collective's stream first waits for the work queued so far, attention included.)
+        self._gather(buffer, asynchronous=True)
+        return out
 
-    def _start(self, fresh: list[torch.Tensor]) -> _Buffer:
-        parts, work = [], []
-        for t in fresh:
-            t = t.contiguous()
-            slots = [torch.empty_like(t) for _ in range(self.size)]
-            work.append(dist.all_gather(slots, t, group=self.group, async_op=True))
-            parts.append(slots)
+    def _gather(self, buffer: _Buffer, *, asynchronous: bool) -> None:
+        """Every rank's chunk into `buffer`, in place: the input is this rank's own slot. One
+        collective per tensor and sample (the engine runs one sample per forward)."""
+        kind = "all_gather_async" if asynchronous else "all_gather"
+        for t in buffer.tensors:
+            for sample in t:  # (size, chunk, ...): group rank r's chunk at r
+                work = _all_gather_single(sample.flatten(0, 1), sample[self.index], group=self.group,
+                                          async_op=asynchronous)
+                if asynchronous:
+                    buffer.work.append(work)
             if self.stats is not None:
-                self.stats.add("all_gather_async", t.numel() * t.element_size() * (self.size - 1))
-        return _Buffer(parts=parts, work=work)
+                self.stats.add(kind, t[:, self.index].numel() * t.element_size() * (self.size - 1))
 
     def held_bytes(self) -> int:
-        """Bytes of K/V buffers this rank holds (full-sequence K and V per layer and branch)."""
-        return sum(p.numel() * p.element_size() for b in self.buffers.values() for ps in b.parts for p in ps)
+        """Bytes of K/V buffers this rank holds (whole-sequence K and V per layer and branch,
+        padding included)."""
+        return sum(t.numel() * t.element_size() for b in self.buffers.values() for t in b.tensors)
 
 
 def displaced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv: DisplacedKV, key,
@@ -114,8 +137,7 @@ def displaced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv
     if u > 1:
         check_heads(q.shape[2], u)
         q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
-    k_all, v_all = kv.exchange(key, [k, v])
-    out = sdpa(q, k_all[:, :valid_len], v_all[:, :valid_len])
+    out = kv.exchange(key, k, v, lambda keys, values: sdpa(q, keys[:, :valid_len], values[:, :valid_len]))
     return gather_heads(out, groups) if u > 1 else out
 
 
@@ -143,9 +165,8 @@ def displaced_joint_attention(q, k, v, text_q, text_k, text_v, *, kv: DisplacedK
         check_heads(q.shape[2], u)
         q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
         text_q, text_k, text_v = (own_heads(t, groups) for t in (text_q, text_k, text_v))
-    k_all, v_all = kv.exchange(key, [k, v])
-    out, text_out = joint_over(q, k_all[:, :valid_len], v_all[:, :valid_len], text_q, text_k, text_v,
-                               text_valid=text_valid)
+    out, text_out = kv.exchange(key, k, v, lambda keys, values: joint_over(
+        q, keys[:, :valid_len], values[:, :valid_len], text_q, text_k, text_v, text_valid=text_valid))
     if u > 1:
         out = gather_heads(out, groups)
         text_out = all_gather(text_out, dim=2, group=groups.ulysses, stats=groups.stats)
