@@ -237,7 +237,7 @@ def report(after: list[dict], before: list[dict] | None, before_rev: str | None,
     out += ["", f"PipeFusion's PipeStage.refresh (3 layers, two branches, 3 patches after a whole-sequence step 0): "
             f"bytes allocated per step {pipefusion}: its buffers are allocated in the first step and refilled in "
             "place after, with no per-step allocation.", "",
-            "Not changed here: HunyuanVideo's joint attention (`joint_over` in parallel/patch.py, used by displaced "
+            "Not changed here: HunyuanVideo's joint attention (`_over` in parallel/attention.py, used by displaced "
             "patches and by PipeFusion) concatenates the whole-sequence video K/V with the text K/V for every layer "
             "(PipeFusion: for every patch), a transient copy of about F per layer that Wan does not pay."]
     return "\n".join(out) + "\n"

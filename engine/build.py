@@ -279,6 +279,10 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                         f"displaced patches keep whole blocks per rank and PipeFusion already splits the blocks "
                         f"into stages; use shard_weights with ulysses, ring or cfg")
     check_attention_backend(p.attention_backend, device)
+    if p.attention_backend == "xfuser" and (p.patch > 1 or spec.joint_text):
+        raise UserError("parallel.attention_backend=xfuser runs exact sequence parallelism (ulysses/ring) for Wan "
+                        "only: patch parallelism keeps its own K/V buffers and HunyuanVideo's joint attention "
+                        "masks padded text, which xfuser's layer cannot; use flash-attn or sdpa")
     check_compile(config.model.compile, device)
     check_cache(config.cache)
     check_output(config.output)
@@ -320,6 +324,19 @@ def offloader_for(plan: Plan, pipe) -> Offloader:
     """The run's offloader (a no-op unless model.offload); experts stay put under shard_weights."""
     return Offloader(pipe, plan.spec.experts, plan.spec.text_encoders, plan.device,
                      enabled=plan.config.model.offload, experts_too=not plan.config.parallel.shard_weights)
+
+
+def use_attention_backend(pipe, plan: Plan) -> None:
+    """parallel.attention_backend for the attention diffusers' own processors run (all of it on
+    one rank; cross-attention under sequence parallelism, whose processors take the backend from
+    the engine's AttentionGroups)."""
+    from unison.parallel.attention import diffusers_backend
+
+    name = diffusers_backend(plan.config.parallel.attention_backend, device=plan.device,
+                             dtype=DTYPES[plan.config.model.dtype])
+    if name is not None:
+        for expert in plan.spec.experts:
+            getattr(pipe, expert).set_attention_backend(name)
 
 
 def load_pipeline(plan: Plan):

@@ -107,7 +107,7 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
         for name in spec.experts:
             stage = PipeStage(group=groups.get("patch"), size=dims.patch, index=groups.index("patch"),
                               warmup_steps=warmup_steps, patches=parallel.pipefusion_patches or dims.patch,
-                              stats=runtime.stats)
+                              stats=runtime.stats, backend=parallel.attention_backend)
             runtime.runners[name] = spec.pipefusion_plan(getattr(pipe, name), stage)
             runtime.stale[name] = stage
     elif dims.patch > 1 or dims.sp > 1:
@@ -117,7 +117,7 @@ def parallelize(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelConfi
         attention = AttentionGroups(ulysses=groups.get("ulysses"), ulysses_size=dims.ulysses,
                                     ring=groups.get("ring"), ring_size=dims.ring,
                                     ring_index=groups.index("ring"), ulysses_index=groups.index("ulysses"),
-                                    stats=runtime.stats)
+                                    stats=runtime.stats, backend=parallel.attention_backend)
         for name in spec.experts:
             shard = SequenceShard(attention=attention, group=groups.get("tokens"), size=groups.size("tokens"),
                                   index=groups.index("tokens"), stats=runtime.stats)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run
+from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
 from unison.engine.caches import apply_caches
 from unison.engine.caches import describe as describe_caches
 from unison.engine.config import RunConfig, dump_yaml
@@ -101,6 +101,7 @@ class Engine:
         started = time.perf_counter()
         self.pipe = load_pipeline(plan)
         self.offloader = offloader_for(plan, self.pipe)
+        use_attention_backend(self.pipe, plan)
         self.runtime = None
         self.caches = {}
         self.cache_config = None
@@ -133,6 +134,8 @@ class Engine:
         plan = self.plan if config is None else plan_run(config, world_size=self.plan.world_size)
         if plan.config.model != self.plan.config.model:
             raise ValueError("this engine holds a different model; build another Engine for it")
+        if plan.config.parallel != self.plan.config.parallel:
+            raise ValueError("this engine was parallelized with other parallel settings; build another Engine")
         cfg, device = plan.config, plan.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,10 +1,19 @@
 """Sequence-parallel attention: Ulysses (all-to-all), Ring (K/V around a ring, log-sum-exp
-merge), and both at once (USP: Ulysses inside each ring chunk).
+merge), both at once (USP: Ulysses inside each ring chunk), and attention over whole-sequence K/V
+held in a buffer (displaced patches' stale K/V, PipeFusion's stage buffers), through one entry
+point, `sequence_attention`, with one local kernel chosen by `parallel.attention_backend`.
 
 Tensors are (batch, tokens, heads, head_dim), as diffusers' attention processors hold them.
 Each rank holds one equal-length shard of a sequence padded to a multiple of the parallel
 degree; `valid_len` is the unpadded length, and padded keys are never attended to (they are
 sliced off, not masked), so the result equals one-rank attention over the real tokens.
+
+Local kernels (`attention_backend`): sdpa (torch's scaled_dot_product_attention; its fused
+kernels return the log-sum-exp that Ring needs), flash-attn (FlashAttention 3 when its
+`flash_attn_interface` module is installed, else 2; fp16/bf16 on a GPU), sage (SageAttention;
+Ring needs 2.x, which returns the log-sum-exp), xfuser (xDiT's long-context attention does the
+whole Ulysses x Ring exchange itself, over this engine's groups; exact sequence parallelism on
+Wan only). auto: flash-attn on a GPU in fp16/bf16 when installed, else sdpa.
 """
 
 from __future__ import annotations
@@ -12,12 +21,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from unison.errors import UserError
 from unison.parallel.comm import CommStats, all_gather, all_to_all, ring_exchange
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,11 +43,68 @@ class AttentionGroups:
     ring_index: int = 0
     ulysses_index: int = 0
     stats: CommStats | None = None
+    backend: str = "auto"
+    """parallel.attention_backend: the local kernel."""
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+@functools.cache
+def _flash3():
+    """FlashAttention 3's module (Hopper), or None."""
+    try:
+        import flash_attn_interface
+    except ImportError:
+        return None
+    return flash_attn_interface
+
+
+def _flash(q, k, v):
+    fa3 = _flash3()
+    if fa3 is not None:
+        out = fa3.flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, lse)
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v)
+
+
+def _sage(q, k, v):
+    from sageattention import sageattn
+
+    # SageAttention 1.x subtracts the key mean from k in place: never hand it a buffer we keep.
+    return sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False)
+
+
+LOCAL_KERNELS = {"sdpa": sdpa, "flash-attn": _flash, "sage": _sage}
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The local kernel for `backend` (auto: flash-attn for fp16/bf16 on a GPU when installed)."""
+    if backend == "auto":
+        fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (_has_flash_attn() or _flash3())
+        return "flash-attn" if fast else "sdpa"
+    return "flash-attn" if backend == "xfuser" else backend
+
+
+def diffusers_backend(backend: str, *, device: torch.device, dtype: torch.dtype) -> str | None:
+    """diffusers' own attention backend (`ModelMixin.set_attention_backend`) for the attention
+    diffusers' processors still run: everything on one rank, cross-attention under sequence
+    parallelism. None: leave diffusers' default (torch's sdpa)."""
+    if backend == "auto":
+        fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _has_flash_attn()
+        return "flash" if fast else None
+    if backend in ("flash-attn", "xfuser"):  # xfuser's own kernel is flash-attn
+        return "_flash_3" if _flash3() is not None else ("flash" if _has_flash_attn() else None)
+    return {"sdpa": None, "sage": "sage"}[backend]
+
+
+def local_attention(q, k, v, *, backend: str = "auto") -> torch.Tensor:
+    """Attention of q against k, v on this device: (B, Sq, H, D) x (B, Sk, H, D) -> (B, Sq, H, D)."""
+    return LOCAL_KERNELS[resolve_backend(backend, q)](q, k, v)
 
 
 def _lse_math(q, k, v):
@@ -68,8 +137,27 @@ def _lse_torch_cuda(q, k, v):
     return out.float(), lse[..., :q.shape[1]]
 
 
+def _lse_flash3(q, k, v):
+    """FlashAttention 3: (out, lse) with return_attn_probs (older releases always return both)."""
+    result = _flash3().flash_attn_func(q, k, v, return_attn_probs=True)
+    out, lse = result[0], result[1]
+    return out.transpose(1, 2).float(), lse
+
+
+def _lse_sage(q, k, v):
+    """SageAttention 2.x: natural-log LSE of the scaled scores (1.x has no return_lse)."""
+    from sageattention import sageattn
+
+    try:
+        out, lse = sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False, return_lse=True)
+    except TypeError:
+        raise RuntimeError("attention_backend=sage under ring attention needs SageAttention 2.x "
+                           "(return_lse); the installed 1.x cannot merge ring chunks") from None
+    return out.transpose(1, 2).float(), lse
+
+
 LSE_KERNELS = {"math": _lse_math, "torch-cpu": _lse_torch_cpu, "flash-attn": _lse_flash_attn,
-               "torch-cuda": _lse_torch_cuda}
+               "flash-attn-3": _lse_flash3, "torch-cuda": _lse_torch_cuda, "sage": _lse_sage}
 
 
 @functools.cache
@@ -78,8 +166,14 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def lse_kernel_for(q: torch.Tensor) -> str:
-    """The fastest log-sum-exp kernel for q's device and dtype."""
+def lse_kernel_for(q: torch.Tensor, backend: str = "auto") -> str:
+    """The log-sum-exp kernel for q's device and dtype: the backend's own where it has one
+    (flash-attn, sage), else the fastest of torch's."""
+    chosen = resolve_backend(backend, q)
+    if chosen == "flash-attn" and q.is_cuda:
+        return "flash-attn-3" if _flash3() is not None else "flash-attn"
+    if chosen == "sage":
+        return "sage"
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn():
             return "flash-attn"
@@ -89,11 +183,11 @@ def lse_kernel_for(q: torch.Tensor) -> str:
     return "math"
 
 
-def attention_with_lse(q, k, v, *, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q, k, v, *, kernel: str | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns the log-sum-exp of the scores, which ring attention needs to
     merge partial results. q, k, v: (B, S, H, D). Returns out (B, H, Sq, D) in float32 and lse
     (B, H, Sq). `kernel` overrides the choice of lse_kernel_for (tests compare them)."""
-    return LSE_KERNELS[kernel or lse_kernel_for(q)](q, k, v)
+    return LSE_KERNELS[kernel or lse_kernel_for(q, backend)](q, k, v)
 
 
 def merge_partials(out, lse, out_b, lse_b):
@@ -128,18 +222,18 @@ def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=N
         wait = ring_exchange(kv, group=groups.ring, stats=groups.stats) if step < n - 1 else None
         if valid[chunk] > 0:
             keys, values = kv[0][:, :valid[chunk]], kv[1][:, :valid[chunk]]
-            o, l = attention_with_lse(q, keys, values)
+            o, l = attention_with_lse(q, keys, values, backend=groups.backend)
             partial = (o, l) if partial is None else merge_partials(*partial, o, l)
             if text is not None:
-                text_parts[chunk] = attention_with_lse(text[0], keys, values)
+                text_parts[chunk] = attention_with_lse(text[0], keys, values, backend=groups.backend)
         if wait is not None:
             kv = wait()
     if text is None:
         return partial[0].transpose(1, 2).to(q.dtype)
     text_parts = [p for p in text_parts if p is not None]
     if text[1].shape[1] > 0:
-        partial = merge_partials(*partial, *attention_with_lse(q, text[1], text[2]))
-        text_parts.append(attention_with_lse(*text))
+        partial = merge_partials(*partial, *attention_with_lse(q, text[1], text[2], backend=groups.backend))
+        text_parts.append(attention_with_lse(*text, backend=groups.backend))
     text_out = _merge_all(text_parts)[0]
     return partial[0].transpose(1, 2).to(q.dtype), text_out.transpose(1, 2).to(q.dtype)
 
@@ -171,60 +265,108 @@ def check_heads(heads: int, ulysses: int) -> None:
         )
 
 
-def parallel_attention(q, k, v, *, groups: AttentionGroups, valid_len: int) -> torch.Tensor:
-    """Self-attention over the whole (unpadded) sequence from this rank's shards; returns this
-    rank's shard of the output, (B, L, H, D)."""
-    if groups.ulysses_size > 1:
-        check_heads(q.shape[2], groups.ulysses_size)
-        q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
-    chunk = q.shape[1]
-    if groups.ring_size > 1:
-        valid = [max(0, min(chunk, valid_len - c * chunk)) for c in range(groups.ring_size)]
-        out = ring_attention(q, k, v, groups=groups, valid=valid)
-    else:
-        out = sdpa(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len])
-        if valid_len < chunk:
-            out = torch.cat([out, out.new_zeros(out.shape[0], chunk - valid_len, *out.shape[2:])], dim=1)
-    if groups.ulysses_size > 1:
-        out = gather_heads(out, groups)
-    return out
-
-
 def own_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
     """This Ulysses rank's slice of the heads of a tensor every rank holds in full."""
     per = x.shape[2] // groups.ulysses_size
     return x[:, :, groups.ulysses_index * per:(groups.ulysses_index + 1) * per]
 
 
-def parallel_joint_attention(q, k, v, text_q, text_k, text_v, *, groups: AttentionGroups, valid_len: int,
-                             text_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention over sharded video tokens and replicated text tokens (HunyuanVideo's
-    dual- and single-stream blocks): every query, video or text, attends to the `valid_len` real
-    video tokens and the first `text_valid` text tokens, as one rank's masked attention does.
+KVSource = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], T]], T]
+"""(k, v, attend) -> attend(whole-sequence K, whole-sequence V): where patch parallelism keeps the
+whole sequence's K/V (displaced: this rank's fresh chunk among the others' stale ones; PipeFusion:
+the stage's buffer with the current patch refreshed)."""
 
-    Returns this rank's shard of the video output (B, L, H, D) and the whole text output
-    (B, T, H, D), the same on every rank of the group. Under Ulysses each rank attends with its
-    own heads of the text and the text outputs are gathered over heads; under Ring every rank
-    computes the text queries against every chunk (text is short, so this duplicate work is
-    cheaper than another exchange).
-    """
+
+def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
+                       text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, text_valid: int = 0,
+                       kv: KVSource | None = None):
+    """Attention of this rank's queries over the whole (unpadded) sequence: the one entry point of
+    Ulysses, Ring, USP, displaced patches and PipeFusion.
+
+    q, k, v: this rank's shard (B, L, H, D), the sequence padded to a multiple of the degree and
+    `valid_len` long unpadded. Without `kv` the other shards' K/V come through the groups (Ulysses
+    trades heads for tokens, Ring passes K/V chunks); with `kv` the whole sequence's K/V come from
+    a buffer (`KVSource`), after Ulysses if any. `text` = (q, k, v) replicated on every rank makes
+    it joint attention (HunyuanVideo): every query also attends to the first `text_valid` text
+    keys, and the text queries attend to everything; under Ulysses each rank attends with its own
+    heads of the text and the text outputs are gathered over heads, so every rank of the group
+    holds the same text output. Returns this rank's output shard (B, L, H, D), and the text
+    output (B, T, H, D) with `text`."""
+    if groups.backend == "xfuser" and kv is None:
+        return xfuser_attention(q, k, v, groups=groups, valid_len=valid_len, text=text)
     u = groups.ulysses_size
     if u > 1:
         check_heads(q.shape[2], u)
         q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
-        text_q, text_k, text_v = (own_heads(t, groups) for t in (text_q, text_k, text_v))
-    text_k, text_v = text_k[:, :text_valid], text_v[:, :text_valid]
-    chunk = q.shape[1]
-    if groups.ring_size > 1:
+        if text is not None:
+            text = tuple(own_heads(t, groups) for t in text)
+    if text is not None:
+        text = (text[0], text[1][:, :text_valid], text[2][:, :text_valid])
+    if kv is not None:
+        out = kv(k, v, lambda keys, values: _over(q, keys[:, :valid_len], values[:, :valid_len], text,
+                                                  backend=groups.backend))
+    elif groups.ring_size > 1:
+        chunk = q.shape[1]
         valid = [max(0, min(chunk, valid_len - c * chunk)) for c in range(groups.ring_size)]
-        out, text_out = ring_attention(q, k, v, groups=groups, valid=valid, text=(text_q, text_k, text_v))
+        out = ring_attention(q, k, v, groups=groups, valid=valid, text=text)
     else:
-        both = sdpa(torch.cat([q[:, :valid_len], text_q], dim=1), torch.cat([k[:, :valid_len], text_k], dim=1),
-                    torch.cat([v[:, :valid_len], text_v], dim=1))
-        out, text_out = both[:, :valid_len], both[:, valid_len:]
+        # Only the real queries: the padded rows' output is zero (they are trimmed at the gather).
+        chunk = q.shape[1]
+        out = _over(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len], text, backend=groups.backend)
         if valid_len < chunk:
-            out = torch.cat([out, out.new_zeros(out.shape[0], chunk - valid_len, *out.shape[2:])], dim=1)
+            video = out[0] if text is not None else out
+            video = torch.cat([video, video.new_zeros(video.shape[0], chunk - valid_len, *video.shape[2:])], dim=1)
+            out = (video, out[1]) if text is not None else video
+    if text is None:
+        return gather_heads(out, groups) if u > 1 else out
+    out, text_out = out
     if u > 1:
         out = gather_heads(out, groups)
         text_out = all_gather(text_out, dim=2, group=groups.ulysses, stats=groups.stats)
     return out, text_out
+
+
+def _over(q, k, v, text, *, backend: str):
+    """Local attention of q (and the text queries) against k, v (and the text keys): one kernel
+    call over the concatenation, as one rank's joint attention does."""
+    if text is None:
+        return local_attention(q, k, v, backend=backend)
+    tq, tk, tv = text
+    both = local_attention(torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1),
+                           backend=backend)
+    return both[:, :q.shape[1]], both[:, q.shape[1]:]
+
+
+_XFUSER_LAYERS: dict[int, object] = {}
+
+
+def xfuser_attention(q, k, v, *, groups: AttentionGroups, valid_len: int, text=None) -> torch.Tensor:
+    """xDiT's long-context attention (xfuser's xFuserLongContextAttention: Ulysses inside Ring
+    with its own kernels) over this engine's Ulysses and Ring groups, handed to it through
+    yunchang's group registry instead of xfuser's global initialisation. It takes the shard as
+    it is (it does its own all-to-all) and cannot leave padding out of attention, so the token
+    count must divide over the ranks; it has no masked joint text (plan_run refuses
+    HunyuanVideo with it)."""
+    if text is not None:
+        raise RuntimeError("attention_backend=xfuser does not take joint text attention (HunyuanVideo); "
+                           "use sdpa or flash-attn")
+    ranks = groups.ulysses_size * groups.ring_size
+    if valid_len != q.shape[1] * ranks:
+        raise RuntimeError(f"attention_backend=xfuser cannot leave padding out of attention: {valid_len} tokens "
+                           f"do not divide over {ranks} ranks; pick a size whose token count does, or use sdpa "
+                           f"or flash-attn")
+    layer = _XFUSER_LAYERS.get(id(groups))
+    if layer is None:
+        import torch.distributed as dist
+        from xfuser.core.long_ctx_attention import xFuserLongContextAttention
+        from yunchang.globals import PROCESS_GROUP
+
+        # An axis of degree 1 has no group of ours; yunchang needs one of this rank alone
+        # (new_subgroups is collective: every rank reaches this first attention together).
+        alone = None
+        if groups.ulysses is None or groups.ring is None:
+            alone, _ = dist.new_subgroups(group_size=1)
+        PROCESS_GROUP.ULYSSES_PG = groups.ulysses or alone
+        PROCESS_GROUP.RING_PG = groups.ring or alone
+        layer = _XFUSER_LAYERS[id(groups)] = xFuserLongContextAttention()
+    return layer(None, q, k, v)

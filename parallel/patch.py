@@ -22,14 +22,15 @@ all-gather is waited on then).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from unison.parallel.attention import AttentionGroups, check_heads, gather_heads, own_heads, scatter_heads, sdpa
-from unison.parallel.comm import CommStats, all_gather
+from unison.parallel.attention import KVSource
+from unison.parallel.comm import CommStats
 
 # all_gather_single is all_gather_into_tensor's name from torch 2.13 (the old one warns there).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -120,54 +121,18 @@ class DisplacedKV:
             if self.stats is not None:
                 self.stats.add(kind, t[:, self.index].numel() * t.element_size() * (self.size - 1))
 
+    def source(self, key) -> KVSource:
+        """The layer's whole-sequence K/V for `sequence_attention` (its `kv` argument).
+
+        With HunyuanVideo's joint attention, each rank's copy of the text attends to the same
+        K/V as its patch: in a synchronous step every rank sees the same K/V, so the copies stay
+        identical (exact); afterwards each copy sees its own patch fresh and differs by as much
+        as the stale K/V do (each copy only feeds its own rank's patch). With Ulysses inside the
+        patch, sequence_attention gathers the text output over heads, so the patch's ranks share
+        one copy."""
+        return functools.partial(self.exchange, key)
+
     def held_bytes(self) -> int:
         """Bytes of K/V buffers this rank holds (whole-sequence K and V per layer and branch,
         padding included)."""
         return sum(t.numel() * t.element_size() for b in self.buffers.values() for t in b.tensors)
-
-
-def displaced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv: DisplacedKV, key,
-                        valid_len: int, groups: AttentionGroups) -> torch.Tensor:
-    """This rank's queries against every patch's keys (fresh here, stale elsewhere after warm-up);
-    (batch, tokens, heads, head_dim) as the processors hold them; padded keys are sliced off.
-    With Ulysses inside the patch (`groups`), the patch's ranks first trade heads for tokens, so
-    each holds its heads of the whole patch and exchanges them with the same heads of the other
-    patches; the output trades back."""
-    u = groups.ulysses_size
-    if u > 1:
-        check_heads(q.shape[2], u)
-        q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
-    out = kv.exchange(key, k, v, lambda keys, values: sdpa(q, keys[:, :valid_len], values[:, :valid_len]))
-    return gather_heads(out, groups) if u > 1 else out
-
-
-def joint_over(q, k, v, text_q, text_k, text_v, *, text_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention of video queries `q` and text queries against the whole video K/V (k, v:
-    already trimmed to the real tokens) and the first `text_valid` text keys; returns (video
-    output, text output), the video output with as many rows as q."""
-    keys = torch.cat([k, text_k[:, :text_valid]], dim=1)
-    values = torch.cat([v, text_v[:, :text_valid]], dim=1)
-    both = sdpa(torch.cat([q, text_q], dim=1), keys, values)
-    return both[:, :q.shape[1]], both[:, q.shape[1]:]
-
-
-def displaced_joint_attention(q, k, v, text_q, text_k, text_v, *, kv: DisplacedKV, key, valid_len: int,
-                              text_valid: int, groups: AttentionGroups) -> tuple[torch.Tensor, torch.Tensor]:
-    """HunyuanVideo's joint attention under displaced patches: this rank's video queries and its
-    copy of the text queries against every patch's video K/V (stale elsewhere after warm-up) and
-    this rank's text K/V. In a synchronous step every rank sees the same K/V, so the text copies
-    stay identical (exact); afterwards each rank's text sees its own patch fresh, and the copies
-    differ by as much as the stale K/V do (each copy only feeds its own rank's patch). With
-    Ulysses inside the patch, each rank attends with its heads of the text, and the patch's
-    ranks gather the text output over heads, so they share one copy."""
-    u = groups.ulysses_size
-    if u > 1:
-        check_heads(q.shape[2], u)
-        q, k, v = (scatter_heads(t, groups) for t in (q, k, v))
-        text_q, text_k, text_v = (own_heads(t, groups) for t in (text_q, text_k, text_v))
-    out, text_out = kv.exchange(key, k, v, lambda keys, values: joint_over(
-        q, keys[:, :valid_len], values[:, :valid_len], text_q, text_k, text_v, text_valid=text_valid))
-    if u > 1:
-        out = gather_heads(out, groups)
-        text_out = all_gather(text_out, dim=2, group=groups.ulysses, stats=groups.stats)
-    return out, text_out

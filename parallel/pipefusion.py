@@ -33,7 +33,7 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from unison.parallel.attention import sdpa
+from unison.parallel.attention import AttentionGroups, KVSource
 from unison.parallel.comm import CommStats
 
 
@@ -75,6 +75,8 @@ class PipeStage:
     """(start, end, sequence length) of the patch the stage's blocks are running."""
     cache: dict = field(default_factory=dict)
     """Per-forward values the stage's attention needs (HunyuanVideo: the real text length)."""
+    backend: str = "auto"
+    """parallel.attention_backend: the local kernel."""
 
     def begin_step(self, index: int) -> None:
         self.step = index
@@ -98,10 +100,14 @@ class PipeStage:
         buffer[1][:, start:end] = v
         return buffer
 
-    def attend(self, key, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The current patch's queries against the whole sequence, its own K/V refreshed."""
-        keys, values = self.refresh(key, k, v)
-        return sdpa(q, keys, values)
+    def source(self, key) -> KVSource:
+        """The layer's whole-sequence K/V for `sequence_attention` (its `kv` argument): the
+        buffer with the current patch's K/V refreshed."""
+        return lambda k, v, attend: attend(*self.refresh(key, k, v))
+
+    def attention(self) -> AttentionGroups:
+        """No groups inside a stage (its attention is local): just the local kernel."""
+        return AttentionGroups(backend=self.backend)
 
     def _peer(self, offset: int) -> int:
         return dist.get_global_rank(self.group, self.index + offset)

@@ -1,5 +1,6 @@
-"""Attention-level parity: Ulysses, Ring and USP shards equal one-rank SDPA, uneven lengths included,
-for plain self-attention (Wan) and for joint video+text attention with padded text (HunyuanVideo)."""
+"""Attention-level parity through the one entry point (`sequence_attention`): Ulysses, Ring and USP
+shards equal one-rank SDPA, uneven lengths included, for plain self-attention (Wan) and for joint
+video+text attention with padded text (HunyuanVideo); the local kernels agree with the exact math."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
-from unison.parallel.attention import AttentionGroups, parallel_attention, parallel_joint_attention, sdpa
+import pytest
+
+from unison.parallel.attention import AttentionGroups, local_attention, sdpa, sequence_attention
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import ParallelDims, build_groups
 from unison.parallel.sequence import SequenceShard
@@ -35,14 +38,14 @@ def _attention_case(rank, world):
             g = torch.Generator().manual_seed(sum(shape))
             q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
             local = [shard.split(t, dim=1, record=True) for t in (q, k, v)]
-            out = shard.gather(parallel_attention(*local, groups=attn, valid_len=shard.valid_len), dim=1)
+            out = shard.gather(sequence_attention(*local, groups=attn, valid_len=shard.valid_len), dim=1)
             ref = sdpa(q, k, v)
             err = ((out - ref).norm() / ref.norm()).item()
             results.append(((ulysses, ring), shape, err))
             # Joint: 7 text tokens of which the first 5 are real; one rank masks the other 2 as keys.
             text = [torch.randn(shape[0], 7, *shape[2:], generator=g) for _ in range(3)]
-            video_out, text_out = parallel_joint_attention(*local, *text, groups=attn, valid_len=shard.valid_len,
-                                                           text_valid=5)
+            video_out, text_out = sequence_attention(*local, groups=attn, valid_len=shard.valid_len,
+                                                     text=tuple(text), text_valid=5)
             video_out = shard.gather(video_out, dim=1)
             keys = [torch.cat([full, t[:, :5]], dim=1) for full, t in ((k, text[1]), (v, text[2]))]
             ref = sdpa(torch.cat([q, text[0]], dim=1), *keys)
@@ -83,3 +86,81 @@ def test_lse_kernels_agree_with_the_written_out_math():
     # The lse really is log-sum-exp of the scaled scores (not, say, their max).
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k[:, :29]) / 4.0
     assert torch.allclose(want_lse, torch.logsumexp(scores, dim=-1), atol=1e-5)
+
+
+def test_a_kv_source_sees_the_whole_sequence_after_ulysses():
+    """With `kv` (displaced patches, PipeFusion) the source gets this rank's fresh K/V after the
+    head scatter and hands back whole-sequence K/V; padded keys beyond valid_len are never attended."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 10, 4, 8, generator=g) for _ in range(3))
+    extra = torch.randn(1, 3, 4, 8, generator=g)  # stands in for padding after the real keys
+    seen = []
+
+    def source(fresh_k, fresh_v, attend):
+        seen.append(fresh_k.shape)
+        return attend(torch.cat([fresh_k, extra], dim=1), torch.cat([fresh_v, extra], dim=1))
+
+    out = sequence_attention(q, k, v, groups=AttentionGroups(), valid_len=10, kv=source)
+    assert seen == [k.shape] and torch.allclose(out, sdpa(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_local_kernels_on_this_machine_match_the_exact_math(backend):
+    from unison.parallel.attention import attention_with_lse
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 33, 4, 16, generator=g) for _ in range(3))
+    want, _ = attention_with_lse(q, k, v, kernel="math")
+    got = local_attention(q, k, v, backend=backend)
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-5)
+
+
+# ---- GPU kernels: flash-attn, SageAttention, xfuser, torch's CUDA kernels (pytest -m gpu) ------
+
+GPU_BACKENDS = [("sdpa", None), ("flash-attn", "flash_attn"), ("sage", "sageattention")]
+# bf16/fp16 against the float32 math: a few ulps of the output scale (SageAttention quantises
+# q and k to int8, hence its looser bound).
+TOLERANCE = {"sdpa": 2e-2, "flash-attn": 2e-2, "sage": 6e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend, package", GPU_BACKENDS, ids=[b for b, _ in GPU_BACKENDS])
+def test_gpu_kernels_match_the_exact_math(backend, package, dtype):
+    """Output and log-sum-exp (the shapes ring attention merges) of each backend's kernel against
+    the float32 formula, at a length no kernel tile divides."""
+    from unison.parallel.attention import attention_with_lse, lse_kernel_for
+
+    if package is not None:
+        pytest.importorskip(package)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 301, 8, 64, generator=g).to("cuda", dtype) for _ in range(3))
+    want_out, want_lse = attention_with_lse(q.float(), k.float(), v.float(), kernel="math")
+    got = local_attention(q, k, v, backend=backend)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert (got.float() - want_out.transpose(1, 2)).abs().max().item() <= TOLERANCE[backend]
+    out, lse = attention_with_lse(q, k, v, backend=backend)
+    assert lse_kernel_for(q, backend) != "math"
+    assert out.shape == (2, 8, 301, 64) and lse.shape == (2, 8, 301) and lse.dtype == torch.float32
+    assert (lse - want_lse).abs().max().item() <= TOLERANCE[backend] * 5
+    assert (out - want_out).abs().max().item() <= TOLERANCE[backend]
+
+
+@pytest.mark.gpu
+def test_xfuser_long_context_attention_on_one_rank_matches_sdpa(tmp_path):
+    """xfuser's layer over groups of this rank alone (one GPU): the exact local attention."""
+    pytest.importorskip("xfuser")
+    import datetime
+
+    from multirank import free_port
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 256, 8, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+        out = sequence_attention(q, k, v, groups=AttentionGroups(backend="xfuser"), valid_len=256)
+        want = sdpa(q.float(), k.float(), v.float())
+        assert (out.float() - want).abs().max().item() <= 2e-2
+    finally:
+        dist.destroy_process_group()

@@ -87,6 +87,8 @@ class ModelSpec:
     Broadcast reuses (joint video+text attention counts as self)."""
     sequence_parallel_plan: Callable[..., None] | None = None
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
+    joint_text: bool = False
+    """Self-attention is joint video + text attention with padded text masked (HunyuanVideo)."""
     displaced_patches: bool = False
     """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
     pipefusion_plan: Callable[..., Any] | None = None

@@ -6,19 +6,20 @@ gathered after the last single-stream block, so patch embedding, RoPE tables, ti
 guidance embeddings, the output norm and projection see exactly what they see on one rank. Text
 tokens stay whole on every rank: the token refiner runs locally, and in every block each rank
 carries the full text stream. Under exact sequence parallelism joint attention makes every
-rank's text output identical (see parallel_joint_attention), so the replicated text never drifts
-between ranks. Under patch parallelism each patch carries its own copy of the text (see
-displaced_joint_attention and parallel/pipefusion.py): exact in warm-up, part of the measured
+rank's text output identical (see parallel/attention.py sequence_attention), so the replicated
+text never drifts between ranks. Under patch parallelism each patch carries its own copy of the
+text (see DisplacedKV.source and parallel/pipefusion.py): exact in warm-up, part of the measured
 approximation afterwards. The text stream leaves the blocks unused (the output head reads only
 the video tokens).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from unison.parallel.attention import parallel_joint_attention
-from unison.parallel.patch import displaced_joint_attention, joint_over
+from unison.parallel.attention import sequence_attention
 from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
@@ -65,15 +66,18 @@ class HunyuanJointAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
         q, k, v, tq, tk, tv = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        shard, text_valid = self.shard, self.shard.cache["text_valid"]
-        if shard.displaced is not None:
-            out, text_out = displaced_joint_attention(q, k, v, tq, tk, tv, kv=shard.displaced, key=id(attn),
-                                                      valid_len=shard.valid_len, text_valid=text_valid,
-                                                      groups=shard.attention)
-        else:
-            out, text_out = parallel_joint_attention(q, k, v, tq, tk, tv, groups=shard.attention,
-                                                     valid_len=shard.valid_len, text_valid=text_valid)
+        out, text_out = _attend_across(self.shard, attn, q, k, v, tq, tk, tv)
         return _joint_out(attn, out, text_out, q.dtype)
+
+
+@torch.compiler.disable
+def _attend_across(shard: SequenceShard, attn, q, k, v, tq, tk, tv) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of the processor that communicates and reads per-forward state (valid video and
+    text lengths, stale K/V keyed by layer): never traced, so under model.compile=blocks it runs
+    eagerly between the compiled projections and output (engine/compile.py)."""
+    kv = shard.displaced.source(id(attn)) if shard.displaced is not None else None
+    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, text=(tq, tk, tv),
+                              text_valid=shard.cache["text_valid"], kv=kv)
 
 
 class HunyuanStageAttention:
@@ -87,26 +91,59 @@ class HunyuanStageAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
         q, k, v, tq, tk, tv = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        keys, values = self.stage.refresh(id(attn), k, v)
-        out, text_out = joint_over(q, keys, values, tq, tk, tv, text_valid=self.stage.cache["text_valid"])
+        out, text_out = _attend_stage(self.stage, attn, q, k, v, tq, tk, tv)
         return _joint_out(attn, out, text_out, q.dtype)
 
 
-def _text_valid(mask: torch.Tensor, video_len: int) -> int:
-    """Real text tokens from the transformer's joint mask (B, 1, 1, video + text): the pipeline
-    pads each prompt at the end, and a forward carries one prompt's branch."""
-    counts = mask.reshape(mask.shape[0], -1)[:, video_len:].sum(dim=1)
-    if not torch.all(counts == counts[0]):
-        raise ValueError("sequence parallelism needs the same text length for every sample of a batch")
-    return int(counts[0])
+@torch.compiler.disable
+def _attend_stage(stage: PipeStage, attn, q, k, v, tq, tk, tv) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage's K/V buffer update and joint attention: never traced (the current patch's span,
+    the buffers and the text length are per-forward state), like _attend_across."""
+    return sequence_attention(q, k, v, groups=stage.attention(), valid_len=stage.span[2], text=(tq, tk, tv),
+                              text_valid=stage.cache["text_valid"], kv=stage.source(id(attn)))
+
+
+class TextLengths:
+    """Real text tokens of the prompt mask a forward gets (`encoder_attention_mask`, (B, T); the
+    pipeline pads each prompt at the end, and a forward carries one prompt's branch).
+
+    Slicing the text keys needs the count on the host, and reading it from the device is a host
+    synchronisation. The loop passes the same mask tensor to every step of a branch, so the count
+    is read once per mask (the first step of each branch of a video), in a pre-hook of the whole
+    transformer, before any block; never on later steps, never inside the blocks."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+
+    def __call__(self, mask: torch.Tensor) -> int:
+        entry = self._seen.get(id(mask))
+        if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+            return entry[2]
+        counts = mask.sum(dim=1, dtype=torch.int).tolist()  # as the transformer counts it for its joint mask
+        if len(set(counts)) > 1:
+            raise ValueError("sequence parallelism needs the same text length for every sample of a batch")
+        self._seen = {key: e for key, e in self._seen.items() if e[0]() is not None}
+        self._seen[id(mask)] = (weakref.ref(mask), mask._version, counts[0])
+        return counts[0]
+
+
+def _record_text_length(transformer, cache: dict) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on the transformer that puts the forward's real text length in `cache`."""
+    lengths = TextLengths()
+
+    def hook(module, args, kwargs):
+        mask = kwargs["encoder_attention_mask"] if "encoder_attention_mask" in kwargs else args[3]
+        cache["text_valid"] = lengths(mask)
+
+    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) -> None:
     blocks = [block for attr in BLOCK_LISTS for block in getattr(transformer, attr)]
+    handle.undo.append(_record_text_length(transformer, shard.cache).remove)
 
     def split_inputs(module, args):
         hidden, text, temb, mask, rope, *rest = args
-        shard.cache["text_valid"] = _text_valid(mask, hidden.shape[1])
         hidden = shard.split(hidden, dim=1, record=True)
         rope = tuple(shard.split(t, dim=0) for t in rope)
         shard.cache["rope"] = rope
@@ -132,7 +169,6 @@ def pipefusion_plan(transformer, stage: PipeStage):
 
     def prepare(args):
         hidden, text, *rest = args
-        stage.cache["text_valid"] = _text_valid(rest[1], hidden.shape[1])
         return hidden, (text,), tuple(rest)
 
     def call(block, x, carried, rest):
@@ -149,4 +185,6 @@ def pipefusion_plan(transformer, stage: PipeStage):
 
     # The text after the last block is unused by the transformer's head: the input text stands in.
     calls = BlockCalls(prepare=prepare, call=call, slice_rest=slice_rest, finish=lambda hidden, args: (hidden, args[1]))
-    return apply_pipefusion(transformer, attrs=BLOCK_LISTS, stage=stage, calls=calls, install_attention=install)
+    runner = apply_pipefusion(transformer, attrs=BLOCK_LISTS, stage=stage, calls=calls, install_attention=install)
+    _record_text_length(transformer, stage.cache)  # PipeFusion is not undoable: nor is its hook
+    return runner

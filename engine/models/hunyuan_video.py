@@ -112,7 +112,7 @@ HUNYUAN_VIDEO = ModelSpec(
     family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
     transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",),
     text_encoders=("text_encoder", "text_encoder_2"), fps=24,
-    size_multiple=16, temporal_factor=4, embedded_guidance=True,
+    size_multiple=16, temporal_factor=4, embedded_guidance=True, joint_text=True,
     block_lists=BLOCK_LISTS,
     defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=6.0,
                               true_cfg_scale=1.0, max_sequence_length=256),

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from unison.parallel.attention import parallel_attention
-from unison.parallel.patch import displaced_attention
+from unison.parallel.attention import sequence_attention
 from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
@@ -39,6 +38,15 @@ def _qkv(attn, hidden_states, rotary_emb):
     return q, k, v
 
 
+@torch.compiler.disable
+def _attend_across(shard: SequenceShard, attn, q, k, v) -> torch.Tensor:
+    """The part of the processor that communicates and reads per-forward state (valid length,
+    stale K/V keyed by layer): never traced, so under model.compile=blocks it runs eagerly between
+    the compiled projections and output (engine/compile.py)."""
+    kv = shard.displaced.source(id(attn)) if shard.displaced is not None else None
+    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, kv=kv)
+
+
 class WanSelfAttention:
     """Processor for a Wan block's attn1 whose attention runs across the sequence-parallel group
     (exact), or over this patch's fresh and the other patches' stale K/V (patch parallelism)."""
@@ -48,12 +56,7 @@ class WanSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = _qkv(attn, hidden_states, rotary_emb)
-        if self.shard.displaced is not None:
-            out = displaced_attention(q, k, v, kv=self.shard.displaced, key=id(attn), valid_len=self.shard.valid_len,
-                                      groups=self.shard.attention)
-        else:
-            out = parallel_attention(q, k, v, groups=self.shard.attention, valid_len=self.shard.valid_len)
-        out = out.flatten(2, 3).type_as(q)
+        out = _attend_across(self.shard, attn, q, k, v).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -89,8 +92,15 @@ class WanStageAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = _qkv(attn, hidden_states, rotary_emb)
-        out = self.stage.attend(id(attn), q, k, v).flatten(2, 3).type_as(q)
+        out = _attend_stage(self.stage, attn, q, k, v).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+@torch.compiler.disable
+def _attend_stage(stage: PipeStage, attn, q, k, v) -> torch.Tensor:
+    """The stage's K/V buffer update and attention: never traced (the current patch's span and
+    the buffers are per-forward state), like _attend_across."""
+    return sequence_attention(q, k, v, groups=stage.attention(), valid_len=stage.span[2], kv=stage.source(id(attn)))
 
 
 def _patch_args(rest: tuple, start: int, end: int) -> tuple:
