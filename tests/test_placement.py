@@ -106,3 +106,32 @@ def test_a_run_destroys_its_process_group_even_when_it_fails(tmp_path):
     mp.start_processes(_join_and_leave, args=(free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["gloo False"] * 2
+
+
+@pytest.mark.parametrize("family, parallel, message", [
+    ("hunyuanvideo", ParallelConfig(attention_backend="xfuser"), "xfuser runs exact sequence parallelism"),
+    ("wan", ParallelConfig(attention_backend="xfuser", patch=2), "xfuser runs exact sequence parallelism"),
+    ("wan", ParallelConfig(attention_backend="flash-attn"), None),
+])
+def test_attention_backend_rules_on_a_gpu_host(monkeypatch, family, parallel, message):
+    """As a GPU host with every package installed would see it (find_spec faked): xfuser only for
+    exact sequence parallelism on Wan; flash-attn accepted."""
+    import unison.engine.placement as placement
+
+    monkeypatch.setattr(placement.importlib.util, "find_spec", lambda name: object())
+    config = RunConfig(model=ModelConfig(family=family, device="cuda"), parallel=parallel)
+    world = parallel.patch
+    if message is None:
+        assert plan_run(config, world_size=world, gpus=world).placement.backend == "nccl"
+    else:
+        with pytest.raises(UserError, match=message):
+            plan_run(config, world_size=world, gpus=world)
+
+
+def test_missing_attention_package_is_named(monkeypatch):
+    import unison.engine.placement as placement
+
+    monkeypatch.setattr(placement.importlib.util, "find_spec", lambda name: None)
+    config = RunConfig(model=ModelConfig(family="wan", device="cuda"), parallel=ParallelConfig(attention_backend="sage"))
+    with pytest.raises(UserError, match="needs the 'sageattention' package"):
+        plan_run(config, gpus=1)
