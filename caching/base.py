@@ -8,6 +8,7 @@ state never leaks between contexts, and `reset()` (every new video) forgets all 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -31,7 +32,8 @@ class Cache:
         self.states: dict[str, Any] = {}
         self.decisions: list[tuple] = []
         """(step, context, what, computed) for every decision, in order: the skip schedule."""
-        self._wrapped: list[torch.nn.Module] = []
+        self._wrapped: list[tuple[torch.nn.Module, Callable[..., Any] | None]] = []
+        """(module, the instance `forward` it had before, or None)."""
         setattr(transformer, _MARK, self)
 
     # -- what the loop calls ------------------------------------------------------------------
@@ -48,8 +50,11 @@ class Cache:
 
     def remove(self) -> None:
         """Restore the original forwards; the transformer is as it was before apply."""
-        for module in self._wrapped:
-            del module.forward
+        for module, below in self._wrapped:
+            if below is None:
+                del module.forward
+            else:
+                module.forward = below
         self._wrapped.clear()
         setattr(self.transformer, _MARK, None)
 
@@ -60,10 +65,22 @@ class Cache:
         return self.states[self.context]
 
     def wrap(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
-        """Make module(...) call forward(original_forward, *args, **kwargs); hooks still run around it."""
-        original = module.forward
-        module.forward = lambda *args, **kwargs: forward(original, *args, **kwargs)
-        self._wrapped.append(module)
+        """Make module(...) call forward(original_forward, *args, **kwargs); hooks still run around it.
+
+        The original is the module's class `forward`, looked up at each call, so that blocks
+        compiled after the cache was applied (engine/compile.py swaps their class) run compiled
+        under it; or a `forward` already set on the instance, which remove() puts back. The
+        wrapper is never traced by TorchDynamo: a cache's decisions (Python state, a host read of
+        the agreed sums) stay out of compiled graphs, and a wrapper met inside a compiled block
+        (Pyramid Attention Broadcast's, on an attention) is a graph break."""
+        below = module.__dict__.get("forward")
+
+        def call(*args, **kwargs):
+            original = below if below is not None else functools.partial(type(module).forward, module)
+            return forward(original, *args, **kwargs)
+
+        module.forward = torch.compiler.disable(call)
+        self._wrapped.append((module, below))
 
     def record(self, what: str, computed: bool) -> None:
         self.decisions.append((self.step, self.context, what, computed))
