@@ -91,11 +91,13 @@ class StepTimer:
         return [start.elapsed_time(end) / 1000 for start, end in self.events]
 
 
-def select_expert(spec: ModelSpec, boundary: float | None, t: torch.Tensor) -> int:
-    """Index into spec.experts: experts[0] for timesteps at or above the boundary (high noise)."""
-    if boundary is None or t >= boundary:
-        return 0
-    return 1
+def select_experts(boundary: float | None, timesteps: torch.Tensor) -> list[int]:
+    """Index into spec.experts for every step: experts[0] for timesteps at or above the boundary
+    (high noise). Compared as tensors, as diffusers compares them (in the timesteps' dtype), and
+    read to the host once for the whole video."""
+    if boundary is None:
+        return [0] * len(timesteps)
+    return [0 if high else 1 for high in (timesteps >= boundary).tolist()]
 
 
 def denoise(
@@ -137,9 +139,11 @@ def denoise(
     bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
     timer = StepTimer(device)
     with torch.no_grad(), bar:
-        for i, t in enumerate(timesteps):
+        # The timesteps read to the host once per video (the expert switch, caches and records
+        # need them there), not once per step.
+        schedule = zip(timesteps, timesteps.tolist(), select_experts(boundary, timesteps))
+        for i, (t, host_t, which) in enumerate(schedule):
             step_start = timer.start()
-            which = select_expert(spec, boundary, t)
             if offload is not None:
                 offload.use_expert(spec.experts[which])
             model, scale = experts[which], conditioning.scales[which]
@@ -155,7 +159,7 @@ def denoise(
                 return model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
 
             if cache is not None:
-                cache.begin_step(i, float(t))
+                cache.begin_step(i, host_t)
             if runtime is not None:
                 runtime.begin_step(i)
             if cfg_group is not None:
@@ -170,7 +174,7 @@ def denoise(
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
             timer.stop(step_start)
             # Progress sees the host's time; the records get the device's (below).
-            record = StepRecord(index=i, timestep=float(t), expert=spec.experts[which], seconds=timer.wall())
+            record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
             records.append(record)
             bar.update(1)
             if on_step is not None:
