@@ -183,7 +183,8 @@ def lse_kernel_for(q: torch.Tensor, backend: str = "auto") -> str:
     return "math"
 
 
-def attention_with_lse(q, k, v, *, kernel: str | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q, k, v, *, kernel: str | None = None,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns the log-sum-exp of the scores, which ring attention needs to
     merge partial results. q, k, v: (B, S, H, D). Returns out (B, H, Sq, D) in float32 and lse
     (B, H, Sq). `kernel` overrides the choice of lse_kernel_for (tests compare them)."""

@@ -103,7 +103,8 @@ def gathered_bytes(block: nn.Module, size: int) -> int:
 
 
 def apply_weight_sharding(transformer: nn.Module, *, block_lists: tuple[str, ...],
-                          mesh_or_group: DeviceMesh | ProcessGroup, prefetch: bool = True, stats: CommStats | None = None) -> ShardedWeights:
+                          mesh_or_group: DeviceMesh | ProcessGroup, prefetch: bool = True,
+                          stats: CommStats | None = None) -> ShardedWeights:
     """Shard the blocks in `transformer`'s `block_lists` (attribute names of ModuleLists, in
     execution order) over `mesh_or_group`: a 1-D DeviceMesh, or a process group to build one from.
     `prefetch`: each block's pre-forward starts the next block's all-gather. `stats` counts the

@@ -132,6 +132,7 @@ def test_missing_attention_package_is_named(monkeypatch):
     import unison.engine.placement as placement
 
     monkeypatch.setattr(placement.importlib.util, "find_spec", lambda name: None)
-    config = RunConfig(model=ModelConfig(family="wan", device="cuda"), parallel=ParallelConfig(attention_backend="sage"))
+    config = RunConfig(model=ModelConfig(family="wan", device="cuda"),
+                       parallel=ParallelConfig(attention_backend="sage"))
     with pytest.raises(UserError, match="needs the 'sageattention' package"):
         plan_run(config, gpus=1)
