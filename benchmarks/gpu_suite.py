@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import datetime
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
+from compile_blocks import timed  # noqa: E402 - benchmarks/ is on the path (script or test)
 from unison.engine.caches import apply_caches
 from unison.engine.config import CacheConfig
 from unison.engine.models import get_spec
@@ -148,26 +148,14 @@ def simulated_rank(transformer, family: str, ranks: int):
 
 
 class Timer:
-    """Seconds of `fn()`: CUDA events on the compute stream, else wall time."""
+    """Median seconds of `fn()` over `repeat` calls (compile_blocks.timed: CUDA events on the
+    compute stream, else wall time)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
     def __call__(self, fn, *, repeat: int) -> float:
-        times = []
-        for _ in range(repeat):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return timed(fn, self.device, repeat)
 
 
 def reset_peak(device: torch.device) -> None:
