@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ import torch
 
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
-from unison.engine.models import ModelSpec, detect_family, get_spec, read_model_index
+from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
+from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds
 from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
 from unison.engine.precision import cast_component, class_has_fp32_islands
@@ -84,7 +84,8 @@ class Plan:
             if name in self.spec.experts:
                 library, class_name = "diffusers", self.spec.transformer_class
             else:
-                library, class_name = (self.model_index or {}).get(name) or (None, None)
+                entry = (self.model_index or {}).get(name)
+                library, class_name = entry if isinstance(entry, list) else (None, None)
             islands = class_has_fp32_islands(library, class_name, DTYPES[dtype])
             where = f"{Offloader.park} (offload)" if name in idle else str(self.device)
             parts.append(f"{name} {dtype}{' (+float32 islands)' if islands else ''} on {where}")
@@ -96,17 +97,22 @@ class Plan:
             return None
         root = Path(self.config.model.path)
         try:
-            tcfg = json.loads((root / self.spec.experts[0] / "config.json").read_text())
-            vcfg = json.loads((root / "vae" / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            tcfg = read_json(root / self.spec.experts[0] / "config.json")
+            vcfg = read_json(root / "vae" / "config.json")
+        except UserError:
+            return None
+        if not isinstance(tcfg, dict) or not isinstance(vcfg, dict):
             return None
         spatial = vcfg.get("scale_factor_spatial") or vcfg.get("spatial_compression_ratio") or 8
         temporal = vcfg.get("scale_factor_temporal") or vcfg.get("temporal_compression_ratio") or 4
         patch = tcfg.get("patch_size")
-        pt, ph, pw = (patch if isinstance(patch, list) else (tcfg.get("patch_size_t", 1), patch, patch))
         s = self.config.sampling
-        frames = (s.frames - 1) // temporal + 1
-        return (frames // pt) * (s.height // spatial // ph) * (s.width // spatial // pw)
+        try:  # a hand-edited config.json may hold anything; the count is only informative
+            pt, ph, pw = (patch if isinstance(patch, list) else (tcfg.get("patch_size_t", 1), patch, patch))
+            frames = (s.frames - 1) // temporal + 1
+            return int((frames // pt) * (s.height // spatial // ph) * (s.width // spatial // pw))
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
 
 
 def _shard_text(p: ParallelConfig, world_size: int) -> str:
@@ -194,8 +200,11 @@ def parallel_dims(p: ParallelConfig, *, world_size: int):
 
 def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
     parallel_dims(p, world_size=world_size)
-    if p.timeout_s <= 0:
-        raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
+    low, high = TIMEOUT_RANGE_S
+    if not low <= p.timeout_s <= high:
+        raise UserError(f"parallel.timeout_s must be between {low:g} and {high:g} seconds, got {p.timeout_s:g}: "
+                        f"below, ranks that start a few seconds apart miss the rendezvous; above, a hung "
+                        f"collective goes unnoticed for days")
     if p.patch_warmup_steps < 0:
         raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
     if p.pipefusion_patches is not None and p.pipefusion_patches < 1:
@@ -234,18 +243,73 @@ def check_cache(c: CacheConfig) -> None:
         raise UserError(f"cache.{err}") from None
 
 
-def check_output(o: OutputConfig) -> None:
+def _landing(path: str | Path) -> set[Path]:
+    """Where a write to `path` lands: the entry an atomic rename replaces (the parent folder
+    resolved, the name kept) and, should `path` be a link, what it points to. Both count, so a
+    link into the model folder is refused too."""
+    path = Path(path)
+    return {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
+
+
+def _inside(paths: set[Path], folder: Path) -> bool:
+    return any(p == folder or p.is_relative_to(folder) for p in paths)
+
+
+MAX_FPS = 1000
+"""Frame rates above this are no video anyone plays (and 2**70 made the encoder write nothing)."""
+
+
+def check_output(o: OutputConfig, *, model_path: str | None = None) -> None:
+    """Every file the run writes can be written, none lands on another, and none lands inside
+    the model folder `model_path` (a latents file there would replace the weights)."""
+    targets: dict[str, str] = {}
     if o.decode:
         _check_writable(o.path, what="output.path", suffix=".mp4")
+        # engine/render.py writes the resolved config beside the video (config_path_for).
+        beside = str(Path(o.path).with_suffix(".yaml"))
+        _check_writable(beside, what="the config written beside output.path")
+        targets["output.path"], targets["the config written beside output.path"] = o.path, beside
     if o.save_latents:
         _check_writable(o.save_latents, what="output.save_latents")
+        targets["output.save_latents"] = o.save_latents
+    landing = {what: _landing(path) for what, path in targets.items()}
+    names = list(landing)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if landing[first] & landing[second]:
+                raise UserError(f"{second} ({targets[second]}) is the same file as {first} "
+                                f"({targets[first]}): one would overwrite the other")
+    if model_path is not None:
+        folder = Path(os.path.realpath(model_path))
+        for what, paths in landing.items():
+            if _inside(paths, folder):
+                raise UserError(f"{what} ({targets[what]}) is inside the model folder {model_path}: "
+                                f"writing it could overwrite the model's files; write outputs elsewhere")
     if o.fps is not None and o.fps < 1:
         raise UserError(f"output.fps must be at least 1, got {o.fps}")
+    if o.fps is not None and o.fps > MAX_FPS:
+        raise UserError(f"output.fps must be at most {MAX_FPS}, got {o.fps}")
+
+
+def check_batch_output(out_dir: str | Path, config: RunConfig) -> None:
+    """A batch's folder (every job writes <id>.mp4 and <id>.yaml there): a folder, outside the
+    model folder, and no single latents file that every job would overwrite."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out is a file, not a folder: {out}")
+    model_path = config.model.path
+    if model_path is not None and _inside(_landing(out), Path(os.path.realpath(model_path))):
+        raise UserError(f"--out {out} is inside the model folder {model_path}: the batch's videos could "
+                        f"overwrite the model's files; write them elsewhere")
+    if config.output.save_latents:
+        raise UserError(f"output.save_latents names one file ({config.output.save_latents}) that every job "
+                        f"of a batch would overwrite; a batch saves videos only")
 
 
 def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpus: int | None = None) -> Plan:
     """Validate `config` and resolve every default; reads only small JSON files, never weights.
     `local_rank` picks this rank's GPU; `gpus` (default: the GPUs visible here) is for tests."""
+    check_finite(config)
     family, index = _resolve_family(config.model)
     spec = get_spec(family)
     placement = place(config.model.device, world_size=world_size, local_rank=local_rank,
@@ -261,6 +325,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     )
     sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
     check_sampling(sampling, spec)
+    check_seeds(sampling, config.model)
+    check_limits(sampling, spec, config.model)
     check_parallel(config.parallel, world_size=world_size)
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
@@ -285,7 +351,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                         "masks padded text, which xfuser's layer cannot; use flash-attn or sdpa")
     check_compile(config.model.compile, device)
     check_cache(config.cache)
-    check_output(config.output)
+    check_output(config.output, model_path=config.model.path)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
     return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size)
@@ -299,8 +365,10 @@ def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:
     for part in spec.experts:
         config_file = Path(model.path) / part / "config.json"
         try:
-            heads.append(int(json.loads(config_file.read_text())["num_attention_heads"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            heads.append(int(read_json(config_file)["num_attention_heads"]))
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{config_file}: cannot read num_attention_heads ({err})") from None
     return heads
 

@@ -8,6 +8,7 @@ Unknown keys and wrong value types are `UserError`s that name the key and what i
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,8 +188,38 @@ def _describe(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _takes_float(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_takes_float(arg) for arg in typing.get_args(tp))
+    return tp is float
+
+
+_NON_FINITE_WORDS = {"nan", "inf", "infinity"}
+
+
+def _not_finite(value: Any) -> bool:
+    """NaN or infinity: a float, an int too large for a float, or text that spells one
+    (`--set x=nan` reaches us as text, since YAML spells them .nan and .inf)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return True
+        return False
+    if isinstance(value, str):
+        return value.strip().lower().lstrip("+-.") in _NON_FINITE_WORDS
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected.
+    A float field never takes NaN or infinity (from YAML's .nan/.inf, JSON's NaN/Infinity/1e400,
+    a flag such as --guidance nan, or an integer beyond float range): guidance NaN would silently
+    mean "no CFG", infinity renders black, a NaN cache threshold skips every step."""
+    if _takes_float(tp) and _not_finite(value):
+        raise UserError(f"{key} must be a finite number, got {_short(value)}")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -214,7 +245,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+    raise UserError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: an error message stays one readable line."""
+    if isinstance(value, int) and value.bit_length() > 3 * limit:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -253,12 +292,25 @@ def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = No
 
 def load_yaml(path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file is a folder: {path}")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        f"a config is a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits; nesting past the stack
+        raise UserError(f"{path}: not readable YAML ({str(err).splitlines()[0][:120]})") from None
     try:
         return config_from_dict(data, base=base)
     except UserError as err:
@@ -275,7 +327,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             raise UserError(f"--set expects section.key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits
             value = raw
         if isinstance(value, (dict, list)):
             value = raw  # a prompt such as "[a] b" stays text

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
 from unison.engine.offload import Offloader
+from unison.errors import NonFiniteLatents
 from unison.parallel.comm import all_gather
 
 
@@ -91,6 +92,42 @@ class StepTimer:
         return [start.elapsed_time(end) / 1000 for start, end in self.events]
 
 
+class FiniteCheck:
+    """Stops a video whose latents stop being finite, naming the first bad step and its expert,
+    before anything decodes or writes them.
+
+    On the CPU each step is checked as it ends (reading a flag there costs nothing), so the video
+    stops at once. On a GPU a per-step read would make the host wait for every step's kernels, the
+    stall StepTimer avoids: each step only queues `isfinite(latents).all()` (one flag on the
+    device, one pass over the latents) and the flags are read together once, after the loop. A bad
+    video then costs its remaining steps, never a written file. Every rank holds the same latents,
+    so every rank stops at the same step and no collective is left waiting."""
+
+    def __init__(self, device: torch.device, steps: int):
+        self.now = device.type == "cpu"
+        self.steps = steps
+        self.flags: list[torch.Tensor] = []
+        self.experts: list[str] = []
+
+    def after_step(self, index: int, latents: torch.Tensor, expert: str) -> None:
+        finite = torch.isfinite(latents).all()
+        if self.now:
+            if not finite:
+                raise NonFiniteLatents(index, self.steps, expert)
+            return
+        self.flags.append(finite)
+        self.experts.append(expert)
+
+    def finish(self) -> None:
+        """Read the queued flags (one host read per video); raise for the first bad step."""
+        if not self.flags:
+            return
+        finite = torch.stack(self.flags).tolist()
+        if not all(finite):
+            first = finite.index(False)
+            raise NonFiniteLatents(first, self.steps, self.experts[first])
+
+
 def select_experts(boundary: float | None, timesteps: torch.Tensor) -> list[int]:
     """Index into spec.experts for every step: experts[0] for timesteps at or above the boundary
     (high noise). Compared as tensors, as diffusers compares them (in the timesteps' dtype), and
@@ -138,6 +175,7 @@ def denoise(
         raise ValueError("CFG parallel needs two guidance branches, but this run has one")
     bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
     timer = StepTimer(device)
+    finite = FiniteCheck(device, len(timesteps))
     with torch.no_grad(), bar:
         # The timesteps read to the host once per video (the expert switch, caches and records
         # need them there), not once per step.
@@ -172,6 +210,7 @@ def denoise(
                 noise_uncond = predict("uncond", conditioning.uncond)
                 noise = noise_uncond + scale * (noise - noise_uncond)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+            finite.after_step(i, latents, spec.experts[which])
             timer.stop(step_start)
             # Progress sees the host's time; the records get the device's (below).
             record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
@@ -179,5 +218,6 @@ def denoise(
             bar.update(1)
             if on_step is not None:
                 on_step(record)
+    finite.finish()
     records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
     return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds)

@@ -18,7 +18,8 @@ from unison.engine.caches import describe as describe_caches
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine.loop import LoopResult, denoise
 from unison.engine.precision import describe_components
-from unison.engine.video import save_tensor, to_uint8_frames, write_mp4, write_text
+from unison.engine.video import mp4_write, to_uint8_frames
+from unison.engine.writes import commit, text_write, torch_write
 
 log = logging.getLogger("unison")
 
@@ -151,7 +152,7 @@ class Engine:
         latents_path = video_path = config_path = None
         if cfg.output.save_latents and self.is_writer:
             latents_path = Path(cfg.output.save_latents)
-            save_tensor(latents_path, loop.latents)
+            commit(torch_write(latents_path, loop.latents))  # WriteFailed (nothing at the path) on failure
         # Parallel decode is collective: every rank decodes its tiles, rank 0 gets the frames.
         parallel_decode = self.runtime is not None and cfg.output.parallel_decode
         if cfg.output.decode and (self.is_writer or parallel_decode):
@@ -161,9 +162,10 @@ class Engine:
         if cfg.output.decode and self.is_writer:
             t0 = time.perf_counter()
             video_path = Path(cfg.output.path)
-            write_mp4(video_path, frames, fps=cfg.output.fps)
             config_path = config_path_for(video_path)
-            write_text(config_path, dump_yaml(cfg))
+            # Both read back before either is renamed, the video last: a video on disk is finished and
+            # has its config beside it. On failure WriteFailed, and neither file is there.
+            commit(text_write(config_path, dump_yaml(cfg)), mp4_write(video_path, frames, fps=cfg.output.fps))
             seconds["write"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - started + self.load_seconds
         peak, kind = peak_memory(device)

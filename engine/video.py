@@ -1,33 +1,34 @@
-"""Writing results atomically: a temporary file in the same folder, then a rename."""
+"""Videos: uint8 frames to an H.264 mp4, written through `commit` (engine/writes.py) and checked by
+decoding it back.
+
+The encoder is the ffmpeg that imageio-ffmpeg ships, driven directly rather than through imageio's
+writer (imageio 2.38, imageio-ffmpeg 0.8): on close it waits for ffmpeg but never looks at its exit
+status (nor lets a caller see it), and it silences ffmpeg's messages by default, so an encoder that
+died of a full disk or a file-size limit left a short file that looked written. It reports only a
+broken pipe while frames are still being sent, as an OSError carrying the whole command line.
+Here a failure is the encoder's status with its first error line, and the file counts as written
+only when every frame decodes back at the right size.
+"""
 
 from __future__ import annotations
 
-import os
+import signal
+import subprocess
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
+
+from unison.engine.writes import NotWritten, Write, commit, one_line
+
+CRF = 25
+"""x264 quality (lower is better), what imageio's writer used at its default quality of 5."""
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); rename it over `path` on success."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:
@@ -35,26 +36,63 @@ def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int) -> None:
-    """Write uint8 frames (F, H, W, 3) as H.264 mp4 through imageio-ffmpeg, atomically."""
-    import imageio.v2 as imageio
-
-    with atomic_path(path) as tmp:
-        # macro_block_size=1: never resize; sizes are multiples of 16 already.
-        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    macro_block_size=1, pixelformat="yuv420p")
+def encode_mp4(path: Path, frames: np.ndarray, *, fps: int) -> None:
+    """Encode uint8 frames (F, H, W, 3) into `path`; NotWritten when the encoder fails."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    _, height, width, _ = frames.shape
+    # Sizes are multiples of 16 already, so nothing is rescaled.
+    command = [ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF),
+               str(path)]
+    with tempfile.TemporaryFile() as messages:  # a file, not a pipe: the encoder never blocks on it
+        # Its own session: Ctrl-C in a terminal reaches only us, and we end the encoder ourselves.
+        encoder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=messages,
+                                   bufsize=0, start_new_session=True)
         try:
-            for frame in frames:
-                writer.append_data(frame)
+            try:
+                for frame in frames:
+                    encoder.stdin.write(np.ascontiguousarray(frame).tobytes())
+            except BrokenPipeError:
+                pass  # the encoder ended early; its status and message say why
+            finally:
+                encoder.stdin.close()
+            status = encoder.wait()
         finally:
-            writer.close()
+            if encoder.poll() is None:  # interrupted: no half-written file keeps being written
+                encoder.kill()
+                encoder.wait()
+        if status != 0:
+            messages.seek(0)
+            said = messages.read().decode(errors="replace")
+            if status < 0:  # e.g. SIGXFSZ: subprocess restores its default action, which ends ffmpeg
+                how = f"was killed by {signal.Signals(-status).name} ({signal.strsignal(-status)})"
+            else:
+                how = f"exited with status {status}"
+            raise NotWritten(f"the video encoder (ffmpeg) {how}" + (f": {one_line(said)}" if said.strip() else ""))
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def check_mp4(path: Path, *, frames: int, height: int, width: int) -> None:
+    """Decode every frame of `path` (ffmpeg's framecrc: no frame data crosses the pipe); NotWritten
+    unless it decodes cleanly into `frames` frames of width x height."""
+    proc = subprocess.run([ffmpeg(), "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
+                           "-pix_fmt", "rgb24", "-f", "framecrc", "-"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NotWritten(f"it does not decode: {one_line(proc.stderr)}")
+    lines = proc.stdout.splitlines()
+    size = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("#dimensions")), "?")
+    count = sum(1 for line in lines if line.strip() and not line.startswith("#"))
+    if (count, size) != (frames, f"{width}x{height}"):
+        raise NotWritten(f"it reads back as {count} frames of {size}, not {frames} of {width}x{height}")
 
 
-def save_tensor(path: str | Path, tensor: torch.Tensor) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(tensor.detach().cpu(), tmp)
+def mp4_write(path: str | Path, frames: np.ndarray, *, fps: int) -> Write:
+    """The Write of an mp4 (for `commit`, beside its config)."""
+    count, height, width = frames.shape[:3]
+    return Write(Path(path), lambda tmp: encode_mp4(tmp, frames, fps=fps),
+                 lambda tmp: check_mp4(tmp, frames=count, height=height, width=width))
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int) -> None:
+    """Write uint8 frames (F, H, W, 3) as an H.264 mp4: encoded, decoded back, then renamed into place."""
+    commit(mp4_write(path, frames, fps=fps))

@@ -9,6 +9,7 @@ the jobs in file order; the Ray driver (launch/ray_batch.py) spreads jobs over s
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import sys
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from unison.engine.build import check_batch_output
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, resume
-from unison.errors import UserError
+from unison.caching.agree import CacheDisagreement
+from unison.errors import PeerFailed, RenderFailed, UserError, WriteFailed
 
 log = logging.getLogger("unison")
 
@@ -39,8 +42,7 @@ def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, worl
     """Read and validate the jobs, report bad lines on stderr, remove a killed run's temporary
     files, and resume from the manifest."""
     out_dir = Path(out_dir).resolve()  # Ray actors and other nodes see the same absolute paths
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out is a file, not a folder: {out_dir}")
+    check_batch_output(out_dir, base)
     jobs, problems = read_jobs(jobs_path, base=base, out_dir=out_dir, world_size=world_size)
     for problem in problems:
         print(f"unison: {jobs_path}: {problem} (skipped)", file=sys.stderr)
@@ -87,11 +89,12 @@ class Ledger:
         self.step_seconds.append(step_seconds)
         self.bar.update(1)
 
-    def failed_attempt(self, job: Job, error: str, *, seconds: float) -> bool:
-        """Record a failed attempt; True when the job should run again."""
+    def failed_attempt(self, job: Job, error: str, *, seconds: float, retry: bool = True) -> bool:
+        """Record a failed attempt; True when the job should run again. `retry=False` (an error
+        the same input brings back, see `retryable`) records it failed at once."""
         number = self.attempt(job)
         self.attempts[job.id] = number
-        again = number <= self.max_retries
+        again = retry and number <= self.max_retries
         self._append(Record(id=job.id, status="retry" if again else "failed", attempts=number,
                                     seconds=round(seconds, 3), error=error))
         if again:
@@ -100,7 +103,8 @@ class Ledger:
         else:
             self.failed += 1
             self.bar.update(1)
-            log.warning("job %s failed after %d attempts: %s", job.id, number, error)
+            log.warning("job %s failed after %d attempts%s: %s", job.id, number,
+                        "" if retry else " (not retried: the same input fails the same way)", error)
         return again
 
     def show(self, progress) -> None:
@@ -127,11 +131,41 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:500]
 
 
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    UserError, RenderFailed, CacheDisagreement, ValueError, TypeError, KeyError, IndexError, AttributeError,
+    NotImplementedError, AssertionError, ArithmeticError, ImportError, RecursionError)
+"""Errors that the same job brings back on every attempt: a bad value found only while rendering
+(UserError), latents gone NaN (NonFiniteLatents, a RenderFailed), ranks deciding differently
+(CacheDisagreement), and the errors of code handed values it cannot take."""
+
+
+def _not_retried_names() -> set[str]:
+    names, classes = set(), list(NOT_RETRIED)
+    while classes:
+        cls = classes.pop()
+        names.add(cls.__name__)
+        classes.extend(cls.__subclasses__())
+    return names
+
+
+def retryable(err: BaseException) -> bool:
+    """Could another attempt of the job succeed? Not retried: NOT_RETRIED. Retried: running out
+    of memory (GPU or host), a lost peer or a timed-out collective, an OSError (a write, a network
+    file system), and every error not named there (CUDA and NCCL faults come as plain
+    RuntimeErrors). A peer's failure (PeerFailed) is judged by the error it names."""
+    if isinstance(err, PeerFailed):
+        named = re.match(r"rank \d+ failed: (\w+)", str(err))
+        return named is None or named.group(1) not in _not_retried_names()
+    return isinstance(err, (OSError, MemoryError)) or not isinstance(err, NOT_RETRIED)
+
+
 def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
     """Run `todo` in order on `worker` (all ranks of one engine call this with the same list; only
     rank 0 holds the ledger). On one rank a failed job is retried in place. With several ranks a
     failure may leave a collective half-done, so the attempt is recorded and the batch ends; the
-    same command (or torchrun --max-restarts) resumes it."""
+    same command (or torchrun --max-restarts) resumes it. So does a failed write (WriteFailed: a
+    full disk, a quota, a file-size limit): the next job would fail the same way and use up its
+    attempts, so the attempt is recorded (never as done) and the batch ends; run again to resume."""
     for job in todo:
         while True:
             started = time.perf_counter()
@@ -140,8 +174,9 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
             except Exception as err:
                 if ledger is None:
                     raise
-                again = ledger.failed_attempt(job, error_text(err), seconds=time.perf_counter() - started)
-                if worker.engine.plan.world_size > 1:
+                again = ledger.failed_attempt(job, error_text(err), seconds=time.perf_counter() - started,
+                                              retry=retryable(err))
+                if worker.engine.plan.world_size > 1 or isinstance(err, WriteFailed):
                     raise
                 if again:
                     continue

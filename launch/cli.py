@@ -1,6 +1,8 @@
 """The `unison` command line: generate, make-tiny.
 
-Bad input is reported as one line on stderr with exit code 2, before any weights load.
+Bad input is reported as one line on stderr with exit code 2, before any weights load. A result
+that could not be written (WriteFailed: the encoder failed, a full disk, a file-size limit) is one
+line too, with exit code 74 (EX_IOERR in sysexits.h), and nothing is left at its path.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import sys
 from pathlib import Path
 
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.errors import PeerFailed, UserError
+from unison.errors import PeerFailed, RenderFailed, UserError, WriteFailed
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_WRITE = 74
 EXIT_INTERRUPTED = 130
 
 # Flag -> config key, for flags that set one field.
@@ -59,6 +62,8 @@ def _find_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"config file is a folder: {name}")
     bundled = configs_dir() / name
     if bundled.is_file():
         return bundled
@@ -187,11 +192,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """--ranks-per-engine and --engines: at least 1, and only with --ray (they size Ray engines)."""
+    for flag, value in (("--ranks-per-engine", args.ranks_per_engine), ("--engines", getattr(args, "engines", None))):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+        if value is not None and not args.ray:
+            raise UserError(f"{flag} needs --ray (under torchrun all ranks are one engine)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from unison.engine.build import plan_run
 
     from unison.launch.dist import DistEnv
 
+    _check_counts(args)
     if args.ray:
         from unison.launch.runs import generate_on_ray
 
@@ -221,22 +236,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from unison.launch.runs import batch_local, batch_on_ray
 
-    config = build_config(args)
     if args.max_retries < 0:
         raise UserError(f"--max-retries must be at least 0, got {args.max_retries}")
+    _check_counts(args)
+    config = build_config(args)
     if args.ray:
         return batch_on_ray(config, jobs=args.jobs, out=args.out, address=args.ray, engines=args.engines,
                             ranks_per_engine=args.ranks_per_engine, max_retries=args.max_retries,
                             progress=args.progress)
-    if args.engines is not None or args.ranks_per_engine is not None:
-        raise UserError("--engines and --ranks-per-engine need --ray (under torchrun all ranks are one engine)")
     return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from unison.launch.slurm import SlurmRequest, render_script
+    from unison.launch.slurm import SlurmRequest, check_request, render_script
 
     request = SlurmRequest(**{k: v for k, v in vars(args).items() if k != "command"})
+    check_request(request)
     # A bad recipe fails here, not hours later in the queue.
     print(render_script(request, load_yaml(_find_config(args.config))), end="")
     return 0
@@ -248,6 +263,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out is a file, not a folder: {out}")
+    from unison.engine.limits import SEED_RANGE
+
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1] - 2:  # the preset also seeds seed + 1 and + 2
+        raise UserError(f"--seed must be between -2**63 and 2**64-3 (what torch.manual_seed takes), got {args.seed}")
     pipe = get_spec(args.family).build_tiny(args.seed)
     if args.dtype != "float32":
         import torch
@@ -277,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except PeerFailed as err:
+    except (PeerFailed, RenderFailed) as err:  # RenderFailed: e.g. NonFiniteLatents, nothing written
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except WriteFailed as err:
+        print(f"unison: error: {err}", file=sys.stderr)
+        return EXIT_WRITE
     except KeyboardInterrupt:
         print("unison: interrupted; finished videos are kept (a batch resumes when run again)", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job
 from unison.errors import UserError
-from unison.launch.batch import Ledger, error_text
+from unison.launch.batch import Ledger, error_text, retryable
 
 log = logging.getLogger("unison")
 
@@ -235,7 +235,7 @@ class RayBatch:
             ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds)
             return
         message = _describe_error(error)
-        if ledger.failed_attempt(job, message, seconds=seconds):
+        if ledger.failed_attempt(job, message, seconds=seconds, retry=retryable(_cause(error))):
             queue.appendleft(job)
         self._stop(slot)
         log.warning("engine %d is rebuilt after: %s", slot.index, message)
@@ -256,14 +256,21 @@ class RayBatch:
             bars[slot.index].set_description_str(text)
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The error a rank raised, out of Ray's wrapper (a dead actor stays itself: retried)."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return getattr(err, "cause", None) or err
+    return err
+
+
 def _describe_error(err: BaseException) -> str:
     import ray
 
     if isinstance(err, ray.exceptions.RayActorError):
         return "an engine rank died (its actor exited)"
-    if isinstance(err, ray.exceptions.RayTaskError):
-        return error_text(getattr(err, "cause", None) or err)
-    return error_text(err)
+    return error_text(_cause(err))
 
 
 def connect(address: str, *, ranks: int) -> None:

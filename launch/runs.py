@@ -104,5 +104,5 @@ def generate_on_ray(config: RunConfig, *, address: str, ranks_per_engine: int | 
                  progress=plan.config.output.progress)
     finally:
         ledger.close()
-    print(ledger.summary() + f"\nwrote     {plan.config.output.path}")
+    print(ledger.summary() + (f"\nwrote     {plan.config.output.path}" if ledger.done else ""))
     return _exit_code(ledger)

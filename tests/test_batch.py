@@ -66,6 +66,21 @@ BAD_LINES = [
     ('{"prompt": "x", "cache": "teacache"}', "cache.kind"),
     ('{"prompt": "x", "cache": {"threshold": -1, "kind": "fbcache"}}', "cache.threshold must be at least 0"),
     ('{"prompt": "x", "cache": 3}', "cache: expected a kind"),
+    # Issue 15: non-finite numbers (JSON reads 1e400 as infinity), and values past the model's limits.
+    ('{"prompt": "x", "guidance": 1e400}', "sampling.guidance must be a finite number, got inf"),
+    ('{"prompt": "x", "cache": {"kind": "fbcache", "threshold": -1e999}}', "cache.threshold must be a finite number"),
+    ('{"prompt": "x", "seed": 18446744073709551616}', "sampling.seed must be between"),
+    ('{"prompt": "x", "height": 528}', "sampling.height=528 runs past the position table"),
+    ('{"prompt": "x", "frames": 129}', "at most 125 (the transformer's rope_max_seq_len"),
+    ('{"prompt": "x", "steps": 100000000}', "more than the scheduler's 1000 training timesteps"),
+    ('{"prompt": "x", "max_sequence_length": 1000000000}', "at most 512"),
+    ('{"prompt": "x", "seed": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply to read"),
+    ('{"prompt": "x", "cache": {"kind": "fbcache", "threshold": ' + "[" * 20 + "]" * 20 + "}}",
+     "nested more than 8 levels deep"),
+    ('{"prompt": "x", "guidance": NaN}', "NaN is not valid JSON"),
+    ('{"prompt": "x", "seed": 1' + "0" * 5000 + "}", "not readable JSON"),
+    ('{"prompt": "a \\ud800 b"}', "lone surrogate"),
+    ('{"prompt": "x", "id": "a\\n"}', "id must be"),
 ]
 
 
@@ -73,6 +88,54 @@ BAD_LINES = [
 def test_bad_job_lines_are_explained(tmp_path, text, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("+", r"\+")):
         parse_line(text, 1, base=SMALL, out_dir=tmp_path, world_size=1)
+
+
+def test_odd_jobs_files(tmp_path):
+    """A bad line (not UTF-8, nested past the stack) is reported and skipped; the others still
+    count, numbered as an editor numbers them. A file that is not text at all is one error."""
+    from unison.engine.jobs import read_jobs
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "one", "prompt": "a cat"}\n'
+                     b'{"id": "two", "prompt": "caf\xe9"}\r\n'
+                     b'{"id": "three", "prompt": "' + "[\u2028]".encode() + b'"}\n'
+                     + b'{"prompt": ' + b"[" * 100000 + b"\n"
+                     + b'{"id": "five", "prompt": "a dog"}')
+    jobs, problems = read_jobs(path, base=SMALL, out_dir=tmp_path, world_size=1)
+    assert [(j.id, j.line) for j in jobs] == [("one", 1), ("three", 3), ("five", 5)]
+    assert jobs[1].config.sampling.prompt == "[\u2028]"
+    assert [str(p) for p in problems] == ["line 2: not UTF-8 text (byte 0xe9 at column 29)",
+                                          "line 4: nested too deeply to read; a job is an object of plain values"]
+    path.write_bytes('{"prompt": "a cat"}\n'.encode("utf-16"))
+    with pytest.raises(UserError, match="not a text file"):
+        read_jobs(path, base=SMALL, out_dir=tmp_path, world_size=1)
+
+
+def test_manifest_reading(tmp_path):
+    """Torn writes are skipped (and a record appended onto a torn line is kept); a record edited
+    by hand into the wrong type, or a manifest that is not one, is one error naming the line."""
+    manifest = Manifest(tmp_path)
+    line = json.dumps({"id": "a", "status": "done", "attempts": 1, "seconds": 1.5, "error": None, "steps": 3,
+                       "step_seconds": 0.5})
+    later = line.replace('"a"', '"b"')
+    manifest.path.write_text(f"{line}\n{line[:25]}{later}\n{line[:30]}", encoding="utf-8")
+    assert [(r.id, r.steps) for r in manifest.records()] == [("a", 3), ("b", 3)]
+    for text, message in [
+        (line.replace('"attempts": 1', '"attempts": 1.5'), "line 1: not a valid record \\('attempts' should be int"),
+        (line.replace('"done"', '"finished"'), "status must be one of done, retry, failed"),
+        (line.replace('"attempts": 1', '"attempts": 0'), "attempts must be at least 1"),
+        (line.replace('"steps"', '"stepz"'), "unknown key 'stepz'"),
+        (line.replace('"seconds": 1.5, ', ""), "missing 'seconds'"),
+        ('"done"', "expected a JSON object \\(a record\\), got str"),
+        ("done a", "line 1: not a manifest record \\(not JSON\\)"),
+    ]:
+        manifest.path.write_text(text + "\n" + line + "\n")
+        with pytest.raises(UserError, match=message):
+            manifest.records()
+    manifest.path.unlink()
+    manifest.path.mkdir()
+    with pytest.raises(UserError, match="is not a file"):
+        manifest.records()
 
 
 def test_job_ids_and_overrides(tmp_path):
@@ -278,7 +341,9 @@ def test_generate_on_ray_renders_one_video(ray_local, tmp_path, capsys):
 # Slurm: scripts are valid bash; srun's environment parses into ranks and the rendezvous address.
 
 @pytest.mark.parametrize("mode, extra", [("torchrun", []), ("torchrun", ["--jobs", "j.jsonl", "--out", "v"]),
-                                         ("ray", ["--jobs", "j.jsonl", "--out", "v", "--partition", "gpu"])])
+                                         ("ray", ["--jobs", "j.jsonl", "--out", "v", "--partition", "gpu"]),
+                                         ("ray", ["--jobs", "j.jsonl", "--out", "v", "--partition", "gpu,debug",
+                                                  "--time", "1-12:30", "--job-name", "wan.t2v-run_2"])])
 def test_slurm_scripts_are_valid_bash(tmp_path, capsys, mode, extra):
     assert main(["slurm", "--mode", mode, "--config", "tiny-wan.yaml", "--nodes", "1", "--gpus-per-node", "1",
                  *extra]) == 0
@@ -301,6 +366,27 @@ def test_slurm_scripts_are_valid_bash(tmp_path, capsys, mode, extra):
 def test_slurm_bad_requests(capsys, args, message):
     assert main(["slurm", "--config", "tiny-wan.yaml", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_slurm_script_quotes_paths(tmp_path, capsys, monkeypatch):
+    """Paths go into the script's command line shell-quoted: bash reads back exactly the words given,
+    and nothing in them runs."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "it's $(touch pwned); a\nrecipe.yaml"
+    recipe.write_text(default_config_path().read_text())
+    jobs, out = "jobs `touch pwned`.jsonl", "out dir;touch pwned"
+    assert main(["slurm", "--mode", "ray", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "1",
+                 "--jobs", jobs, "--out", out, "--time", "90"]) == 0
+    script = capsys.readouterr().out
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "#SBATCH --time=90\n" in script
+    command = script[script.index("\nunison ") + 1:script.index(" || status")]
+    # Let bash itself split the command line, with `unison` replaced by printf of its arguments.
+    listed = subprocess.run(["bash", "-c", f"unison() {{ printf '%s\\0' \"$@\"; }}; {command}"],
+                            capture_output=True, cwd=tmp_path)
+    assert listed.stdout.decode().split("\0")[:-1] == ["batch", jobs, "--out", out, "--config", str(recipe), "--ray",
+                                                      "auto", "--ranks-per-engine", "1"]
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_slurm_environment_parses_into_ranks_and_address():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +56,8 @@ def test_dry_run_loads_nothing(tmp_path, monkeypatch, capsys):
 
 def test_make_tiny_folders_are_detected(tiny_folder, capsys):
     for family in ("wan", "wan2.2", "hunyuanvideo"):
-        assert main(["generate", "--model", tiny_folder(family), "--dry-run"]) == 0
+        # Width 64: a tiny Wan folder's position table ends at 512 pixels (the real defaults are 832 wide).
+        assert main(["generate", "--model", tiny_folder(family), "--dry-run", "--width", "64"]) == 0
         assert f"[{family}]" in capsys.readouterr().out
 
 
@@ -62,7 +65,114 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
     (tmp / "empty").mkdir(exist_ok=True)
     (tmp / "a-file").write_text("x")
     (tmp / "bad.yaml").write_text("model:\n  family: wan\n  colour: red\n")
+    (tmp / "nan.yaml").write_text("model:\n  family: wan\nsampling:\n  guidance: .nan\n")
+    _odd_files(tmp, wan_folder)
+    weights = f"{wan_folder}/transformer/diffusion_pytorch_model.safetensors"
+    slurm = ["slurm", "--config", "tiny-wan.yaml", "--nodes", "1", "--gpus-per-node", "1"]
+    batch = ["batch", str(tmp / "jobs.jsonl"), "--out"]
+    model = ["--config", "tiny-wan.yaml", "--model", wan_folder]  # the tiny folder at the sizes it takes
     return [
+        # Class 4: outputs never land inside the model folder, nor on each other (real paths compared).
+        ([*model, "--save-latents", weights], f"output.save_latents ({weights}) is inside the model folder"),
+        ([*model, "--save-latents", str(tmp / "model-link" / "vae" / "x.pt")], "inside the model folder"),
+        ([*model, "--output", f"{wan_folder}/out.mp4"], "output.path (" + wan_folder + "/out.mp4) is inside"),
+        (["--output", str(tmp / "v.mp4"), "--save-latents", str(tmp / "empty" / ".." / "v.mp4")],
+         "is the same file as output.path"),
+        (["--output", str(tmp / "v.mp4"), "--save-latents", str(tmp / "v.mp4")], "is the same file as output.path"),
+        (["--output", str(tmp / "v.mp4"), "--save-latents", str(tmp / "v.yaml")],
+         "is the same file as the config written beside output.path"),
+        (["--output", str(tmp / "clash.mp4")], "the config written beside output.path is a folder"),
+        ([*batch, f"{wan_folder}/videos", *model], "is inside the model folder"),
+        ([*batch, wan_folder, *model], "is inside the model folder"),
+        ([*batch, str(tmp / "a-file")], "--out is a file, not a folder"),
+        ([*batch, str(tmp / "out"), "--set", "output.save_latents=l.pt"], "every job of a batch would overwrite"),
+        # Class 5: odd files are one line each.
+        (["--config", str(tmp / "binary.yaml")], "binary.yaml: not UTF-8 text (byte 0x89 at offset 0)"),
+        (["--config", str(tmp / "latin1.yaml")], "latin1.yaml: not UTF-8 text (byte 0xe9"),
+        (["--config", str(tmp / "nul.yaml")], "not valid YAML (unacceptable character #x0000"),
+        (["--config", str(tmp / "deep.yaml")], "deep.yaml: not readable YAML"),
+        (["--config", str(tmp / "empty")], "config file is a folder"),
+        (["--model", str(tmp / "index-list")], "model_index.json: expected a JSON object, got list"),
+        (["--model", str(tmp / "index-binary")], "model_index.json: not UTF-8 text"),
+        (["--model", str(tmp / "index-text")], "model_index.json: not valid JSON"),
+        (["--model", str(tmp / "index-deep")], "model_index.json: not readable JSON"),
+        (["--model", str(tmp / "index-no-class")], "'_class_name' must name the pipeline class"),
+        (["--model", str(tmp / "index-bad-entry")], "component 'transformer_2' must be [library, class]"),
+        (["--model", str(tmp / "config-binary")], "transformer/config.json: not UTF-8 text"),
+        (["batch", str(tmp / "binary.jsonl"), "--out", str(tmp / "out")], "not a text file (it holds NUL bytes"),
+        (["batch", str(tmp / "empty"), "--out", str(tmp / "out")], "jobs file is a folder"),
+        ([*batch, str(tmp / "out-manifest-folder")], "manifest.jsonl is not a file (a folder?)"),
+        ([*batch, str(tmp / "out-manifest-typed")], "line 2: not a valid record ('attempts' should be int"),
+        ([*batch, str(tmp / "out-manifest-binary")], "line 1: not a manifest record (binary data)"),
+        ([*batch, str(tmp / "out-manifest-latin1")], "line 1: not a manifest record (not UTF-8 text: byte 0xe9"),
+        ([*batch, str(tmp / "out-manifest-list")], "line 1: expected a JSON object (a record), got list"),
+        # Class 9: flags that would be ignored, or mean nothing.
+        (["--ranks-per-engine", "2"], "--ranks-per-engine needs --ray"),
+        (["--ray", "local", "--ranks-per-engine", "0"], "--ranks-per-engine must be at least 1, got 0"),
+        (["--ray", "local", "--ranks-per-engine", "-2"], "--ranks-per-engine must be at least 1, got -2"),
+        ([*batch, str(tmp / "out"), "--ray", "local", "--engines", "0"], "--engines must be at least 1, got 0"),
+        ([*batch, str(tmp / "out"), "--ray", "local", "--ranks-per-engine", "0"], "--ranks-per-engine must be"),
+        ([*batch, str(tmp / "out"), "--engines", "2"], "--engines needs --ray"),
+        # Class 10: `unison slurm` prints a script only for safe values and a recipe that plans.
+        ([*slurm, "--job-name", "x\nrm -rf ~"], "--job-name must be 1-128 letters"),
+        ([*slurm, "--job-name", "a b"], "--job-name must be"),
+        ([*slurm, "--partition", "gpu large"], "--partition must be a partition name"),
+        ([*slurm, "--partition", "gpu\n#SBATCH --exclusive"], "--partition must be"),
+        ([*slurm, "--cpus-per-gpu", "-1"], "--cpus-per-gpu must be at least 1, got -1"),
+        (["slurm", "--config", "tiny-wan.yaml", "--nodes", "-1", "--gpus-per-node", "1"], "--nodes must be at least 1"),
+        (["slurm", "--config", "tiny-wan.yaml", "--nodes", "1", "--gpus-per-node", "-4"], "--gpus-per-node must be"),
+        ([*slurm, "--time", "4h"], "--time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+        ([*slurm, "--time", "1:2:3:4"], "--time must be"),
+        ([*slurm, "--time", "10:75"], "--time must be"),
+        ([*slurm, "--time", "1-24"], "--time must be"),
+        ([*slurm, "--time", "04:00:00; reboot"], "--time must be"),
+        ([*slurm, "--ranks-per-engine", "1"], "--ranks-per-engine is for --mode ray"),
+        (["slurm", "--config", str(tmp / "frames.yaml"), "--nodes", "1", "--gpus-per-node", "1"],
+         "frames.yaml: Wan 2.1 T2V (1.3B, 14B) takes 4k+1 frames"),
+        (["slurm", "--config", str(tmp / "height.yaml"), "--nodes", "1", "--gpus-per-node", "1"],
+         "height.yaml: sampling.height must be a positive multiple of 16"),
+        (["slurm", "--mode", "ray", "--config", "tiny-wan.yaml", "--nodes", "1", "--gpus-per-node", "2",
+          "--jobs", "j.jsonl", "--ranks-per-engine", "2"], "must equal the world size 2"),
+        (["slurm", "--mode", "ray", "--config", "tiny-wan.yaml", "--nodes", "1", "--gpus-per-node", "1",
+          "--jobs", "j.jsonl", "--ranks-per-engine", "0"], "--ranks-per-engine must be at least 1"),
+        # Class 3: NaN and infinity, from flags, --set (as YAML spells them or not) and YAML files.
+        (["--guidance", "nan"], "sampling.guidance must be a finite number, got nan"),
+        (["--guidance=-inf"], "sampling.guidance must be a finite number, got -inf"),
+        (["--guidance", "1e400"], "sampling.guidance must be a finite number, got inf"),
+        (["--guidance-2", "inf"], "sampling.guidance_2 must be a finite number"),
+        (["--set", "sampling.guidance=.nan"], "sampling.guidance must be a finite number"),
+        (["--set", "sampling.guidance=Infinity"], "sampling.guidance must be a finite number, got 'Infinity'"),
+        (["--set", "sampling.guidance=1" + "0" * 400], "must be a finite number, got an integer of about 401 digits"),
+        (["--cache", "fbcache", "--set", "cache.threshold=.nan"], "cache.threshold must be a finite number"),
+        (["--cache", "pab", "--set", "cache.self_timestep_max=.inf"], "cache.self_timestep_max must be a finite"),
+        (["--set", "model.family=hunyuanvideo", "--set", "sampling.true_cfg_scale=-.inf"],
+         "sampling.true_cfg_scale must be a finite number"),
+        (["--set", "parallel.timeout_s=.inf"], "parallel.timeout_s must be a finite number"),
+        (["--config", str(tmp / "nan.yaml")], "nan.yaml: sampling.guidance must be a finite number, got nan"),
+        # Class 2: values past what the model (read from its configs, no weights) or torch takes.
+        (["--seed", str(2**64)], "sampling.seed must be between -2**63 and 2**64-1"),
+        (["--seed", str(-2**63 - 1)], "sampling.seed must be between"),
+        (["--set", "model.tiny_seed=18446744073709551614"], "model.tiny_seed must be between -2**63 and 2**64-3"),
+        (["make-tiny", "--family", "wan", "--out", str(tmp / "t"), "--seed", str(2**64)], "--seed must be between"),
+        (["--height", "528"], "sampling.height=528 runs past the position table of Wan 2.1 T2V (1.3B, 14B): "
+                              "at most 512 (the transformer's rope_max_seq_len, 32 positions per axis"),
+        (["--width", "100000"], "sampling.width=100000 runs past the position table"),
+        (["--frames", "129"], "sampling.frames=129 runs past the position table of Wan 2.1 T2V (1.3B, 14B): at most 125"),
+        (["--set", "model.family=wan2.2-ti2v", "--height", "1056"], "at most 1024"),
+        (["--set", "model.family=wan2.2", "--width", "528"], "sampling.width=528 runs past"),
+        (["--config", "tiny-wan.yaml", "--model", wan_folder, "--height", "528"], "height=528 runs past"),
+        (["--set", "model.family=hunyuanvideo", "--height", "65536", "--width", "65536"],
+         "65536x65536, 9 frames is 50,331,648 video tokens; at most 4,194,304"),
+        (["--set", "model.family=hunyuanvideo", "--frames", "4000001"], "video tokens; at most"),
+        (["--set", "sampling.max_sequence_length=513"], "max_sequence_length=513 is more text tokens than Wan 2.1"),
+        (["--set", "sampling.max_sequence_length=10000000000"], "at most 512 (the text length Wan was trained with)"),
+        (["--set", "model.family=hunyuanvideo", "--set", "sampling.max_sequence_length=930"],
+         "at most 929 (the Llama text encoder's max_position_embeddings 1024 less the 95-token prompt template)"),
+        (["--steps", "1001"], "sampling.steps=1001 is more than the scheduler's 1000 training timesteps"),
+        (["--steps", "10000000000"], "sampling.steps=10000000000 is more than"),
+        (["--set", "parallel.timeout_s=5"], "parallel.timeout_s must be between 10 and 86400 seconds, got 5"),
+        (["--set", "parallel.timeout_s=0.001"], "parallel.timeout_s must be between 10 and 86400"),
+        (["--set", "parallel.timeout_s=1000000"], "parallel.timeout_s must be between 10 and 86400"),
         (["--frames", "10"], "takes 4k+1 frames"),
         (["--frames", "0"], "takes 4k+1 frames"),
         (["--height", "60"], "sampling.height must be a positive multiple of 16"),
@@ -99,7 +209,50 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         (["--attention-backend", "flash-attn"], "attention_backend=flash-attn needs a CUDA GPU"),
         (["--set", "parallel.attention_backend=flashattn"], "parallel.attention_backend: expected"),
         (["--set", "model.compile=max"], "model.compile: expected"),
+        (["--set", "output.fps=1180591620717411303424"], "output.fps must be at most 1000"),
     ]
+
+
+def _odd_files(tmp: Path, wan_folder: str) -> None:
+    """Files that are not what their names say, and outputs that would collide (for _bad_cases)."""
+    (tmp / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp / "latin1.yaml").write_bytes("sampling:\n  prompt: caf\u00e9\n".encode("latin-1"))
+    (tmp / "nul.yaml").write_bytes(b"sampling:\n  prompt: a\x00b\n")
+    (tmp / "deep.yaml").write_text("[" * 20000)
+    (tmp / "frames.yaml").write_text("model:\n  family: wan\nsampling:\n  frames: 10\n")
+    (tmp / "height.yaml").write_text("model:\n  family: wan\nsampling:\n  height: 60\n")
+    (tmp / "clash.yaml").mkdir(exist_ok=True)
+    if not (tmp / "model-link").exists():
+        (tmp / "model-link").symlink_to(wan_folder)
+    index = json.loads((Path(wan_folder) / "model_index.json").read_text())
+    for name, content in {"index-list": b"[1, 2]", "index-binary": b"\xff\xfe{\x00", "index-text": b"model",
+                          "index-deep": b"[" * 100000, "index-no-class": b"{}",
+                          "index-bad-entry": json.dumps({**index, "transformer_2": []}).encode(),
+                          "config-binary": json.dumps(index).encode()}.items():
+        (tmp / name).mkdir(exist_ok=True)
+        (tmp / name / "model_index.json").write_bytes(content)
+    for part in ("transformer", "vae"):
+        (tmp / "config-binary" / part).mkdir(exist_ok=True)
+        shutil.copy(Path(wan_folder) / part / "config.json", tmp / "config-binary" / part / "config.json")
+    (tmp / "config-binary" / "transformer" / "config.json").write_bytes(b"\x00\xff" * 8)
+    (tmp / "jobs.jsonl").write_text('{"id": "a", "prompt": "a cat"}\n')
+    (tmp / "binary.jsonl").write_bytes(b"\x00\x01\x02\n" * 4)
+    record = {"id": "a", "status": "done", "attempts": 1, "seconds": 1.0}
+    for name, content in {"typed": json.dumps(record) + "\n" + json.dumps({**record, "attempts": "two"}) + "\n",
+                          "binary": "\x00\x9f\x92\n", "list": "[1]\n", "folder": None,
+                          "latin1": json.dumps({**record, "error": "caf\u00e9"}, ensure_ascii=False) + "\n"}.items():
+        out = tmp / f"out-manifest-{name}"
+        out.mkdir(exist_ok=True)
+        if content is None:
+            (out / "manifest.jsonl").mkdir(exist_ok=True)
+        else:
+            (out / "manifest.jsonl").write_bytes(content.encode("latin-1"))
+
+
+def _snapshot(*folders: str | Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folders` (links not followed): size and modification time."""
+    return {str(path): (path.lstat().st_size, path.lstat().st_mtime_ns)
+            for folder in folders for path in Path(folder).rglob("*")}
 
 
 def _bad_cases_two_ranks() -> list[tuple[list[str], str]]:
@@ -117,14 +270,20 @@ def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("weights loaded before the error"))
-    cases = _bad_cases(tmp_path, tiny_folder("wan"))
+    wan_folder = tiny_folder("wan")
+    cases = _bad_cases(tmp_path, wan_folder)
     capsys.readouterr()  # make-tiny's own output, when this test made the folder
+    before = _snapshot(tmp_path, wan_folder)
     for argv, expected in cases:
         code = main(argv)
-        err = capsys.readouterr().err.strip()
+        out, err = capsys.readouterr()
+        err = err.strip()
         assert code == 2, (argv, err)
         assert err.startswith("unison: error: ") and expected in err, (argv, err)
         assert "\n" not in err, (argv, err)
+        assert out == "", (argv, out[:300])  # no script, no plan
+    # Nothing written, nothing overwritten: not the model's weights, not an output, not a manifest.
+    assert _snapshot(tmp_path, wan_folder) == before
 
 
 def test_bad_input_table_two_ranks(tmp_path, monkeypatch, capsys):

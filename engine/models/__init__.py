@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from unison.errors import UserError
 from unison.engine.models import hunyuan_video, wan
@@ -13,7 +14,7 @@ _MODULES = (wan, hunyuan_video)
 SPECS: dict[str, ModelSpec] = {spec.family: spec for module in _MODULES for spec in module.SPECS}
 
 __all__ = ["SPECS", "Conditioning", "ModelSpec", "SamplingDefaults", "get_spec", "read_model_index",
-           "detect_family"]
+           "read_json", "detect_family"]
 
 
 def get_spec(family: str) -> ModelSpec:
@@ -32,10 +33,32 @@ def read_model_index(path: str | Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(index_file)
+    if not isinstance(index, dict):
+        raise UserError(f"{index_file}: expected a JSON object, got {type(index).__name__}")
+    if not isinstance(index.get("_class_name"), str):
+        raise UserError(f"{index_file}: '_class_name' must name the pipeline class, got {index.get('_class_name')!r}")
+    for name, entry in index.items():
+        # Components are [library, class] pairs ([null, null] when absent); other keys are
+        # pipeline config values (Wan 2.2's boundary_ratio, ...).
+        if isinstance(entry, list) and not (len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)):
+            raise UserError(f"{index_file}: component '{name}' must be [library, class], got {entry!r}"[:300])
+    return index
+
+
+def read_json(path: Path) -> Any:
+    """A small JSON file (model_index.json, a component's config.json), or a one-line UserError:
+    unreadable, not UTF-8, not JSON, or nested too deeply to parse."""
     try:
-        return json.loads(index_file.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{index_file}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits; nesting past the stack
+        raise UserError(f"{path}: not readable JSON ({str(err).splitlines()[0][:120]})") from None
 
 
 def detect_family(index: dict) -> str:

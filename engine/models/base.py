@@ -26,6 +26,21 @@ class SamplingDefaults:
     true_cfg_scale: float | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The largest video and text a model takes, read from its config files (never its weights)
+    so that a plan refuses what would only fail after loading. None: no limit of that kind."""
+
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    video_source: str = ""
+    """Where the video limits come from (for the error message)."""
+    text_tokens: int | None = None
+    """Most text tokens (sampling.max_sequence_length)."""
+    text_source: str = ""
+
+
 @dataclass
 class Conditioning:
     """Transformer keyword arguments per guidance branch, and the guidance scale per expert."""
@@ -93,6 +108,12 @@ class ModelSpec:
     """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
     pipefusion_plan: Callable[..., Any] | None = None
     """(transformer, PipeStage) -> keeps the stage's blocks behind a StageRunner (None: no PipeFusion)."""
+    limits: Callable[[Callable[[str], dict]], Limits] | None = None
+    """(read) -> the model's Limits, where read("transformer/config.json") gives that file of
+    the folder as a dict ({} when absent); for the tiny preset, its entry of `tiny_configs`."""
+    tiny_configs: dict[str, dict] = field(default_factory=dict)
+    """What a saved tiny preset's config files hold, for the keys `limits` reads (a test checks
+    them against the built model, as it checks tiny_heads)."""
     notes: tuple[str, ...] = field(default=())
     """What is supported and what is not, for `--dry-run` and the README."""
 

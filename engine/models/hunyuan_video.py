@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from unison.errors import UserError
-from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
+from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
@@ -104,6 +104,23 @@ def _attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
     return {"self": [b.attn for b in blocks]}
 
 
+PROMPT_TEMPLATE_TOKENS = 95
+"""Tokens of the system prompt HunyuanVideoPipeline puts before the text and crops from the
+Llama output (diffusers' DEFAULT_PROMPT_TEMPLATE crop_start; a test checks it)."""
+
+
+def _limits(read) -> Limits:
+    """No video limit: diffusers' HunyuanVideoRotaryPosEmbed computes positions for any grid.
+    The text goes through Llama with the prompt template in front, max_sequence_length +
+    PROMPT_TEMPLATE_TOKENS positions, which its max_position_embeddings bounds."""
+    positions = read("text_encoder/config.json").get("max_position_embeddings")
+    if not isinstance(positions, int) or positions <= PROMPT_TEMPLATE_TOKENS:
+        return Limits()
+    return Limits(text_tokens=positions - PROMPT_TEMPLATE_TOKENS,
+                  text_source=f"the Llama text encoder's max_position_embeddings {positions} less the "
+                              f"{PROMPT_TEMPLATE_TOKENS}-token prompt template")
+
+
 def _matches(index: dict[str, Any]) -> bool:
     return index.get("_class_name") == "HunyuanVideoPipeline"
 
@@ -122,6 +139,7 @@ HUNYUAN_VIDEO = ModelSpec(
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
     decode=_decode, sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules,
     displaced_patches=True, pipefusion_plan=pipefusion_plan,
+    limits=_limits, tiny_configs={"text_encoder/config.json": {"max_position_embeddings": 1024}},
     notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
 )
 

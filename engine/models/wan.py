@@ -13,7 +13,7 @@ import torch
 
 from unison.errors import UserError
 from unison.engine.models.wan_parallel import pipefusion_plan, sequence_parallel_plan
-from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
+from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
 
@@ -137,8 +137,46 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / inv_std + mean, return_dict=False)[0]
 
 
+WAN_TEXT_TOKENS = 512
+"""The text length Wan's transformers were trained with (umT5 text, padded to 512: Wan's
+text_len, diffusers' WanPipeline default max_sequence_length)."""
+
+
+def _limits(read) -> Limits:
+    """Wan's RoPE table (diffusers' WanRotaryPosEmbed) holds rope_max_seq_len positions per latent
+    axis and is sliced by the patches along frames, height and width: past it the slice comes up
+    short and the forward fails. The text is umT5's, padded to max_sequence_length: the
+    tokenizer's model_max_length where it names one, else Wan's 512."""
+    vae = read("vae/config.json")
+    spatial, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
+    experts = [cfg for cfg in (read("transformer/config.json"), read("transformer_2/config.json")) if cfg]
+    rope = min(int(cfg.get("rope_max_seq_len", 1024)) for cfg in experts) if experts else 1024
+    pt, ph, pw = (int(p) for p in (experts[0] if experts else {}).get("patch_size", (1, 2, 2)))
+    text = read("tokenizer/tokenizer_config.json").get("model_max_length")
+    named = isinstance(text, int) and 0 < text <= 10**6  # transformers writes ~1e30 for "no limit"
+    # Latent frames (frames - 1) / temporal + 1, in patches of pt, at most rope of them.
+    return Limits(
+        frames=(rope * pt + pt - 2) * temporal + 1, height=rope * ph * spatial, width=rope * pw * spatial,
+        video_source=f"the transformer's rope_max_seq_len, {rope} positions per axis; "
+                     f"{ph * spatial} pixels and {pt * temporal} frames per position",
+        text_tokens=text if named else WAN_TEXT_TOKENS,
+        text_source="the tokenizer's model_max_length" if named else "the text length Wan was trained with",
+    )
+
+
 def _attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
     return {"self": [b.attn1 for b in transformer.blocks], "cross": [b.attn2 for b in transformer.blocks]}
+
+
+def _tiny_configs(family: str) -> dict[str, dict]:
+    """The tiny preset's config values that _limits reads (as _tiny_pipeline builds them)."""
+    spatial = 16 if family == "wan2.2-ti2v" else 8
+    transformer = {"rope_max_seq_len": 32, "patch_size": [1, 2, 2]}
+    configs = {"transformer/config.json": transformer,
+               "vae/config.json": {"scale_factor_spatial": spatial, "scale_factor_temporal": 4}}
+    if family == "wan2.2":
+        configs["transformer_2/config.json"] = transformer
+    return configs
 
 
 def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_multiple=16, fps=16,
@@ -153,7 +191,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
         sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
-        attention_modules=_attention_modules,
+        attention_modules=_attention_modules, limits=_limits, tiny_configs=_tiny_configs(family),
         notes=notes,
     )
 
