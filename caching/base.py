@@ -8,6 +8,7 @@ state never leaks between contexts, and `reset()` (every new video) forgets all 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ class Cache:
     """Base of First-Block Cache and Pyramid Attention Broadcast."""
 
     name = "cache"
+    state_type: type | None = None
+    """The dataclass of one context's state (what `state(factory)` makes), for checkpoints."""
 
     def __init__(self, transformer: torch.nn.Module):
         if getattr(transformer, _MARK, None) is not None:
@@ -57,6 +60,28 @@ class Cache:
                 module.forward = below
         self._wrapped.clear()
         setattr(self.transformer, _MARK, None)
+
+    # -- step checkpoints (engine/checkpoint.py) ------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything later decisions and outputs depend on: each context's state (tensors as they
+        are; the checkpoint moves them) and the decision log. Taken at a step boundary."""
+        states = {context: {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+                  for context, state in self.states.items()}
+        return {"states": states, "decisions": list(self.decisions), **self.extra_state()}
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s result, as if the steps before it had just run here."""
+        self.reset()
+        self.states = {context: self.state_type(**fields) for context, fields in data["states"].items()}
+        self.decisions = list(data["decisions"])
+        self.load_extra_state(data)
+
+    def extra_state(self) -> dict[str, Any]:
+        """A subclass's state beyond the contexts' (kept under its own keys)."""
+        return {}
+
+    def load_extra_state(self, data: dict[str, Any]) -> None:
+        pass
 
     # -- for subclasses -----------------------------------------------------------------------
     def state(self, factory: Callable[[], Any]) -> Any:

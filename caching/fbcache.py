@@ -79,6 +79,7 @@ def _hidden(output):
 
 class FirstBlockCache(Cache):
     name = "fbcache"
+    state_type = _State
 
     def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module] | None = None,
                  pipeline: StageRunner | None = None, agreement: Agreement, valid_tokens: Callable[[], int | None]):
@@ -182,6 +183,12 @@ class FirstBlockCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.changes, self._led = [], {}
+
+    def extra_state(self) -> dict:
+        return {"changes": list(self.changes), "led": dict(self._led)}
+
+    def load_extra_state(self, data: dict) -> None:
+        self.changes, self._led = list(data["changes"]), dict(data["led"])
 
     def _passthrough(self, args):
         """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""

@@ -55,6 +55,7 @@ class _State:
 
 class PyramidAttentionBroadcast(Cache):
     name = "pab"
+    state_type = _State
 
     def __init__(self, transformer, config: PyramidAttentionBroadcastConfig, *,
                  attentions: dict[str, list[torch.nn.Module]], agreement: Agreement):

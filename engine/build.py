@@ -328,6 +328,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_seeds(sampling, config.model)
     check_limits(sampling, spec, config.model)
     check_parallel(config.parallel, world_size=world_size)
+    if config.output.checkpoint_every < 0:
+        raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {config.output.checkpoint_every}")
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
     _check_cfg_parallel(config.parallel, spec, sampling)

@@ -155,6 +155,16 @@ class OutputConfig:
     rank 0 blends them (parallel/vae.py); implies tiling. False: rank 0 decodes alone."""
     progress: bool = True
     """Show a progress bar per step (rank 0 only)."""
+    checkpoint_every: int = 0
+    """Write a step checkpoint every this many denoising steps (0: never), so that a killed render
+    resumes where it stopped and loses at most this many steps (engine/checkpoint.py)."""
+    checkpoint_dir: str | None = None
+    """Folder of the step checkpoints. None: beside the video, `<path>.ckpt/`. Removed once the
+    render's results are written."""
+    resume: Literal["auto", "require", "never"] = "auto"
+    """auto: continue from a checkpoint of the same run (model, sampling, parallel layout, cache),
+    ignore one of another run with a warning; require: refuse to start without one; never: start
+    from step 0. Only renders with checkpoint_every > 0 (or require) look for checkpoints."""
 
 
 @dataclass(frozen=True, kw_only=True)

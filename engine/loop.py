@@ -16,11 +16,20 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
 from unison.engine.offload import Offloader
 from unison.errors import NonFiniteLatents
 from unison.parallel.comm import all_gather
+
+
+PHASES = ("encoding", "step", "checkpointing", "decoding", "writing")
+"""What a render is doing, in order, as `on_phase(phase, step, steps)` hears it when each begins:
+"step" once per denoising step (`step` is the one starting, 1 to `steps`); for the others
+`step` counts the steps finished. "checkpointing" is saving a step checkpoint. A worker adds
+"loading" (building its engine) and "idle"."""
+OnPhase = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,9 @@ class LoopResult:
     """Final latents before VAE decode, shaped like diffusers' output_type="latent" result."""
     steps: list[StepRecord] = field(default_factory=list)
     encode_seconds: float = 0.0
+    resumed_from_step: int | None = None
+    """The first step this render ran, when it continued from a step checkpoint (else None);
+    `steps` then holds only the steps from there on."""
 
 
 def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device) -> torch.Tensor:
@@ -145,22 +157,28 @@ def denoise(
     device: torch.device,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
+    on_phase: OnPhase | None = None,
     runtime=None,
     caches: dict | None = None,
     offload: Offloader | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> LoopResult:
     """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
     guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
     step; every rank then combines and steps the scheduler identically. `caches` (per expert
     name) are told the step and the branch (cache context) before every forward. `offload`
     (model.offload) brings the text encoders in to encode and keeps only the running expert on
-    the device."""
+    the device. `checkpoints` (output.checkpoint_every) resumes from the latest step checkpoint
+    of the same run, if any, and writes one every N steps (engine/checkpoint.py).
+    `on_phase` hears "encoding" and every "step" as it begins (see PHASES)."""
     caches = caches or {}
     for cache in caches.values():
         cache.reset()
     if runtime is not None:
         runtime.begin_video()
     started = time.perf_counter()
+    if on_phase is not None:
+        on_phase("encoding", 0, sampling.steps)
     with torch.no_grad(), offload.encoding() if offload is not None else contextlib.nullcontext():
         conditioning: Conditioning = spec.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
@@ -168,6 +186,11 @@ def denoise(
     experts = [getattr(pipe, name) for name in spec.experts]
     boundary = spec.expert_boundary(pipe)
     latents = initial_latents(pipe, spec, sampling, device)
+    start = 0
+    if checkpoints is not None:  # after set_timesteps and the caches' reset: the saved state replaces theirs
+        resumed = checkpoints.restore(pipe.scheduler, caches, device)
+        if resumed is not None:
+            start, latents = resumed.step, resumed.latents
     records: list[StepRecord] = []
     cfg_group = runtime.groups.get("cfg") if runtime is not None else None
     cfg_index = runtime.groups.index("cfg") if runtime is not None else 0
@@ -181,6 +204,11 @@ def denoise(
         # need them there), not once per step.
         schedule = zip(timesteps, timesteps.tolist(), select_experts(boundary, timesteps))
         for i, (t, host_t, which) in enumerate(schedule):
+            if i < start:  # done before the checkpoint this render resumed from
+                bar.update(1)
+                continue
+            if on_phase is not None:  # a host-side call: no sync
+                on_phase("step", i + 1, len(timesteps))
             step_start = timer.start()
             if offload is not None:
                 offload.use_expert(spec.experts[which])
@@ -216,8 +244,13 @@ def denoise(
             record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
             records.append(record)
             bar.update(1)
+            if checkpoints is not None and checkpoints.due(i, len(timesteps)):
+                if on_phase is not None:
+                    on_phase("checkpointing", i + 1, len(timesteps))
+                checkpoints.save(i, latents, pipe.scheduler, caches)
             if on_step is not None:
                 on_step(record)
     finite.finish()
     records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
-    return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds)
+    return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds,
+                      resumed_from_step=start if start else None)

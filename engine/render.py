@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
 from unison.engine.caches import apply_caches
 from unison.engine.caches import describe as describe_caches
+from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
-from unison.engine.loop import LoopResult, denoise
+from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
 from unison.engine.video import mp4_write, to_uint8_frames
 from unison.engine.writes import commit, text_write, torch_write
@@ -66,6 +69,8 @@ class RenderResult:
             + (", per rank " + ", ".join(f"{b / 2**30:.2f}" for b in self.peak_memory_per_rank) + " GiB"
                if self.peak_memory_per_rank else ""),
         ]
+        if self.loop.resumed_from_step is not None:
+            lines[0] += f"; resumed from the step checkpoint after step {self.loop.resumed_from_step}"
         if self.components:
             lines.append(f"components {self.components}")
         lines += [f"cache     {line}" for line in self.cache_lines]
@@ -129,9 +134,11 @@ class Engine:
         return cls(plan_run(config, world_size=world_size))
 
     def render(self, config: RunConfig | None = None, *, progress: bool | None = None,
-               on_step=None) -> RenderResult:
+               on_step=None, on_phase: OnPhase | None = None) -> RenderResult:
         """Render one video. `config` must name the same model as the engine's (default: its own);
-        `on_step(record)` is called after every denoising step (for progress reports)."""
+        `on_step(record)` is called after every denoising step, `on_phase(phase, step, steps)` as
+        each phase begins (engine.loop.PHASES), for progress reports. With progress shown (rank
+        0), every phase but the steps (they have their bar) is a line on stderr."""
         plan = self.plan if config is None else plan_run(config, world_size=self.plan.world_size)
         if plan.config.model != self.plan.config.model:
             raise ValueError("this engine holds a different model; build another Engine for it")
@@ -145,21 +152,37 @@ class Engine:
         if self.runtime is not None:
             self.runtime.stats.reset()
         self._use_cache(cfg.cache)
+        steps = cfg.sampling.steps
+
+        def phase(name: str, step: int, total: int) -> None:
+            if show and name != "step":
+                tqdm.write(f"unison: {name}", file=sys.stderr)
+            if on_phase is not None:
+                on_phase(name, step, total)
+
+        # Every rank its own file (cache state is per shard); all ranks agree on the step to resume.
+        everyone = self.runtime.groups.get("cfg_tokens") if self.runtime is not None else None
+        checkpoints = Checkpoints.create(cfg, rank=self.runtime.rank if self.runtime is not None else 0,
+                                         world_size=self.plan.world_size, group=everyone)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
-                       caches=self.caches, on_step=on_step, offload=self.offloader)
+                       caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
+                       checkpoints=checkpoints)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
         if cfg.output.save_latents and self.is_writer:
             latents_path = Path(cfg.output.save_latents)
+            phase("writing", len(loop.steps), steps)
             commit(torch_write(latents_path, loop.latents))  # WriteFailed (nothing at the path) on failure
         # Parallel decode is collective: every rank decodes its tiles, rank 0 gets the frames.
         parallel_decode = self.runtime is not None and cfg.output.parallel_decode
         if cfg.output.decode and (self.is_writer or parallel_decode):
+            phase("decoding", len(loop.steps), steps)
             t0 = time.perf_counter()
             frames = self.decode(loop.latents, output=cfg.output)
             seconds["decode"] = time.perf_counter() - t0
         if cfg.output.decode and self.is_writer:
+            phase("writing", len(loop.steps), steps)
             t0 = time.perf_counter()
             video_path = Path(cfg.output.path)
             config_path = config_path_for(video_path)
@@ -173,6 +196,8 @@ class Engine:
         if self.runtime is not None:
             peaks = [None] * self.plan.world_size
             dist.all_gather_object(peaks, peak, group=self.runtime.groups.get("cfg_tokens"))
+        if checkpoints is not None:  # after the all-gather: every rank knows rank 0 has written
+            checkpoints.remove()
         comm = {}
         if self.runtime is not None and loop.steps:
             comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}

@@ -36,15 +36,28 @@ class Progress:
     job: str | None
     step: int
     steps: int
+    phase: str = "idle"
+    """"loading" while the worker builds its engine, "idle" between jobs, and during a job the
+    render's phase (engine.loop.PHASES: encoding, step, checkpointing, decoding, writing), or
+    "starting" before the first."""
+
+    def describe(self) -> str:
+        """The line a driver prints: "job cat, decoding", "job dog, step 12/50", "loading"."""
+        now = f"step {self.step}/{self.steps}" if self.phase == "step" else self.phase
+        return now if self.job is None else f"job {self.job}, {now}"
 
 
 class Worker:
-    """Holds one Engine; `run(job)` renders it. `progress()` may be read from another thread."""
+    """Holds one Engine; `run(job)` renders it. `progress()` may be read from another thread.
+    `on_progress` is told the worker is "loading" before its engine builds."""
 
-    def __init__(self, plan: Plan):
-        self.engine = Engine(plan)
+    def __init__(self, plan: Plan, *, on_progress: Callable[[Progress], None] | None = None):
         self._lock = threading.Lock()
-        self._progress = Progress(job=None, step=0, steps=0)
+        self._progress = Progress(job=None, step=0, steps=0, phase="loading")
+        if on_progress is not None:
+            on_progress(self._progress)
+        self.engine = Engine(plan)
+        self._set(Progress(job=None, step=0, steps=0))
 
     @classmethod
     def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Worker":
@@ -59,18 +72,17 @@ class Worker:
             self._progress = progress
 
     def run(self, job: Job, *, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
-        """Render `job`; `on_progress` is also told every step (the local driver's bar)."""
+        """Render `job`; `on_progress` is also told every phase and step (the local driver's bar)."""
         started = time.perf_counter()
-        steps = job.config.sampling.steps
 
-        def step(record) -> None:
-            self._set(Progress(job.id, record.index + 1, steps))
+        def phase(name: str, step: int, steps: int) -> None:
+            self._set(Progress(job.id, step, steps, phase=name))
             if on_progress is not None:
                 on_progress(self.progress())
 
-        self._set(Progress(job=job.id, step=0, steps=steps))
+        self._set(Progress(job=job.id, step=0, steps=job.config.sampling.steps, phase="starting"))
         try:
-            result = self.engine.render(job.config, progress=False, on_step=step)
+            result = self.engine.render(job.config, progress=False, on_phase=phase)
         finally:
             self._set(Progress(job=None, step=0, steps=0))
         times = [r.seconds for r in result.loop.steps]

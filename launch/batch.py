@@ -8,8 +8,13 @@ the jobs in file order; the Ray driver (launch/ray_batch.py) spreads jobs over s
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import re
+import socket
 import statistics
 import sys
 import time
@@ -38,12 +43,17 @@ class Batch:
     problems: list[Problem]
 
 
-def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, world_size: int) -> Batch:
+def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, world_size: int,
+            lock: contextlib.ExitStack | None = None) -> Batch:
     """Read and validate the jobs, report bad lines on stderr, remove a killed run's temporary
-    files, and resume from the manifest."""
+    files, and resume from the manifest. With `lock`, the folder's OutputLock is taken into it
+    once the input has been checked (a refused run writes nothing) and before the first write."""
     out_dir = Path(out_dir).resolve()  # Ray actors and other nodes see the same absolute paths
     check_batch_output(out_dir, base)
     jobs, problems = read_jobs(jobs_path, base=base, out_dir=out_dir, world_size=world_size)
+    if lock is not None and jobs:
+        Manifest(out_dir).records()  # a manifest that is not one is refused before the lock file is made
+        lock.enter_context(OutputLock(out_dir))
     for problem in problems:
         print(f"unison: {jobs_path}: {problem} (skipped)", file=sys.stderr)
     if not jobs:
@@ -53,6 +63,60 @@ def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, worl
     state = resume(jobs, Manifest(out_dir))
     return Batch(todo=state.todo, attempts=state.attempts, skipped=len(state.finished), total=len(jobs),
                  problems=problems)
+
+
+LOCK = ".unison.lock"
+
+
+class OutputLock:
+    """An exclusive `flock` on DIR/.unison.lock for the life of a batch, held by the process that
+    owns the manifest (the single process, rank 0 under torchrun, the Ray driver). A second batch
+    on the same folder would render every job again, append duplicate records and delete the first
+    one's temporary files; it gets a UserError naming the holder instead (error, not cooperation).
+    The kernel drops the lock with its process, so a killed run never blocks the next one."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {self.path.parent}: cannot create the folder ({err.strerror or err})") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"{self.path}: cannot open the batch's lock file ({err.strerror or err})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise UserError(f"{self.path}: cannot lock the batch's folder ({err.strerror or err})") from None
+                raise UserError(f"--out {self.path.parent} is in use by another batch ({holder}); wait for it to "
+                                f"end or pick another folder") from None
+            # The holder before us removes the file as it lets go: if we locked that unlinked file,
+            # a third run could lock a new one beside us, so lock again until the path is ours.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: nobody holds the file we remove
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -108,8 +172,8 @@ class Ledger:
         return again
 
     def show(self, progress) -> None:
-        """The current job and step, beside the batch bar."""
-        self.bar.set_postfix_str(f"{progress.job} step {progress.step}/{progress.steps}", refresh=True)
+        """The engine's phase beside the batch bar: "job cat, decoding" (a worker's Progress)."""
+        self.bar.set_postfix_str(progress.describe(), refresh=True)
 
     def _append(self, record: Record) -> None:
         if self.manifest is not None:

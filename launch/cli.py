@@ -227,6 +227,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     timeout_s = plan.config.parallel.timeout_s
     with env.joined(timeout_s=timeout_s, placement=plan.placement), \
             FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+        if env.rank == 0 and plan.config.output.progress:
+            print("unison: loading", file=sys.stderr)  # the render prints its own phases
         result = Engine(plan).render()
     if env.rank == 0:
         print(result.summary())

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job
+from unison.engine.worker import Progress
 from unison.errors import UserError
 from unison.launch.batch import Ledger, error_text, retryable
 
@@ -75,6 +76,18 @@ class RankActor:
     def progress(self):
         worker = getattr(self, "worker", None)
         return worker.progress() if worker is not None else None
+
+
+def engine_line(index: int, job: str | None, state: Progress | None) -> str:
+    """One engine's progress line: "engine 1: job cat, decoding", "engine 0: idle". `job` is the
+    driver's job on the engine, `state` rank 0's Progress (None when it could not be read); a state
+    that is not yet of that job (the call has not reached the actor) shows the job alone."""
+    if state is not None and state.job == job:
+        return f"engine {index}: {state.describe()}"
+    return f"engine {index}: " + (f"job {job}" if job is not None else "idle")
+
+
+LOADING = Progress(job=None, step=0, steps=0, phase="loading")
 
 
 def rank_order(nodes: list[str]) -> list[int]:
@@ -138,6 +151,7 @@ class RayBatch:
                                       max_concurrency=2)(RankActor)
         self.env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         self.threads = None if options.gpus else max(1, int(options.cpus_per_rank))
+        self.bars: list = []
 
     # -- engines ----------------------------------------------------------------------------------
     def _start(self, slot: EngineSlot) -> None:
@@ -168,6 +182,8 @@ class RayBatch:
         slot.actors, slot.group, slot.job, slot.refs = [], None, None, []
 
     def _bring_up(self, slot: EngineSlot) -> bool:
+        if self.progress and self.bars:
+            self.bars[slot.index].set_description_str(engine_line(slot.index, None, LOADING))
         while slot.failures_in_row < MAX_REBUILDS:
             try:
                 self._start(slot)
@@ -183,8 +199,8 @@ class RayBatch:
     def run(self, todo: list[Job], ledger: Ledger) -> None:
         queue = deque(todo)
         slots = [EngineSlot(index=i) for i in range(self.options.engines)]
-        bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress, leave=False)
-                for i in range(len(slots))]
+        bars = self.bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress,
+                                 leave=False) for i in range(len(slots))]
         live = []
         try:
             for slot in slots:
@@ -245,15 +261,14 @@ class RayBatch:
         if not self.progress:
             return
         for slot in slots:
-            text = f"engine {slot.index}: idle"
+            state = None
             if slot.job is not None:
                 try:
                     state = self.ray.get(slot.actors[0].progress.remote(), timeout=1)
                 except Exception:  # noqa: BLE001 - progress is best effort
                     state = None
-                step = f" step {state.step}/{state.steps}" if state is not None and state.job else ""
-                text = f"engine {slot.index}: {slot.job.id}{step}"
-            bars[slot.index].set_description_str(text)
+            bars[slot.index].set_description_str(
+                engine_line(slot.index, slot.job.id if slot.job is not None else None, state))
 
 
 def _cause(err: BaseException) -> BaseException:

@@ -6,6 +6,7 @@ read) before any process group forms or any model loads.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from unison.engine.build import plan_run
@@ -22,8 +23,9 @@ def _exit_code(ledger: Ledger) -> int:
 
 def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, progress: bool,
                 env: DistEnv | None = None) -> int:
-    """A single process, or every rank of a torchrun / srun job as one engine. Rank 0 reads the
-    jobs and the manifest and hands the list of jobs still to render to the other ranks."""
+    """A single process, or every rank of a torchrun / srun job as one engine. Rank 0 locks the
+    folder, reads the jobs and the manifest and hands the list of jobs still to render to the
+    other ranks."""
     import torch.distributed as dist
 
     from unison.engine.worker import Worker
@@ -32,14 +34,14 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
     env = env or DistEnv.detect()
     plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
     timeout_s = plan.config.parallel.timeout_s
-    with env.joined(timeout_s=timeout_s, placement=plan.placement):
+    with env.joined(timeout_s=timeout_s, placement=plan.placement), contextlib.ExitStack() as owned:
         if env.world_size == 1:
-            batch = prepare(jobs, out, base=config, world_size=1)
+            batch = prepare(jobs, out, base=config, world_size=1, lock=owned)
         else:
             payload: list = [None]
             if env.rank == 0:
                 try:
-                    payload = [prepare(jobs, out, base=config, world_size=env.world_size)]
+                    payload = [prepare(jobs, out, base=config, world_size=env.world_size, lock=owned)]
                 except UserError as err:
                     payload = [str(err)]
             dist.broadcast_object_list(payload, src=0)
@@ -50,7 +52,8 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
         try:
             if batch.todo:  # a finished batch loads nothing
                 with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
-                    run_local(ledger, batch.todo, worker=Worker(plan))
+                    run_local(ledger, batch.todo,
+                              worker=Worker(plan, on_progress=ledger.show if ledger is not None else None))
         finally:
             if ledger is not None:
                 ledger.close()
@@ -78,13 +81,17 @@ def _engine_plan(config: RunConfig, ranks_per_engine: int | None):
 
 def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engines: int | None,
                  ranks_per_engine: int | None, max_retries: int, progress: bool) -> int:
+    """The driver locks the folder and reads the batch before Ray starts: a finished batch
+    returns at once, connecting to nothing."""
     ranks = _engine_plan(config, ranks_per_engine).world_size
-    batch = prepare(jobs, out, base=config, world_size=ranks)
-    ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress)
-    try:
-        _ray_run(config, batch, ledger, address=address, engines=engines, ranks=ranks, progress=progress)
-    finally:
-        ledger.close()
+    with contextlib.ExitStack() as owned:
+        batch = prepare(jobs, out, base=config, world_size=ranks, lock=owned)
+        ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress)
+        try:
+            if batch.todo:
+                _ray_run(config, batch, ledger, address=address, engines=engines, ranks=ranks, progress=progress)
+        finally:
+            ledger.close()
     print(ledger.summary())
     return _exit_code(ledger)
 

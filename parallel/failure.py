@@ -9,6 +9,14 @@ waits (briefly) until every other rank has read it. Each rank runs a watcher thr
 the key; when it appears, the watcher acknowledges it and gives the main thread a grace period
 to unwind by itself (gloo raises once the failed rank's sockets close); if the main thread is
 still stuck in a collective after that (NCCL), the watcher prints the error and ends the process.
+
+A rank killed outright (SIGKILL, the out-of-memory killer, a lost node) publishes nothing, so every
+rank also beats: its watcher adds 1 to "beat/R" at each poll. A rank whose own collective fails
+first waits until every peer has beaten since (a fraction of a second when all live) or `stale_s`
+passes; a peer that stayed silent is named, "rank R failed: no longer responding (killed?)". The
+watcher names a peer silent for `stale_s` the same way (the only way out of an NCCL collective
+with a dead peer). A rank that ends its work normally sets "left/R" and is no longer watched. When
+the store itself is gone, its host (rank 0, unless torchrun's agent hosts it) is the one named.
 """
 
 from __future__ import annotations
@@ -27,10 +35,15 @@ from unison.errors import PeerFailed
 class FailureWatch:
     """Context manager around a rank's work; a no-op on one rank."""
 
-    def __init__(self, store, *, rank: int, world_size: int, poll_s: float = 0.2, grace_s: float = 5.0):
+    def __init__(self, store, *, rank: int, world_size: int, poll_s: float = 0.2, grace_s: float = 5.0,
+                 stale_s: float = 5.0, store_rank: int | None = None):
         self.store, self.rank, self.world_size = store, rank, world_size
-        self.poll_s, self.grace_s = poll_s, grace_s
+        self.poll_s, self.grace_s, self.stale_s = poll_s, grace_s, stale_s
+        self.store_rank = store_rank
+        """The rank whose process hosts the store (None: it outlives the ranks, as torchrun's agent)."""
         self.peer_failure: str | None = None
+        self._heard: dict[int, tuple[int, float]] = {}
+        """peer -> (its beats, when that count was first seen), kept by the watcher."""
         self._stop = threading.Event()
         self._unwound = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="unison-failure-watch", daemon=True)
@@ -44,8 +57,9 @@ class FailureWatch:
         client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         return cls(dist.PrefixStore(f"unison/failure/{attempt}", client), rank=rank, world_size=world_size,
-                   **kwargs)
+                   store_rank=None if agent_store else 0, **kwargs)
 
     @property
     def active(self) -> bool:
@@ -63,8 +77,12 @@ class FailureWatch:
         self._stop.set()
         self._thread.join()
         if exc is None:
+            try:
+                self.store.set(f"left/{self.rank}", "1")
+            except (RuntimeError, OSError):
+                pass
             return False
-        failure = self.peer_failure or self._read_failure()
+        failure = self.peer_failure or self._diagnose()
         if failure is not None:
             raise PeerFailed(f"{failure} (rank {self.rank} stopped because of it)") from exc
         self._report(exc)
@@ -78,6 +96,62 @@ class FailureWatch:
             return None
         return None
 
+    def _beat(self) -> None:
+        self.store.add(f"beat/{self.rank}", 1)
+
+    def _beats(self) -> dict[int, int]:
+        """Every watched peer's beat count (0: not started yet); raises when the store is gone."""
+        return {peer: self.store.add(f"beat/{peer}", 0) for peer in range(self.world_size)
+                if peer != self.rank and not self.store.check([f"left/{peer}"])}
+
+    @staticmethod
+    def _silent(peer: int) -> str:
+        return f"rank {peer} failed: no longer responding (killed?)"
+
+    def _store_lost(self) -> str | None:
+        return self._silent(self.store_rank) if self.store_rank not in (None, self.rank) else None
+
+    def _diagnose(self) -> str | None:
+        """After this rank's own error: a failure a peer published, or a peer that stayed silent
+        while every other one beat (killed: it could publish nothing), or None (the error is ours)."""
+        started = time.monotonic()
+        try:
+            before = self._beats()
+        except (RuntimeError, OSError):
+            return self._read_failure() or self._store_lost()
+        while True:
+            failure = self._read_failure()
+            if failure is not None:
+                return failure
+            try:
+                self._beat()  # a peer diagnosing the same loss must not take this rank for dead
+                now = self._beats()
+            except (RuntimeError, OSError):
+                return self._store_lost()
+            silent = sorted(peer for peer, count in now.items() if count == before.get(peer, count))
+            if not silent:
+                return None
+            if time.monotonic() - started > self.stale_s:
+                return self._silent(silent[0])
+            time.sleep(self.poll_s)
+
+    def _silence(self) -> str | None:
+        """The watcher's beat; names a started peer whose beats stopped `stale_s` ago. (A store
+        that is gone is left to the main thread: its host may have ended normally.)"""
+        now = time.monotonic()
+        try:
+            self._beat()
+            beats = self._beats()
+        except (RuntimeError, OSError):
+            return None
+        for peer in [p for p in self._heard if p not in beats]:  # left
+            del self._heard[peer]
+        for peer, count in beats.items():
+            if self._heard.get(peer, (None, 0.0))[0] != count:
+                self._heard[peer] = (count, now)
+        stale = sorted(peer for peer, (count, since) in self._heard.items() if count and now - since > self.stale_s)
+        return self._silent(stale[0]) if stale else None
+
     def _report(self, exc: BaseException) -> None:
         """Publish this rank's failure (first failing rank wins) and wait until the others read it."""
         first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -86,6 +160,7 @@ class FailureWatch:
                 self.store.set("message", f"rank {self.rank} failed: {type(exc).__name__}: {first_line}")
             deadline = time.monotonic() + self.grace_s
             while self.store.add("acks", 0) < self.world_size - 1 and time.monotonic() < deadline:
+                self._beat()
                 time.sleep(self.poll_s / 2)
         except (RuntimeError, OSError):
             pass  # the store is gone too; the original error still propagates
@@ -93,13 +168,18 @@ class FailureWatch:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             failure = self._read_failure()
-            if failure is None or failure.startswith(f"rank {self.rank} "):
+            if failure is not None and failure.startswith(f"rank {self.rank} "):
                 continue
+            if failure is None:
+                failure = self._silence()
+                if failure is None:
+                    continue
+            else:
+                try:
+                    self.store.add("acks", 1)
+                except (RuntimeError, OSError):
+                    pass
             self.peer_failure = failure
-            try:
-                self.store.add("acks", 1)
-            except (RuntimeError, OSError):
-                pass
             if self._unwound.wait(self.grace_s):
                 return
             print(f"unison: error: {failure} (rank {self.rank} was stuck in a collective and exits)",

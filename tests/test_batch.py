@@ -247,6 +247,78 @@ def test_failed_jobs_are_retried_then_marked_failed(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Issue 15: one batch per folder (a lock), and a finished batch starts nothing.
+
+def _finished_batch(root: Path) -> tuple[Path, Path]:
+    """Two jobs already done (records, and stand-in videos on disk): a rerun renders nothing."""
+    from unison.engine.jobs import Record
+
+    jobs = _write_jobs(root / "jobs.jsonl", ['{"id": "a", "prompt": "a cat"}', '{"id": "b", "prompt": "a dog"}'])
+    out = root / "out"
+    out.mkdir()
+    for name in ("a", "b"):
+        (out / f"{name}.mp4").write_bytes(b"stand-in")
+        Manifest(out).append(Record(id=name, status="done", attempts=1, seconds=1.0, steps=3, step_seconds=0.3))
+    return jobs, out
+
+
+def test_second_batch_on_a_locked_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """While a batch holds DIR/.unison.lock, another (local or Ray driver) exits 2 at once naming
+    it, loading nothing; a holder killed with SIGKILL leaves no lock behind, and the batch runs."""
+    import signal
+    import socket
+    import time
+
+    import unison.launch.ray_batch as ray_batch
+    from unison.launch.batch import OutputLock
+
+    jobs, out = _finished_batch(tmp_path)
+    (out / "a.mp4").unlink()  # a job to do: the refusal must come before the model or Ray
+    monkeypatch.setattr(ray_batch, "connect", lambda *a, **k: pytest.fail("a refused batch connected to Ray"))
+    import unison.engine.worker as worker
+
+    monkeypatch.setattr(worker.Worker, "__init__", lambda *a, **k: pytest.fail("a refused batch loaded a model"))
+    with OutputLock(out):
+        for extra in ((), ("--ray", "local")):
+            started = time.monotonic()
+            assert _batch(jobs, out, *extra) == 2
+            assert time.monotonic() - started < 5
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"unison: error: --out {out} is in use by another batch (pid {os.getpid()} on "
+                f"{socket.gethostname()}); wait for it to end or pick another folder"]
+    assert not (out / ".unison.lock").exists()
+    monkeypatch.undo()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / '.unison.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1 on elsewhere')\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    assert _batch(jobs, out) == 2 and "(pid 1 on elsewhere)" in capsys.readouterr().err
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    _write_jobs(jobs, [*jobs.read_text().splitlines(), '{"id": "c", "prompt": "a flower"}'])
+    assert _batch(jobs, out) == 0  # the stale lock file is no obstacle
+    assert "2 done, 0 failed, 0 retries, 1 already finished" in capsys.readouterr().out
+    assert _done_ids(out) == ["a", "a", "b", "c"] and not list(out.glob(".*"))
+
+
+def test_finished_batch_on_ray_starts_no_ray(tmp_path, monkeypatch, capsys):
+    import time
+
+    ray = pytest.importorskip("ray")
+    import unison.launch.ray_batch as ray_batch
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a finished batch started Ray"))
+    monkeypatch.setattr(ray_batch, "connect", lambda *a, **k: pytest.fail("a finished batch connected to Ray"))
+    jobs, out = _finished_batch(tmp_path)
+    started = time.monotonic()
+    assert _batch(jobs, out, "--ray", "local") == 0
+    assert time.monotonic() - started < 5
+    assert "0 done, 0 failed, 0 retries, 2 already finished" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
 # torchrun: two ranks are one engine; same videos as one process.
 
 def _assert_same_videos(out: Path, reference: Path, ids: list[str]) -> None:

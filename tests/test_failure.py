@@ -57,3 +57,44 @@ def test_rank_stuck_in_a_collective_exits_naming_the_failed_rank():
     assert proc.stderr.strip().splitlines()[-1] == (
         "unison: error: rank 1 failed: RuntimeError: boom (rank 0 was stuck in a collective and exits)")
     assert time.monotonic() - started < 30
+
+
+def test_rank_killed_outright_is_named_by_the_survivor(tmp_path):
+    """Issue 15: a rank SIGKILLed mid-run publishes nothing; the survivor, whose collective fails,
+    finds it silent (no heartbeat) and names it in one line, exit 1, within seconds."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
+               WORLD_SIZE="2", FAIL_RANK="1", FAIL_MODE="kill", OMP_NUM_THREADS="1")
+    args = [sys.executable, str(SCRIPT), "--ulysses", "2", "--steps", "3", "--output", str(tmp_path / "v.mp4"),
+            "--set", f"parallel.timeout_s={TIMEOUT_S}"]
+    procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    killed_rc = procs[1].wait(timeout=TIMEOUT_S)
+    killed_at = time.monotonic()
+    _, survivor_err = procs[0].communicate(timeout=TIMEOUT_S)
+    assert killed_rc == -9
+    assert procs[0].returncode == 1, survivor_err[-2000:]
+    assert survivor_err.strip().splitlines()[-1] == (
+        "unison: error: rank 1 failed: no longer responding (killed?) (rank 0 stopped because of it)")
+    assert time.monotonic() - killed_at < 20, "the survivor took too long to give up"
+    assert not (tmp_path / "v.mp4").exists()
+
+
+SILENT = """
+import time, torch.distributed as dist
+from unison.parallel.failure import FailureWatch
+store = dist.HashStore()
+store.add("beat/1", 1)  # rank 1 beat once, then went silent (killed)
+store.add("beat/2", 1)
+store.set("left/2", "1")  # rank 2 ended its work normally: not watched
+with FailureWatch(store, rank=0, world_size=3, poll_s=0.05, grace_s=0.5, stale_s=1.0):
+    time.sleep(60)  # stands for an NCCL collective waiting on the dead rank
+"""
+
+
+def test_silent_rank_is_named_by_the_watcher():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SILENT], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("unison: error: rank 1 failed: no longer responding (killed?) "
+                                                    "(rank 0 was stuck in a collective and exits)")
+    assert time.monotonic() - started < 30
