@@ -29,8 +29,9 @@ time a layer runs) and differs from the uninterrupted run's displaced step by th
 Resume (`output.resume`): `auto` continues from a checkpoint whose fingerprint matches and ignores
 one that does not with a one-line warning; `require` refuses (UserError, one line) to run without a
 matching checkpoint; `never` starts afresh. Checkpoints are looked for only by renders that write
-them (`checkpoint_every > 0`) or require them. The folder is removed once the render's results are
-written.
+them (`checkpoint_every > 0`, or a render that SIGTERM or SIGUSR1 may stop: engine/stop.py writes a
+checkpoint at the step where every rank stops, whatever N) or require them. The folder is removed
+once the render's results are written.
 """
 
 from __future__ import annotations
@@ -141,11 +142,14 @@ class Checkpoints:
     written: list[int] = field(default_factory=list)
 
     @classmethod
-    def create(cls, config: RunConfig, *, rank: int, world_size: int, group) -> "Checkpoints | None":
+    def create(cls, config: RunConfig, *, rank: int, world_size: int, group,
+               on_stop: bool = False) -> "Checkpoints | None":
+        """None when the render neither writes nor requires checkpoints. `on_stop`: it may write one
+        when stopped by a signal (engine/stop.py), so it also looks for one to resume from."""
         out = config.output
         if out.checkpoint_every < 0:
             raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {out.checkpoint_every}")
-        if out.checkpoint_every == 0 and out.resume != "require":
+        if out.checkpoint_every == 0 and out.resume != "require" and not on_stop:
             return None
         return cls(folder=checkpoint_dir(out), every=out.checkpoint_every, resume=out.resume,
                    fingerprint=fingerprint(config, world_size=world_size), rank=rank, world_size=world_size,

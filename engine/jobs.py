@@ -203,7 +203,7 @@ class Record:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
 
 
-STATUSES = ("done", "retry", "failed")
+STATUSES = ("done", "retry", "failed", "preempted")
 
 
 def _unreadable(raw: bytes) -> str:
@@ -330,7 +330,8 @@ class Resume:
     finished: dict[str, str]
     """id -> done or failed, for jobs this run skips."""
     attempts: dict[str, int]
-    """Attempts already made (retry records) per job still to render."""
+    """Attempts already made (retry records; a preempted attempt is not counted) per job still to
+    render."""
 
 
 def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
@@ -346,7 +347,8 @@ def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
         else:
             todo.append(job)
     return Resume(todo=todo, finished=finished,
-                  attempts={j.id: last[j.id].attempts for j in todo if j.id in last and last[j.id].status == "retry"})
+                  attempts={j.id: last[j.id].attempts - (last[j.id].status == "preempted") for j in todo
+                            if j.id in last and last[j.id].status in ("retry", "preempted")})
 
 
 def clean_partial_files(out_dir: str | Path) -> int:

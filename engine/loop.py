@@ -20,7 +20,8 @@ from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
 from unison.engine.offload import Offloader
-from unison.errors import NonFiniteLatents
+from unison.engine.stop import StopRequest
+from unison.errors import NonFiniteLatents, Preempted
 from unison.parallel.comm import all_gather
 
 
@@ -162,6 +163,7 @@ def denoise(
     caches: dict | None = None,
     offload: Offloader | None = None,
     checkpoints: Checkpoints | None = None,
+    stop: StopRequest | None = None,
 ) -> LoopResult:
     """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
     guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
@@ -169,7 +171,9 @@ def denoise(
     name) are told the step and the branch (cache context) before every forward. `offload`
     (model.offload) brings the text encoders in to encode and keeps only the running expert on
     the device. `checkpoints` (output.checkpoint_every) resumes from the latest step checkpoint
-    of the same run, if any, and writes one every N steps (engine/checkpoint.py).
+    of the same run, if any, and writes one every N steps (engine/checkpoint.py). `stop`
+    (engine/stop.py) is asked at every step boundary; when it says stop, a checkpoint is written
+    there (needs `checkpoints`, whatever its N) and Preempted is raised.
     `on_phase` hears "encoding" and every "step" as it begins (see PHASES)."""
     caches = caches or {}
     for cache in caches.values():
@@ -244,6 +248,12 @@ def denoise(
             record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
             records.append(record)
             bar.update(1)
+            if stop is not None and i + 1 < len(timesteps) and stop.should_stop(i + 1):
+                finite.finish()  # never a checkpoint of latents gone non-finite
+                if on_phase is not None:
+                    on_phase("checkpointing", i + 1, len(timesteps))
+                checkpoints.save(i, latents, pipe.scheduler, caches)
+                raise Preempted(i + 1, len(timesteps), str(checkpoints.folder))
             if checkpoints is not None and checkpoints.due(i, len(timesteps)):
                 if on_phase is not None:
                     on_phase("checkpointing", i + 1, len(timesteps))

@@ -21,6 +21,7 @@ from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
+from unison.engine.stop import StopRequest
 from unison.engine.video import mp4_write, to_uint8_frames
 from unison.engine.writes import commit, text_write, torch_write
 
@@ -117,6 +118,10 @@ class Engine:
             self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size,
                                           device_type=plan.device.type)
             self.handles = parallelize(self.pipe, plan.spec, self.runtime, plan.config.parallel)
+        self.renders = 0
+        """Renders started (every rank counts alike: names each render's stop key)."""
+        self.pending_stop = False
+        """A signal came after a render's last step: the next render stops at its first boundary."""
         self.compiled = {}
         if plan.config.model.compile == "blocks":  # after parallelism: the blocks and processors it leaves
             from unison.engine.compile import compile_experts
@@ -138,7 +143,21 @@ class Engine:
         """Render one video. `config` must name the same model as the engine's (default: its own);
         `on_step(record)` is called after every denoising step, `on_phase(phase, step, steps)` as
         each phase begins (engine.loop.PHASES), for progress reports. With progress shown (rank
-        0), every phase but the steps (they have their bar) is a line on stderr."""
+        0), every phase but the steps (they have their bar) is a line on stderr.
+
+        SIGTERM or SIGUSR1 during the render (main thread; engine/stop.py): every rank stops at the
+        same step, writes a checkpoint there and raises Preempted. One that comes after the last
+        step lets this video be written; the engine's next render then stops at its first step."""
+        stop = StopRequest.for_engine(world_size=self.plan.world_size, render=self.renders)
+        self.renders += 1
+        stop.signalled, self.pending_stop = self.pending_stop, False
+        with stop.on_signals():
+            result = self._render(config, progress=progress, on_step=on_step, on_phase=on_phase, stop=stop)
+        self.pending_stop = stop.signalled
+        return result
+
+    def _render(self, config: RunConfig | None, *, progress: bool | None, on_step, on_phase: OnPhase | None,
+                stop: StopRequest) -> RenderResult:
         plan = self.plan if config is None else plan_run(config, world_size=self.plan.world_size)
         if plan.config.model != self.plan.config.model:
             raise ValueError("this engine holds a different model; build another Engine for it")
@@ -161,12 +180,13 @@ class Engine:
                 on_phase(name, step, total)
 
         # Every rank its own file (cache state is per shard); all ranks agree on the step to resume.
+        # Any render may be stopped by SIGTERM/SIGUSR1 and then checkpoints, so each looks for one.
         everyone = self.runtime.groups.get("cfg_tokens") if self.runtime is not None else None
         checkpoints = Checkpoints.create(cfg, rank=self.runtime.rank if self.runtime is not None else 0,
-                                         world_size=self.plan.world_size, group=everyone)
+                                         world_size=self.plan.world_size, group=everyone, on_stop=True)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
                        caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, stop=stop)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None

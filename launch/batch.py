@@ -27,7 +27,7 @@ from unison.engine.build import check_batch_output
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, resume
 from unison.caching.agree import CacheDisagreement
-from unison.errors import PeerFailed, RenderFailed, UserError, WriteFailed
+from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
 log = logging.getLogger("unison")
 
@@ -171,6 +171,14 @@ class Ledger:
                         "" if retry else " (not retried: the same input fails the same way)", error)
         return again
 
+    def preempted(self, job: Job, error: str, *, seconds: float) -> None:
+        """Record an attempt stopped by SIGTERM/SIGUSR1 (Preempted): neither done nor failed. It uses
+        up no attempt (the record names its number; the next run gives that number again), and the
+        next run resumes the job from its step checkpoint."""
+        self._append(Record(id=job.id, status="preempted", attempts=self.attempt(job),
+                            seconds=round(seconds, 3), error=error))
+        log.warning("job %s preempted: %s", job.id, error)
+
     def show(self, progress) -> None:
         """The engine's phase beside the batch bar: "job cat, decoding" (a worker's Progress)."""
         self.bar.set_postfix_str(progress.describe(), refresh=True)
@@ -229,12 +237,18 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
     failure may leave a collective half-done, so the attempt is recorded and the batch ends; the
     same command (or torchrun --max-restarts) resumes it. So does a failed write (WriteFailed: a
     full disk, a quota, a file-size limit): the next job would fail the same way and use up its
-    attempts, so the attempt is recorded (never as done) and the batch ends; run again to resume."""
+    attempts, so the attempt is recorded (never as done) and the batch ends; run again to resume.
+    So does a preemption (Preempted: SIGTERM or SIGUSR1, every rank checkpointed the same step),
+    recorded `preempted`: the CLI exits 143, and the same command resumes the job from its checkpoint."""
     for job in todo:
         while True:
             started = time.perf_counter()
             try:
                 outcome = worker.run(job, on_progress=ledger.show if ledger is not None else None)
+            except Preempted as err:
+                if ledger is not None:
+                    ledger.preempted(job, error_text(err), seconds=time.perf_counter() - started)
+                raise
             except Exception as err:
                 if ledger is None:
                     raise

@@ -2,7 +2,12 @@
 
 Bad input is reported as one line on stderr with exit code 2, before any weights load. A result
 that could not be written (WriteFailed: the encoder failed, a full disk, a file-size limit) is one
-line too, with exit code 74 (EX_IOERR in sysexits.h), and nothing is left at its path.
+line too, with exit code 74 (EX_IOERR in sysexits.h), and nothing is left at its path. SIGTERM or
+SIGUSR1 during a render (a scheduler preempting the job; Slurm's `--signal`) is a clean stop: every
+rank finishes the same step, writes a step checkpoint there and exits with 143 (128 + SIGTERM,
+"preempted, resumable"), printing `unison: preempted at step S of N; checkpoint in DIR; run the
+same command to resume`; a batch records the attempt `preempted` and exits 143 too. A second signal
+ends the process at once. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import sys
 from pathlib import Path
 
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.errors import PeerFailed, RenderFailed, UserError, WriteFailed
+from unison.engine.stop import EXIT_PREEMPTED
+from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -298,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as err:  # before a batch's summary: the batch is not over
+        print(f"unison: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (PeerFailed, RenderFailed) as err:  # RenderFailed: e.g. NonFiniteLatents, nothing written
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_FAILED

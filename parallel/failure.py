@@ -17,6 +17,8 @@ passes; a peer that stayed silent is named, "rank R failed: no longer responding
 watcher names a peer silent for `stale_s` the same way (the only way out of an NCCL collective
 with a dead peer). A rank that ends its work normally sets "left/R" and is no longer watched. When
 the store itself is gone, its host (rank 0, unless torchrun's agent hosts it) is the one named.
+A preempted render (Preempted: every rank stopped at the same step, engine/stop.py) is no failure:
+each rank leaves as after normal work and its own Preempted propagates.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 
 import torch.distributed as dist
 
-from unison.errors import PeerFailed
+from unison.errors import PeerFailed, Preempted
 
 
 class FailureWatch:
@@ -76,7 +78,7 @@ class FailureWatch:
         self._unwound.set()
         self._stop.set()
         self._thread.join()
-        if exc is None:
+        if exc is None or isinstance(exc, Preempted):  # every rank stopped at the same step: no failure
             try:
                 self.store.set(f"left/{self.rank}", "1")
             except (RuntimeError, OSError):

@@ -1,5 +1,6 @@
 """Errors shared by every layer; the CLI prints each on one line (exit 2: bad input; exit 1: a peer rank
-failed; exit 74, sysexits' EX_IOERR: a result could not be written)."""
+failed; exit 74, sysexits' EX_IOERR: a result could not be written; exit 143: preempted by a signal,
+resumable)."""
 
 
 class UserError(ValueError):
@@ -34,3 +35,18 @@ class NonFiniteLatents(RenderFailed):
         return (f"the latents hold NaN or infinity after step {self.step} (counted from 0, of {self.steps}), "
                 f"expert {self.expert}; stopped before decoding, no video written (try a lower guidance, "
                 f"or bfloat16/float32 instead of float16)")
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 reached a rank during a render: every rank finished the same step, wrote a
+    step checkpoint there and stopped (engine/stop.py). Not a failure: the CLI exits with 143
+    (128 + SIGTERM), which batch drivers and Slurm's requeue read as "preempted, resumable", and the
+    same command resumes from the checkpoint."""
+
+    def __init__(self, step: int, steps: int, folder: str):
+        super().__init__(step, steps, folder)  # as args, so the error pickles (Ray carries it)
+        self.step, self.steps, self.folder = step, steps, folder
+
+    def __str__(self) -> str:
+        return (f"preempted at step {self.step} of {self.steps}; checkpoint in {self.folder}; "
+                f"run the same command to resume")

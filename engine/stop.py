@@ -1,0 +1,86 @@
+"""Stopping a render cleanly on SIGTERM or SIGUSR1 (preemption): every rank finishes the same
+step, writes a step checkpoint there, and the CLI exits with 143; the same command resumes.
+
+The handler only sets a flag (`StopRequest.signalled`); the loop asks `StopRequest.should_stop(done)`
+at every step boundary. On one process the flag is the answer. With several ranks, only the rank
+(or ranks) signalled know: the first to see its flag publishes `stop_at` in the rendezvous store
+(compare_set, so the first value wins) and every rank reads the key at each boundary, one TCP
+round trip on the host, no collective and no GPU synchronisation. A second signal takes the
+default action (the process ends at once): the handler gives the signals back to SIG_DFL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 143
+"""128 + SIGTERM: what a shell reports for a process SIGTERM ended; here "preempted, resumable"."""
+
+AHEAD = 2
+"""Steps past the publishing rank's boundary at which every rank stops. Every step has
+collectives over all the ranks (transitively: Ulysses, Ring, CFG and patch groups together span
+the engine), so no rank can finish a step before every other rank has at least begun it: when a
+rank publishes at boundary `done`, the others have finished at most `done + 1` steps (displaced
+patches wait for an exchange a step later, which loosens the coupling by up to one step more
+in the worst case, hence 2 and not 1). `done + 2` is therefore still ahead of every rank, and each
+reads the key before reaching it."""
+
+
+class StopRequest:
+    """Asked at every step boundary whether the render stops there. `store` (None on one rank) is
+    a store every rank of the engine shares; `key` names this render in it."""
+
+    def __init__(self, store=None, *, key: str = "stop_at"):
+        self.store, self.key = store, key
+        self.signalled = False
+        self.stop_at: int | None = None
+
+    @classmethod
+    def for_engine(cls, *, world_size: int, render: int) -> "StopRequest":
+        """One rank: the flag alone. Several: the default process group's store, under a key per
+        render (the engine's ranks count their renders alike)."""
+        if world_size == 1:
+            return cls()
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return cls(dist.PrefixStore("unison/stop", _get_default_store()), key=f"render{render}")
+
+    def should_stop(self, done: int) -> bool:
+        """At the boundary after `done` steps: stop here?"""
+        if self.store is None:
+            return self.signalled
+        if self.stop_at is None:
+            if self.signalled:
+                mine = str(done + AHEAD).encode()
+                self.stop_at = int(self.store.compare_set(self.key, "", mine))
+            elif self.store.check([self.key]):
+                self.stop_at = int(self.store.get(self.key))
+        return self.stop_at is not None and done >= self.stop_at
+
+    @contextlib.contextmanager
+    def on_signals(self) -> Iterator["StopRequest"]:
+        """SIGTERM and SIGUSR1 set the flag while inside (main thread only; elsewhere signals
+        cannot be handled and this does nothing); the previous handlers come back on leaving."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+
+        def handle(signum, frame) -> None:
+            self.signalled = True
+            for sig in SIGNALS:  # a second signal: the default action, the process ends at once
+                signal.signal(sig, signal.SIG_DFL)
+
+        handle.deferred_stop = True  # engine/writes.py lets a commit under way finish
+        for sig in SIGNALS:
+            signal.signal(sig, handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
