@@ -248,16 +248,15 @@ def denoise(
             record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
             records.append(record)
             bar.update(1)
-            if stop is not None and i + 1 < len(timesteps) and stop.should_stop(i + 1):
-                finite.finish()  # never a checkpoint of latents gone non-finite
+            preempted = stop is not None and i + 1 < len(timesteps) and stop.should_stop(i + 1)
+            if preempted or (checkpoints is not None and checkpoints.due(i, len(timesteps))):
+                if preempted:
+                    finite.finish()  # never a checkpoint of latents gone non-finite
                 if on_phase is not None:
                     on_phase("checkpointing", i + 1, len(timesteps))
                 checkpoints.save(i, latents, pipe.scheduler, caches)
-                raise Preempted(i + 1, len(timesteps), str(checkpoints.folder))
-            if checkpoints is not None and checkpoints.due(i, len(timesteps)):
-                if on_phase is not None:
-                    on_phase("checkpointing", i + 1, len(timesteps))
-                checkpoints.save(i, latents, pipe.scheduler, caches)
+                if preempted:
+                    raise Preempted(i + 1, len(timesteps), str(checkpoints.folder))
             if on_step is not None:
                 on_step(record)
     finite.finish()

@@ -215,7 +215,7 @@ class Engine:
         peaks = []
         if self.runtime is not None:
             peaks = [None] * self.plan.world_size
-            dist.all_gather_object(peaks, peak, group=self.runtime.groups.get("cfg_tokens"))
+            dist.all_gather_object(peaks, peak, group=everyone)
         if checkpoints is not None:  # after the all-gather: every rank knows rank 0 has written
             checkpoints.remove()
         comm = {}
