@@ -67,16 +67,16 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-ATTENTION_PACKAGES = {"flash-attn": "flash_attn", "sage": "sageattention", "xfuser": "xfuser"}
-"""Attention backends beyond torch's own sdpa, and the Python package each needs."""
+ATTENTION_PACKAGES = {"flash-attn": ("flash_attn", "flash-attn"), "sage": ("sageattention", "sageattention"),
+                      "xfuser": ("xfuser", "xfuser")}
+"""Attention backends beyond torch's own sdpa: the module each imports and its pip name."""
 
 
 def check_attention_backend(name: str, device: torch.device) -> None:
     """A backend other than sdpa/auto needs a GPU and its package: a one-line error otherwise."""
     if name in ("auto", "sdpa"):
         return
-    package = ATTENTION_PACKAGES[name]
-    pip_name = {"flash_attn": "flash-attn", "sageattention": "sageattention", "xfuser": "xfuser"}[package]
+    package, pip_name = ATTENTION_PACKAGES[name]
     if device.type != "cuda":
         raise UserError(f"parallel.attention_backend={name} needs a CUDA GPU (this run is on {device}); "
                         f"use sdpa or auto")
