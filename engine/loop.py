@@ -121,6 +121,8 @@ class FiniteCheck:
         self.steps = steps
         self.flags: list[torch.Tensor] = []
         self.experts: list[str] = []
+        self.read = 0
+        """Steps whose flags were already read."""
 
     def after_step(self, index: int, latents: torch.Tensor, expert: str) -> None:
         finite = torch.isfinite(latents).all()
@@ -132,13 +134,16 @@ class FiniteCheck:
         self.experts.append(expert)
 
     def finish(self) -> None:
-        """Read the queued flags (one host read per video); raise for the first bad step."""
+        """Read the flags queued since the last read (one host read per video, and one before each
+        step checkpoint, which reads the latents to the host anyway); raise for the first bad step."""
         if not self.flags:
             return
-        finite = torch.stack(self.flags).tolist()
+        finite, first_index = torch.stack(self.flags).tolist(), self.read
+        self.read += len(self.flags)
+        self.flags = []
         if not all(finite):
             first = finite.index(False)
-            raise NonFiniteLatents(first, self.steps, self.experts[first])
+            raise NonFiniteLatents(first_index + first, self.steps, self.experts[first_index + first])
 
 
 def select_experts(boundary: float | None, timesteps: torch.Tensor) -> list[int]:
@@ -250,8 +255,7 @@ def denoise(
             bar.update(1)
             preempted = stop is not None and i + 1 < len(timesteps) and stop.should_stop(i + 1)
             if preempted or (checkpoints is not None and checkpoints.due(i, len(timesteps))):
-                if preempted:
-                    finite.finish()  # never a checkpoint of latents gone non-finite
+                finite.finish()  # never a checkpoint of latents gone non-finite (a GPU's queued flags)
                 if on_phase is not None:
                     on_phase("checkpointing", i + 1, len(timesteps))
                 checkpoints.save(i, latents, pipe.scheduler, caches)

@@ -98,6 +98,17 @@ def test_finite_check_on_a_gpu_reads_the_flags_once():
     FiniteCheck(torch.device("cuda"), 1).finish()  # nothing queued: nothing to raise
     err = pickle.loads(pickle.dumps(info.value))  # Ray carries it from the rank actors
     assert (err.step, err.expert, str(err)) == (2, "transformer_2", str(info.value))
+    # A step checkpoint reads the flags queued so far first: the bad step is still named by its index.
+    check = FiniteCheck(torch.device("cuda"), 4)
+    check.after_step(0, good, "transformer")
+    check.after_step(1, good, "transformer")
+    check.finish()  # the checkpoint after step 1: fine
+    assert (check.flags, check.read) == ([], 2)
+    check.after_step(2, good, "transformer")
+    check.after_step(3, bad, "transformer_2")
+    with pytest.raises(NonFiniteLatents) as info:
+        check.finish()  # the checkpoint after step 3, or the end: never saved, never decoded
+    assert (info.value.step, info.value.expert) == (3, "transformer_2")
 
 
 def test_nan_latents_stop_the_render_before_anything_is_written(tmp_path, monkeypatch, capsys):
