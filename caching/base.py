@@ -1,26 +1,107 @@
-"""What every cache shares: wrapping module forwards (and undoing it), state per cache context,
-the current step, and counts for the run summary.
+"""What every cache shares: its config's base class, where it is applied (`Site`), wrapping
+module forwards (and undoing it), state per cache context, the current step, and counts for the
+run summary.
 
-A cache is applied to one transformer (Wan 2.2's experts each get their own). The loop tells it
-the step (`begin_step`) and the branch (`set_context("cond")` / `"uncond"`) before each forward;
-state never leaks between contexts, and `reset()` (every new video) forgets all of it.
+A cache is applied to one transformer (Wan 2.2's experts each get their own). The engine tells it
+the video's step count (`begin_video`); the loop tells it the step (`begin_step`) and the branch
+(`set_context("cond")` / `"uncond"`) before each forward; state never leaks between contexts, and
+`reset()` (every new video) forgets all of it.
+
+Every kind says how it decides (`Cache.decides`): "schedule-only" (the step, the timestep and
+constants: every rank decides alike with no message) or "data-dependent" (from tensors, agreed
+through `Agreement.ratio` over the ranks that share the skipped work before anyone branches).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 
 _MARK = "_unison_cache"
 
 
+class _ByKind(type):
+    """`CacheConfig(kind="fbcache", threshold=0.1)` builds the kind's own config class (found in
+    the registry); a kind's class called directly takes its fields, and `kind` only if it is its own."""
+
+    def __call__(cls, **fields):
+        kind = fields.pop("kind", None)
+        if cls is CacheConfig:
+            from unison.caching.registry import config_class
+
+            cls = config_class("none" if kind is None else kind)
+        elif kind is not None and kind != cls.kind:
+            raise ValueError(f"kind must be {cls.kind} for {cls.__name__}, got {kind!r}")
+        return super(_ByKind, cls).__call__(**fields)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig(metaclass=_ByKind):
+    """The fields every cache kind's config has; each kind subclasses it with its own fields and
+    checks them (ValueError, one line, naming the field) when it is built."""
+
+    kind: str = field(default="none", init=False)
+    """Which step cache (caching/registry.py lists them); none: no cache."""
+    verify: bool = False
+    """Cross-check every cache decision across ranks; a disagreement raises an error naming the
+    step, the cache and the ranks (costs one small collective per decision)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+    def check_complete(self) -> None:
+        """Checks that need the whole config (not one field at a time, as `--set` builds it):
+        ValueError, one line. Called before anything loads."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoCacheConfig(CacheConfig):
+    """No step cache."""
+
+    kind: str = field(default="none", init=False)
+    """none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Site:
+    """Where a cache goes: one transformer as the engine sees it, and the ranks that share it."""
+
+    blocks: list[torch.nn.Module] = field(default_factory=list)
+    """The transformer blocks in execution order (empty under PipeFusion)."""
+    attentions: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
+    """{"self": [...], "cross": [...]}: the attention modules (empty under PipeFusion)."""
+    pipeline: Any = None
+    """The PipeFusion StageRunner that stands in for the blocks (None without PipeFusion)."""
+    valid_tokens: Callable[[], int | None] = lambda: None
+    """Real tokens at the start of this rank's shard (None: all of them)."""
+    group: Any = None
+    """The ranks that share the blocks' collectives (sequence- or patch-parallel; None: one)."""
+    cfg_group: Any = None
+    """Those ranks and the other CFG half's (None without CFG parallelism): for a decision one
+    branch takes for both."""
+    stats: Any = None
+    """parallel.comm.CommStats counting this rank's collectives (None: not counted)."""
+
+
 class Cache:
-    """Base of First-Block Cache and Pyramid Attention Broadcast."""
+    """Base of every cache kind."""
 
     name = "cache"
+    decides: Literal["schedule-only", "data-dependent"] = "data-dependent"
+    """How its decisions are made (see the module docstring)."""
+    unit = "forwards"
+    """What one decision is about, for the summary line (forwards, attention calls)."""
+    saves = "block"
+    """What a skip saves, for the summary line (block, attention)."""
     state_type: type | None = None
     """The dataclass of one context's state (what `state(factory)` makes), for checkpoints."""
 
@@ -32,6 +113,8 @@ class Cache:
         self.context = "cond"
         self.step = 0
         self.timestep = 0.0
+        self.steps: int | None = None
+        """The video's denoising steps (`begin_video`), for kinds whose schedule needs them."""
         self.states: dict[str, Any] = {}
         self.decisions: list[tuple] = []
         """(step, context, what, computed) for every decision, in order: the skip schedule."""
@@ -39,7 +122,11 @@ class Cache:
         """(module, the instance `forward` it had before, or None)."""
         setattr(transformer, _MARK, self)
 
-    # -- what the loop calls ------------------------------------------------------------------
+    # -- what the engine and the loop call ----------------------------------------------------
+    def begin_video(self, *, steps: int) -> None:
+        """The next video has `steps` denoising steps (before the loop's `reset`)."""
+        self.steps = steps
+
     def begin_step(self, index: int, timestep: float) -> None:
         self.step, self.timestep = index, float(timestep)
 
@@ -121,3 +208,26 @@ class Cache:
     def skipped_share(self) -> float:
         """Share of decisions that skipped."""
         return sum(not d[3] for d in self.decisions) / len(self.decisions) if self.decisions else 0.0
+
+    def saved_fraction(self) -> float:
+        """Share of the `saves` compute not run (a kind that runs part of a skipped unit says less)."""
+        return self.skipped_share()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kind:
+    """One registry entry (caching/registry.py): everything the engine knows about a cache kind."""
+
+    name: str
+    """What `cache.kind` says."""
+    title: str
+    """Its name in messages."""
+    config: type[CacheConfig]
+    """Its config class (fields, defaults, checks)."""
+    attach: Callable[[torch.nn.Module, CacheConfig, Site], Cache]
+    """(transformer, config, site) -> the applied cache: picks what it needs from the site and
+    calls the module's `apply_…`."""
+    decides: Literal["schedule-only", "data-dependent"]
+    """How its decisions are made (see the module docstring)."""
+    pipefusion: bool = False
+    """Works under PipeFusion (the blocks split into stages); otherwise a clear error."""

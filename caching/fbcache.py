@@ -21,6 +21,8 @@ Under PipeFusion the first block lives on stage 0 only: the StageRunner runs it 
 sequence there (fresh K/V, so exact), every stage joins the agreement (the others add zeros),
 and on a skipped step stage 0 adds the cached residual and broadcasts the result (see
 parallel/pipefusion.py). The decision is the one-rank decision whenever the block's input is.
+
+Decisions: data-dependent (the first block's residual), agreed by sums over the sharing ranks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Callable
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import Cache
+from unison.caching.base import Cache, CacheConfig, Kind, Site
 from unison.parallel.pipefusion import StageRunner
 
 LEADER = "cond"
@@ -39,7 +41,9 @@ LEADER = "cond"
 
 
 @dataclass(frozen=True, kw_only=True)
-class FirstBlockCacheConfig:
+class FirstBlockCacheConfig(CacheConfig):
+    kind: str = field(default="fbcache", init=False)
+    """fbcache."""
     threshold: float = 0.05
     """Skip the remaining blocks when the first block's residual changed by at most this much
     (relative mean absolute change). 0 never skips."""
@@ -49,11 +53,11 @@ class FirstBlockCacheConfig:
     """After this many skips in a row, compute (None: no limit)."""
     joint_cfg: bool = False
     """One decision per step for both guidance branches, taken from the conditional branch's
-    change (default: each branch decides from its own change)."""
-    verify: bool = False
-    """Cross-check every decision across ranks; disagreement raises an error naming the ranks."""
+    change, so both skip the same steps (under CFG parallel neither half waits for the other).
+    Default: each branch decides from its own change, as diffusers does."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.threshold < 0:
             raise ValueError(f"threshold must be at least 0, got {self.threshold}")
         if self.warmup_steps < 0:
@@ -79,6 +83,7 @@ def _hidden(output):
 
 class FirstBlockCache(Cache):
     name = "fbcache"
+    decides = "data-dependent"
     state_type = _State
 
     def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module] | None = None,
@@ -227,3 +232,16 @@ def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group
         raise ValueError("pass exactly one of blocks and pipeline")
     return FirstBlockCache(transformer, config, blocks=blocks, pipeline=pipeline, valid_tokens=valid_tokens,
                            agreement=Agreement(group=group, stats=stats, verify=config.verify))
+
+
+def _attach(transformer, config: FirstBlockCacheConfig, site: Site) -> FirstBlockCache:
+    """With joint_cfg under CFG parallelism the decision is agreed over both halves."""
+    group = site.cfg_group if config.joint_cfg and site.cfg_group is not None else site.group
+    if site.pipeline is not None:
+        return apply_first_block_cache(transformer, config, group=group, pipeline=site.pipeline, stats=site.stats)
+    return apply_first_block_cache(transformer, config, group=group, blocks=site.blocks, stats=site.stats,
+                                   valid_tokens=site.valid_tokens)
+
+
+KIND = Kind(name="fbcache", title="First-Block Cache", config=FirstBlockCacheConfig, attach=_attach,
+            decides=FirstBlockCache.decides, pipefusion=True)

@@ -6,6 +6,8 @@ Decisions depend only on the step and the timestep, never on tensor data, so eve
 them identically without a message; verify mode cross-checks that anyway. A reused attention
 skips its collectives too (Ulysses' all-to-alls, Ring's K/V passes): with sequence parallelism,
 that is where PAB saves communication.
+
+Decisions: schedule-only (the step and the timestep).
 """
 
 from __future__ import annotations
@@ -15,25 +17,29 @@ from dataclasses import dataclass, field
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import Cache
+from unison.caching.base import Cache, CacheConfig, Kind, Site
 
 
 @dataclass(frozen=True, kw_only=True)
-class PyramidAttentionBroadcastConfig:
+class PyramidAttentionBroadcastConfig(CacheConfig):
+    kind: str = field(default="pab", init=False)
+    """pab."""
     self_skip_range: int | None = 2
     """Inside its window, self-attention (HunyuanVideo: joint attention) is computed every this many
     steps and reused in between. None or 1: always computed."""
     self_timestep_min: float = 100.0
+    """Self-attention's window is timesteps strictly between min and max."""
     self_timestep_max: float = 800.0
-    """Self-attention's window: timesteps strictly between min and max."""
+    """Upper end of self-attention's window."""
     cross_skip_range: int | None = 6
     """The same for cross-attention to the text (Wan)."""
     cross_timestep_min: float = 100.0
+    """Lower end of cross-attention's window."""
     cross_timestep_max: float = 800.0
-    verify: bool = False
-    """Cross-check every decision across ranks."""
+    """Upper end of cross-attention's window."""
 
     def __post_init__(self):
+        super().__post_init__()
         for kind in ("self", "cross"):
             skip, lo, hi = self.rule(kind)
             if skip is not None and skip < 1:
@@ -55,6 +61,9 @@ class _State:
 
 class PyramidAttentionBroadcast(Cache):
     name = "pab"
+    decides = "schedule-only"
+    unit = "attention calls"
+    saves = "attention"
     state_type = _State
 
     def __init__(self, transformer, config: PyramidAttentionBroadcastConfig, *,
@@ -89,10 +98,6 @@ class PyramidAttentionBroadcast(Cache):
 
         return forward
 
-    def saved_fraction(self) -> float:
-        """Share of attention calls reused instead of computed."""
-        return self.skipped_share()
-
 
 def apply_pyramid_attention_broadcast(transformer, config: PyramidAttentionBroadcastConfig, *, group=None,
                                       attentions: dict[str, list[torch.nn.Module]],
@@ -101,3 +106,12 @@ def apply_pyramid_attention_broadcast(transformer, config: PyramidAttentionBroad
     `transformer`. `group` is only used by verify mode (decisions need no agreement)."""
     return PyramidAttentionBroadcast(transformer, config, attentions=attentions,
                                      agreement=Agreement(group=group, stats=stats, verify=config.verify))
+
+
+def _attach(transformer, config: PyramidAttentionBroadcastConfig, site: Site) -> PyramidAttentionBroadcast:
+    return apply_pyramid_attention_broadcast(transformer, config, group=site.group, attentions=site.attentions,
+                                             stats=site.stats)
+
+
+KIND = Kind(name="pab", title="Pyramid Attention Broadcast", config=PyramidAttentionBroadcastConfig,
+            attach=_attach, decides=PyramidAttentionBroadcast.decides)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
@@ -233,14 +234,18 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
         raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
 
 
-def check_cache(c: CacheConfig) -> None:
-    """The caching layer's own config checks, as UserErrors before anything loads."""
-    from unison.engine.caches import cache_config
-
+def check_cache(c: CacheConfig, p: ParallelConfig) -> None:
+    """The cache kind's whole-config checks and the modes it supports, as UserErrors before
+    anything loads (each field was checked when the config was built)."""
     try:
-        cache_config(c)
+        c.check_complete()
     except ValueError as err:
         raise UserError(f"cache.{err}") from None
+    pipefusion = p.patch > 1 and p.patch_mode == "pipefusion"
+    if pipefusion and c.kind != registry.NONE and not registry.get(c.kind).pipefusion:
+        able = " or ".join(f"cache.kind={k.name}" for k in registry.KINDS.values() if k.pipefusion)
+        raise UserError(f"{registry.title(c)} under PipeFusion is not supported: use {able} "
+                        f"or parallel.patch_mode=displaced")
 
 
 def _landing(path: str | Path) -> set[Path]:
@@ -337,9 +342,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
                             else spec.displaced_patches):
         raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
-    if p.patch > 1 and p.patch_mode == "pipefusion" and config.cache.kind == "pab":
-        raise UserError("Pyramid Attention Broadcast under PipeFusion is not supported: use cache.kind=fbcache "
-                        "or parallel.patch_mode=displaced")
+    check_cache(config.cache, p)
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     if p.shard_weights and p.patch > 1:
@@ -352,7 +355,6 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                         "only: patch parallelism keeps its own K/V buffers and HunyuanVideo's joint attention "
                         "masks padded text, which xfuser's layer cannot; use flash-attn or sdpa")
     check_compile(config.model.compile, device)
-    check_cache(config.cache)
     check_output(config.output, model_path=config.model.path)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)

@@ -1,68 +1,55 @@
 """Applying the configured step cache to a loaded pipeline (one cache per expert transformer).
 
-The cache decides over the ranks that share the transformer blocks' collectives (sequence- or
-patch-parallel). CFG-parallel halves run different branches (cache contexts), so each half
-decides for its own branch, exactly as one rank decides per branch; with fbcache's joint_cfg the
-conditional branch decides for both, agreed over both halves (the cfg_tokens group). Under patch
-parallelism the deciding group is the patch group (`tokens`: every rank splitting the tokens);
-under PipeFusion First-Block Cache gates the StageRunner, whose stage 0 holds the first block.
+The engine knows a cache only by its config and the registry (caching/registry.py): here it
+describes each transformer as a `Site` (its blocks and attention modules, the PipeFusion
+StageRunner standing in for the blocks, the real tokens of this rank's shard, and the groups)
+and the kind takes what it needs. The cache decides over the ranks that share the transformer
+blocks' collectives (sequence- or patch-parallel: `tokens`). CFG-parallel halves run different
+branches (cache contexts), so each half decides for its own branch, exactly as one rank decides
+per branch; a kind whose conditional branch decides for both (fbcache's joint_cfg) agrees over
+both halves (`cfg_tokens`, the site's cfg_group).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from unison.caching import (Cache, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, apply_first_block_cache,
-                            apply_pyramid_attention_broadcast)
-from unison.engine.config import CacheConfig
+from unison.caching import Cache, registry
+from unison.caching.base import CacheConfig, Site
 from unison.engine.models import ModelSpec
 
-_CONFIGS = {"fbcache": FirstBlockCacheConfig, "pab": PyramidAttentionBroadcastConfig}
 
-
-def cache_config(cache: CacheConfig) -> FirstBlockCacheConfig | PyramidAttentionBroadcastConfig | None:
-    """The caching layer's config for `cache` (None for no cache), from the `cache` section's fields
-    of the same names; ValueError names a bad field."""
-    if cache.kind == "none":
-        return None
-    cls = _CONFIGS[cache.kind]
-    return cls(**{f.name: getattr(cache, f.name) for f in dataclasses.fields(cls)})
+def _site(transformer, spec: ModelSpec, name: str, runtime) -> Site:
+    runner = runtime.runners.get(name) if runtime is not None else None
+    if runtime is None:
+        groups = dict(group=None, cfg_group=None, stats=None)
+    else:
+        groups = dict(group=runtime.groups.get("tokens"), stats=runtime.stats,
+                      cfg_group=runtime.groups.get("cfg_tokens") if runtime.dims.cfg > 1 else None)
+    if runner is not None:
+        return Site(pipeline=runner, **groups)
+    shard = runtime.shards.get(name) if runtime is not None else None
+    return Site(blocks=[block for attr in spec.block_lists for block in getattr(transformer, attr)],
+                attentions=spec.attention_modules(transformer) if spec.attention_modules is not None else {},
+                valid_tokens=shard.local_valid if shard is not None else (lambda: None), **groups)
 
 
 def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dict[str, Cache]:
-    config = cache_config(cache)
-    if config is None:
-        return {}
-    joint = cache.kind == "fbcache" and cache.joint_cfg and runtime is not None and runtime.dims.cfg > 1
-    group = runtime.groups.get("cfg_tokens" if joint else "tokens") if runtime is not None else None
-    stats = runtime.stats if runtime is not None else None
     applied = {}
     for name in spec.experts:
         transformer = getattr(pipe, name)
-        runner = runtime.runners.get(name) if runtime is not None else None
-        if cache.kind == "fbcache" and runner is not None:
-            applied[name] = apply_first_block_cache(transformer, config, group=group, pipeline=runner, stats=stats)
-        elif cache.kind == "fbcache":
-            shard = runtime.shards.get(name) if runtime is not None else None
-            blocks = [block for attr in spec.block_lists for block in getattr(transformer, attr)]
-            applied[name] = apply_first_block_cache(
-                transformer, config, group=group, blocks=blocks, stats=stats,
-                valid_tokens=shard.local_valid if shard is not None else (lambda: None))
-        else:
-            applied[name] = apply_pyramid_attention_broadcast(
-                transformer, config, group=group, attentions=spec.attention_modules(transformer), stats=stats)
+        made = registry.apply(transformer, cache, _site(transformer, spec, name, runtime))
+        if made is not None:
+            applied[name] = made
     return applied
 
 
 def describe(caches: dict[str, Cache]) -> list[str]:
-    """Summary lines: per expert and context, forwards (fbcache) or attention calls (pab)
-    computed and skipped, and the share of block or attention compute saved."""
+    """Summary lines: per expert and context, the units (forwards, attention calls) computed and
+    skipped, and the share of block or attention compute saved."""
     lines = []
     for expert, cache in caches.items():
-        unit = "forwards" if cache.name == "fbcache" else "attention calls"
         counts = "; ".join(f"{context} {c['computed']} computed / {c['skipped']} skipped"
                            for context, c in cache.summary().items())
         prefix = f"{cache.name}" + (f" [{expert}]" if len(caches) > 1 else "")
-        what = "block" if cache.name == "fbcache" else "attention"
-        lines.append(f"{prefix}: {unit}: {counts}; ~{cache.saved_fraction():.0%} of {what} compute saved")
+        lines.append(f"{prefix}: {cache.unit}: {counts}; ~{cache.saved_fraction():.0%} of {cache.saves} "
+                     f"compute saved")
     return lines

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from unison.caching import registry
+from unison.caching.base import CacheConfig
 from unison.errors import UserError
 
 
@@ -106,39 +108,6 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CacheConfig:
-    kind: Literal["none", "fbcache", "pab"] = "none"
-    """Which step cache: none, fbcache (First-Block Cache) or pab (Pyramid Attention Broadcast)."""
-    threshold: float = 0.05
-    """fbcache: skip the remaining blocks when the first block's residual changed by at most this
-    (relative mean absolute change, as diffusers' FirstBlockCacheConfig). 0 never skips."""
-    warmup_steps: int = 0
-    """fbcache: the first steps always compute."""
-    max_consecutive_skips: int | None = None
-    """fbcache: compute after this many skips in a row (null: no limit)."""
-    joint_cfg: bool = False
-    """fbcache: one decision per step for both guidance branches, led by the conditional branch's
-    change, so both skip the same steps (under CFG parallel neither half waits for the other).
-    Default: each branch decides from its own change, as diffusers does. pab's decisions depend
-    only on the step, so they are the same for both branches anyway."""
-    self_skip_range: int | None = 2
-    """pab: inside its window, self-attention (HunyuanVideo: joint) is computed every this many steps."""
-    self_timestep_min: float = 100.0
-    """pab: self-attention's window is timesteps strictly between min and max."""
-    self_timestep_max: float = 800.0
-    """pab: upper end of self-attention's window."""
-    cross_skip_range: int | None = 6
-    """pab: the same for cross-attention to the text (Wan)."""
-    cross_timestep_min: float = 100.0
-    """pab: lower end of cross-attention's window."""
-    cross_timestep_max: float = 800.0
-    """pab: upper end of cross-attention's window."""
-    verify: bool = False
-    """Cross-check every cache decision across ranks; a disagreement raises an error naming the
-    step, the cache and the ranks (costs one small collective per decision)."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     path: str = "unison.mp4"
     """Where the mp4 goes; the resolved config is written beside it with a .yaml suffix."""
@@ -176,7 +145,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How ranks split the work."""
     cache: CacheConfig = field(default_factory=CacheConfig)
-    """Which step cache skips redundant work, and how much."""
+    """Which step cache skips redundant work, and how much: `kind` and that kind's own fields
+    (caching/registry.py lists the kinds; each kind's config class its fields)."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
 
@@ -191,6 +161,8 @@ def _section_class(name: str) -> type:
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -199,7 +171,7 @@ def _describe(tp: Any) -> str:
 
 
 def _takes_float(tp: Any) -> bool:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType, tuple):
         return any(_takes_float(arg) for arg in typing.get_args(tp))
     return tp is float
 
@@ -210,6 +182,8 @@ _NON_FINITE_WORDS = {"nan", "inf", "infinity"}
 def _not_finite(value: Any) -> bool:
     """NaN or infinity: a float, an int too large for a float, or text that spells one
     (`--set x=nan` reaches us as text, since YAML spells them .nan and .inf)."""
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite(v) for v in value)
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -240,6 +214,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
+    elif origin is tuple:
+        if isinstance(value, str):  # `--set cache.mag_ratios=[1.0, 0.99]` arrives as text
+            try:
+                value = yaml.safe_load(value)
+            except (yaml.YAMLError, ValueError):
+                pass
+        if isinstance(value, (list, tuple)):
+            item = typing.get_args(tp)[0]
+            return tuple(_coerce(v, item, key) for v in value)
     elif tp is type(None):
         if value is None:
             return None
@@ -285,6 +268,38 @@ def section_from_dict(cls: type, data: dict[str, Any], *, prefix: str, base: Any
     return dataclasses.replace(base, **values)
 
 
+def cache_from_dict(data: Any, *, base: CacheConfig | None = None) -> CacheConfig:
+    """The cache section: `kind` (default: the base's) picks the kind's config class, which takes
+    only its own fields (and checks them). Fields given for the base's kind carry over when the
+    kind stays; a new kind starts from its defaults (verify carries over). A bare kind name
+    stands for {kind: name}."""
+    base = base if base is not None else CacheConfig()
+    if isinstance(data, str):
+        data = {"kind": data}
+    if not isinstance(data, dict):
+        raise UserError(f"cache: expected a mapping of keys, got {type(data).__name__}")
+    kind = data.get("kind", base.kind)
+    if not isinstance(kind, str) or kind not in registry.names():
+        raise UserError(f"cache.kind: expected one of {', '.join(registry.names())}, got {_short(kind)}")
+    cls = registry.config_class(kind)
+    hints = _hints(cls)
+    allowed = registry.fields(kind)
+    values = {}
+    for key, value in data.items():
+        if key == "kind":
+            continue
+        if key not in allowed:
+            raise UserError(f"unknown config key 'cache.{key}' for cache kind {kind}; allowed in '{kind}': "
+                            f"{', '.join(allowed)}")
+        values[key] = _coerce(value, hints[key], f"cache.{key}")
+    try:
+        if kind == base.kind:
+            return dataclasses.replace(base, **values)
+        return cls(**{"verify": base.verify, **values})
+    except ValueError as err:
+        raise UserError(f"cache.{err}") from None
+
+
 def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = None) -> RunConfig:
     """Merge a nested mapping (as read from YAML) onto `base`; unknown sections or keys fail."""
     base = base or RunConfig()
@@ -295,8 +310,11 @@ def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = No
     for name, value in data.items():
         if name not in SECTIONS:
             raise UserError(f"unknown config section '{name}'; allowed: {', '.join(SECTIONS)}")
-        sections[name] = section_from_dict(_section_class(name), value or {}, prefix=name,
-                                           base=getattr(base, name))
+        if name == "cache":
+            sections[name] = cache_from_dict(value or {}, base=base.cache)
+        else:
+            sections[name] = section_from_dict(_section_class(name), value or {}, prefix=name,
+                                               base=getattr(base, name))
     return dataclasses.replace(base, **sections)
 
 
@@ -346,7 +364,15 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(config)
+    """Plain values, as YAML writes them (a tuple, such as MagCache's ratios, as a list)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
 
 
 def dump_yaml(config: RunConfig) -> str:

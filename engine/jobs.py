@@ -2,8 +2,9 @@
 
 A job is one line of JSON: `prompt` (required), `id` (optional), and per-job overrides of the
 sampling fields (negative_prompt, seed, height, width, frames, steps, guidance, guidance_2,
-true_cfg_scale, max_sequence_length) and of the cache (`"cache": "fbcache"` or a mapping of
-cache fields). Each line is validated completely (the same checks as `unison generate`, no
+true_cfg_scale, max_sequence_length) and of the cache (`"cache": "fbcache"`, or a mapping of a
+kind and its own fields: `{"kind": "magcache", "threshold": 0.12}`; without a kind, fields of
+the batch's kind). Each line is validated completely (the same checks as `unison generate`, no
 weights read) before anything renders; a line that does not parse or validate is reported with
 its number and skipped, and the rest still render.
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from unison.caching import registry
 from unison.engine.build import plan_run
 from unison.engine.config import SamplingConfig, RunConfig, config_from_dict
 from unison.engine.writes import append_line
@@ -82,7 +84,8 @@ def job_config(obj: dict[str, Any], *, base: RunConfig, out_dir: Path, job_id: s
     elif isinstance(cache, dict):
         nested["cache"] = cache
     elif cache is not None:
-        raise UserError(f"cache: expected a kind (none, fbcache, pab) or a mapping of cache fields, got {cache!r}")
+        raise UserError(f"cache: expected a kind ({', '.join(registry.names())}) or a mapping of a kind and its "
+                        f"fields, got {cache!r}")
     return config_from_dict(nested, base=base)
 
 
@@ -191,13 +194,16 @@ def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path,
 class Record:
     id: str
     status: str
-    """done, retry or failed."""
+    """done, retry, failed or preempted."""
     attempts: int
     seconds: float
     error: str | None = None
     steps: int = 0
+    """Denoising steps this attempt finished (a failed or preempted one: as far as the driver knows)."""
     step_seconds: float = 0.0
     """Mean seconds per denoising step of this attempt (0 when it did not get that far)."""
+    resumed_from_step: int = 0
+    """The step this attempt started from: 0, or the step checkpoint it resumed from."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
@@ -332,12 +338,15 @@ class Resume:
     attempts: dict[str, int]
     """Attempts already made (retry records; a preempted attempt is not counted) per job still to
     render."""
+    history: dict[str, list[Record]] = dataclasses.field(default_factory=dict)
+    """Earlier runs' records of the jobs still to render (steps they computed count as recomputed)."""
 
 
 def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
     """Which jobs remain: a job is finished when its last record is failed, or done with its video
     on disk (a video deleted by hand is rendered again)."""
-    last = {record.id: record for record in manifest.records()}
+    records = manifest.records()
+    last = {record.id: record for record in records}
     todo, finished = [], {}
     for job in jobs:
         record = last.get(job.id)
@@ -346,9 +355,23 @@ def resume(jobs: Iterable[Job], manifest: Manifest) -> Resume:
             finished[job.id] = record.status
         else:
             todo.append(job)
+    history: dict[str, list[Record]] = {}
+    for record in records:
+        history.setdefault(record.id, []).append(record)
     return Resume(todo=todo, finished=finished,
                   attempts={j.id: last[j.id].attempts - (last[j.id].status == "preempted") for j in todo
-                            if j.id in last and last[j.id].status in ("retry", "preempted")})
+                            if j.id in last and last[j.id].status in ("retry", "preempted")},
+                  history={j.id: history[j.id] for j in todo if j.id in history})
+
+
+def recomputed(records: Iterable[Record]) -> int:
+    """Steps computed again because an attempt stopped (a fault or a preemption): per job, the steps
+    every attempt finished, less the furthest step any of them reached. A render that resumes from
+    the step it stopped at recomputes nothing; one that starts over recomputes all it had done."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for record in records:
+        spans.setdefault(record.id, []).append((record.resumed_from_step, record.steps))
+    return sum(sum(n for _, n in s) - max(first + n for first, n in s) for s in spans.values())
 
 
 def clean_partial_files(out_dir: str | Path) -> int:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
 from unison.engine.caches import apply_caches
 from unison.engine.caches import describe as describe_caches
+from unison.engine import faults
 from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine.loop import LoopResult, OnPhase, denoise
@@ -122,12 +123,30 @@ class Engine:
         """Renders started (every rank counts alike: names each render's stop key)."""
         self.pending_stop = False
         """A signal came after a render's last step: the next render stops at its first boundary."""
+        self._stop: StopRequest | None = None
+        """The render under way's stop request (request_stop may come from another thread)."""
+        self._video = ""
+        faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
         self.compiled = {}
         if plan.config.model.compile == "blocks":  # after parallelism: the blocks and processors it leaves
             from unison.engine.compile import compile_experts
 
             self.compiled = compile_experts(self.pipe, plan.spec, announce=self.is_writer)
         self.load_seconds = time.perf_counter() - started
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank if self.runtime is not None else 0
+
+    def request_stop(self) -> None:
+        """What SIGTERM does, from any thread (a Ray driver's stop): the render under way stops
+        at a step boundary every rank agrees on, with a checkpoint there (Preempted); between
+        renders, the next one stops at its first boundary."""
+        stop = self._stop
+        if stop is not None:
+            stop.signalled = True
+        else:
+            self.pending_stop = True
 
     @property
     def is_writer(self) -> bool:
@@ -151,9 +170,13 @@ class Engine:
         stop = StopRequest.for_engine(world_size=self.plan.world_size, render=self.renders)
         self.renders += 1
         stop.signalled, self.pending_stop = self.pending_stop, False
-        with stop.on_signals():
-            result = self._render(config, progress=progress, on_step=on_step, on_phase=on_phase, stop=stop)
-        self.pending_stop = stop.signalled
+        self._stop = stop
+        try:
+            with stop.on_signals():
+                result = self._render(config, progress=progress, on_step=on_step, on_phase=on_phase, stop=stop)
+        finally:
+            self._stop = None
+        self.pending_stop = self.pending_stop or stop.signalled  # request_stop may land in between
         return result
 
     def _render(self, config: RunConfig | None, *, progress: bool | None, on_step, on_phase: OnPhase | None,
@@ -172,17 +195,23 @@ class Engine:
             self.runtime.stats.reset()
         self._use_cache(cfg.cache)
         steps = cfg.sampling.steps
+        for cache in self.caches.values():
+            cache.begin_video(steps=steps)
+
+        self._video = Path(cfg.output.path).stem
 
         def phase(name: str, step: int, total: int) -> None:
             if show and name != "step":
                 tqdm.write(f"unison: {name}", file=sys.stderr)
             if on_phase is not None:
                 on_phase(name, step, total)
+            if name == "step":  # tests only, after progress has heard of the step: a no-op unless set
+                faults.at_step(self._video, step - 1, rank=self.rank)
 
         # Every rank its own file (cache state is per shard); all ranks agree on the step to resume.
         # Any render may be stopped by SIGTERM/SIGUSR1 and then checkpoints, so each looks for one.
         everyone = self.runtime.groups.get("cfg_tokens") if self.runtime is not None else None
-        checkpoints = Checkpoints.create(cfg, rank=self.runtime.rank if self.runtime is not None else 0,
+        checkpoints = Checkpoints.create(cfg, rank=self.rank,
                                          world_size=self.plan.world_size, group=everyone, on_stop=True)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
                        caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,

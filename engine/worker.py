@@ -29,6 +29,8 @@ class Outcome:
     """Median seconds per denoising step."""
     video: str | None
     """The video this rank wrote (rank 0), else None."""
+    resumed_from_step: int = 0
+    """The step this attempt started from (0, or the step checkpoint's)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,19 @@ class Progress:
     """"loading" while the worker builds its engine, "idle" between jobs, and during a job the
     render's phase (engine.loop.PHASES: encoding, step, checkpointing, decoding, writing), or
     "starting" before the first."""
+    first: int = 0
+    """The step the render started from: 0, or a step checkpoint's (known from its first step)."""
+
+    @property
+    def finished(self) -> int:
+        """Steps finished so far: during step k, k - 1; a checkpoint after step k, k."""
+        if self.phase == "step":
+            return self.step - 1
+        if self.phase == "checkpointing":
+            return self.step
+        if self.phase in ("decoding", "writing"):
+            return self.steps
+        return self.first
 
     def describe(self) -> str:
         """The line a driver prints: "job cat, decoding", "job dog, step 12/50", "loading"."""
@@ -58,6 +73,7 @@ class Worker:
             on_progress(self._progress)
         self.engine = Engine(plan)
         self._set(Progress(job=None, step=0, steps=0))
+        self._attempt: Progress | None = None
 
     @classmethod
     def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Worker":
@@ -67,16 +83,33 @@ class Worker:
         with self._lock:
             return self._progress
 
+    def attempt(self) -> Progress | None:
+        """The last job's progress as it stopped (kept after the job ends, unlike progress()):
+        where a failed or preempted attempt started and how far it got."""
+        with self._lock:
+            return self._attempt
+
+    def request_stop(self) -> None:
+        """Stop the job under way at a step boundary with a checkpoint (Engine.request_stop)."""
+        self.engine.request_stop()
+
     def _set(self, progress: Progress) -> None:
         with self._lock:
             self._progress = progress
+            if progress.job is not None:
+                self._attempt = progress
 
     def run(self, job: Job, *, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
         """Render `job`; `on_progress` is also told every phase and step (the local driver's bar)."""
         started = time.perf_counter()
 
+        first = None
+
         def phase(name: str, step: int, steps: int) -> None:
-            self._set(Progress(job.id, step, steps, phase=name))
+            nonlocal first
+            if name == "step" and first is None:
+                first = step - 1
+            self._set(Progress(job.id, step, steps, phase=name, first=first or 0))
             if on_progress is not None:
                 on_progress(self.progress())
 
@@ -88,4 +121,5 @@ class Worker:
         times = [r.seconds for r in result.loop.steps]
         return Outcome(id=job.id, seconds=time.perf_counter() - started, steps=len(times),
                        step_seconds=statistics.median(times) if times else 0.0,
-                       video=str(result.video_path) if result.video_path else None)
+                       video=str(result.video_path) if result.video_path else None,
+                       resumed_from_step=result.loop.resumed_from_step or 0)

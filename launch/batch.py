@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from unison.engine.build import check_batch_output
 from unison.engine.config import RunConfig
-from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, resume
+from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, recomputed, resume
+from unison.engine.worker import Progress
 from unison.caching.agree import CacheDisagreement
 from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
@@ -41,6 +42,8 @@ class Batch:
     """Jobs already finished by an earlier run."""
     total: int
     problems: list[Problem]
+    history: dict[str, list[Record]] = field(default_factory=dict)
+    """Earlier runs' records of the jobs in `todo`."""
 
 
 def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, world_size: int,
@@ -62,7 +65,7 @@ def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, worl
     clean_partial_files(out_dir)
     state = resume(jobs, Manifest(out_dir))
     return Batch(todo=state.todo, attempts=state.attempts, skipped=len(state.finished), total=len(jobs),
-                 problems=problems)
+                 problems=problems, history=state.history)
 
 
 LOCK = ".unison.lock"
@@ -137,6 +140,8 @@ class Ledger:
 
     def __post_init__(self):
         self.attempts = dict(self.batch.attempts)
+        self.records: list[Record] = [r for records in self.batch.history.values() for r in records]
+        """The records of every job this run touches, earlier runs' included (for `recomputed`)."""
         self.bar = tqdm(total=self.batch.total, initial=self.batch.skipped, desc="batch", unit="job",
                         disable=not self.progress, dynamic_ncols=True)
 
@@ -144,23 +149,26 @@ class Ledger:
         """The number of the attempt about to start (1 for a fresh job)."""
         return self.attempts.get(job.id, 0) + 1
 
-    def succeeded(self, job: Job, *, seconds: float, steps: int, step_seconds: float) -> None:
+    def succeeded(self, job: Job, *, seconds: float, steps: int, step_seconds: float,
+                  resumed_from_step: int = 0) -> None:
         number = self.attempt(job)
         self.attempts[job.id] = number
         self._append(Record(id=job.id, status="done", attempts=number, seconds=round(seconds, 3),
-                                    steps=steps, step_seconds=round(step_seconds, 4)))
+                            steps=steps, step_seconds=round(step_seconds, 4), resumed_from_step=resumed_from_step))
         self.done += 1
         self.step_seconds.append(step_seconds)
         self.bar.update(1)
 
-    def failed_attempt(self, job: Job, error: str, *, seconds: float, retry: bool = True) -> bool:
+    def failed_attempt(self, job: Job, error: str, *, seconds: float, retry: bool = True,
+                       reached: Progress | None = None) -> bool:
         """Record a failed attempt; True when the job should run again. `retry=False` (an error
-        the same input brings back, see `retryable`) records it failed at once."""
+        the same input brings back, see `retryable`) records it failed at once. `reached`: the
+        attempt's last progress (where it started, how many steps it finished), when known."""
         number = self.attempt(job)
         self.attempts[job.id] = number
         again = retry and number <= self.max_retries
         self._append(Record(id=job.id, status="retry" if again else "failed", attempts=number,
-                                    seconds=round(seconds, 3), error=error))
+                            seconds=round(seconds, 3), error=error, **_span(job, reached)))
         if again:
             self.retries += 1
             log.warning("job %s failed (attempt %d, retrying): %s", job.id, number, error)
@@ -171,12 +179,12 @@ class Ledger:
                         "" if retry else " (not retried: the same input fails the same way)", error)
         return again
 
-    def preempted(self, job: Job, error: str, *, seconds: float) -> None:
+    def preempted(self, job: Job, error: str, *, seconds: float, reached: Progress | None = None) -> None:
         """Record an attempt stopped by SIGTERM/SIGUSR1 (Preempted): neither done nor failed. It uses
         up no attempt (the record names its number; the next run gives that number again), and the
         next run resumes the job from its step checkpoint."""
         self._append(Record(id=job.id, status="preempted", attempts=self.attempt(job),
-                            seconds=round(seconds, 3), error=error))
+                            seconds=round(seconds, 3), error=error, **_span(job, reached)))
         log.warning("job %s preempted: %s", job.id, error)
 
     def show(self, progress) -> None:
@@ -184,6 +192,7 @@ class Ledger:
         self.bar.set_postfix_str(progress.describe(), refresh=True)
 
     def _append(self, record: Record) -> None:
+        self.records.append(record)
         if self.manifest is not None:
             self.manifest.append(record)
 
@@ -192,11 +201,19 @@ class Ledger:
         rate = f"{self.done / hours:.0f} videos/hour" if hours > 0 else "-"
         step = f"{statistics.median(self.step_seconds):.3f} s/step (median)" if self.step_seconds else "no steps"
         return (f"batch     {self.batch.total} jobs: {self.done} done, {self.failed} failed, {self.retries} "
-                f"retries, {self.batch.skipped} already finished, {len(self.batch.problems)} bad lines skipped; {hours * 3600:.1f} s, {rate}, {step}"
+                f"retries, {self.batch.skipped} already finished, {len(self.batch.problems)} bad lines skipped; "
+                f"{recomputed(self.records)} steps recomputed after faults; {hours * 3600:.1f} s, {rate}, {step}"
                 + (f"; manifest {self.manifest.path}" if self.manifest is not None else ""))
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _span(job: Job, reached: Progress | None) -> dict[str, int]:
+    """A stopped attempt's Record fields: the step it started from and the steps it finished."""
+    if reached is None or reached.job != job.id:
+        return {}
+    return {"resumed_from_step": reached.first, "steps": max(0, reached.finished - reached.first)}
 
 
 def error_text(err: BaseException) -> str:
@@ -247,13 +264,14 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
                 outcome = worker.run(job, on_progress=ledger.show if ledger is not None else None)
             except Preempted as err:
                 if ledger is not None:
-                    ledger.preempted(job, error_text(err), seconds=time.perf_counter() - started)
+                    ledger.preempted(job, error_text(err), seconds=time.perf_counter() - started,
+                                     reached=worker.attempt())
                 raise
             except Exception as err:
                 if ledger is None:
                     raise
                 again = ledger.failed_attempt(job, error_text(err), seconds=time.perf_counter() - started,
-                                              retry=retryable(err))
+                                              retry=retryable(err), reached=worker.attempt())
                 if worker.engine.plan.world_size > 1 or isinstance(err, WriteFailed):
                     raise
                 if again:
@@ -261,5 +279,5 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
                 break
             if ledger is not None:
                 ledger.succeeded(job, seconds=outcome.seconds, steps=outcome.steps,
-                                 step_seconds=outcome.step_seconds)
+                                 step_seconds=outcome.step_seconds, resumed_from_step=outcome.resumed_from_step)
             break

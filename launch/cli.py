@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from unison.caching import registry
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
 from unison.engine.stop import EXIT_PREEMPTED
 from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
@@ -128,8 +129,8 @@ def _add_run_options(p, *, single: bool) -> None:
                    help="torch.compile each transformer block once (regional compilation)")
     p.add_argument("--offload", action="store_const", const=True,
                    help="text encoders to the CPU after encoding; Wan 2.2's idle expert on the CPU")
-    p.add_argument("--cache", choices=("none", "fbcache", "pab"),
-                   help="step cache: First-Block Cache or Pyramid Attention Broadcast (tune with --set cache.…)")
+    p.add_argument("--cache", metavar="KIND",
+                   help=f"step cache: {', '.join(registry.names())} (its fields: --set cache.FIELD=…)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
     p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: local (start one on this machine), "
                    "auto (the cluster this node belongs to) or host:port")

@@ -87,9 +87,23 @@ class DistEnv:
             extra["device_id"] = placement.device
         if self.source != "torchrun":
             self.export()
-        dist.init_process_group(placement.backend, init_method=self.init_method, rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s), **extra)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = self._torchrun_round_store(timeout)
+        where = {"store": store} if store is not None else {"init_method": self.init_method}
+        dist.init_process_group(placement.backend, rank=self.rank, world_size=self.world_size, timeout=timeout,
+                                **where, **extra)
         return True
+
+    def _torchrun_round_store(self, timeout: datetime.timedelta):
+        """Under torchrun whose agent hosts the store (TORCHELASTIC_USE_AGENT_STORE), that store
+        outlives a restart (--max-restarts; the static rendezvous of --master-addr/--master-port
+        keeps one for the whole job), and the keys a failed round left there (every rank's gloo or
+        NCCL address) would send the restarted ranks to processes that are gone: they hang until
+        the timeout. Each round (TORCHELASTIC_RESTART_COUNT) gets a prefix of its own. None: env://."""
+        if self.source != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+            return None
+        agent = dist.TCPStore(self.master_addr, self.master_port, self.world_size, is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"unison/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
     @contextlib.contextmanager
     def joined(self, *, timeout_s: float, placement: Placement) -> Iterator[None]:

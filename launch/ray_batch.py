@@ -25,10 +25,12 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from unison.engine import faults
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job
+from unison.engine.stop import StopRequest
 from unison.engine.worker import Progress
-from unison.errors import UserError
+from unison.errors import BatchPreempted, Preempted, UserError, WriteFailed
 from unison.launch.batch import Ledger, error_text, retryable
 
 log = logging.getLogger("unison")
@@ -77,6 +79,17 @@ class RankActor:
         worker = getattr(self, "worker", None)
         return worker.progress() if worker is not None else None
 
+    def attempt(self):
+        """Where the last job started and how far it got (read after it failed)."""
+        worker = getattr(self, "worker", None)
+        return worker.attempt() if worker is not None else None
+
+    def request_stop(self) -> None:
+        """The driver was told to stop: end the job under way at a checkpoint (Preempted)."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.request_stop()
+
 
 def engine_line(index: int, job: str | None, state: Progress | None) -> str:
     """One engine's progress line: "engine 1: job cat, decoding", "engine 0: idle". `job` is the
@@ -107,6 +120,7 @@ class EngineSlot:
     refs: list = field(default_factory=list)
     started: float = 0.0
     failures_in_row: int = 0
+    stop_sent: bool = False
 
 
 @dataclass
@@ -149,9 +163,12 @@ class RayBatch:
         self.bundle = bundle
         self.actor_class = ray.remote(num_cpus=options.cpus_per_rank, num_gpus=1 if options.gpus else 0,
                                       max_concurrency=2)(RankActor)
-        self.env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        self.env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | faults.forwarded_env()
         self.threads = None if options.gpus else max(1, int(options.cpus_per_rank))
         self.bars: list = []
+        self.stopping = False
+        """SIGTERM or SIGUSR1 reached the driver: no job starts, the running ones checkpoint."""
+        self.preempted: list[str] = []
 
     # -- engines ----------------------------------------------------------------------------------
     def _start(self, slot: EngineSlot) -> None:
@@ -179,7 +196,7 @@ class RayBatch:
             self.ray.kill(actor, no_restart=True)
         if slot.group is not None:
             remove_placement_group(slot.group)
-        slot.actors, slot.group, slot.job, slot.refs = [], None, None, []
+        slot.actors, slot.group, slot.job, slot.refs, slot.stop_sent = [], None, None, [], False
 
     def _bring_up(self, slot: EngineSlot) -> bool:
         if self.progress and self.bars:
@@ -197,6 +214,18 @@ class RayBatch:
 
     # -- the queue --------------------------------------------------------------------------------
     def run(self, todo: list[Job], ledger: Ledger) -> None:
+        """Render `todo`. SIGTERM or SIGUSR1 (main thread; a second one ends the driver at once):
+        no further job starts, every running job stops at a step checkpoint and is recorded
+        preempted, the engines go down, and BatchPreempted is raised (the CLI exits 143; the same
+        command resumes). A job whose write failed (WriteFailed) ends the batch the same way the
+        local driver does: the next job would fail alike."""
+        with StopRequest().on_signals() as signalled:
+            self.signalled = signalled
+            self._run(todo, ledger)
+        if self.stopping:
+            raise BatchPreempted(self.preempted)
+
+    def _run(self, todo: list[Job], ledger: Ledger) -> None:
         queue = deque(todo)
         slots = [EngineSlot(index=i) for i in range(self.options.engines)]
         bars = self.bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress,
@@ -204,21 +233,25 @@ class RayBatch:
         live = []
         try:
             for slot in slots:
-                if self._bring_up(slot):
+                if self._stopped() or self._bring_up(slot):
                     live.append(slot)
-            if not live:
+            live = [s for s in live if s.actors]
+            if not live and not self.stopping:
                 raise RuntimeError("no engine could be started; see the warnings above")
-            while queue or any(s.job is not None for s in live):
+            while (queue and not self.stopping) or any(s.job is not None for s in live):
                 for slot in live:
-                    if slot.job is None and queue:
+                    if slot.job is None and queue and not self._stopped():
                         self._assign(slot, queue.popleft())
                 busy = [s for s in live if s.job is not None]
+                if self._stopped():
+                    for slot in busy:
+                        self._send_stop(slot)
                 refs = [r for s in busy for r in s.refs]
                 self.ray.wait(refs, num_returns=1, timeout=0.5)
                 for slot in busy:
                     self._collect(slot, queue, ledger)
                 live = [s for s in live if s.actors]
-                if not live and queue:
+                if not live and queue and not self.stopping:
                     raise RuntimeError(f"every engine failed; {len(queue)} jobs were not rendered "
                                        "(the same command resumes them)")
                 self._show(live, bars)
@@ -228,6 +261,29 @@ class RayBatch:
             for slot in slots:
                 if slot.actors:
                     self._stop(slot)
+
+    def _stopped(self) -> bool:
+        if self.signalled.signalled and not self.stopping:
+            self.stopping = True
+            log.warning("stopping: the running jobs checkpoint at their next step; no new job starts")
+        return self.stopping
+
+    def _send_stop(self, slot: EngineSlot) -> None:
+        if not slot.stop_sent:
+            slot.stop_sent = True
+            for actor in slot.actors:  # any rank's request stops them all; each is asked in case one is gone
+                actor.request_stop.remote()
+
+    def _reached(self, slot: EngineSlot):
+        """The stopped attempt's progress from any rank still alive (they step in lockstep)."""
+        for actor in slot.actors:
+            try:
+                state = self.ray.get(actor.attempt.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - a dead rank: ask the next
+                continue
+            if state is not None and slot.job is not None and state.job == slot.job.id:
+                return state
+        return None
 
     def _assign(self, slot: EngineSlot, job: Job) -> None:
         slot.job, slot.started = job, time.perf_counter()
@@ -247,15 +303,25 @@ class RayBatch:
         job, seconds = slot.job, time.perf_counter() - slot.started
         if error is None:
             first = self.ray.get(slot.refs[0])  # rank 0's outcome
-            slot.job, slot.refs, slot.failures_in_row = None, [], 0
-            ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds)
+            slot.job, slot.refs, slot.failures_in_row, slot.stop_sent = None, [], 0, False
+            ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds,
+                             resumed_from_step=first.resumed_from_step)
             return
-        message = _describe_error(error)
-        if ledger.failed_attempt(job, message, seconds=seconds, retry=retryable(_cause(error))):
+        message, cause, reached = _describe_error(error), _cause(error), self._reached(slot)
+        if isinstance(cause, Preempted):  # every rank checkpointed the same step
+            ledger.preempted(job, message, seconds=seconds, reached=reached)
+            self.preempted.append(job.id)
+            if not self.stopping:  # not the driver's stop (a rank's own signal): resume on a new engine
+                queue.appendleft(job)
+        elif ledger.failed_attempt(job, message, seconds=seconds, retry=retryable(cause), reached=reached) \
+                and not isinstance(cause, WriteFailed):
             queue.appendleft(job)
         self._stop(slot)
-        log.warning("engine %d is rebuilt after: %s", slot.index, message)
-        self._bring_up(slot)
+        if isinstance(cause, WriteFailed):
+            raise cause
+        if not self._stopped():
+            log.warning("engine %d is rebuilt after: %s", slot.index, message)
+            self._bring_up(slot)
 
     def _show(self, slots: list[EngineSlot], bars: list) -> None:
         if not self.progress:

@@ -12,7 +12,7 @@ from pathlib import Path
 from unison.engine.build import plan_run
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job, Manifest
-from unison.errors import UserError
+from unison.errors import Preempted, UserError
 from unison.launch.batch import Batch, Ledger, prepare, run_local
 from unison.launch.dist import DistEnv
 
@@ -54,6 +54,11 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
                 with FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
                     run_local(ledger, batch.todo,
                               worker=Worker(plan, on_progress=ledger.show if ledger is not None else None))
+        except Preempted:
+            if ledger is not None:
+                ledger.close()
+                print(ledger.summary())  # what this run did; the CLI then says it was preempted
+            raise
         finally:
             if ledger is not None:
                 ledger.close()
@@ -90,6 +95,10 @@ def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engine
         try:
             if batch.todo:
                 _ray_run(config, batch, ledger, address=address, engines=engines, ranks=ranks, progress=progress)
+        except Preempted:
+            ledger.close()
+            print(ledger.summary())  # what this run did; the CLI then says it was preempted
+            raise
         finally:
             ledger.close()
     print(ledger.summary())

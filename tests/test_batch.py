@@ -63,7 +63,10 @@ BAD_LINES = [
     ('{"prompt": "x", "id": 7}', "id must be"),
     ('{"prompt": "x", "frames": 10}', "takes 4k+1 frames"),
     ('{"prompt": "x", "steps": "many"}', "sampling.steps: expected"),
-    ('{"prompt": "x", "cache": "teacache"}', "cache.kind"),
+    ('{"prompt": "x", "cache": "nosuchcache"}', "cache.kind: expected one of none, fbcache, pab, magcache"),
+    ('{"prompt": "x", "cache": {"kind": "pab", "threshold": 0.1}}',
+     "unknown config key 'cache.threshold' for cache kind pab; allowed in 'pab': kind, verify, self_skip_range"),
+    ('{"prompt": "x", "cache": {"kind": "magcache"}}', "cache.mag_ratios must be given"),
     ('{"prompt": "x", "cache": {"threshold": -1, "kind": "fbcache"}}', "cache.threshold must be at least 0"),
     ('{"prompt": "x", "cache": 3}', "cache: expected a kind"),
     # Issue 15: non-finite numbers (JSON reads 1e400 as infinity), and values past the model's limits.
@@ -146,6 +149,10 @@ def test_job_ids_and_overrides(tmp_path):
     assert job.id == again.id and job.id.startswith("job-")  # derived from content, not position
     assert (job.config.sampling.seed, job.config.sampling.steps, job.config.cache.kind) == (5, 2, "pab")
     assert job.config.output.path == str(tmp_path / f"{job.id}.mp4")
+    # A mapping names a kind and its own fields; the kind's config checks them.
+    mag = parse_line('{"prompt": "a cat", "cache": {"kind": "magcache", "preset": "wan2.1-t2v-1.3b", '
+                     '"threshold": 0.2, "max_skip_steps": 4}}', 2, base=SMALL, out_dir=tmp_path, world_size=1)
+    assert (mag.config.cache.kind, mag.config.cache.threshold, mag.config.cache.max_skip_steps) == ("magcache", 0.2, 4)
 
 
 # ---------------------------------------------------------------------------------------------

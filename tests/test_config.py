@@ -86,3 +86,20 @@ def test_package_dir_lists_every_package():
              if not (set(p.relative_to(ROOT).parts) & skip) and ".egg-info" not in str(p)}
     assert found == mapped
     assert set(project["packages"]) == set(project["package-dir"])
+
+
+def test_cache_section_is_a_kind_and_its_own_fields(tmp_path):
+    """The kind picks the config class; fields carry over while the kind stays, a new kind starts
+    from its own defaults (verify, common to all, carries over)."""
+    from unison.engine.config import CacheConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("cache:\n  kind: fbcache\n  threshold: 0.2\n  verify: true\n")
+    cache = build_config(parser().parse_args(["generate", "--config", str(path),
+                                              "--set", "cache.warmup_steps=2"])).cache
+    assert (cache.kind, cache.threshold, cache.warmup_steps, cache.verify) == ("fbcache", 0.2, 2, True)
+    cache = build_config(parser().parse_args(["generate", "--config", str(path), "--cache", "magcache",
+                                              "--set", "cache.mag_ratios=[1.0, 0.9]",
+                                              "--set", "cache.threshold=0.1"])).cache
+    assert cache == CacheConfig(kind="magcache", mag_ratios=(1.0, 0.9), threshold=0.1, verify=True)
+    assert config_from_dict({"cache": "pab"}).cache == CacheConfig(kind="pab")

@@ -99,8 +99,11 @@ FBCACHE = CacheConfig(kind="fbcache", threshold=0.2)
 PAB = CacheConfig(kind="pab", self_skip_range=2, self_timestep_min=0, self_timestep_max=2000,
                   cross_skip_range=2, cross_timestep_min=0, cross_timestep_max=2000)
 NONE = CacheConfig()
+MAGCACHE = CacheConfig(kind="magcache", mag_ratios=(1.0, 0.99), threshold=0.05, retention_ratio=0.0)
 MODES = [
     ("wan", FBCACHE, dict(ulysses=2)),
+    ("wan", MAGCACHE, dict(ulysses=2)),
+    ("hunyuanvideo", MAGCACHE, dict(cfg=2)),
     ("wan", PAB, dict(ring=2)),
     ("wan", FBCACHE, dict(cfg=2)),
     ("wan", FBCACHE, dict(patch=2)),

@@ -50,3 +50,17 @@ class Preempted(RuntimeError):
     def __str__(self) -> str:
         return (f"preempted at step {self.step} of {self.steps}; checkpoint in {self.folder}; "
                 f"run the same command to resume")
+
+
+class BatchPreempted(Preempted):
+    """SIGTERM or SIGUSR1 reached a batch's driver (Ray): no job started after it, and every job
+    that was running stopped at a step checkpoint. The CLI exits with 143; the same command resumes."""
+
+    def __init__(self, jobs: list[str]):
+        RuntimeError.__init__(self, jobs)
+        self.jobs = list(jobs)
+
+    def __str__(self) -> str:
+        held = (f"{len(self.jobs)} running jobs stopped at a step checkpoint ({', '.join(self.jobs)})"
+                if self.jobs else "no job was running")
+        return f"batch preempted: {held}; run the same command to resume"

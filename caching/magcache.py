@@ -1,0 +1,238 @@
+"""MagCache (Ma et al., NeurIPS'25): skip the whole block stack while the accumulated error of the
+calibrated magnitude ratios stays small, reusing the stack's last residual.
+
+The residual r = (last block's output − first block's input) shrinks or grows from step to step
+by a model-specific, nearly prompt-independent ratio |r_t| / |r_t−1|, calibrated once
+(`mag_ratios`, per step and branch; published tables for Wan 2.1, Wan 2.2 and HunyuanVideo in
+caching/magcache_presets.py). At each step s of a branch, from the retention step on:
+
+    ratio *= mag_ratios[s];  steps += 1;  error += |1 − ratio|
+    skip  iff  a residual is cached  and  error <= threshold  and  steps <= max_skip_steps
+    otherwise compute, and ratio, steps, error restart at 1, 0, 0
+
+and a skipped forward returns its input plus the cached residual (the text stream, which no
+later layer reads, passes through). This is diffusers' `MagCacheConfig` hook's rule, and unison
+follows its conventions exactly, so that a diffusers setting decides the same here:
+- `<=` in both tests (MagCache's own Wan code skips on error `<` threshold);
+- the retention step is int(retention_ratio · steps + 0.5), rounding halves up, in steps of one
+  branch (MagCache's Wan code truncates int(2 · steps · retention_ratio) on its interleaved call
+  counter), and steps before it always compute;
+- ratios of another length are resampled to the run's step count by nearest neighbour,
+  index round(i · (L − 1) / (steps − 1)) with ties to even (torch.round in float32), and a
+  one-step run takes the last ratio; a step past the ratios' end counts as ratio 1.0.
+The accumulation runs in float64 here (diffusers' in float32 tensors): the two decide alike
+unless the accumulated error lands within float32 rounding of the threshold.
+
+Branches (cache contexts cond / uncond) keep their own accumulators and residual and read their
+own ratios (Wan's published tables are per branch); the step s is the loop's step index, so each
+of Wan 2.2 A14B's experts (a cache each) reads the run's table at the steps it runs, with the
+retention window counted over the whole run, and starts by computing.
+
+Decisions: schedule-only. Given the ratios, whether a step skips depends only on the step, the
+constants and the branch's earlier decisions, never on tensor data: every rank decides alike with
+no message (a test counts the collectives). Under sequence parallelism each rank keeps the
+residual of its own shard. Verify mode cross-checks the decisions anyway. Not under PipeFusion
+(its stages would need the gate protocol First-Block Cache has).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from unison.caching.agree import Agreement
+from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.magcache_presets import PRESETS
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagCacheConfig(CacheConfig):
+    kind: str = field(default="magcache", init=False)
+    """magcache."""
+    threshold: float = 0.12
+    """Skip while the accumulated magnitude-ratio error is at most this (MagCache's Wan 2.1
+    default; its README's E012, E024 ... name it). 0 skips only where the ratios are exactly 1."""
+    max_skip_steps: int = 2
+    """K: at most this many steps in a row reuse the residual (0: never skips)."""
+    retention_ratio: float = 0.2
+    """R: the first int(R · steps + 0.5) steps always compute."""
+    preset: str | None = None
+    """A published table of ratios (caching/magcache_presets.py): wan2.1-t2v-1.3b,
+    wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.2-t2v-a14b, wan2.2-i2v-a14b,
+    wan2.2-ti2v-5b, wan2.2-ti2v-5b-i2v, hunyuanvideo-720p, hunyuanvideo-544p."""
+    mag_ratios: tuple[float, ...] | None = None
+    """Instead of a preset: the ratios per step of the conditional branch (and of the other
+    branch too, unless mag_ratios_uncond is given), at least 2, resampled to the run's steps."""
+    mag_ratios_uncond: tuple[float, ...] | None = None
+    """The unconditional branch's ratios per step (null: mag_ratios)."""
+
+    def __post_init__(self):
+        for name in ("mag_ratios", "mag_ratios_uncond"):  # a list from Python code: frozen, comparable
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(r) for r in getattr(self, name)))
+        super().__post_init__()
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be at least 0, got {self.threshold}")
+        if self.max_skip_steps < 0:
+            raise ValueError(f"max_skip_steps must be at least 0, got {self.max_skip_steps}")
+        if not 0 <= self.retention_ratio <= 1:
+            raise ValueError(f"retention_ratio must be between 0 and 1, got {self.retention_ratio}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset is not None and self.mag_ratios is not None:
+            raise ValueError("preset and mag_ratios both given: give one")
+        if self.mag_ratios_uncond is not None and self.mag_ratios is None:
+            raise ValueError("mag_ratios_uncond needs mag_ratios (the conditional branch's)")
+        for name in ("mag_ratios", "mag_ratios_uncond"):
+            ratios = getattr(self, name)
+            if ratios is not None and len(ratios) < 2:
+                raise ValueError(f"{name} needs at least 2 values (first and last step) to be resampled to the "
+                                 f"run's steps, got {len(ratios)}")
+            if ratios is not None and min(ratios) <= 0:
+                raise ValueError(f"{name} must be positive, got {min(ratios)}")
+
+    def check_complete(self) -> None:
+        if self.preset is None and self.mag_ratios is None:
+            raise ValueError(f"mag_ratios must be given: MagCache needs this model's per-step magnitude ratios; "
+                             f"set cache.preset (one of {', '.join(PRESETS)}) or cache.mag_ratios "
+                             f"(calibrating a model comes later)")
+
+    def branch_ratios(self) -> dict[str, tuple[float, ...]]:
+        """{"cond": ..., "uncond": ...}: each branch's ratios as given (before resampling)."""
+        if self.preset is not None:
+            cond, uncond = PRESETS[self.preset].branches()
+        else:
+            self.check_complete()
+            cond, uncond = self.mag_ratios, self.mag_ratios_uncond or self.mag_ratios
+        return {"cond": tuple(cond), "uncond": tuple(uncond)}
+
+
+def resample(ratios: tuple[float, ...], steps: int) -> tuple[float, ...]:
+    """`ratios` at `steps` evenly spaced points by nearest neighbour (see the module docstring)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if len(ratios) == steps:
+        return tuple(ratios)
+    if steps == 1:
+        return (ratios[-1],)
+    scale = (len(ratios) - 1) / (steps - 1)
+    picks = torch.round(torch.arange(steps, dtype=torch.float32) * scale).long().tolist()
+    return tuple(ratios[i] for i in picks)
+
+
+def retention_step(retention_ratio: float, steps: int) -> int:
+    """The first step that may skip."""
+    return int(retention_ratio * steps + 0.5)
+
+
+@dataclass
+class _State:
+    ratio: float = 1.0
+    """The product of the ratios since the last computed step."""
+    steps: int = 0
+    """Steps accumulated since then."""
+    error: float = 0.0
+    """Σ |1 − ratio| since then."""
+    residual: object = None
+    """The block stack's residual (hidden states only) at the last computed step."""
+    head_input: object = None
+    computing: bool = True
+
+
+class MagCache(Cache):
+    name = "magcache"
+    decides = "schedule-only"
+    state_type = _State
+
+    def __init__(self, transformer, config: MagCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement):
+        if not blocks:
+            raise ValueError("MagCache needs the transformer's blocks")
+        super().__init__(transformer)
+        self.config, self.agreement = config, agreement
+        self.given = config.branch_ratios()
+        self.ratios: dict[str, tuple[float, ...]] = {}
+        """Each branch's ratios resampled to this video's steps (`begin_video`)."""
+        self.first = 0
+        """The retention step of this video."""
+        self._tuple_output = False
+        self.wrap(blocks[0], self._head)
+        for block in blocks[1:-1]:
+            self.wrap(block, self._middle)
+        if len(blocks) > 1:
+            self.wrap(blocks[-1], self._tail)
+
+    def begin_video(self, *, steps: int) -> None:
+        super().begin_video(steps=steps)
+        self.ratios = {branch: resample(ratios, steps) for branch, ratios in self.given.items()}
+        self.first = retention_step(self.config.retention_ratio, steps)
+
+    def extra_state(self) -> dict:
+        return {"tuple_output": self._tuple_output}
+
+    def load_extra_state(self, data: dict) -> None:
+        self._tuple_output = data["tuple_output"]  # a resumed video may skip before it computes
+
+    def _decide(self, state: _State) -> bool:
+        if not self.ratios:
+            raise RuntimeError("MagCache was not told the video's steps (Cache.begin_video)")
+        if self.step < self.first:
+            return True
+        ratios = self.ratios.get(self.context, self.ratios["cond"])
+        state.ratio *= ratios[self.step] if self.step < len(ratios) else 1.0
+        state.steps += 1
+        state.error += abs(1.0 - state.ratio)
+        if state.residual is not None and state.error <= self.config.threshold \
+                and state.steps <= self.config.max_skip_steps:
+            return False
+        state.ratio, state.steps, state.error = 1.0, 0, 0.0
+        return True
+
+    def _head(self, original, *args, **kwargs):
+        state = self.state(_State)
+        compute = self._decide(state)
+        self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
+        self.record("forward", compute)
+        state.computing = compute
+        if compute:
+            state.head_input = args[0]
+            output = original(*args, **kwargs)
+            self._tuple_output = isinstance(output, tuple)
+            if len(self._wrapped) == 1:  # one block: head and tail at once
+                state.residual = (output[0] if self._tuple_output else output) - args[0]
+            return output
+        hidden = args[0] + state.residual
+        return (hidden, args[1]) if self._tuple_output else hidden
+
+    def _passthrough(self, args):
+        """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
+        return tuple(args[:2]) if self._tuple_output else args[0]
+
+    def _middle(self, original, *args, **kwargs):
+        if self.state(_State).computing:
+            return original(*args, **kwargs)
+        return self._passthrough(args)
+
+    def _tail(self, original, *args, **kwargs):
+        state = self.state(_State)
+        if not state.computing:
+            return self._passthrough(args)
+        output = original(*args, **kwargs)
+        state.residual = (output[0] if self._tuple_output else output) - state.head_input
+        state.head_input = None
+        return output
+
+
+def apply_mag_cache(transformer, config: MagCacheConfig, *, group=None, blocks: list[torch.nn.Module],
+                    stats=None) -> MagCache:
+    """Apply MagCache to `transformer`'s `blocks` (in execution order). `group` is only used by
+    verify mode (decisions need no agreement)."""
+    return MagCache(transformer, config, blocks=blocks, agreement=Agreement(group=group, stats=stats,
+                                                                            verify=config.verify))
+
+
+def _attach(transformer, config: MagCacheConfig, site: Site) -> MagCache:
+    return apply_mag_cache(transformer, config, group=site.group, blocks=site.blocks, stats=site.stats)
+
+
+KIND = Kind(name="magcache", title="MagCache", config=MagCacheConfig, attach=_attach, decides=MagCache.decides)

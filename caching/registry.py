@@ -1,0 +1,53 @@
+"""The cache kinds: the only place the engine, the CLI, the batch jobs and the shared test battery
+look a cache up. A kind is one module of caching/ with its config class, `apply_…` and a `KIND`
+entry (caching/base.py's `Kind`); adding one is a new module and one line below.
+
+| kind     | decisions       | module      |
+|----------|-----------------|-------------|
+| fbcache  | data-dependent  | fbcache.py  |
+| pab      | schedule-only   | pab.py      |
+| magcache | schedule-only   | magcache.py |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from unison.caching import fbcache, magcache, pab
+from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
+
+NONE = "none"
+KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND)}
+"""Every cache kind by name, in the order they are listed to users."""
+
+
+def names() -> list[str]:
+    """What `cache.kind` may say: none, then every kind."""
+    return [NONE, *KINDS]
+
+
+def get(name: str) -> Kind:
+    """The kind called `name`; ValueError naming the kinds otherwise."""
+    if name not in KINDS:
+        raise ValueError(f"unknown cache kind {name!r}; kinds: {', '.join(names())}")
+    return KINDS[name]
+
+
+def config_class(name: str) -> type[CacheConfig]:
+    return NoCacheConfig if name == NONE else get(name).config
+
+
+def fields(name: str) -> list[str]:
+    """The fields a kind's config takes (kind first), for messages."""
+    return [f.name for f in dataclasses.fields(config_class(name))]
+
+
+def title(config: CacheConfig) -> str:
+    return "no cache" if config.kind == NONE else get(config.kind).title
+
+
+def apply(transformer: torch.nn.Module, config: CacheConfig, site: Site) -> Cache | None:
+    """Apply the cache `config` describes to `transformer` at `site` (None for no cache)."""
+    return None if config.kind == NONE else get(config.kind).attach(transformer, config, site)

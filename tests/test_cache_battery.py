@@ -1,0 +1,249 @@
+"""The battery every cache kind in the registry passes (caching/registry.py), present and future.
+
+For each kind, on the tiny models: a setting that never skips renders exactly what no cache
+renders; a mixed setting skips some and computes some; state resets between videos, so the same
+engine renders the same video twice; a render stopped mid-way resumes from its step checkpoint
+exactly; applying twice fails; removing restores the transformer.
+
+Lockstep (tiny Wan; HunyuanVideo under CFG 2 x Ulysses 2): under Ulysses 2, Ring 2, Ulysses 2 x
+Ring 2, CFG 2, CFG 2 x Ulysses 2 and patch 2 (warm-up over every step, so exact), with verify
+on, every rank takes the one-rank schedule step for step and reaches the one-rank latents. A
+schedule-only kind issues no collective for its decisions (the all-reduces and all-gathers of a
+render are those of no cache); a data-dependent kind agrees by all-reduced sums. The multi-rank
+cases run in two calls of the shared rank pool.
+
+A new kind adds its two settings to SETTINGS below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from multirank import run_ranks
+from test_parallel_engine import _config
+from unison.caching import registry
+from unison.engine.caches import apply_caches
+from unison.engine.checkpoint import fingerprint
+from unison.engine.config import CacheConfig, ParallelConfig, RunConfig, dump_yaml, load_yaml
+from unison.engine.render import Engine
+
+FAMILIES = ("wan", "hunyuanvideo")
+
+
+@dataclass(frozen=True)
+class Settings:
+    never: CacheConfig
+    """Never skips: the output equals no cache's, bitwise."""
+    mixed: dict[str, CacheConfig]
+    """Per family: skips some and computes some on the tiny run (Wan: 4 steps at t = 999, 900,
+    750, 500; HunyuanVideo: 3 steps at t = 1000, 875, 667)."""
+
+
+SETTINGS = {
+    # Thresholds between the tiny models' first-block changes (Wan ~0.09-0.12, HunyuanVideo ~0.2-0.4).
+    "fbcache": Settings(never=CacheConfig(kind="fbcache", threshold=0.0),
+                        mixed={"wan": CacheConfig(kind="fbcache", threshold=0.105),
+                               "hunyuanvideo": CacheConfig(kind="fbcache", threshold=0.34)}),
+    "pab": Settings(never=CacheConfig(kind="pab", self_skip_range=None, cross_skip_range=None),
+                    mixed=dict.fromkeys(FAMILIES, CacheConfig(
+                        kind="pab", self_skip_range=2, self_timestep_min=500, self_timestep_max=990,
+                        cross_skip_range=3, cross_timestep_min=500, cross_timestep_max=990))),
+    # Ratios 1.0, 0.99, 0.9, 0.99 (HunyuanVideo's 3 steps resample them to 1.0, 0.9, 0.99):
+    # a step at 0.99 accumulates 0.01 and skips; one at 0.9 accumulates 0.1 and computes.
+    "magcache": Settings(never=CacheConfig(kind="magcache", mag_ratios=(1.0, 0.99), max_skip_steps=0),
+                         mixed=dict.fromkeys(FAMILIES, CacheConfig(
+                             kind="magcache", mag_ratios=(1.0, 0.99, 0.9, 0.99), threshold=0.05,
+                             max_skip_steps=2, retention_ratio=0.0))),
+}
+KINDS = list(registry.KINDS)
+
+
+def _cached(family: str, cache: CacheConfig, parallel: ParallelConfig = ParallelConfig()) -> RunConfig:
+    return dataclasses.replace(_config(family, 48, parallel), cache=cache)
+
+
+def _flags(decisions: dict[str, list[tuple]]) -> list[bool]:
+    return [d[-1] for expert in decisions.values() for d in expert]
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stop_after(index: int):
+    def on_step(record):
+        if record.index == index:
+            raise Stopped
+    return on_step
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_every_kind_has_settings_and_a_documented_config():
+    assert set(SETTINGS) == set(registry.KINDS), "add the new kind's never/mixed settings to SETTINGS"
+    for name, kind in registry.KINDS.items():
+        assert kind.decides in ("schedule-only", "data-dependent")
+        assert kind.config().kind == name and SETTINGS[name].never.kind == name
+        source = inspect.getsource(kind.config)
+        for f in dataclasses.fields(kind.config):
+            if f.name != "verify":  # documented once, in the base class
+                assert '"""' in source.split(f"    {f.name}:", 1)[1].split("\n")[1], (name, f.name)
+
+
+def test_every_kind_round_trips_and_fingerprints_its_fields(tmp_path):
+    """The resolved config written beside a video reads back as the same config, and a step
+    checkpoint of one kind's settings is never resumed under another's."""
+    configs = [_cached("wan", CacheConfig())] + [_cached("wan", cache) for kind in KINDS
+                                                  for cache in (SETTINGS[kind].never, SETTINGS[kind].mixed["wan"])]
+    for index, config in enumerate(configs):
+        path = tmp_path / f"{index}.yaml"
+        path.write_text(dump_yaml(config))
+        assert load_yaml(path) == config
+    assert len({fingerprint(config, world_size=1) for config in configs}) == len(configs)
+    verified = dataclasses.replace(configs[-1], cache=dataclasses.replace(configs[-1].cache, verify=True))
+    assert fingerprint(verified, world_size=1) == fingerprint(configs[-1], world_size=1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """No cache, one engine per family (shared by every kind)."""
+    engines = {family: Engine.from_config(_cached(family, CacheConfig())) for family in FAMILIES}
+    return {family: (engine, engine.render().latents) for family, engine in engines.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_battery(kind, family, reference, tmp_path):
+    plain, expected = reference[family]
+    assert torch.equal(plain.render().latents, expected)  # an engine renders the same video twice
+
+    # Never skipping changes nothing, and every decision is "compute".
+    engine = Engine.from_config(_cached(family, SETTINGS[kind].never))
+    never = engine.render()
+    assert torch.equal(never.latents, expected)
+    assert never.cache_decisions and all(_flags(never.cache_decisions))
+
+    # The mixed setting skips some, computes some, changes the output and says so.
+    mixed = _cached(family, SETTINGS[kind].mixed[family])
+    first = engine.render(mixed)
+    assert {True, False} <= set(_flags(first.cache_decisions))
+    assert not torch.equal(first.latents, expected)
+    assert any(line.startswith(kind) and "skipped" in line for line in first.cache_lines)
+
+    # State resets between videos: the same engine repeats the video exactly.
+    second = engine.render(mixed)
+    assert second.cache_decisions == first.cache_decisions
+    assert torch.equal(second.latents, first.latents)
+
+    # A render stopped after step 1 resumes from its step checkpoint (in a new engine, as after a
+    # restart) with the same decisions and latents.
+    stopped = dataclasses.replace(mixed, output=dataclasses.replace(
+        mixed.output, checkpoint_every=1, checkpoint_dir=str(tmp_path / "ckpt")))
+    with pytest.raises(Stopped):
+        engine.render(stopped, on_step=_stop_after(1))
+    resumed = Engine.from_config(stopped).render()
+    assert resumed.loop.resumed_from_step == 2
+    assert resumed.cache_decisions == first.cache_decisions
+    assert torch.equal(resumed.latents, first.latents)
+
+    # Applying twice fails; removing restores the transformer (no wrapper left, same output).
+    transformer = engine.pipe.transformer
+    forwards = {name: type(m).forward for name, m in transformer.named_modules()}
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_caches(engine.pipe, engine.plan.spec, mixed.cache)
+    engine.caches["transformer"].remove()
+    assert not [m for m in transformer.modules() if "forward" in vars(m)]
+    assert {name: type(m).forward for name, m in transformer.named_modules()} == forwards
+    engine.caches, engine.cache_config = {}, None
+    assert torch.equal(engine.render(_cached(family, CacheConfig())).latents, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lockstep: every kind, every layout, one pool call per world size.
+
+LAYOUTS = {2: [("wan", dict(ulysses=2)), ("wan", dict(ring=2)), ("wan", dict(cfg=2)),
+               ("wan", dict(patch=2, patch_warmup_steps=4))],
+           4: [("wan", dict(ulysses=2, ring=2)), ("wan", dict(cfg=2, ulysses=2)),
+               ("hunyuanvideo", dict(cfg=2, ulysses=2))]}
+"""Per world size: (family, layout), one engine each, rendering every kind's mixed setting."""
+COUNTED = ("wan", dict(ulysses=2))
+"""Where the collectives of each kind's decisions are counted (verify off)."""
+
+
+def _lockstep_ranks(rank, world, runs):
+    """runs: [(config, caches)]: one engine per config's layout, a render per cache."""
+    out = []
+    for config, caches in runs:
+        engine = Engine.from_config(config, world_size=world)
+        for cache in caches:
+            result = engine.render(dataclasses.replace(config, cache=cache))
+            out.append((result.latents, result.cache_decisions, dict(result.comm_calls)))
+        del engine
+    return out
+
+
+def _runs(world: int) -> tuple[list, list]:
+    """(runs for _lockstep_ranks, a label per render: (family, layout, kind or None, verify))."""
+    runs, labels = [], []
+    for family, layout in LAYOUTS[world]:
+        where = (family, tuple(layout.items()))
+        caches = [dataclasses.replace(SETTINGS[kind].mixed[family], verify=True) for kind in KINDS]
+        labels += [(*where, kind, True) for kind in KINDS]
+        if (family, layout) == COUNTED:
+            caches += [CacheConfig(), *[SETTINGS[kind].mixed[family] for kind in KINDS]]
+            labels += [(*where, None, False), *[(*where, kind, False) for kind in KINDS]]
+        runs.append((_cached(family, CacheConfig(), ParallelConfig(**layout, timeout_s=60)), caches))
+    return runs, labels
+
+
+@pytest.fixture(scope="module")
+def one_rank(reference):
+    """The one-rank latents and schedule of every kind's mixed setting, per family."""
+    out = {}
+    for family in FAMILIES:
+        engine = reference[family][0]
+        for kind in KINDS:
+            result = engine.render(_cached(family, SETTINGS[kind].mixed[family]))
+            for context in ("cond", "uncond"):  # mixed in each branch, so a CFG half's schedule means something
+                flags = {d[-1] for d in result.cache_decisions["transformer"] if d[1] == context}
+                assert flags == {True, False}, (family, kind, context)
+            out[family, kind] = result
+    return out
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_lockstep_every_kind_every_layout(world, one_rank):
+    runs, labels = _runs(world)
+    per_rank = run_ranks(world, _lockstep_ranks, runs)
+    counted: dict[str | None, list[dict]] = {}
+    for rank, renders in enumerate(per_rank):
+        assert len(renders) == len(labels)
+        for (family, layout, kind, verify), (latents, decisions, calls) in zip(labels, renders, strict=True):
+            if not verify:
+                counted.setdefault(kind, []).append(calls)
+                continue
+            one = one_rank[family, kind]
+            if dict(layout).get("cfg", 1) == 1:
+                assert decisions == one.cache_decisions, (family, layout, kind, rank)
+            else:  # each cfg half holds its own branch's context: together they are the one-rank schedule
+                mine = {d[1] for d in decisions["transformer"]}
+                assert len(mine) == 1
+                assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
+            assert _rel(latents, one.latents) <= 1e-5, (family, layout, kind, rank)
+    if world == 2:  # the collectives each kind's decisions cost under Ulysses 2, on every rank
+        assert len(counted[None]) == world and all(len(counted[kind]) == world for kind in KINDS)
+        for kind in KINDS:
+            for mine, none in zip(counted[kind], counted[None], strict=True):
+                assert mine["all_to_all"] < none["all_to_all"]  # skipped blocks skip their all-to-alls
+                if registry.KINDS[kind].decides == "schedule-only":
+                    assert mine.get("all_reduce", 0) == none.get("all_reduce", 0), kind
+                    assert mine.get("all_gather", 0) == none.get("all_gather", 0), kind
+                else:
+                    assert mine.get("all_reduce", 0) > none.get("all_reduce", 0), kind

@@ -1,0 +1,208 @@
+"""MagCache: its decisions and latents against diffusers' own MagCache hook, the published presets
+and their resampling to the run's step count, and its bad input. (The shared battery,
+test_cache_battery.py, covers its lockstep under every layout and that it issues no collective
+for its decisions under Ulysses 2.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_parallel_engine import _config
+from unison.caching.magcache import MagCacheConfig, resample, retention_step
+from unison.caching.magcache_presets import PRESETS
+from unison.engine.build import plan_run
+from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
+                                  config_from_dict, load_yaml)
+from unison.engine.render import Engine
+from unison.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 11 ratios for a 5-step run: resampled at 0, 2.5, 5, 7.5, 10, whose halves round to even (2, 8).
+RATIOS = (1.0, 0.99, 0.93, 0.995, 0.97, 0.985, 0.96, 0.97, 0.99, 0.98, 0.9)
+UNCOND = (1.0, 0.995, 0.98, 0.99, 0.9, 0.99, 0.97, 0.99, 0.95, 0.98, 0.93)
+
+
+def test_resampling_is_diffusers_nearest_interp():
+    from diffusers.hooks.mag_cache import nearest_interp
+
+    for ratios in (RATIOS, PRESETS["wan2.1-t2v-1.3b"].branches()[1], PRESETS["hunyuanvideo-720p"].values):
+        for steps in (1, 2, 3, 4, 5, 7, 10, 11, 28, 30, 49, 50, 51, 100):
+            theirs = nearest_interp(torch.tensor(ratios), steps).tolist()
+            assert resample(ratios, steps) == pytest.approx(theirs, rel=1e-7, abs=0), (len(ratios), steps)
+    assert resample(RATIOS, 5) == (1.0, 0.93, 0.985, 0.99, 0.9)  # ties to even: 2.5 -> 2, 7.5 -> 8
+    assert resample(RATIOS, 11) == RATIOS
+    # Retention rounds halves up, in steps of one branch: 0.2 x 5 = 1; 0.25 x 10 = 2.5 -> 3; 0.2 x 28 = 5.6 -> 6.
+    assert [retention_step(0.2, 5), retention_step(0.25, 10), retention_step(0.2, 28), retention_step(0.1, 4)] \
+        == [1, 3, 6, 0]
+
+
+def test_presets_are_the_published_ratios_per_branch():
+    assert set(PRESETS) == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
+                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "wan2.2-ti2v-5b-i2v",
+                            "hunyuanvideo-720p", "hunyuanvideo-544p"}
+    steps = {"wan2.1-i2v-14b-480p": 40, "wan2.1-i2v-14b-720p": 40, "wan2.2-t2v-a14b": 40, "wan2.2-i2v-a14b": 40}
+    for name, published in PRESETS.items():
+        cond, uncond = published.branches()
+        assert len(cond) == len(uncond) == steps.get(name, 50), name
+        assert cond[0] == uncond[0] == 1.0 and min(cond + uncond) > 0
+    cond, uncond = PRESETS["wan2.1-t2v-1.3b"].branches()  # interleaved: even calls cond, odd uncond
+    assert (cond[1], uncond[1], cond[-1], uncond[-1]) == (1.0124, 1.02213, 0.81838, 0.81939)
+    cond, uncond = PRESETS["hunyuanvideo-720p"].branches()  # one branch, for both
+    assert cond == uncond and cond[1:3] == (1.0754, 1.27807)
+    # A 30-step run of Wan 1.3B reads each branch resampled from 50 to 30.
+    config = MagCacheConfig(preset="wan2.1-t2v-1.3b")
+    assert resample(config.branch_ratios()["uncond"], 30)[1] == uncond_at(1, 30)
+
+
+def uncond_at(step: int, steps: int) -> float:
+    uncond = PRESETS["wan2.1-t2v-1.3b"].branches()[1]
+    return uncond[round(step * (len(uncond) - 1) / (steps - 1))]
+
+
+def test_bundled_recipes_name_a_preset():
+    recipes = sorted((ROOT / "configs").glob("*/magcache.yaml"))
+    assert {p.parent.name for p in recipes} >= {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b",
+                                                 "wan2.2-ti2v-5b", "hunyuanvideo"}
+    for path in recipes:
+        cache = load_yaml(path).cache
+        assert cache.kind == "magcache" and cache.preset in PRESETS, path
+
+
+@pytest.mark.parametrize("cache, message", [
+    ({"kind": "magcache"}, "cache.mag_ratios must be given: MagCache needs this model's per-step magnitude ratios"),
+    ({"kind": "magcache", "mag_ratios": [0.9]}, "cache.mag_ratios needs at least 2 values"),
+    ({"kind": "magcache", "mag_ratios": []}, "cache.mag_ratios needs at least 2 values"),
+    ({"kind": "magcache", "mag_ratios": [1.0, 0.0]}, "cache.mag_ratios must be positive"),
+    ({"kind": "magcache", "mag_ratios": [1.0, float("nan")]}, "cache.mag_ratios must be a finite number"),
+    ({"kind": "magcache", "preset": "wan9"}, "cache.preset must be one of wan2.1-t2v-14b, "),
+    ({"kind": "magcache", "preset": "hunyuanvideo-720p", "mag_ratios": [1, 1]}, "preset and mag_ratios both"),
+    ({"kind": "magcache", "preset": "hunyuanvideo-720p", "retention_ratio": 1.5}, "cache.retention_ratio must be"),
+    ({"kind": "magcache", "preset": "hunyuanvideo-720p", "max_skip_steps": -1}, "cache.max_skip_steps must be"),
+    ({"kind": "magcache", "preset": "hunyuanvideo-720p", "joint_cfg": True},
+     "unknown config key 'cache.joint_cfg' for cache kind magcache; allowed in 'magcache': kind, verify, threshold"),
+])
+def test_bad_input_is_one_line_before_anything_loads(cache, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
+    assert "\n" not in str(err.value)
+
+
+def test_pipefusion_is_a_clear_error():
+    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
+                                 cache=CacheConfig(kind="magcache", mag_ratios=RATIOS))
+    with pytest.raises(UserError, match="MagCache under PipeFusion is not supported: use cache.kind=fbcache"):
+        plan_run(config, world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank: the decisions and latents of diffusers' MagCacheConfig hook, same ratios, same model.
+
+PARITY = {"wan": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
+          "hunyuanvideo": dict(threshold=0.05, max_skip_steps=1, retention_ratio=0.2)}
+
+
+def _diffusers_decisions(pipe, config, monkeypatch) -> list[bool]:
+    """Apply diffusers' MagCache to pipe.transformer; the returned list fills with its head
+    hook's decision at every forward."""
+    from diffusers.hooks.mag_cache import MagCacheHeadHook, apply_mag_cache
+
+    decisions: list[bool] = []
+    decide = MagCacheHeadHook.new_forward
+
+    def record(hook, module, *args, **kwargs):
+        output = decide(hook, module, *args, **kwargs)
+        decisions.append(hook.state_manager.get_state().should_compute)
+        return output
+
+    monkeypatch.setattr(MagCacheHeadHook, "new_forward", record)
+    apply_mag_cache(pipe.transformer, config)
+    return decisions
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch):
+    from diffusers import HunyuanVideoPipeline, WanPipeline
+    from diffusers.hooks import MagCacheConfig as DiffusersConfig
+
+    folder, steps = tiny_folder(family), 5
+    hunyuan = family == "hunyuanvideo"
+    text = 128 if hunyuan else 16
+    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
+                              height=48, width=48 if hunyuan else 64, frames=9, steps=steps,
+                              true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=text)
+    # diffusers' config holds one array for every cache context: both branches read RATIOS.
+    ours = Engine.from_config(RunConfig(
+        model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
+        cache=CacheConfig(kind="magcache", mag_ratios=RATIOS, **PARITY[family]))).render()
+
+    pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = _diffusers_decisions(pipe, DiffusersConfig(mag_ratios=list(RATIOS), num_inference_steps=steps,
+                                                        **PARITY[family]), monkeypatch)
+    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=48,
+                  width=sampling.width, num_frames=9, num_inference_steps=steps, max_sequence_length=text,
+                  guidance_scale=4.0, **(dict(true_cfg_scale=3.0) if hunyuan else {}))
+    latents = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False,
+                   **kwargs)[0]
+
+    mine = [d[-1] for d in ours.cache_decisions["transformer"]]
+    assert True in theirs and False in theirs, theirs
+    assert mine == theirs
+    assert ((ours.latents - latents).norm() / latents.norm()).item() <= 1e-5
+
+
+def _rule(ratios: tuple[float, ...], run: range, *, steps: int, threshold: float, max_skip_steps: int,
+          retention_ratio: float) -> list[bool]:
+    """MagCache's rule written out for one branch of a cache that runs the steps `run` (compute: True)."""
+    ratio, count, error, cached, out = 1.0, 0, 0.0, False, []
+    for step in run:
+        compute = True
+        if step >= int(retention_ratio * steps + 0.5):
+            ratio, count = ratio * ratios[step], count + 1
+            error += abs(1 - ratio)
+            compute = not (cached and error <= threshold and count <= max_skip_steps)
+            if compute:
+                ratio, count, error = 1.0, 0, 0.0
+        cached = True
+        out.append(compute)
+    return out
+
+
+def test_wan22_experts_each_read_the_run_table_at_their_steps():
+    """Tiny Wan 2.2 A14B, 8 steps: the high-noise expert runs steps 0-2, the low-noise one 3-7.
+    Each expert's cache has its own accumulators and residual (so the low-noise expert's first step
+    computes) and reads the run's ratios at the global step; the retention window counts the run."""
+    ratios, settings = (1.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.96), dict(threshold=0.05, max_skip_steps=2,
+                                                                               retention_ratio=0.25)
+    config = RunConfig(model=ModelConfig(family="wan2.2"), output=OutputConfig(decode=False, progress=False),
+                       sampling=SamplingConfig(steps=8, height=48, width=64, frames=9, negative_prompt="blurred"),
+                       cache=CacheConfig(kind="magcache", mag_ratios=ratios, **settings))
+    result = Engine.from_config(config).render()
+    assert [s.expert for s in result.loop.steps] == ["transformer"] * 3 + ["transformer_2"] * 5
+    for expert, run in (("transformer", range(0, 3)), ("transformer_2", range(3, 8))):
+        expected = _rule(ratios, run, steps=8, **settings)
+        for context in ("cond", "uncond"):
+            decisions = [d for d in result.cache_decisions[expert] if d[1] == context]
+            assert [d[0] for d in decisions] == list(run)
+            assert [d[-1] for d in decisions] == expected, (expert, context)
+    assert _rule(ratios, range(3, 8), steps=8, **settings) == [True, False, False, True, False]
+
+
+def test_a_preset_gives_each_branch_its_own_ratios_resampled_to_the_run():
+    """Wan 2.1 1.3B's published table (50 steps) on a 6-step tiny Wan run: each branch follows
+    the rule on its own ratios, resampled from 50 to 6."""
+    settings = dict(threshold=0.12, max_skip_steps=2, retention_ratio=0.2)
+    cache = CacheConfig(kind="magcache", preset="wan2.1-t2v-1.3b", **settings)
+    config = dataclasses.replace(_config("wan", 48, ParallelConfig()), cache=cache)
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, steps=6))
+    result = Engine.from_config(config).render()
+    for context, ratios in zip(("cond", "uncond"), PRESETS["wan2.1-t2v-1.3b"].branches()):
+        expected = _rule(resample(ratios, 6), range(6), steps=6, **settings)
+        assert [d[-1] for d in result.cache_decisions["transformer"] if d[1] == context] == expected, context
+        assert True in expected and False in expected
