@@ -42,14 +42,28 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     return applied
 
 
+def schedule(decisions: list[tuple], steps: int) -> dict[str, str]:
+    """Per context, one mark per step: C every unit computed, S every unit skipped, p some of each
+    (a Pyramid Attention Broadcast step that reuses some attentions), . not this cache's step (the
+    other expert's, on Wan 2.2)."""
+    marks: dict[str, list[set[bool]]] = {}
+    for step, context, _, computed in decisions:
+        marks.setdefault(context, [set() for _ in range(steps)])[step].add(computed)
+    sign = {frozenset(): ".", frozenset({True}): "C", frozenset({False}): "S"}
+    return {context: "".join(sign.get(frozenset(seen), "p") for seen in per_step)
+            for context, per_step in sorted(marks.items())}
+
+
 def describe(caches: dict[str, Cache]) -> list[str]:
     """Summary lines: per expert and context, the units (forwards, attention calls) computed and
-    skipped, and the share of block or attention compute saved."""
+    skipped, the share of block or attention compute saved, and the skip schedule (`schedule`)."""
     lines = []
+    steps = 1 + max((d[0] for cache in caches.values() for d in cache.decisions), default=-1)
     for expert, cache in caches.items():
         counts = "; ".join(f"{context} {c['computed']} computed / {c['skipped']} skipped"
                            for context, c in cache.summary().items())
         prefix = f"{cache.name}" + (f" [{expert}]" if len(caches) > 1 else "")
+        marks = ", ".join(f"{context} {line}" for context, line in schedule(cache.decisions, steps).items())
         lines.append(f"{prefix}: {cache.unit}: {counts}; ~{cache.saved_fraction():.0%} of {cache.saves} "
-                     f"compute saved")
+                     f"compute saved; schedule {marks or '-'}")
     return lines

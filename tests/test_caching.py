@@ -211,3 +211,20 @@ def test_joint_cfg_lockstep_across_cfg_halves(family, layout):
         assert len(mine) == 1
         assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
         assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
+
+
+def test_summary_shows_the_skip_schedule():
+    """One mark per step and context: C computed, S skipped, p partly (PAB), . another expert's step."""
+    from unison.engine.caches import schedule
+
+    log = [(0, "cond", "blocks", True), (0, "uncond", "blocks", True), (1, "cond", "blocks", False),
+           (1, "uncond", "blocks", True), (2, "cond", "attn1", True), (2, "cond", "attn2", False),
+           (2, "uncond", "attn1", False), (2, "uncond", "attn2", False)]
+    assert schedule(log, 5) == {"cond": "CSp..", "uncond": "CCS.."}
+    # A real render's line: as many marks as steps, as many skips as the counts say.
+    result = Engine.from_config(_cached("wan", 32, CacheConfig(kind="fbcache", threshold=THRESHOLD["wan"]))).render()
+    line = next(line for line in result.cache_lines if line.startswith("fbcache"))
+    marks = dict(part.split() for part in line.split("; schedule ")[1].split(", "))
+    counts = {c: sum(not d[3] for d in result.cache_decisions["transformer"] if d[1] == c) for c in marks}
+    assert {c: len(m) for c, m in marks.items()} == {c: result.config.sampling.steps for c in marks}
+    assert {c: m.count("S") for c, m in marks.items()} == counts and sum(counts.values()) > 0
