@@ -62,6 +62,10 @@ class CacheConfig(metaclass=_ByKind):
         """Checks that need the whole config (not one field at a time, as `--set` builds it):
         ValueError, one line. Called before anything loads."""
 
+    def check_run(self, *, steps: int) -> None:
+        """Checks against the run the config is used for (its denoising steps): ValueError, one
+        line. Called before anything loads."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class NoCacheConfig(CacheConfig):

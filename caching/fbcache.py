@@ -71,10 +71,13 @@ class _State:
     prev_residual: torch.Tensor | None = None
     """The first block's residual at the last computed step."""
     head_output: object = None
+    """The deciding block's output, from the gate to the tail of the same forward (then None)."""
     tail_residual: tuple | None = None
     """(hidden, text or None): last block's output minus the first block's, at that step."""
     computing: bool = True
     skips_in_row: int = 0
+    skips: int = 0
+    """Skips this video (DBCache's max_cached_steps)."""
 
 
 def _hidden(output):
@@ -87,16 +90,24 @@ class FirstBlockCache(Cache):
     state_type = _State
 
     def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module] | None = None,
-                 pipeline: StageRunner | None = None, agreement: Agreement, valid_tokens: Callable[[], int | None]):
+                 pipeline: StageRunner | None = None, agreement: Agreement, valid_tokens: Callable[[], int | None],
+                 front: int = 1, back: int = 0):
+        """`front` blocks always run and the last of them decides (First-Block Cache: 1); `back`
+        blocks always run after the cached middle (0). DBCache (caching/dbcache.py) sets both."""
         total = pipeline.total_blocks if pipeline is not None else len(blocks)
-        if total < 2:
-            raise ValueError("First-Block Cache needs at least two transformer blocks")
+        if front < 1 or back < 0 or front + back >= total:
+            raise ValueError(f"{front} front and {back} back blocks leave no block to cache of the transformer's "
+                             f"{total}: front + back must be below {total}")
+        if pipeline is not None and (front, back) != (1, 0):
+            raise ValueError("under PipeFusion only the first block can decide (front 1, back 0)")
         if pipeline is not None and pipeline.gate is not None:
             raise RuntimeError("this PipeFusion stage already has a First-Block Cache")
         super().__init__(transformer)
         self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
-        self.blocks = total
+        self.blocks, self.front, self.back = total, front, back
         self.pipeline = pipeline
+        self._input: torch.Tensor | None = None
+        """The first block's input hidden states in this forward (front > 1: the residual's base)."""
         self.changes: list[tuple[int, str, float]] = []
         """(step, context, relative change) for every decision that measured one: to tune the threshold."""
         self._led: dict[int, bool] = {}
@@ -105,20 +116,27 @@ class FirstBlockCache(Cache):
         if pipeline is not None:  # the StageRunner calls decide / skipped / computed
             pipeline.gate = self
             return
-        self.wrap(blocks[0], self._head)
-        for block in blocks[1:-1]:
+        head, tail = front - 1, total - back - 1
+        if front > 1:
+            self.wrap(blocks[0], self._enter)
+        self.wrap(blocks[head], self._head)
+        for block in blocks[head + 1:tail]:
             self.wrap(block, self._middle)
-        self.wrap(blocks[-1], self._tail)
+        self.wrap(blocks[tail], self._tail)
 
     def remove(self) -> None:
         super().remove()
         if self.pipeline is not None:
             self.pipeline.gate = None
 
-    def _must_compute(self, state: _State) -> bool:
+    def _forced(self, state: _State) -> bool | None:
+        """A decision the rules take before any data is measured (the same on every rank: they
+        depend only on the step and the decision history); None: the change decides."""
         limit = self.config.max_consecutive_skips
-        return (state.prev_residual is None or self.step < self.config.warmup_steps
-                or (limit is not None and state.skips_in_row >= limit))
+        if (state.prev_residual is None or self.step < self.config.warmup_steps
+                or (limit is not None and state.skips_in_row >= limit)):
+            return True
+        return None
 
     def _change(self, residual: torch.Tensor, prev: torch.Tensor) -> float:
         rows = self.valid_tokens()
@@ -133,8 +151,9 @@ class FirstBlockCache(Cache):
         follower = self.config.joint_cfg and self.context != LEADER
         if follower and self.step in self._led:
             return self._led[self.step]
-        if self._must_compute(state):
-            return True
+        forced = self._forced(state)
+        if forced is not None:
+            return forced
         if follower:  # CFG parallel: the leading half's sums arrive; this half adds nothing
             zero = torch.zeros((), dtype=torch.float64, device=residual.device)
             return self.agreement.ratio(zero, zero) > self.config.threshold
@@ -156,12 +175,18 @@ class FirstBlockCache(Cache):
             state.prev_residual, state.skips_in_row = residual, 0
         else:
             state.skips_in_row += 1
+            state.skips += 1
         return compute
+
+    def _enter(self, original, *args, **kwargs):
+        self._input = args[0]
+        return original(*args, **kwargs)
 
     def _head(self, original, *args, **kwargs):
         output = original(*args, **kwargs)
         self._tuple_output = isinstance(output, tuple)
-        if self._gate(_hidden(output) - args[0]):
+        base, self._input = (self._input if self.front > 1 else args[0]), None
+        if self._gate(_hidden(output) - base):
             self.state(_State).head_output = output
             return output
         tail = self.state(_State).tail_residual
@@ -183,7 +208,7 @@ class FirstBlockCache(Cache):
 
     def computed(self, output: torch.Tensor) -> None:
         state = self.state(_State)
-        state.tail_residual = (output - state.head_output, None)
+        state.tail_residual, state.head_output = (output - state.head_output, None), None
 
     def reset(self) -> None:
         super().reset()
@@ -213,11 +238,12 @@ class FirstBlockCache(Cache):
             state.tail_residual = (output[0] - state.head_output[0], output[1] - state.head_output[1])
         else:
             state.tail_residual = (output - state.head_output, None)
+        state.head_output = None  # read only in this forward: not kept between steps, nor checkpointed
         return output
 
     def saved_fraction(self) -> float:
-        """Share of block calls not run (skipped forwards run 1 of `blocks` blocks)."""
-        return self.skipped_share() * (self.blocks - 1) / self.blocks
+        """Share of block calls not run (skipped forwards run the front and back blocks)."""
+        return self.skipped_share() * (self.blocks - self.front - self.back) / self.blocks
 
 
 def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group=None,

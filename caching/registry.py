@@ -7,6 +7,7 @@ entry (caching/base.py's `Kind`); adding one is a new module and one line below.
 | fbcache  | data-dependent  | fbcache.py  |
 | pab      | schedule-only   | pab.py      |
 | magcache | schedule-only   | magcache.py |
+| dbcache  | data-dependent  | dbcache.py  |
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import dataclasses
 
 import torch
 
-from unison.caching import fbcache, magcache, pab
+from unison.caching import dbcache, fbcache, magcache, pab
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
 
 NONE = "none"
-KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND)}
+KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND, dbcache.KIND)}
 """Every cache kind by name, in the order they are listed to users."""
 
 

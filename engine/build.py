@@ -234,11 +234,12 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
         raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
 
 
-def check_cache(c: CacheConfig, p: ParallelConfig) -> None:
-    """The cache kind's whole-config checks and the modes it supports, as UserErrors before
-    anything loads (each field was checked when the config was built)."""
+def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int) -> None:
+    """The cache kind's whole-config checks, those against the run (its steps) and the modes it
+    supports, as UserErrors before anything loads (each field was checked when the config was built)."""
     try:
         c.check_complete()
+        c.check_run(steps=steps)
     except ValueError as err:
         raise UserError(f"cache.{err}") from None
     pipefusion = p.patch > 1 and p.patch_mode == "pipefusion"
@@ -342,7 +343,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
                             else spec.displaced_patches):
         raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
-    check_cache(config.cache, p)
+    check_cache(config.cache, p, steps=sampling.steps)
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     if p.shard_weights and p.patch > 1:

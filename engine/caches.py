@@ -15,6 +15,7 @@ from __future__ import annotations
 from unison.caching import Cache, registry
 from unison.caching.base import CacheConfig, Site
 from unison.engine.models import ModelSpec
+from unison.errors import UserError
 
 
 def _site(transformer, spec: ModelSpec, name: str, runtime) -> Site:
@@ -36,7 +37,10 @@ def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dic
     applied = {}
     for name in spec.experts:
         transformer = getattr(pipe, name)
-        made = registry.apply(transformer, cache, _site(transformer, spec, name, runtime))
+        try:
+            made = registry.apply(transformer, cache, _site(transformer, spec, name, runtime))
+        except ValueError as err:  # what only the loaded model tells (its block count)
+            raise UserError(f"cache: {err}") from None
         if made is not None:
             applied[name] = made
     return applied

@@ -14,17 +14,26 @@ bit-identical to an uninterrupted render's:
   the timeout), cache (without verify), world size, torch and diffusers versions. Output paths and
   progress are not in it.
 
-Who writes what: every rank writes its own file, `rank{r}.step{s}.pt` (torch.save, written and
-verified by engine/writes.py's commit), because cache state is rank-local (First-Block Cache's
-residuals are per sequence shard); the latents and scheduler state, the same on every rank, are
-duplicated, which keeps each file self-sufficient. Rank 0 also writes `manifest.json` (fingerprint,
-step, world size; for people and tools, not read on resume). A rank keeps its last two
+Who writes what: each rank writes only what it alone holds, in its own file `rank{r}.step{s}.pt`
+(torch.save, written and verified by engine/writes.py's commit): its caches' state (rank-local:
+First-Block Cache's residuals are per sequence shard, a CFG half holds only its branch's context)
+and its RNG state. The latents and the scheduler's state are the same on every rank, so rank 0
+alone writes them, in its file; on resume rank 0 reads them and broadcasts them to the others
+(one broadcast over the engine's ranks), so no rank reads another's file and the folder may be
+node-local. Rank 0 also writes `manifest.json` (fingerprint, step, world size; for people and
+tools, not read on resume). Bytes per checkpoint: rank 0 latents + scheduler history + its cache
+state; every other rank its cache state (benchmarks/checkpoint_cost.py). A rank keeps its last two
 checkpoints, so that a kill between two ranks' renames still leaves a step every rank has: on
 resume the ranks agree (one all_gather of each rank's steps) on the latest step all of them hold.
 
-Not saved: displaced patch parallelism's stale K/V and PipeFusion's buffers. After a resume their
-buffers are empty, so the first step exchanges K/V synchronously (a warm-up step, as the first
-time a layer runs) and differs from the uninterrupted run's displaced step by that much.
+Not saved: displaced patch parallelism's stale K/V and PipeFusion's K/V buffers (every render
+starts with them empty). So the first step a resumed render computes is a warm-up step, as the
+first time a layer runs: displaced patches exchange K/V synchronously, PipeFusion passes the whole
+sequence through its stages as one patch; the steps after it are displaced or pipelined again. If
+that step is inside `parallel.patch_warmup_steps`, the uninterrupted render warmed up there too and
+the resumed one is bit-identical; past the warm-up it has one exact step more, and differs from the
+uninterrupted render by that step's worth of staleness (tests/test_checkpoint.py measures it: less
+than the uninterrupted render's own difference from an exact one).
 
 Resume (`output.resume`): `auto` continues from a checkpoint whose fingerprint matches and ignores
 one that does not with a one-line warning; `require` refuses (UserError, one line) to run without a
@@ -54,7 +63,7 @@ from unison.errors import UserError
 
 log = logging.getLogger("unison")
 
-FORMAT = 1
+FORMAT = 2
 KEEP = 2
 """Checkpoints each rank keeps (the latest and the one before it)."""
 _NAME = re.compile(r"rank(\d+)\.step(\d+)\.pt")
@@ -205,14 +214,22 @@ class Checkpoints:
             if step is not None and self.rank == 0:
                 log.warning("not resuming: %s; starting from step 0", problems[0])
             return None
-        load_scheduler_state(scheduler, data["scheduler"], device)
+        shared = self._from_rank0(data)
+        load_scheduler_state(scheduler, shared["scheduler"], device)
         for name, cache in caches.items():
             cache.load_state_dict(_map(data["caches"][name], lambda t: t.to(device)))
         load_rng_state(data["rng"])
         self.written = [step]
         if self.rank == 0:
             log.info("resuming from the checkpoint after step %d in %s", step, self.folder)
-        return Resumed(step=step, latents=data["latents"].to(device))
+        return Resumed(step=step, latents=shared["latents"].to(device))
+
+    def _from_rank0(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The latents and scheduler state rank 0 saved (in its file alone), on every rank."""
+        shared = [{"latents": data["latents"], "scheduler": data["scheduler"]} if self.rank == 0 else None]
+        if self.group is not None:
+            dist.broadcast_object_list(shared, group=self.group, group_src=0)
+        return shared[0]
 
     # -- save ---------------------------------------------------------------------------------
     def due(self, index: int, total: int) -> bool:
@@ -224,9 +241,10 @@ class Checkpoints:
         """Write the checkpoint after step `index` (this rank's file; rank 0 also the manifest)."""
         done = index + 1
         payload = {"format": FORMAT, "fingerprint": self.fingerprint, "step": done, "rank": self.rank,
-                   "world_size": self.world_size, "latents": _cpu(latents), "scheduler": scheduler_state(scheduler),
-                   "caches": {name: _cpu(cache.state_dict()) for name, cache in caches.items()},
-                   "rng": rng_state()}
+                   "world_size": self.world_size,
+                   "caches": {name: _cpu(cache.state_dict()) for name, cache in caches.items()}, "rng": rng_state()}
+        if self.rank == 0:  # the same on every rank: written once (restore broadcasts them)
+            payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler))
         writes = [torch_write(self._path(done), payload)]
         if self.rank == 0:
             manifest = {"fingerprint": self.fingerprint, "step": done, "world_size": self.world_size,

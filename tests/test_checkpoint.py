@@ -1,7 +1,10 @@
 """Step checkpoints (engine/checkpoint.py): a render interrupted after a checkpoint and rendered
 again continues from it, runs only the remaining steps and ends bit-identical to an uninterrupted
 render, on one rank and on two (Ulysses 2), with no cache, First-Block Cache and Pyramid Attention
-Broadcast (mixed skip schedules, which must match too); a checkpoint of another run is never resumed silently."""
+Broadcast (mixed skip schedules, which must match too); Wan 2.2's two experts resumed before, at
+and after the expert switch; HunyuanVideo with First-Block Cache on one rank and on Ring 2;
+PipeFusion, whose buffers are not saved, bit-identical when the resumed step is inside the warm-up
+and off by one extra warm-up step otherwise; a checkpoint of another run is never resumed silently."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from test_caching import PAB, _cached
+from test_caching import PAB, THRESHOLD, _cached
 from unison.engine.build import plan_run
 from unison.engine.checkpoint import Checkpoints, checkpoint_dir
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig
@@ -27,6 +30,9 @@ so the resume runs indices 4 and 5 again: one step lost."""
 # skips run across the checkpoint (skips in a row, the previous residual, the tail residual).
 FBCACHE = CacheConfig(kind="fbcache", threshold=0.125)
 CACHES = {"none": CacheConfig(), "fbcache": FBCACHE, "pab": PAB}
+# HunyuanVideo's tiny first block at 6 steps (one rank): skips cond at 1 and uncond at 1, 2, 3, so
+# the resume at step 4 follows a run of skips.
+HUNYUAN_FBCACHE = CacheConfig(kind="fbcache", threshold=0.3)
 
 
 class Interrupted(Exception):
@@ -40,33 +46,41 @@ def _stop_after(index: int):
     return on_step
 
 
-def _config(folder: Path, cache: CacheConfig, parallel: ParallelConfig = ParallelConfig(), *,
+def _config(folder: Path, cache: CacheConfig, parallel: ParallelConfig = ParallelConfig(), *, family: str = "wan",
             every: int = EVERY, resume: str = "auto", seed: int = 0, decode: bool = False) -> RunConfig:
-    config = _cached("wan", 48, cache, parallel, steps=STEPS)
+    config = _cached(family, 48, cache, parallel, steps=STEPS)
     return dataclasses.replace(
         config, sampling=dataclasses.replace(config.sampling, seed=seed),
         output=dataclasses.replace(config.output, path=str(folder / "video.mp4"), checkpoint_every=every,
                                    resume=resume, decode=decode))
 
 
-def _interrupt_and_resume(engine: Engine, config: RunConfig):
-    """Render `config` until the step after a checkpoint, then again: the resumed result, and the
-    transformer forwards the resumed render ran."""
+def _interrupt_and_resume(engine: Engine, config: RunConfig, *, stop: int = STOP):
+    """Render `config` until step `stop` has run, then again: the resumed result, and the
+    forwards of every expert transformer the resumed render ran."""
     with pytest.raises(Interrupted):
-        engine.render(config, on_step=_stop_after(STOP))
+        engine.render(config, on_step=_stop_after(stop))
     forwards = []
-    hook = engine.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    hooks = [getattr(engine.pipe, name).register_forward_pre_hook(lambda *_: forwards.append(1))
+             for name in engine.plan.spec.experts]
     try:
         result = engine.render(config)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return result, len(forwards)
 
 
-def _check_resumed(result, forwards: int, reference) -> None:
-    assert [r.index for r in result.loop.steps] == list(range(STOP - STOP % EVERY, STEPS))
-    assert result.loop.resumed_from_step == STOP - STOP % EVERY and reference.loop.resumed_from_step is None
-    assert forwards == 2 * (STEPS - STOP + STOP % EVERY)  # cond and uncond per remaining step
+def _resumed_from(stop: int, every: int) -> int:
+    """The step a render interrupted after step `stop` resumes from: the last checkpoint written."""
+    return (stop + 1) // every * every
+
+
+def _check_resumed(result, forwards: int, reference, *, stop: int = STOP, every: int = EVERY) -> None:
+    start = _resumed_from(stop, every)
+    assert [r.index for r in result.loop.steps] == list(range(start, STEPS))
+    assert result.loop.resumed_from_step == start and reference.loop.resumed_from_step is None
+    assert forwards == 2 * (STEPS - start)  # cond and uncond per remaining step
     assert torch.equal(result.latents, reference.latents)
     assert result.cache_decisions == reference.cache_decisions
 
@@ -100,7 +114,7 @@ def _ranks(rank, world, folder, parallel, patch):
     engine = Engine.from_config(_config(Path(folder) / "patch", CacheConfig(), patch, every=0), world_size=world)
     reference = engine.render()
     result, _ = _interrupt_and_resume(engine, _config(Path(folder) / "patch", CacheConfig(), patch))
-    assert [r.index for r in result.loop.steps] == list(range(STOP - STOP % EVERY, STEPS))
+    assert [r.index for r in result.loop.steps] == list(range(_resumed_from(STOP, EVERY), STEPS))
     out["patch"] = ((result.latents - reference.latents).norm() / reference.latents.norm()).item()
     return out
 
@@ -141,3 +155,114 @@ def test_other_run_is_refused_or_ignored_and_video_clears_the_folder(tmp_path, c
         plan_run(_config(tmp_path, CacheConfig(), every=-1))
     # Removing is safe when another rank has already removed the folder.
     Checkpoints.create(_config(tmp_path / "gone", CacheConfig()), rank=1, world_size=2, group=None).remove()
+
+
+def test_wan22_resumes_before_at_and_after_the_expert_switch(tmp_path):
+    """Wan 2.2's high-noise expert runs steps 0-1, the low-noise one 2-5, each with its own
+    First-Block Cache. With a checkpoint after every step, interrupted after step 0, 1 or 2, the
+    render resumes before the switch (step 1), at it (step 2) and after it (step 3): the same
+    experts run the remaining steps, with the same cache decisions, and the latents are equal."""
+    cache = CacheConfig(kind="fbcache", threshold=THRESHOLD["wan2.2"])
+    engine = Engine.from_config(_config(tmp_path, CacheConfig(), family="wan2.2", every=0))
+    reference = engine.render(_config(tmp_path / "reference", cache, family="wan2.2", every=0))
+    experts = [r.expert for r in reference.loop.steps]
+    assert experts == ["transformer"] * 2 + ["transformer_2"] * 4
+    assert False in [d[-1] for d in reference.cache_decisions["transformer_2"]]  # the low-noise expert skips
+    for stop in (0, 1, 2):
+        result, forwards = _interrupt_and_resume(engine, _config(tmp_path / f"stop{stop}", cache, family="wan2.2",
+                                                                 every=1), stop=stop)
+        _check_resumed(result, forwards, reference, stop=stop, every=1)
+        assert [r.expert for r in result.loop.steps] == experts[stop + 1:]
+
+
+def _resume_hunyuan(folder: Path, parallel: ParallelConfig, world: int):
+    """HunyuanVideo (true CFG, joint text attention) with First-Block Cache: uninterrupted, then
+    interrupted and resumed; checked against each other."""
+    engine = Engine.from_config(_config(folder, HUNYUAN_FBCACHE, parallel, family="hunyuanvideo", every=0),
+                                world_size=world)
+    reference = engine.render()
+    flags = [d[-1] for d in reference.cache_decisions["transformer"]]
+    assert True in flags and False in flags
+    result, forwards = _interrupt_and_resume(engine, _config(folder, HUNYUAN_FBCACHE, parallel,
+                                                             family="hunyuanvideo"))
+    _check_resumed(result, forwards, reference)
+    assert not checkpoint_dir(engine.plan.config.output).exists()
+    return result.latents, result.cache_decisions
+
+
+def test_hunyuanvideo_fbcache_one_rank_resume_is_bit_identical(tmp_path):
+    _resume_hunyuan(tmp_path, ParallelConfig(), 1)
+
+
+PIPEFUSION_WARMUPS = (1, STOP + 1)
+"""Warm-up 1: the resumed step 4 is past it. Warm-up 5: step 4 is inside it, step 5 is pipelined."""
+
+
+def _pipefusion(warmup: int) -> ParallelConfig:
+    return ParallelConfig(patch=2, patch_mode="pipefusion", patch_warmup_steps=warmup, timeout_s=60)
+
+
+def _two_rank_cases(rank, world, folder):
+    """HunyuanVideo with First-Block Cache on Ring 2; Wan with PipeFusion on 2 stages for each
+    warm-up and with displaced patches resumed inside the warm-up: (uninterrupted, resumed)
+    latents, and the resumed render's collective calls."""
+    folder = Path(folder)
+    out = {"hunyuan": _resume_hunyuan(folder / "hunyuan", ParallelConfig(ring=2, timeout_s=60), world)}
+    layouts = {**{warmup: _pipefusion(warmup) for warmup in PIPEFUSION_WARMUPS},
+               "displaced": ParallelConfig(patch=2, patch_warmup_steps=STOP + 1, timeout_s=60)}
+    for key, parallel in layouts.items():
+        sub = folder / str(key)
+        engine = Engine.from_config(_config(sub, CacheConfig(), parallel, every=0), world_size=world)
+        reference = engine.render()
+        result, _ = _interrupt_and_resume(engine, _config(sub, CacheConfig(), parallel))
+        assert result.loop.resumed_from_step == _resumed_from(STOP, EVERY)
+        out[key] = (reference.latents, result.latents, result.comm_calls)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every two-rank case below in one call of the rank pool."""
+    return run_ranks(2, _two_rank_cases, str(tmp_path_factory.mktemp("two_ranks")))
+
+
+def test_hunyuanvideo_fbcache_ring2_resume_is_bit_identical(two_ranks):
+    (latents, decisions), (other, other_decisions) = (out["hunyuan"] for out in two_ranks)
+    assert torch.equal(latents, other) and decisions == other_decisions
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_pipefusion_resume_rewarms_its_buffers(two_ranks, tmp_path):
+    """PipeFusion's K/V buffers are not saved: the resumed render's first step (4) passes the
+    whole sequence as one patch (stage 0 sends once per branch, not twice), then step 5 is
+    pipelined again (two patches per branch): 2 + 4 sends. Inside the warm-up that is what the
+    uninterrupted render did, so the result is bit-identical; past it, the resumed render has one
+    exact step more than the uninterrupted one and differs by less than the uninterrupted
+    render's own approximation error."""
+    exact = Engine.from_config(_config(tmp_path, CacheConfig(), every=0)).render().latents
+    for rank, out in enumerate(two_ranks):
+        for warmup in PIPEFUSION_WARMUPS:
+            assert out[warmup][2].get("p2p", 0) == (2 + 4 if rank == 0 else 0)  # the last stage sends nothing
+        reference, resumed, _ = out[STOP + 1]
+        assert torch.equal(resumed, reference)
+        reference, resumed, _ = out[1]
+        change, approximation = _rel(resumed, reference), _rel(reference, exact)
+        print(f"PipeFusion warm-up 1, resumed at step 4: {change:.2e} from the uninterrupted render, "
+              f"whose error is {approximation:.2e} (resumed: {_rel(resumed, exact):.2e})")
+        assert 0 < change < approximation
+    assert torch.equal(two_ranks[0][1][1], two_ranks[1][1][1])
+
+
+def test_displaced_patches_resumed_inside_the_warmup_are_bit_identical(two_ranks):
+    """Displaced patches, warm-up 5, resumed at step 4: the first resumed step exchanges K/V
+    synchronously, as the uninterrupted render did there, so step 5's stale K/V are the same.
+    Per branch and layer (3), the synchronous step 4 all-gathers K and V (6 calls), step 5
+    starts their asynchronous all-gather for a next step (6); every forward (2 per step) also
+    all-gathers the output's sequence shards."""
+    for out in two_ranks:
+        reference, resumed, calls = out["displaced"]
+        assert torch.equal(resumed, reference)
+        assert calls == {"all_gather": 2 * 3 * 2 + 2 * 2, "all_gather_async": 2 * 3 * 2}

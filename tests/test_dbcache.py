@@ -1,0 +1,103 @@
+"""DBCache (caching/dbcache.py): First-Block Cache with Fn front and Bn back blocks, its gates,
+and its bad input. The shared battery (tests/test_cache_battery.py) covers the rest: never-skip
+equals no cache, reset, resume, lockstep under every layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_cache_battery import _cached
+from unison.engine.config import CacheConfig
+from unison.engine.render import Engine
+from unison.launch.cli import main
+
+
+def _render(family: str, cache: CacheConfig, blocks_run: list | None = None):
+    engine = Engine.from_config(_cached(family, cache))
+    transformer = engine.pipe.transformer
+    blocks = [b for attr in engine.plan.spec.block_lists for b in getattr(transformer, attr)]
+    if blocks_run is not None:
+        # An independent count of the blocks that really run: torch's hooks on their layers (a
+        # block's own hooks fire even when the cache returns without running it).
+        def ran(index):
+            def hook(module, args):
+                if not blocks_run or blocks_run[-1] != index:
+                    blocks_run.append(index)
+            return hook
+
+        for index, block in enumerate(blocks):
+            for layer in block.children():
+                layer.register_forward_pre_hook(ran(index))
+    return engine.render(), len(blocks)
+
+
+def _flags(result, context: str) -> list[bool]:
+    return [d[-1] for d in result.cache_decisions["transformer"] if d[1] == context]
+
+
+def test_fbcache_is_dbcache_with_one_front_block_and_none_at_the_back():
+    fb, _ = _render("wan", CacheConfig(kind="fbcache", threshold=0.115))
+    db, _ = _render("wan", CacheConfig(kind="dbcache", threshold=0.115, front_blocks=1, back_blocks=0))
+    assert fb.cache_decisions == db.cache_decisions and {False, True} <= set(_flags(db, "cond") + _flags(db, "uncond"))
+    assert torch.equal(fb.latents, db.latents)
+
+
+@pytest.mark.parametrize("family, front, back", [("wan", 1, 1), ("wan", 2, 0), ("hunyuanvideo", 2, 1)])
+def test_skipped_forwards_run_the_front_and_back_blocks_only(family, front, back):
+    """Counted with forward hooks: a computed forward runs every block, a skipped one the first
+    Fn and the last Bn; the summary's saved share is the counted share."""
+    ran: list[int] = []
+    result, total = _render(family, CacheConfig(kind="dbcache", threshold=1e9, front_blocks=front, back_blocks=back,
+                                                max_consecutive_skips=1), ran)
+    decisions = [d[-1] for d in result.cache_decisions["transformer"]]
+    assert decisions.count(False) > 0
+    expected = [i for computed in decisions for i in range(total) if computed or i < front or i >= total - back]
+    assert ran == expected
+    saved = 1 - len(ran) / (len(decisions) * total)
+    line = next(line for line in result.cache_lines if line.startswith("dbcache"))
+    assert f"~{saved:.0%} of block compute saved" in line
+
+
+def test_gates_max_cached_steps_and_the_step_mask():
+    # A threshold every change passes: without gates every step after the first would skip.
+    cap, _ = _render("wan", CacheConfig(kind="dbcache", threshold=1e9, max_cached_steps=1))
+    assert _flags(cap, "cond") == _flags(cap, "uncond") == [True, False, True, True]
+    mask, _ = _render("wan", CacheConfig(kind="dbcache", threshold=1e9, step_mask=(1, 0, 1, 0)))
+    assert _flags(mask, "cond") == [True, False, True, False]
+    # static: a 0 step skips whatever the change (threshold 0 would compute every step).
+    static, _ = _render("wan", CacheConfig(kind="dbcache", threshold=0.0, step_mask=(1, 0, 0, 1), mask_policy="static"))
+    assert _flags(static, "cond") == _flags(static, "uncond") == [True, False, False, True]
+    dynamic, _ = _render("wan", CacheConfig(kind="dbcache", threshold=0.0, step_mask=(1, 0, 0, 1)))
+    assert _flags(dynamic, "cond") == [True] * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "cache.front_blocks=0"], "cache.front_blocks must be at least 1, got 0"),
+    (["--set", "cache.back_blocks=-1"], "cache.back_blocks must be at least 0, got -1"),
+    (["--set", "cache.step_mask=[1, 2]"], "cache.step_mask must be a list of 0 and 1"),
+    (["--set", "cache.step_mask=[1, 0, 1]"], "cache.step_mask has 3 entries but the run has 4 steps"),
+    (["--set", "cache.mask_policy=always"], "cache.mask_policy: expected 'dynamic' | 'static', got str 'always'"),
+    (["--set", "cache.max_cached_steps=-2"], "cache.max_cached_steps must be at least 0"),
+    (["--set", "cache.front_blocks=2", "--set", "cache.back_blocks=1"],
+     "cache: 2 front and 1 back blocks leave no block to cache of the transformer's 3: front + back must be below 3"),
+])
+def test_bad_dbcache_settings_are_one_line(tmp_path, capsys, args, message):
+    code = main(["--steps", "4", "--cache", "dbcache", "--output", str(tmp_path / "v.mp4"),
+                 "--set", "output.progress=false", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), err[-3:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_dbcache_under_pipefusion_is_refused_before_loading():
+    import dataclasses
+
+    from unison.engine.build import plan_run
+    from unison.engine.config import ParallelConfig
+    from unison.errors import UserError
+
+    config = dataclasses.replace(_cached("wan", CacheConfig(kind="dbcache")),
+                                 parallel=ParallelConfig(patch=2, patch_mode="pipefusion"))
+    with pytest.raises(UserError, match="DBCache under PipeFusion is not supported: use cache.kind=fbcache"):
+        plan_run(config, world_size=2)
