@@ -109,6 +109,13 @@ def test_one_rank_resume_is_bit_identical(tmp_path):
 
 def _ranks(rank, world, folder, parallel, patch):
     out = _resume_every_cache(Path(folder), parallel, world)
+    # Who writes what: what this rank's file holds (rank 0 alone saves the latents and scheduler).
+    layout = _config(Path(folder) / "layout", CACHES["fbcache"], parallel)
+    with pytest.raises(Interrupted):
+        Engine.from_config(layout, world_size=world).render(on_step=_stop_after(STOP))
+    saved = torch.load(checkpoint_dir(layout.output) / f"rank{rank}.step{_resumed_from(STOP, EVERY)}.pt",
+                       weights_only=True)
+    out["keys"] = sorted(saved)
     # Displaced patches: stale K/V are not saved, so the resumed render's first step exchanges
     # them synchronously (exact) where the uninterrupted one used one-step-stale K/V.
     engine = Engine.from_config(_config(Path(folder) / "patch", CacheConfig(), patch, every=0), world_size=world)
@@ -127,6 +134,10 @@ def test_two_ranks_resume_is_bit_identical_and_displaced_patches_rewarm(tmp_path
     for name in CACHES:
         assert torch.equal(results[0][name][0], results[1][name][0])
         assert results[0][name][1] == results[1][name][1]
+    # Rank 1 resumed bit-identically above from a file without latents or scheduler state: rank 0
+    # read them from its own file and broadcast them.
+    common = ["caches", "fingerprint", "format", "rank", "rng", "step", "world_size"]
+    assert results[0]["keys"] == sorted(common + ["latents", "scheduler"]) and results[1]["keys"] == common
     for name in (*CACHES, "patch"):  # every rank's files and the folder are gone
         assert not checkpoint_dir(_config(tmp_path / name, CacheConfig()).output).exists()
 
@@ -186,12 +197,12 @@ def _resume_hunyuan(folder: Path, parallel: ParallelConfig, world: int):
     result, forwards = _interrupt_and_resume(engine, _config(folder, HUNYUAN_FBCACHE, parallel,
                                                              family="hunyuanvideo"))
     _check_resumed(result, forwards, reference)
-    assert not checkpoint_dir(engine.plan.config.output).exists()
     return result.latents, result.cache_decisions
 
 
 def test_hunyuanvideo_fbcache_one_rank_resume_is_bit_identical(tmp_path):
     _resume_hunyuan(tmp_path, ParallelConfig(), 1)
+    assert not list(tmp_path.glob("*.ckpt"))  # removed once the video is done
 
 
 PIPEFUSION_WARMUPS = (1, STOP + 1)
@@ -222,13 +233,17 @@ def _two_rank_cases(rank, world, folder):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Every two-rank case below in one call of the rank pool."""
-    return run_ranks(2, _two_rank_cases, str(tmp_path_factory.mktemp("two_ranks")))
+    """Every two-rank case below in one call of the rank pool; and the folder they rendered in."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    return run_ranks(2, _two_rank_cases, str(folder)), folder
 
 
 def test_hunyuanvideo_fbcache_ring2_resume_is_bit_identical(two_ranks):
-    (latents, decisions), (other, other_decisions) = (out["hunyuan"] for out in two_ranks)
+    results, folder = two_ranks
+    (latents, decisions), (other, other_decisions) = (out["hunyuan"] for out in results)
     assert torch.equal(latents, other) and decisions == other_decisions
+    # Once both ranks are done (each removes its own files after the video), no checkpoint is left.
+    assert not list((folder / "hunyuan").glob("*.ckpt"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -242,8 +257,9 @@ def test_pipefusion_resume_rewarms_its_buffers(two_ranks, tmp_path):
     uninterrupted render did, so the result is bit-identical; past it, the resumed render has one
     exact step more than the uninterrupted one and differs by less than the uninterrupted
     render's own approximation error."""
+    results, _ = two_ranks
     exact = Engine.from_config(_config(tmp_path, CacheConfig(), every=0)).render().latents
-    for rank, out in enumerate(two_ranks):
+    for rank, out in enumerate(results):
         for warmup in PIPEFUSION_WARMUPS:
             assert out[warmup][2].get("p2p", 0) == (2 + 4 if rank == 0 else 0)  # the last stage sends nothing
         reference, resumed, _ = out[STOP + 1]
@@ -253,7 +269,7 @@ def test_pipefusion_resume_rewarms_its_buffers(two_ranks, tmp_path):
         print(f"PipeFusion warm-up 1, resumed at step 4: {change:.2e} from the uninterrupted render, "
               f"whose error is {approximation:.2e} (resumed: {_rel(resumed, exact):.2e})")
         assert 0 < change < approximation
-    assert torch.equal(two_ranks[0][1][1], two_ranks[1][1][1])
+    assert torch.equal(results[0][1][1], results[1][1][1])
 
 
 def test_displaced_patches_resumed_inside_the_warmup_are_bit_identical(two_ranks):
@@ -262,7 +278,8 @@ def test_displaced_patches_resumed_inside_the_warmup_are_bit_identical(two_ranks
     Per branch and layer (3), the synchronous step 4 all-gathers K and V (6 calls), step 5
     starts their asynchronous all-gather for a next step (6); every forward (2 per step) also
     all-gathers the output's sequence shards."""
-    for out in two_ranks:
+    results, _ = two_ranks
+    for out in results:
         reference, resumed, calls = out["displaced"]
         assert torch.equal(resumed, reference)
         assert calls == {"all_gather": 2 * 3 * 2 + 2 * 2, "all_gather_async": 2 * 3 * 2}
