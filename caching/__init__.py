@@ -1,5 +1,5 @@
 """Step caches whose decisions ranks agree on: First-Block Cache, Pyramid Attention Broadcast,
-MagCache. Each kind is one module; caching/registry.py is where the engine finds them."""
+MagCache, TeaCache. Each kind is one module; caching/registry.py is where the engine finds them."""
 
 from unison.caching.agree import Agreement, CacheDisagreement
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
@@ -7,9 +7,10 @@ from unison.caching.fbcache import FirstBlockCache, FirstBlockCacheConfig, apply
 from unison.caching.magcache import MagCache, MagCacheConfig, apply_mag_cache
 from unison.caching.pab import (PyramidAttentionBroadcast, PyramidAttentionBroadcastConfig,
                                 apply_pyramid_attention_broadcast)
+from unison.caching.teacache import TeaCache, TeaCacheConfig, apply_teacache
 from unison.caching import registry
 
 __all__ = ["Agreement", "Cache", "CacheConfig", "CacheDisagreement", "FirstBlockCache", "FirstBlockCacheConfig",
            "Kind", "MagCache", "MagCacheConfig", "NoCacheConfig", "PyramidAttentionBroadcast",
-           "PyramidAttentionBroadcastConfig", "Site", "apply_first_block_cache", "apply_mag_cache",
-           "apply_pyramid_attention_broadcast", "registry"]
+           "PyramidAttentionBroadcastConfig", "Site", "TeaCache", "TeaCacheConfig", "apply_first_block_cache",
+           "apply_mag_cache", "apply_pyramid_attention_broadcast", "apply_teacache", "registry"]

@@ -2,12 +2,15 @@
 look a cache up. A kind is one module of caching/ with its config class, `apply_…` and a `KIND`
 entry (caching/base.py's `Kind`); adding one is a new module and one line below.
 
-| kind     | decisions       | module      |
-|----------|-----------------|-------------|
-| fbcache  | data-dependent  | fbcache.py  |
-| pab      | schedule-only   | pab.py      |
-| magcache | schedule-only   | magcache.py |
-| dbcache  | data-dependent  | dbcache.py  |
+| kind     | decisions                                                       | module      |
+|----------|-----------------------------------------------------------------|-------------|
+| fbcache  | data-dependent                                                  | fbcache.py  |
+| pab      | schedule-only                                                   | pab.py      |
+| magcache | schedule-only                                                   | magcache.py |
+| teacache | by model: schedule-only on Wan 2.1 / 2.2 A14B (the indicator is | teacache.py |
+|          | the timestep modulation); data-dependent on HunyuanVideo and    |             |
+|          | Wan 2.2 TI2V-5B (the indicator is split with the tokens)        |             |
+| dbcache  | data-dependent (a static step mask's skips: schedule-only)      | dbcache.py  |
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import dataclasses
 
 import torch
 
-from unison.caching import dbcache, fbcache, magcache, pab
+from unison.caching import dbcache, fbcache, magcache, pab, teacache
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
 
 NONE = "none"
-KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND, dbcache.KIND)}
+KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND, teacache.KIND,
+                                                               dbcache.KIND)}
 """Every cache kind by name, in the order they are listed to users."""
 
 

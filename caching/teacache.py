@@ -1,0 +1,325 @@
+"""TeaCache (Liu et al., CVPR'25): skip the whole block stack while the accumulated, rescaled change
+of a cheap timestep-conditioned indicator stays small, reusing the stack's last residual.
+
+At each forward of a branch (cache context), with m the indicator and m' its value at the
+branch's previous forward:
+
+    rel     = Σ|m − m'| / Σ|m'|                  (the relative L1 change; means, as sums)
+    acc    += poly(rel)                           poly: the model's fitted polynomial, highest power first
+    skip  iff  acc < threshold    otherwise compute, and acc = 0
+
+m' is updated at every forward, computed or skipped; a skipped forward returns its input plus the
+residual (last block's output − first block's input) of the branch's last computed forward. The
+first `warmup_steps` steps, the last step when `compute_last` is on, and a step after
+`max_consecutive_skips` skips in a row compute (acc = 0, nothing measured). That is the rule of
+TeaCache's own Wan 2.1 and HunyuanVideo code (strict `<`, accumulator reset on compute, the
+indicator compared with the previous call's, not the last computed one's); the published
+coefficients and boundary steps are the presets below.
+
+The indicator, per model (the first block's type decides; `_INDICATORS`):
+- Wan: the first block's timestep modulation input, diffusers' `timestep_proj` (TeaCache's Wan e0,
+  its "retention steps" mode, which the Wan presets' coefficients were fitted on).
+- HunyuanVideo: the first dual-stream block's modulated, normed image tokens,
+  norm1(x)·(1 + scale) + shift, computed once more before the block (as TeaCache does).
+
+Decisions:
+- schedule-only on Wan 2.1 and Wan 2.2 A14B: the modulation depends only on the timestep, so
+  every rank holds the same tensor and computes the same change with no message (a test counts
+  the collectives under Ulysses 2);
+- data-dependent on HunyuanVideo and Wan 2.2 TI2V-5B (one timestep per token, so the modulation is
+  split with the tokens): both sums, over this rank's real tokens, are added over the ranks that
+  share the blocks by `Agreement.ratio` (one float64 all-reduce) before anyone branches, so N ranks
+  decide as one rank does over the whole sequence. TeaCache's own multi-GPU HunyuanVideo code
+  takes the mean of each rank's shard, which lets ranks disagree.
+`Cache.decides` says which, once the first forward has shown the indicator. Under sequence
+parallelism each rank keeps the residual of its own shard. Not under PipeFusion (the first block
+lives on one stage; the gate protocol First-Block Cache uses would be needed).
+
+| preset | coefficients (TeaCache @7c10efc4) | warm-up | last step | thresholds (README) |
+|---|---|---|---|---|
+| wan2.1-t2v-1.3b | teacache_generate.py L880-894, retention mode | 5 | may skip | 0.05, 0.10 |
+| wan2.1-t2v-14b | same place | 5 | may skip | 0.10, 0.20 |
+| wan2.1-i2v-14b-480p | L964-978, retention mode | 5 | may skip | 0.20, 0.30 |
+| wan2.1-i2v-14b-720p | same place | 5 | may skip | 0.20, 0.30 |
+| hunyuanvideo | teacache_sample_video.py L80-113 | 1 | computes | 0.10, 0.15 |
+
+TeaCache's other Wan mode (the time embedding before its projection, with other coefficients) and
+LightX2V's TI2V-5B fit (also on that embedding) read a tensor the blocks never see, so they are not
+presets here; Wan 2.2 A14B has no published coefficients. Such models take `coefficients`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from unison.caching.agree import Agreement
+from unison.caching.base import Cache, CacheConfig, Kind, Site
+
+
+@dataclass(frozen=True)
+class Published:
+    coefficients: tuple[float, ...]
+    """The rescaling polynomial, highest power first (numpy's poly1d order)."""
+    warmup_steps: int
+    """Steps that always compute first (TeaCache's ret_steps / 2: it counts cond and uncond calls)."""
+    compute_last: bool
+    """The last step always computes (TeaCache's cutoff_steps)."""
+    source: str
+
+
+PRESETS: dict[str, Published] = {
+    "wan2.1-t2v-1.3b": Published(
+        (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02), 5, False,
+        "TeaCache4Wan2.1/teacache_generate.py L880-894, T2V 1.3B, use_ret_steps"),
+    "wan2.1-t2v-14b": Published(
+        (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01), 5, False,
+        "TeaCache4Wan2.1/teacache_generate.py L880-894, T2V 14B, use_ret_steps"),
+    "wan2.1-i2v-14b-480p": Published(
+        (2.57151496e+05, -3.54229917e+04, 1.40286849e+03, -1.35890334e+01, 1.32517977e-01), 5, False,
+        "TeaCache4Wan2.1/teacache_generate.py L964-978, I2V 480P, use_ret_steps"),
+    "wan2.1-i2v-14b-720p": Published(
+        (8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02), 5, False,
+        "TeaCache4Wan2.1/teacache_generate.py L964-978, I2V 720P, use_ret_steps"),
+    "hunyuanvideo": Published(
+        (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02), 1, True,
+        "TeaCache4HunyuanVideo/teacache_sample_video.py L80-113"),
+}
+"""The official coefficients, in the mode whose indicator unison reads (see the module docstring)."""
+
+DEGREES = (4, 5)
+"""Polynomial degrees taken: TeaCache's fits are 4th degree; LightX2V's TI2V-5B fit is 5th."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeaCacheConfig(CacheConfig):
+    kind: str = field(default="teacache", init=False)
+    """teacache."""
+    threshold: float = 0.1
+    """Skip while the accumulated rescaled change of the indicator is below this (TeaCache's
+    rel_l1_thresh; per model in the presets' table: higher is faster and further from the
+    uncached video)."""
+    preset: str | None = None
+    """The published coefficients and boundary steps of a model: wan2.1-t2v-1.3b, wan2.1-t2v-14b,
+    wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, hunyuanvideo."""
+    coefficients: tuple[float, ...] | None = None
+    """Instead of a preset: the rescaling polynomial, highest power first, 5 values (4th degree)
+    or 6 (5th)."""
+    warmup_steps: int | None = None
+    """The first steps always compute (null: the preset's, 5 for Wan and 1 for HunyuanVideo;
+    1 without a preset)."""
+    compute_last: bool | None = None
+    """The last step always computes (null: the preset's, off for Wan and on for HunyuanVideo;
+    on without a preset)."""
+    max_consecutive_skips: int | None = None
+    """After this many skips in a row, compute (None: no limit, as published)."""
+
+    def __post_init__(self):
+        if self.coefficients is not None:  # a list from Python code or YAML: frozen, comparable
+            object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        super().__post_init__()
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset is not None and self.coefficients is not None:
+            raise ValueError("preset and coefficients both given: give one")
+        if self.coefficients is not None and len(self.coefficients) - 1 not in DEGREES:
+            raise ValueError(f"coefficients needs 5 values (a 4th-degree polynomial, highest power first) or 6 "
+                             f"(5th degree), got {len(self.coefficients)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0 (or null), got {self.warmup_steps}")
+        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be at least 1 (or null), got {self.max_consecutive_skips}")
+
+    def check_complete(self) -> None:
+        if self.preset is None and self.coefficients is None:
+            raise ValueError(f"coefficients must be given: TeaCache needs this model's rescaling polynomial; set "
+                             f"cache.preset (one of {', '.join(PRESETS)}) or cache.coefficients")
+
+    def resolved(self) -> Published:
+        """The coefficients and boundary steps this config means (a preset's, overridden by the fields set)."""
+        self.check_complete()
+        base = PRESETS[self.preset] if self.preset is not None else Published(self.coefficients, 1, True, "given")
+        return Published(base.coefficients,
+                         base.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+                         base.compute_last if self.compute_last is None else self.compute_last, base.source)
+
+
+def rescale(coefficients: tuple[float, ...], x: float) -> float:
+    """The polynomial at x (Horner, float64)."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+# -- the indicator per model --------------------------------------------------------------------
+Indicator = Callable[[torch.nn.Module, tuple, dict], tuple[torch.Tensor, bool]]
+"""(first block, its args, its kwargs) -> (indicator, whether it is split with the tokens)."""
+
+
+def _wan(block, args, kwargs):
+    modulation = kwargs["temb"] if "temb" in kwargs else args[2]
+    return modulation, modulation.ndim == 4  # (B, 6, D); TI2V-5B: (B, tokens, 6, D)
+
+
+def _hunyuan(block, args, kwargs):
+    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    return block.norm1(args[0], emb=temb)[0], True
+
+
+def _indicators() -> list[tuple[type, Indicator, bool]]:
+    """(diffusers block class, indicator, whether the block returns (hidden, text))."""
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformerBlock
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    return [(WanTransformerBlock, _wan, False), (HunyuanVideoTransformerBlock, _hunyuan, True)]
+
+
+def indicator_for(block: torch.nn.Module) -> tuple[Indicator, bool]:
+    for cls, read, tuple_output in _indicators():
+        if isinstance(block, cls):  # compiled blocks are subclasses (engine/compile.py)
+            return read, tuple_output
+    raise ValueError(f"TeaCache has no indicator for {type(block).__name__} blocks (it knows Wan's and "
+                     f"HunyuanVideo's)")
+
+
+_LOCAL = Agreement()
+"""This rank alone: the ratio of a whole (replicated) indicator, with no collective."""
+
+
+@dataclass
+class _State:
+    previous: object = None
+    """The indicator at this branch's previous forward (this rank's real tokens where split)."""
+    accumulated: float = 0.0
+    """Σ poly(rel) since the last computed forward."""
+    skips_in_row: int = 0
+    residual: object = None
+    """The block stack's residual (hidden states only) at the last computed forward."""
+    head_input: object = None
+    computing: bool = True
+
+
+class TeaCache(Cache):
+    name = "teacache"
+    decides = "schedule-only"
+    """Until the first forward shows a per-token indicator (then data-dependent)."""
+    state_type = _State
+
+    def __init__(self, transformer, config: TeaCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement,
+                 valid_tokens: Callable[[], int | None] = lambda: None):
+        if not blocks:
+            raise ValueError("TeaCache needs the transformer's blocks")
+        self.indicator, self._tuple_output = indicator_for(blocks[0])
+        super().__init__(transformer)
+        self.head = blocks[0]
+        self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
+        self.published = config.resolved()
+        self.changes: list[tuple[int, str, float, float]] = []
+        """(step, context, relative change, accumulated after it) per measured forward: to tune the threshold."""
+        self.wrap(blocks[0], self._head)
+        for block in blocks[1:-1]:
+            self.wrap(block, self._middle)
+        if len(blocks) > 1:
+            self.wrap(blocks[-1], self._tail)
+
+    def reset(self) -> None:
+        super().reset()
+        self.changes = []
+
+    def extra_state(self) -> dict:
+        return {"changes": list(self.changes)}
+
+    def load_extra_state(self, data: dict) -> None:
+        self.changes = list(data["changes"])
+
+    def _forced(self, state: _State) -> bool:
+        """Compute whatever the indicator says: a rule of the step history alone, so every rank
+        of the agreement group reaches it alike (and skips the collective alike)."""
+        limit, last = self.config.max_consecutive_skips, self.steps is not None and self.step == self.steps - 1
+        return (state.previous is None or state.residual is None or self.step < self.published.warmup_steps
+                or (self.published.compute_last and last) or (limit is not None and state.skips_in_row >= limit))
+
+    def _change(self, current: torch.Tensor, previous: torch.Tensor, split: bool) -> float:
+        numerator = (current - previous).abs().sum(dtype=torch.float64)
+        denominator = previous.abs().sum(dtype=torch.float64)
+        # A whole indicator is the same on every rank: this rank's ratio, no message.
+        return (self.agreement if split else _LOCAL).ratio(numerator, denominator)
+
+    def _decide(self, state: _State, current: torch.Tensor, split: bool) -> bool:
+        previous, state.previous = state.previous, current
+        if self._forced(state):
+            state.accumulated = 0.0
+            return True
+        change = self._change(current, previous, split)
+        state.accumulated += rescale(self.published.coefficients, change)
+        self.changes.append((self.step, self.context, change, state.accumulated))
+        if state.accumulated < self.config.threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+    def _head(self, original, *args, **kwargs):
+        state = self.state(_State)
+        current, split = self._read(args, kwargs)
+        compute = self._decide(state, current, split)
+        self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
+        self.record("forward", compute)
+        state.computing = compute
+        if compute:
+            state.skips_in_row, state.head_input = 0, args[0]
+            output = original(*args, **kwargs)
+            if len(self._wrapped) == 1:  # one block: head and tail at once
+                state.residual = (output[0] if self._tuple_output else output) - args[0]
+            return output
+        state.skips_in_row += 1
+        hidden = args[0] + state.residual
+        return (hidden, args[1]) if self._tuple_output else hidden
+
+    def _read(self, args, kwargs) -> tuple[torch.Tensor, bool]:
+        current, split = self.indicator(self.head, args, kwargs)
+        if split:
+            self.decides = "data-dependent"
+            rows = self.valid_tokens()
+            if rows is not None:
+                current = current[:, :rows]
+        return current, split
+
+    def _passthrough(self, args):
+        """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
+        return tuple(args[:2]) if self._tuple_output else args[0]
+
+    def _middle(self, original, *args, **kwargs):
+        if self.state(_State).computing:
+            return original(*args, **kwargs)
+        return self._passthrough(args)
+
+    def _tail(self, original, *args, **kwargs):
+        state = self.state(_State)
+        if not state.computing:
+            return self._passthrough(args)
+        output = original(*args, **kwargs)
+        state.residual = (output[0] if self._tuple_output else output) - state.head_input
+        state.head_input = None
+        return output
+
+
+def apply_teacache(transformer, config: TeaCacheConfig, *, group=None, blocks: list[torch.nn.Module],
+                   valid_tokens: Callable[[], int | None] = lambda: None, stats=None) -> TeaCache:
+    """Apply TeaCache to `transformer`'s `blocks` (in execution order). `group`: the ranks that
+    share the blocks' collectives, over which a split indicator's sums are agreed (and verify
+    mode's cross-check); `valid_tokens()`: real tokens at the start of this rank's shard."""
+    return TeaCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
+                    agreement=Agreement(group=group, stats=stats, verify=config.verify))
+
+
+def _attach(transformer, config: TeaCacheConfig, site: Site) -> TeaCache:
+    return apply_teacache(transformer, config, group=site.group, blocks=site.blocks, valid_tokens=site.valid_tokens,
+                          stats=site.stats)
+
+
+KIND = Kind(name="teacache", title="TeaCache", config=TeaCacheConfig, attach=_attach, decides="data-dependent")
+"""Data-dependent where the indicator is split with the tokens (HunyuanVideo, Wan 2.2 TI2V-5B);
+on Wan 2.1 and Wan 2.2 A14B each applied cache says schedule-only (`TeaCache.decides`)."""

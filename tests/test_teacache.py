@@ -1,0 +1,220 @@
+"""TeaCache: the rule against a hand computation with numpy on the indicators a render recorded,
+the published presets, agreement on the data-dependent models under Ulysses 2, and bad input.
+(The shared battery, test_cache_battery.py, covers its lockstep under every layout, and that on
+Wan its decisions issue no collective under Ulysses 2.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multirank import run_ranks
+from test_parallel_engine import _config
+from unison.caching.teacache import PRESETS
+from unison.engine.build import plan_run
+from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
+                                  config_from_dict, load_yaml)
+from unison.engine.render import Engine
+from unison.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The published coefficients (cache-facts.md §3.1), typed here rather than read from the module.
+WAN13 = (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02)
+HUNYUAN = (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02)
+# A polynomial near the identity for the tiny Wan, whose timestep modulation changes by 0.41-0.46
+# per step: poly(0.45) ~ 0.38, so at 0.7 it skips, computes, skips, computes.
+TINY_POLY = (2.0, -1.0, 0.5, 0.6, 0.02)
+
+
+def _run(family: str, cache: CacheConfig, parallel: ParallelConfig = ParallelConfig()) -> RunConfig:
+    hunyuan = family == "hunyuanvideo"
+    side = 64 if family == "wan2.2-ti2v" else 32  # TI2V-5B: 16x VAE and 2x2 patches, so 64 gives 4 tokens a frame
+    return RunConfig(model=ModelConfig(family=family), cache=cache, parallel=parallel,
+                     sampling=SamplingConfig(height=side, width=side, frames=5, steps=6, negative_prompt="blurred",
+                                             true_cfg_scale=3.0 if hunyuan else None,
+                                             max_sequence_length=64 if hunyuan else None),
+                     output=OutputConfig(decode=False, progress=False))
+
+
+def _record_indicators(engine: Engine, family: str) -> list[np.ndarray]:
+    """A pre-hook on the first block that records, at every forward, TeaCache's indicator as the
+    paper's code defines it, computed here by hand: Wan's timestep modulation input; HunyuanVideo's
+    first block's layer norm modulated by its own shift and scale (the first two of six chunks)."""
+    transformer, seen = engine.pipe.transformer, []
+    first = transformer.transformer_blocks[0] if family == "hunyuanvideo" else transformer.blocks[0]
+
+    def hook(module, args, kwargs):
+        hidden, temb = args[0], args[2]
+        if family == "hunyuanvideo":
+            shift, scale = module.norm1.linear(torch.nn.functional.silu(temb)).chunk(6, dim=1)[:2]
+            hidden = module.norm1.norm(hidden) * (1 + scale[:, None]) + shift[:, None]
+            seen.append(hidden.double().numpy())
+        else:
+            seen.append(temb.double().numpy())
+
+    first.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _rule(forwards: list[tuple[int, str, np.ndarray]], *, coefficients, threshold: float, warmup: int,
+          last: bool, steps: int) -> list[bool]:
+    """TeaCache's rule written out with numpy, per branch (compute: True)."""
+    acc, previous, out = {}, {}, []
+    for step, context, m in forwards:
+        prev = previous.get(context)
+        if prev is None or step < warmup or (last and step == steps - 1):
+            compute, acc[context] = True, 0.0
+        else:
+            acc[context] += np.polyval(coefficients, np.abs(m - prev).mean() / np.abs(prev).mean())
+            compute = bool(acc[context] >= threshold)
+            if compute:
+                acc[context] = 0.0
+        previous[context] = m
+        out.append(compute)
+    return out
+
+
+CASES = {  # family: [(cache fields, warm-up and last step as published for it)]
+    "wan": [(dict(coefficients=TINY_POLY, threshold=0.7, warmup_steps=1, compute_last=True), dict(warmup=1, last=True)),
+            (dict(preset="wan2.1-t2v-1.3b", threshold=0.05), dict(warmup=5, last=False))],
+    "hunyuanvideo": [(dict(preset="hunyuanvideo", threshold=0.1), dict(warmup=1, last=True))],
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> dict:
+    """Per family and case: the one-rank result, the cache's measured changes, the recorded
+    indicators and how the applied cache says it decides."""
+    out = {}
+    for family, cases in CASES.items():
+        engine = Engine.from_config(_run(family, CacheConfig()))
+        seen = _record_indicators(engine, family)
+        for index, (fields, _) in enumerate(cases):
+            result = engine.render(_run(family, CacheConfig(kind="teacache", **fields)))
+            applied = engine.caches["transformer"]
+            out[family, index] = (result, list(applied.changes), list(seen), applied.decides)
+            seen.clear()
+    return out
+
+
+@pytest.mark.parametrize("family, index", [(f, i) for f, cases in CASES.items() for i in range(len(cases))])
+def test_decisions_are_the_rule_computed_by_hand(family, index, one_rank):
+    fields, published = CASES[family][index]
+    result, changes, seen, _ = one_rank[family, index]
+    decisions = result.cache_decisions["transformer"]
+    assert len(seen) == len(decisions) == 12  # 6 steps x 2 branches
+    coefficients = fields.get("coefficients") or {"wan2.1-t2v-1.3b": WAN13, "hunyuanvideo": HUNYUAN}[fields["preset"]]
+    expected = _rule([(d[0], d[1], m) for d, m in zip(decisions, seen)], coefficients=coefficients,
+                     threshold=fields["threshold"], steps=6, **published)
+    assert [d[-1] for d in decisions] == expected
+    assert True in expected and False in expected
+    # Each measured change is the relative L1 of consecutive indicators of its branch.
+    by_branch = {}
+    for (step, context, *_), m in zip(decisions, seen):
+        by_branch.setdefault(context, []).append((step, m))
+    for step, context, change, _ in changes:
+        (_, prev), (_, m) = [entry for entry in by_branch[context] if entry[0] in (step - 1, step)]
+        assert change == pytest.approx(np.abs(m - prev).mean() / np.abs(prev).mean(), rel=1e-6)
+
+
+def test_presets_are_the_published_coefficients():
+    assert set(PRESETS) == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
+                            "hunyuanvideo"}
+    assert PRESETS["wan2.1-t2v-1.3b"].coefficients == WAN13 and PRESETS["hunyuanvideo"].coefficients == HUNYUAN
+    assert PRESETS["wan2.1-t2v-14b"].coefficients[0] == -3.03318725e+05
+    assert PRESETS["wan2.1-i2v-14b-720p"].coefficients[-1] == -4.17769401e-02
+    assert [(p.warmup_steps, p.compute_last) for p in PRESETS.values()] == [(5, False)] * 4 + [(1, True)]
+    recipes = sorted((ROOT / "configs").glob("*/teacache.yaml"))
+    assert {p.parent.name for p in recipes} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo"}
+    for path in recipes:
+        cache = load_yaml(path).cache
+        assert cache.kind == "teacache" and cache.preset in PRESETS, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-dependent models under Ulysses 2: the agreed sums give the one-rank schedule.
+
+AGREED = {"hunyuanvideo": CacheConfig(kind="teacache", preset="hunyuanvideo", threshold=0.1),
+          # TI2V-5B's modulation is per token; the identity polynomial: changes of 0.35-0.44 a step
+          # skip, compute, skip, compute, skip at 0.6.
+          "wan2.2-ti2v": CacheConfig(kind="teacache", coefficients=(0, 0, 0, 1, 0), threshold=0.6, warmup_steps=1,
+                                     compute_last=False)}
+
+
+def _agreed_ranks(rank, world):
+    out = {}
+    for family, cache in AGREED.items():
+        engine = Engine.from_config(_run(family, CacheConfig(), ParallelConfig(ulysses=2, timeout_s=60)),
+                                    world_size=world)
+        none = dict(engine.render().comm_calls)
+        result = engine.render(dataclasses.replace(engine.plan.config, cache=cache))
+        applied = engine.caches["transformer"]
+        out[family] = (result.latents, result.cache_decisions, dict(result.comm_calls), none, applied.decides,
+                       len(applied.changes))
+    return out
+
+
+def test_data_dependent_models_agree_on_sums_under_ulysses():
+    expected = {}
+    for family, cache in AGREED.items():
+        engine = Engine.from_config(_run(family, cache))
+        expected[family] = (engine.render(), engine.caches["transformer"].decides)
+    for per_rank in run_ranks(2, _agreed_ranks):
+        for family, (latents, decisions, calls, none, decides, measured) in per_rank.items():
+            one, one_decides = expected[family]
+            assert decides == one_decides == "data-dependent", family
+            assert decisions == one.cache_decisions, family
+            flags = [d[-1] for d in decisions["transformer"]]
+            assert True in flags and False in flags, family
+            assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5, family
+            # One all-reduce per measured decision, nothing else added (skipped blocks skip theirs).
+            assert measured > 0 and calls.get("all_reduce", 0) == none.get("all_reduce", 0) + measured, family
+            assert calls["all_to_all"] < none["all_to_all"], family
+            assert calls.get("all_gather", 0) <= none.get("all_gather", 0), family
+
+
+def test_wan_decides_on_the_schedule_alone(one_rank):
+    """Wan 2.1's indicator is the same tensor for both branches (it depends only on the timestep):
+    the same change, hence the same decision, in cond and uncond; and the cache says schedule-only."""
+    assert [one_rank[key][3] for key in sorted(one_rank)] == ["data-dependent", "schedule-only", "schedule-only"]
+    changes = one_rank["wan", 0][1]
+    cond = [c[2:] for c in changes if c[1] == "cond"]
+    assert cond and cond == [c[2:] for c in changes if c[1] == "uncond"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, before anything loads.
+
+@pytest.mark.parametrize("cache, message", [
+    ({"kind": "teacache"}, "cache.coefficients must be given: TeaCache needs this model's rescaling polynomial; "
+                           "set cache.preset (one of wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b-480p, "
+                           "wan2.1-i2v-14b-720p, hunyuanvideo) or cache.coefficients"),
+    ({"kind": "teacache", "preset": "wan2.2-t2v-a14b"}, "cache.preset must be one of wan2.1-t2v-1.3b, "),
+    ({"kind": "teacache", "preset": "hunyuanvideo", "threshold": float("nan")}, "cache.threshold must be a finite"),
+    ({"kind": "teacache", "coefficients": [1.0, 2.0, 3.0]}, "cache.coefficients needs 5 values (a 4th-degree "
+                                                            "polynomial, highest power first) or 6 (5th degree), got 3"),
+    ({"kind": "teacache", "coefficients": [1, 2, 3, 4, float("inf")]}, "cache.coefficients must be a finite number"),
+    ({"kind": "teacache", "preset": "hunyuanvideo", "coefficients": [1, 2, 3, 4, 5]}, "preset and coefficients both"),
+    ({"kind": "teacache", "preset": "hunyuanvideo", "warmup_steps": -1}, "cache.warmup_steps must be at least 0"),
+    ({"kind": "teacache", "preset": "hunyuanvideo", "max_consecutive_skips": 0},
+     "cache.max_consecutive_skips must be at least 1"),
+    ({"kind": "teacache", "preset": "hunyuanvideo", "mag_ratios": [1.0, 0.9]},
+     "unknown config key 'cache.mag_ratios' for cache kind teacache; allowed in 'teacache': kind, verify, threshold"),
+])
+def test_bad_input_is_one_line_before_anything_loads(cache, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
+    assert "\n" not in str(err.value)
+
+
+def test_pipefusion_is_a_clear_error():
+    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
+                                 cache=CacheConfig(kind="teacache", preset="wan2.1-t2v-1.3b"))
+    with pytest.raises(UserError, match="TeaCache under PipeFusion is not supported: use cache.kind=fbcache"):
+        plan_run(config, world_size=2)
