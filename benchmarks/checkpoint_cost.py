@@ -77,7 +77,7 @@ class Workload:
     """Latent-sized tensors of scheduler state: UniPC (solver_order 2) keeps 2 model outputs and
     the last sample; flow-match Euler none."""
     fixed: int
-    """Scheduler tables and timesteps, and the RNG state."""
+    """Scheduler tables and timesteps, and the RNG state (rank 0's file; the others hold the RNG)."""
 
     @property
     def tokens(self) -> int:
@@ -107,9 +107,10 @@ class Workload:
         return {"none": 0, "fbcache": self.fbcache(ranks), "pab": self.pab(ranks)}[kind]
 
     def total(self, kind: str, ranks: int, rank: int = 0) -> int:
-        """One rank's file: rank 0's holds the latents and the scheduler state too."""
-        shared = self.latents() + self.scheduler() if rank == 0 else 0
-        return shared + self.fixed + self.cache(kind, ranks)
+        """One rank's file: its cache state and RNG; rank 0's also the latents and the scheduler's
+        state (history and tables)."""
+        mine = self.latents() + self.scheduler() + self.fixed if rank == 0 else RNG_BYTES
+        return mine + self.cache(kind, ranks)
 
 
 def unipc_fixed(steps: int, *, train: int = 1000, order: int = 2) -> int:
