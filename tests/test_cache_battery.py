@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,30 +195,44 @@ COUNTED = ("wan", dict(ulysses=2))
 """Where the collectives of each kind's decisions are counted (verify off)."""
 
 
-def _lockstep_ranks(rank, world, runs):
-    """runs: [(config, caches)]: one engine per config's layout, a render per cache."""
+def _lockstep_ranks(rank, world, runs, folder):
+    """runs: [(config, caches, resumed)]: one engine per config's layout, a render per cache, then
+    for each of `resumed` a render stopped after step 1 and resumed from its checkpoint."""
     out = []
-    for config, caches in runs:
+    for config, caches, resumed in runs:
         engine = Engine.from_config(config, world_size=world)
         for cache in caches:
             result = engine.render(dataclasses.replace(config, cache=cache))
             decides = {name: c.decides for name, c in engine.caches.items()}  # a kind may decide by model
             out.append((result.latents, result.cache_decisions, dict(result.comm_calls), decides))
+        for cache in resumed:
+            stopped = dataclasses.replace(config, cache=cache, output=dataclasses.replace(
+                config.output, checkpoint_every=1, checkpoint_dir=str(Path(folder) / cache.kind)))
+            try:
+                engine.render(stopped, on_step=_stop_after(1))
+            except Stopped:
+                pass
+            result = engine.render(stopped)
+            out.append((result.latents, result.cache_decisions, {}, result.loop.resumed_from_step))
         del engine
     return out
 
 
 def _runs(world: int) -> tuple[list, list]:
-    """(runs for _lockstep_ranks, a label per render: (family, layout, kind or None, verify))."""
+    """(runs for _lockstep_ranks, a label per render: (family, layout, kind or None, mode)); mode:
+    "verify" (verify on), "count" (verify off, collectives counted), "resume" (stopped and resumed)."""
     runs, labels = [], []
     for family, layout in LAYOUTS[world]:
         where = (family, tuple(layout.items()))
         caches = [dataclasses.replace(SETTINGS[kind].mixed[family], verify=True) for kind in KINDS]
-        labels += [(*where, kind, True) for kind in KINDS]
+        labels += [(*where, kind, "verify") for kind in KINDS]
+        resumed = []
         if (family, layout) == COUNTED:
             caches += [CacheConfig(), *[SETTINGS[kind].mixed[family] for kind in KINDS]]
-            labels += [(*where, None, False), *[(*where, kind, False) for kind in KINDS]]
-        runs.append((_cached(family, CacheConfig(), ParallelConfig(**layout, timeout_s=60)), caches))
+            labels += [(*where, None, "count"), *[(*where, kind, "count") for kind in KINDS]]
+            resumed = [SETTINGS[kind].mixed[family] for kind in KINDS]
+            labels += [(*where, kind, "resume") for kind in KINDS]
+        runs.append((_cached(family, CacheConfig(), ParallelConfig(**layout, timeout_s=60)), caches, resumed))
     return runs, labels
 
 
@@ -237,15 +252,24 @@ def one_rank(reference):
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_lockstep_every_kind_every_layout(world, one_rank):
+def test_lockstep_every_kind_every_layout(world, one_rank, tmp_path):
+    """...and under Ulysses 2 every kind's render stopped after step 1 resumes from its checkpoints
+    (one file per rank) bit-identical to the uninterrupted Ulysses 2 render, same decisions."""
     runs, labels = _runs(world)
-    per_rank = run_ranks(world, _lockstep_ranks, runs)
+    per_rank = run_ranks(world, _lockstep_ranks, runs, str(tmp_path))
     counted: dict[str | None, list[tuple[dict, dict]]] = {}
     for rank, renders in enumerate(per_rank):
         assert len(renders) == len(labels)
-        for (family, layout, kind, verify), (latents, decisions, calls, decides) in zip(labels, renders, strict=True):
-            if not verify:
+        whole = {(family, layout, kind): render for (family, layout, kind, mode), render
+                 in zip(labels, renders, strict=True) if mode == "count"}
+        for (family, layout, kind, mode), (latents, decisions, calls, decides) in zip(labels, renders, strict=True):
+            if mode == "count":
                 counted.setdefault(kind, []).append((calls, decides))
+                continue
+            if mode == "resume":
+                uninterrupted = whole[family, layout, kind]
+                assert decides == 2, (kind, rank)  # resumed_from_step: the checkpoint after step 1
+                assert torch.equal(latents, uninterrupted[0]) and decisions == uninterrupted[1], (kind, rank)
                 continue
             one = one_rank[family, kind]
             if dict(layout).get("cfg", 1) == 1:
@@ -255,6 +279,8 @@ def test_lockstep_every_kind_every_layout(world, one_rank):
                 assert len(mine) == 1
                 assert decisions["transformer"] == [d for d in one.cache_decisions["transformer"] if d[1] in mine]
             assert _rel(latents, one.latents) <= 1e-5, (family, layout, kind, rank)
+    if world == 2:
+        assert sum(mode == "resume" for *_, mode in labels) == len(KINDS)
     if world == 2:  # the collectives each kind's decisions cost under Ulysses 2, on every rank
         assert len(counted[None]) == world and all(len(counted[kind]) == world for kind in KINDS)
         for kind in KINDS:
