@@ -102,6 +102,8 @@ class RealModel:
     cache: meta_model.CountCache = field(default_factory=lambda: meta_model.CountCache(None))
     name: str = ""
     """The published model's name, or the folder."""
+    dtype: torch.dtype = torch.bfloat16
+    """Of the transformer's weights and activations (bf16 on a GPU; float32 to compare with the CPU)."""
 
     @property
     def expert(self) -> dict[str, Any]:
@@ -110,7 +112,7 @@ class RealModel:
     def _module(self, name: str, **override) -> torch.nn.Module:
         library, class_name, config = self.parts[name]
         with meta_model.quiet_diffusers():
-            return meta_model.build(library, class_name, {**config, **override}).to(torch.bfloat16)
+            return meta_model.build(library, class_name, {**config, **override}).to(self.dtype)
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -146,7 +148,7 @@ class RealModel:
         return self.cache.get(key, lambda: meta_model.parameters(self._module(name), blocks))
 
     def _inputs(self, latent: tuple[int, int, int, int]) -> dict[str, Any]:
-        meta, bf16 = meta_model.META, torch.bfloat16
+        meta, bf16 = meta_model.META, self.dtype
         c = self.expert
         x = torch.empty(1, c.get("in_channels", 16), *latent[1:], device=meta, dtype=bf16)
         if self.spec.joint_text:
@@ -200,11 +202,14 @@ class RealModel:
         """Peak bytes of one forward's activations with `tokens` video tokens on this rank, from
         a one-block copy of the expert run on meta tensors (activations do not accumulate
         across blocks without autograd; weights are not counted here)."""
-        c, _, _, w = self.latent
+        c, _, h, w = self.latent
         pt, ph, pw = self.patch
-        per_row = w // pw
-        latent = (c, pt, ph * -(-tokens // per_row), w)  # tokens rounded up to whole rows
-        key = self.cache.key("activations", self.parts[self.spec.experts[0]], latent, self.text_tokens)
+        # Whole rows of patches, spread over as many frames as keep each frame within the
+        # video's height (the position tables end there): at most one row per frame too many.
+        rows = ceil_div(tokens, w // pw)
+        frames = ceil_div(rows, h // ph)
+        latent = (c, frames * pt, ph * ceil_div(rows, frames), w)
+        key = self.cache.key("activations", self.parts[self.spec.experts[0]], latent, self.text_tokens, str(self.dtype))
         one_block = {"num_layers": 1, "num_single_layers": 1} if self.spec.joint_text else {"num_layers": 1}
 
         def trace() -> dict:

@@ -273,8 +273,7 @@ def _why_slower(row: Row, best: Row, setting: Setting, usable: float) -> list[st
     elif row.fits:
         reasons.append("as fast; " + ("offload and sharding only cost copies and gathers when memory is short"
                                       if row.layout.offload or row.layout.shard_weights else
-                                      "approximate (stale K/V)" if row.layout.patch > 1 and not row.layout.pipefusion
-                                      else "ranked after the simpler layout"))
+                                      "ranked after the simpler layout"))
     if row.layout.patch > 1:
         reasons.append("approximate (stale activations after warm-up)")
     return reasons
