@@ -42,6 +42,8 @@ class Layout:
     pipefusion: bool = False
     shard_weights: bool = False
     offload: bool = False
+    vae_tiling: bool = False
+    """One rank only (more ranks decode tiles in parallel anyway): decode with the VAE's tiling."""
 
     @property
     def world(self) -> int:
@@ -56,7 +58,7 @@ class Layout:
         if self.patch > 1:
             parts.append(f"{'pipefusion' if self.pipefusion else 'patch'} {self.patch}")
         name = " x ".join(parts) or "one GPU"
-        return name + "".join(f" +{flag}" for flag in ("shard_weights", "offload") if getattr(self, flag))
+        return name + "".join(f" +{flag}" for flag in ("shard_weights", "offload", "vae_tiling") if getattr(self, flag))
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,12 @@ def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tupl
             shapes.append(dict(ulysses=rest, patch=patch))
             if rest == 1 and spec.pipefusion_plan is not None:
                 shapes.append(dict(patch=patch, pipefusion=True))
-        for shape, shard, offload in itertools.product(shapes, (False, True), (False, True)):
-            layout = Layout(cfg=cfg, shard_weights=shard, offload=offload, **shape)
+        for shape, shard, offload, tiling in itertools.product(shapes, (False, True), (False, True), (False, True)):
+            layout = Layout(cfg=cfg, shard_weights=shard, offload=offload, vae_tiling=tiling, **shape)
             if shard and (layout.world == 1 or layout.patch > 1):
                 continue  # nothing to shard; patch parallelism keeps whole blocks (engine refuses)
+            if tiling and (layout.world > 1 or setting.vae_tiling):
+                continue  # tiled anyway
             if model.heads % layout.ulysses:
                 refused.append((layout, f"heads not divisible: {model.heads} heads, ulysses {layout.ulysses}"))
             elif layout.tokens_split > model.video_tokens:
@@ -171,7 +175,7 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     cache = per_token_state * contexts * tokens * hidden * BF16
     denoise = model.activation_peak(tokens) + tokens * model.heads * 4 + staging
     vae_weights = sum(model.parameters("vae").values()) * 4
-    untiled = layout.world == 1 and not setting.vae_tiling
+    untiled = layout.world == 1 and not (setting.vae_tiling or layout.vae_tiling)
     vae = model.vae_decode_peak(tiled=not untiled)
     return {"weights": weights, "text encoders": 0 if layout.offload else encoders,
             "activations": denoise, "stale K/V": kv, "cache state": cache, "VAE": vae_weights,
@@ -213,8 +217,12 @@ def evaluate(model: RealModel, layout: Layout, setting: Setting) -> Row:
     seconds = {kind: n * (1 - skipped) / (_group_gbps(setting, spans.get(kind, layout.world)) * 1e9)
                for kind, n in sent.items()}
     exposed = sum(s for kind, s in seconds.items() if kind not in OVERLAPPED)
-    hidden = sum(s for kind, s in seconds.items() if kind in OVERLAPPED)
-    step = compute + exposed + max(0.0, hidden - compute)
+    # Ring's K/V passes hide under the attention they feed, nothing else; the other overlapped
+    # exchanges (weight gathers, stale K/V) under the whole step's compute.
+    attention_s = compute * step_flops["attention"] / max(1.0, sum(step_flops.values()))
+    ring_late = max(0.0, seconds.get("ring_p2p", 0.0) - attention_s)
+    hidden = sum(s for kind, s in seconds.items() if kind in OVERLAPPED and kind != "ring_p2p")
+    step = compute + exposed + ring_late + max(0.0, hidden - compute)
     video = step * setting.steps
     if layout.patch > 1 and not layout.pipefusion:
         # Warm-up steps exchange K/V synchronously: nothing of it hides.
@@ -244,7 +252,7 @@ def rank(model: RealModel, setting: Setting) -> tuple[list[Row], list[tuple[Layo
     for row in rows:
         row.fits = row.peak <= usable
     rows.sort(key=lambda r: (not r.fits, round(r.video_s, 1), r.layout.offload, r.layout.shard_weights,
-                             r.layout.patch > 1, r.layout.ring))
+                             r.layout.vae_tiling, r.layout.patch > 1, r.layout.ring))
     best = rows[0] if rows else None
     for row in rows[1:]:
         row.reasons = _why_slower(row, best, setting, usable)
@@ -271,8 +279,9 @@ def _why_slower(row: Row, best: Row, setting: Setting, usable: float) -> list[st
             reasons.append(f"+{extra:.0%} time: more compute per rank ({row.compute_s:.3f} s vs "
                            f"{best.compute_s:.3f} s per step)")
     elif row.fits:
-        reasons.append("as fast; " + ("offload and sharding only cost copies and gathers when memory is short"
-                                      if row.layout.offload or row.layout.shard_weights else
+        reasons.append("as fast; " + ("offload, sharding and VAE tiling only cost copies, gathers and seams "
+                                      "when memory is short"
+                                      if row.layout.offload or row.layout.shard_weights or row.layout.vae_tiling else
                                       "ranked after the simpler layout"))
     if row.layout.patch > 1:
         reasons.append("approximate (stale activations after warm-up)")
