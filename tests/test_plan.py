@@ -172,10 +172,12 @@ def test_cli_prints_a_ranked_projection(tiny_folder, counts, capsys):
 
 
 def test_cli_real_model(counts, capsys):
-    assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "2", "--gpu", "l40s", "--counts-cache", counts]) == 0
+    """HunyuanVideo as published, at the size the bad-input table also plans (counted once)."""
+    assert main(["plan", "--family", "hunyuanvideo", "--gpus", "8", "--gpu", "l20", "--frames", "253",
+                 "--counts-cache", counts]) == 0
     out = capsys.readouterr().out
-    assert "832x480, 81 frames, 50 steps" in out and "32760 video tokens, 12 heads x 128" in out
-    assert "pcie 32 GB/s" in out
+    assert "1280x720, 253 frames, 50 steps, one branch per step" in out
+    assert "230400 video tokens, 24 heads x 128, 60 attentions" in out and "pcie 32 GB/s" in out
 
 
 def _bad(folder: str) -> list[tuple[list[str], str]]:
@@ -191,8 +193,8 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         ([*tiny, "--gpus", "2", "--interconnect", "ethernet"], "unknown interconnect 'ethernet'; known: nvlink, pcie, ib"),
         ([*tiny, "--gpus", "2", "--gpu", "l20", "--interconnect", "nvlink"], "L20 48GB has no NVLink"),
         (["plan", "--family", "wan", "--gpus", "2"], "Wan 2.1 comes in two sizes"),
-        (["plan", "--family", "wan2.1-14b", "--gpus", "1", "--gpu", "l20", "--width", "1280", "--height", "720"],
-         "does not fit any layout on 1 x L20 48GB: the smallest needs"),
+        (["plan", "--family", "hunyuanvideo", "--gpus", "1", "--gpu", "l20", "--frames", "253"],
+         "1280x720, 253 frames does not fit any layout on 1 x L20 48GB: the smallest needs"),
     ]
 
 
