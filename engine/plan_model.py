@@ -90,6 +90,19 @@ def from_folder(path: str, spec: ModelSpec, index: dict) -> dict[str, Component]
     return parts
 
 
+def from_pipeline(pipe, spec: ModelSpec) -> dict[str, Component]:
+    """The components of a pipeline built in-process (the tiny presets), with their configs."""
+    parts = {}
+    for name in (*spec.experts, *spec.text_encoders, "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        library = type(module).__module__.split(".")[0]
+        config = dict(module.config) if library == "diffusers" else module.config.to_dict()
+        parts[name] = (library, type(module).__name__, config)
+    return parts
+
+
 @dataclass
 class RealModel:
     """The counted facts of one model at one video size, cached per shape."""

@@ -186,10 +186,13 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
 def flops(model: RealModel, layout: Layout) -> dict[str, float]:
     """One forward's FLOPs on one rank (the rank's shard of the tokens; its share of attention)."""
     if layout.pipefusion:
+        # The busiest stage: its share of the blocks over every token, and (taken as the worst
+        # case) all of the work outside the blocks: embeddings, text projection, output head.
         whole = model.flops()
         stage = ceil_div(model.attentions, layout.patch) / model.attentions
-        share = stage * whole.blocks / whole.total
-        return {"linear": whole.linear * share, "attention": whole.attention * share, "other": whole.other}
+        outside = whole.total - whole.blocks - whole.other  # attention is all inside the blocks
+        return {"linear": (whole.linear - outside) * stage + outside, "attention": whole.attention * stage,
+                "other": whole.other}
     count = model.flops_at(ceil_div(model.video_tokens, layout.tokens_split))
     return {"linear": count.linear, "attention": count.attention / layout.tokens_split, "other": count.other}
 
@@ -251,7 +254,9 @@ def rank(model: RealModel, setting: Setting) -> tuple[list[Row], list[tuple[Layo
     rows = [evaluate(model, layout, setting) for layout in valid]
     for row in rows:
         row.fits = row.peak <= usable
-    rows.sort(key=lambda r: (not r.fits, round(r.video_s, 1), r.layout.offload, r.layout.shard_weights,
+    fastest = min((r.video_s for r in rows), default=1.0) or 1.0
+    # Within 0.1% of each other, the simpler layout first.
+    rows.sort(key=lambda r: (not r.fits, round(r.video_s / fastest, 3), r.layout.offload, r.layout.shard_weights,
                              r.layout.vae_tiling, r.layout.patch > 1, r.layout.ring))
     best = rows[0] if rows else None
     for row in rows[1:]:

@@ -90,8 +90,22 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             section, field_name = key.split(".")
             nested.setdefault(section, {})[field_name] = value
+    if getattr(args, "parallel", None) == "auto":
+        nested.setdefault("parallel", {})["auto"] = True
     config = config_from_dict(nested, base=config)
     return apply_overrides(config, args.set or [])
+
+
+def resolve_auto(config: RunConfig, *, world_size: int, rank: int) -> RunConfig:
+    """parallel.auto: the recommended layout for `world_size` ranks, named once on rank 0."""
+    if not config.parallel.auto:
+        return config
+    from unison.launch.plan import auto_layout
+
+    config, line = auto_layout(config, world_size=world_size)
+    if rank == 0:
+        print(f"unison: {line}", file=sys.stderr)
+    return config
 
 
 def _add_run_options(p, *, single: bool) -> None:
@@ -130,6 +144,8 @@ def _add_run_options(p, *, single: bool) -> None:
                    help="text encoders to the CPU after encoding; Wan 2.2's idle expert on the CPU")
     p.add_argument("--cache", choices=("none", "fbcache", "pab"),
                    help="step cache: First-Block Cache or Pyramid Attention Broadcast (tune with --set cache.…)")
+    p.add_argument("--parallel", choices=("auto",),
+                   help="auto: the layout `unison plan` recommends for the world size (degrees given are kept)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
     p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: local (start one on this machine), "
                    "auto (the cluster this node belongs to) or host:port")
@@ -247,7 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_on_ray(build_config(args), address=args.ray, ranks_per_engine=args.ranks_per_engine,
                                dry_run=args.dry_run)
     env = DistEnv.detect()
-    plan = plan_run(build_config(args), world_size=env.world_size, local_rank=env.local_rank)
+    config = resolve_auto(build_config(args), world_size=env.world_size, rank=env.rank)
+    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
     if args.dry_run:
         if env.rank == 0:
             from unison.engine.build import parallel_dims
@@ -280,7 +297,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return batch_on_ray(config, jobs=args.jobs, out=args.out, address=args.ray, engines=args.engines,
                             ranks_per_engine=args.ranks_per_engine, max_retries=args.max_retries,
                             progress=args.progress)
-    return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress)
+    from unison.launch.dist import DistEnv
+
+    env = DistEnv.detect()
+    config = resolve_auto(config, world_size=env.world_size, rank=env.rank)
+    return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress,
+                       env=env)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:

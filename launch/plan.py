@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from unison.engine import plan_model
-from unison.engine.config import RunConfig
+from unison.engine.config import RunConfig, config_from_dict
 from unison.engine.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import get_spec
@@ -221,3 +221,56 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
         for layout, why in refused:
             lines.append(f"      {layout.name():<32} {why}")
     return "\n".join(lines)
+
+
+def _gpu_here() -> tuple[str, str]:
+    """The known GPU this process sees, and a note when there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).lower()
+        for key in GPUS:
+            if key in name.replace(" ", ""):
+                return key, ""
+        return "h100", f" ({torch.cuda.get_device_name(0)} is not in the table: ranked with H100 figures)"
+    return "h100", " (no GPU here: ranked with H100 figures)"
+
+
+def auto_layout(config: RunConfig, *, world_size: int, nodes: int = 1) -> tuple[RunConfig, str]:
+    """`parallel.auto`: the config with the recommended layout for `world_size` ranks, and a line
+    naming the choice and the runner-up. Degrees above 1 in the config are kept as constraints."""
+    gpu, note = _gpu_here()
+    p = config.parallel
+    only = {axis: getattr(p, axis) for axis in FILTERS if getattr(p, axis) > 1}
+    # The ranks are taken to share one node's link (the launchers do not say how many nodes).
+    request = Request(gpus=world_size, nodes=nodes if world_size % nodes == 0 else 1, gpu=gpu, only=only)
+    if config.model.path is None:
+        model, sampling = _tiny_model(config, request)
+    else:
+        model, sampling = real_model(config, request)
+    _, rows, _ = check_layouts(model, sampling, config, request)
+    best = rows[0]
+    layout = best.layout
+    chosen = config_from_dict({
+        "parallel": dict(auto=False, ulysses=layout.ulysses, ring=layout.ring, cfg=layout.cfg, patch=layout.patch,
+                         patch_mode="pipefusion" if layout.pipefusion else p.patch_mode,
+                         shard_weights=layout.shard_weights),
+        "model": {"offload": layout.offload or config.model.offload},
+        "output": {"vae_tiling": layout.vae_tiling or config.output.vae_tiling}}, base=config)
+    runner = next((r for r in rows[1:] if r.fits and (r.layout.ulysses, r.layout.ring, r.layout.cfg, r.layout.patch)
+                   != (layout.ulysses, layout.ring, layout.cfg, layout.patch)), None)
+    line = (f"parallel auto on {world_size} rank(s){note}: {layout.name()}, projected {best.step_s:.3g} s/step"
+            + (f"; runner-up {runner.layout.name()} ({runner.step_s / best.step_s - 1:+.0%})" if runner else ""))
+    return chosen, line
+
+
+def _tiny_model(config: RunConfig, request: Request):
+    from unison.engine.build import _resolve_family, _resolve_sampling, check_sampling
+
+    spec = get_spec(_resolve_family(config.model)[0])
+    parts = plan_model.from_pipeline(spec.build_tiny(config.model.tiny_seed), spec)
+    sampling = _resolve_sampling(config.sampling, spec, tiny=True)
+    check_sampling(sampling, spec)
+    latent = plan_model.latent_shape(spec, parts, height=sampling.height, width=sampling.width, frames=sampling.frames)
+    return plan_model.RealModel(spec, parts, latent, sampling.max_sequence_length,
+                                cache=plan_model.meta_model.CountCache(request.counts_cache), name="tiny"), sampling

@@ -204,3 +204,23 @@ def test_bad_input(tiny_folder, counts, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("unison: error: ") and "\n" not in err, err
         assert message in err, (argv, err)
+
+
+def test_parallel_auto_records_the_recommended_degrees():
+    from unison.engine.build import plan_run
+    from unison.engine.config import config_from_dict, load_yaml
+    from unison.errors import UserError
+    from unison.launch.cli import default_config_path
+    from unison.launch.plan import auto_layout
+
+    config = config_from_dict({"parallel": {"auto": True}, "model": {"device": "cpu"}},
+                              base=load_yaml(default_config_path()))
+    with pytest.raises(UserError, match="parallel.auto is resolved by"):
+        plan_run(config, world_size=4)
+    chosen, line = auto_layout(config, world_size=4)
+    p = chosen.parallel
+    assert not p.auto and p.ulysses * p.ring * p.cfg * p.patch == 4
+    assert line.startswith("parallel auto on 4 rank(s)") and "; runner-up " in line
+    assert plan_run(chosen, world_size=4).config.parallel == p  # the resolved config keeps the choice
+    kept, _ = auto_layout(config_from_dict({"parallel": {"ulysses": 2}}, base=config), world_size=4)
+    assert kept.parallel.ulysses == 2 and kept.parallel.ring * kept.parallel.cfg * kept.parallel.patch == 2
