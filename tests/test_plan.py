@@ -224,3 +224,22 @@ def test_parallel_auto_records_the_recommended_degrees():
     assert plan_run(chosen, world_size=4).config.parallel == p  # the resolved config keeps the choice
     kept, _ = auto_layout(config_from_dict({"parallel": {"ulysses": 2}}, base=config), world_size=4)
     assert kept.parallel.ulysses == 2 and kept.parallel.ring * kept.parallel.cfg * kept.parallel.patch == 2
+
+
+def test_a_gpu_suite_result_calibrates_the_projection(tmp_path):
+    """A result file of benchmarks/gpu_suite.py for the GPU: the planner counts each measured
+    forward's FLOPs and projects at the median achieved share of the peak."""
+    from unison.engine.hardware import GPUS, FORWARD_SECTION
+    from unison.launch.plan import Request, calibrated
+
+    spec, parts = plan_model.published("wan2.1-1.3b")
+    model = plan_model.RealModel(spec, parts, plan_model.latent_shape(spec, parts, height=64, width=64, frames=5), 512)
+    seconds = model.flops().total / (0.5 * GPUS["h100"].bf16_tflops * 1e12)  # a forward at half the peak
+    (tmp_path / "2026-12-01-gpu-suite-nvidia-h100-80gb-hbm3.md").write_text("\n".join([
+        "# GPU suite", "", FORWARD_SECTION, "",
+        "| case | ranks | tokens | seconds | peak_gib |", "|---|---|---|---|---|",
+        f"| Wan 2.1 1.3B 64x64x5 | 1 | 32 | {seconds!r} | 1.0 |", "", "## VAE decode, float32", ""]))
+    calibration = calibrated(Request(gpus=1, results=tmp_path))
+    assert calibration.efficiency == pytest.approx(0.5, rel=1e-9)
+    assert calibration.source.startswith("calibrated: 50% of the dense bf16 peak")
+    assert "uncalibrated" in calibrated(Request(gpus=1, gpu="a100", results=tmp_path)).source
