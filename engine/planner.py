@@ -258,10 +258,15 @@ def rank(model: RealModel, setting: Setting) -> tuple[list[Row], list[tuple[Layo
     # Within 0.1% of each other, the simpler layout first.
     rows.sort(key=lambda r: (not r.fits, round(r.video_s / fastest, 3), r.layout.offload, r.layout.shard_weights,
                              r.layout.vae_tiling, r.layout.patch > 1, r.layout.ring))
-    best = rows[0] if rows else None
+    return explain(rows, setting), refused
+
+
+def explain(rows: list[Row], setting: Setting) -> list[Row]:
+    """Each row's reasons for losing to the first of `rows` (after any filtering)."""
+    usable = setting.gpu.memory_gib * USABLE_MEMORY * 2**30
     for row in rows[1:]:
-        row.reasons = _why_slower(row, best, setting, usable)
-    return rows, refused
+        row.reasons = _why_slower(row, rows[0], setting, usable)
+    return rows
 
 
 def _why_slower(row: Row, best: Row, setting: Setting, usable: float) -> list[str]:
@@ -273,7 +278,7 @@ def _why_slower(row: Row, best: Row, setting: Setting, usable: float) -> list[st
         more_comm, more_compute = row.comm_s - best.comm_s, row.compute_s - best.compute_s
         if row.layout.pipefusion:
             reasons.append(f"+{extra:.0%} time: pipeline fill and drain each step")
-        elif row.layout.patch > 1 and row.comm_s < 0.01 * row.step_s:
+        elif row.video_s - row.step_s * setting.steps > 0.5 * (row.video_s - best.video_s):
             reasons.append(f"+{extra:.0%} time: K/V exchanged synchronously in the "
                            f"{setting.patch_warmup_steps} warm-up steps")
         elif more_comm >= more_compute:

@@ -15,7 +15,7 @@ from unison.engine.config import RunConfig, config_from_dict
 from unison.engine.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import get_spec
-from unison.engine.planner import Layout, Row, Setting, rank
+from unison.engine.planner import Layout, Row, Setting, explain, rank
 from unison.errors import UserError
 
 COUNTS_CACHE = Path.home() / ".cache" / "unison" / "plan-counts.json"
@@ -123,7 +123,8 @@ def _matches(layout: Layout, only: dict) -> bool:
 
 def plan_rows(model, setting: Setting, only: dict) -> tuple[list[Row], list]:
     rows, refused = rank(model, setting)
-    return [r for r in rows if _matches(r.layout, only)], [(l, why) for l, why in refused if _matches(l, only)]
+    kept = explain([r for r in rows if _matches(r.layout, only)], setting)
+    return kept, [(l, why) for l, why in refused if _matches(l, only)]
 
 
 def check_layouts(model, sampling, config, request: Request) -> tuple[Setting, list[Row], list]:
@@ -203,7 +204,7 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
         f"  PROJECTION, {calibration.source}; communication at the link's bandwidth; text encoding and VAE "
         f"decode time not included",
         "",
-        f"  {'#':>3} {'layout':<32} {'fits':<4} {'GiB/rank':>8}  {'weights text act K/V cache VAE':<34} "
+        f"  {'#':>3} {'layout':<44} {'fits':<4} {'GiB/rank':>8}  {'weights text act K/V cache VAE':<34} "
         f"{'TFLOP/step':>10}  {'MiB/step sent (~ overlaps)':<30} {'s/step':>7} {'s/video':>8}  why not first",
     ]
     for i, row in enumerate(rows, 1):
@@ -213,13 +214,13 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
         sent = " ".join(f"{SENT_NAMES.get(k, k)} {v / 2**20:,.0f}" for k, v in row.sent.items()) or "-"
         mark = "*" if i == 1 and row.fits else " "
         why = "recommended" if i == 1 and row.fits else "; ".join(row.reasons)
-        lines.append(f"  {i:>3}{mark}{row.layout.name():<32} {'yes' if row.fits else 'no':<4} {row.peak / 2**30:>8.1f}  "
+        lines.append(f"  {i:>3}{mark}{row.layout.name():<44} {'yes' if row.fits else 'no':<4} {row.peak / 2**30:>8.1f}  "
                      f"{parts:<34} {sum(row.flops.values()) / 1e12:>10,.0f}  {sent:<30} {row.step_s:>7.2f} "
                      f"{row.video_s:>8.0f}  {why}")
     if refused:
         lines += ["", "  refused by the engine:"]
         for layout, why in refused:
-            lines.append(f"      {layout.name():<32} {why}")
+            lines.append(f"      {layout.name():<44} {why}")
     return "\n".join(lines)
 
 
