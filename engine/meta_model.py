@@ -119,10 +119,12 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view of an input (a transposed weight, a reshaped activation) allocates nothing.
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if storage._cdata not in self.storages:
+                if storage._cdata not in self.storages and storage._cdata not in inputs:
                     self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
         self.peak = max(self.peak, self.live())
         return out
@@ -135,6 +137,10 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     with torch.no_grad(), _OutputOnlyAttention(), tracker:
         fn()
     return tracker.peak
+
+
+COUNT_VERSION = 2
+"""Part of every cache key: raise it when a change here changes what a count means."""
 
 
 class CountCache:
@@ -153,7 +159,8 @@ class CountCache:
     def key(*parts: Any) -> str:
         import diffusers
 
-        text = json.dumps([torch.__version__, diffusers.__version__, *parts], sort_keys=True, default=str)
+        text = json.dumps([COUNT_VERSION, torch.__version__, diffusers.__version__, *parts], sort_keys=True,
+                          default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def get(self, key: str, compute: Callable[[], dict]) -> dict:

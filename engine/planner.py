@@ -5,7 +5,8 @@ Memory per rank (bf16 weights and activations, float32 VAE):
 - weights: every expert's parameters, counted on the meta device (engine/plan_model.py); the
   transformer blocks 1/N under shard_weights, ceil(layers/P)/layers of them on a PipeFusion
   stage; with offload only the expert in use (Wan 2.2 A14B) and no text encoder while denoising;
-- text encoders: resident, or (offload) on the GPU only while encoding;
+- text encoders: resident, or (offload) on the GPU only while encoding: then what encoding needs
+  beyond the denoising and decoding peaks;
 - activations: the peak of one block's forward at the rank's tokens, traced on the meta device;
   plus the attention kernel's log-sum-exp (float32 per query and head) and the collective's
   staging (Ulysses: its send and receive buffers, q/k/v-sized; Ring: the next K/V chunk);
@@ -171,16 +172,21 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
         kv = stale_kv_bytes(_shape(model), mode="pipefusion" if layout.pipefusion else "displaced",
                             patch=layout.patch, ulysses=layout.ulysses, branches=forwards)
     contexts = forwards * len(spec.experts)
-    per_token_state = {"fbcache": 2, "pab": 2 * model.attentions}.get(setting.cache, 0)
+    # pab keeps Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs.
+    per_token_state = {"fbcache": 2, "pab": model.attentions * (1 if spec.joint_text else 2)}.get(setting.cache, 0)
     cache = per_token_state * contexts * tokens * hidden * BF16
     denoise = model.activation_peak(tokens) + tokens * model.heads * 4 + staging
     vae_weights = sum(model.parameters("vae").values()) * 4
     untiled = layout.world == 1 and not (setting.vae_tiling or layout.vae_tiling)
     vae = model.vae_decode_peak(tiled=not untiled)
-    return {"weights": weights, "text encoders": 0 if layout.offload else encoders,
-            "activations": denoise, "stale K/V": kv, "cache state": cache, "VAE": vae_weights,
-            # The peak is the larger of denoising (above) and decoding (below), not their sum.
-            "VAE decode": max(0, vae - denoise - kv - cache)}
+    # The phases come one after another: the peak is the weights plus the largest phase, not the
+    # sum of all. Each entry after the denoising ones is what its phase needs beyond those before.
+    denoising = denoise + kv + cache
+    decode = max(0, vae - denoising)
+    # With offload the text encoders visit the GPU only to encode, beside the resident weights.
+    encode = max(0, encoders - denoising - decode) if layout.offload else encoders
+    return {"weights": weights, "text encoders": encode, "activations": denoise, "stale K/V": kv,
+            "cache state": cache, "VAE": vae_weights, "VAE decode": decode}
 
 
 def flops(model: RealModel, layout: Layout) -> dict[str, float]:

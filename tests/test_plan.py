@@ -89,9 +89,10 @@ def _rss_growth(fn) -> int:
 def test_activation_peak_matches_the_cpu_within_ten_percent():
     """One Wan block at 2048 tokens in float32 on the CPU: the peak the planner traces on the meta
     device (plus its attention workspace: float32 log-sum-exp per token and head) against the
-    resident memory the real forward adds. 10%: the resident set counts whole pages, the CPU
-    flash-attention kernel's per-thread scratch and allocator bookkeeping, none of which the
-    model counts; measured here at +3 to +5%."""
+    resident memory the real forward adds. In a fresh process they agree within 0.5% (69.04 MiB
+    predicted, 68.97 MiB measured); inside the test process the heap earlier tests fragmented
+    adds a few percent (+3 to +7% seen), hence 10%. The model leaves out whole-page rounding, the
+    CPU flash-attention kernel's per-thread scratch and allocator bookkeeping."""
     from diffusers import WanTransformer3DModel
 
     latent, config = (16, 2, 64, 64), dict(num_layers=1, ffn_dim=4096)
