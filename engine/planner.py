@@ -126,6 +126,8 @@ def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tupl
                 continue  # tiled anyway
             if model.heads % layout.ulysses:
                 refused.append((layout, f"heads not divisible: {model.heads} heads, ulysses {layout.ulysses}"))
+            elif layout.pipefusion and layout.patch > model.attentions:
+                refused.append((layout, f"PipeFusion needs a block per stage: {model.attentions} blocks"))
             elif layout.tokens_split > model.video_tokens:
                 refused.append((layout, f"more ranks than the {model.video_tokens} video tokens"))
             else:

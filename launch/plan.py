@@ -24,6 +24,8 @@ HUB_IDS = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V
            "hunyuanvideo-community/HunyuanVideo": "hunyuanvideo"}
 """The bundled recipes name these Hub ids; with no local copy, plan uses the published configs."""
 FILTERS = ("ulysses", "ring", "cfg", "patch")
+MAX_GPUS = 4096
+"""One engine over more GPUs than this is no plan anyone runs (and the search would be slow)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +132,8 @@ def plan_rows(model, setting: Setting, only: dict) -> tuple[list[Row], list]:
 def check_layouts(model, sampling, config, request: Request) -> tuple[Setting, list[Row], list]:
     """The ranked rows for the request, or the one-line error that says why there are none."""
     n = request.gpus
-    if n < 1:
-        raise UserError(f"--gpus must be at least 1, got {n}")
+    if not 1 <= n <= MAX_GPUS:
+        raise UserError(f"--gpus must be between 1 and {MAX_GPUS}, got {n}")
     if n % request.nodes:
         near = sorted({max(request.nodes, n // request.nodes * request.nodes), -(-n // request.nodes) * request.nodes})
         raise UserError(f"{n} GPUs do not split evenly over {request.nodes} nodes; nearest counts that do: "

@@ -189,7 +189,9 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         ([*tiny, "--gpus", "8", "--ulysses", "8"],
          "Ulysses degree 8 does not divide the model's 4 attention heads; Ulysses degrees that work on 8 GPUs: 1, 2, 4"),
         ([*tiny, "--gpus", "8", "--nodes", "3"], "8 GPUs do not split evenly over 3 nodes; nearest counts that do: 6 or 9"),
-        ([*tiny, "--gpus", "0"], "--gpus must be at least 1"),
+        ([*tiny, "--gpus", "0"], "--gpus must be between 1 and 4096, got 0"),
+        ([*tiny, "--gpus", "97"], "no layout uses 97 GPUs (more ranks than the 48 video tokens); nearest GPU "
+                                   "count that can: 96"),
         ([*tiny, "--gpus", "2", "--gpu", "v100"], "unknown GPU 'v100'; known: h100, h200, a100, l40s, l20"),
         ([*tiny, "--gpus", "2", "--interconnect", "ethernet"], "unknown interconnect 'ethernet'; known: nvlink, pcie, ib"),
         ([*tiny, "--gpus", "2", "--gpu", "l20", "--interconnect", "nvlink"], "L20 48GB has no NVLink"),
@@ -200,7 +202,9 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input(tiny_folder, counts, capsys):
-    for argv, message in _bad(tiny_folder("wan")):
+    folder = tiny_folder("wan")
+    capsys.readouterr()
+    for argv, message in _bad(folder):
         assert main([*argv, "--counts-cache", counts]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("unison: error: ") and "\n" not in err, err
