@@ -129,11 +129,12 @@ def test_ranking_says_why_layouts_lose():
     by_name = {row.layout.name(): row for row in rows}
     assert "communication-bound on PCIE" in "; ".join(by_name["ulysses 2 x cfg 2 +shard_weights"].reasons)
     assert "does not fit: 0.1 GiB > 0.1 GiB usable" in by_name["ring 2 x cfg 2"].reasons
-    assert "pipeline fill and drain each step" in "; ".join(by_name["pipefusion 4"].reasons)
+    assert "pipeline fill and drain each step" in "; ".join(by_name["cfg 2 x pipefusion 2"].reasons)
     fitting = sum(r.fits for r in rows)
     assert 0 < fitting < len(rows) and all(r.fits for r in rows[:fitting])  # what fits comes first
     # 2 heads: Ulysses 4 is refused, and says so.
     assert "heads not divisible: 2 heads, ulysses 4" in [why for _, why in refused]
+    assert "PipeFusion needs a block per stage: 2 blocks" in [why for _, why in refused]
     nvlink = dataclasses.replace(pcie, interconnect="nvlink")
     assert rank(model, nvlink)[0][0].video_s < best.video_s
 
