@@ -178,6 +178,11 @@ def _nearest_usable(model, sampling, config, request: Request) -> int | None:
     return None
 
 
+MEMORY_COLUMNS = ("weight", "text", "act", "K/V", "cache", "VAE")
+"""GiB per rank by part (engine/planner.memory): weights, text encoders, activations, stale K/V,
+cache state, and the VAE (its weights and what decoding needs beyond the denoising peak)."""
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f}" if n else "-"
 
@@ -206,18 +211,19 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
         f"  PROJECTION, {calibration.source}; communication at the link's bandwidth; text encoding and VAE "
         f"decode time not included",
         "",
-        f"  {'#':>3} {'layout':<44} {'fits':<4} {'GiB/rank':>8}  {'weights text act K/V cache VAE':<34} "
+        f"  {'#':>3} {'layout':<44} {'fits':<4} {'GiB/rank':>8}  {''.join(f'{c:>6}' for c in MEMORY_COLUMNS)}  "
         f"{'TFLOP/step':>10}  {'MiB/step sent (~ overlaps)':<30} {'s/step':>7} {'s/video':>8}  why not first",
     ]
     for i, row in enumerate(rows, 1):
         m = row.memory
-        parts = " ".join(_gib(m[k]) for k in ("weights", "text encoders", "activations", "stale K/V", "cache state"))
-        parts += " " + _gib(m["VAE"] + m["VAE decode"])
+        values = [m["weights"], m["text encoders"], m["activations"], m["stale K/V"], m["cache state"],
+                  m["VAE"] + m["VAE decode"]]
+        parts = "".join(f"{_gib(v):>6}" for v in values)
         sent = " ".join(f"{SENT_NAMES.get(k, k)} {v / 2**20:,.0f}" for k, v in row.sent.items()) or "-"
         mark = "*" if i == 1 and row.fits else " "
         why = "recommended" if i == 1 and row.fits else "; ".join(row.reasons)
         lines.append(f"  {i:>3}{mark}{row.layout.name():<44} {'yes' if row.fits else 'no':<4} {row.peak / 2**30:>8.1f}  "
-                     f"{parts:<34} {sum(row.flops.values()) / 1e12:>10,.0f}  {sent:<30} {row.step_s:>7.2f} "
+                     f"{parts}  {sum(row.flops.values()) / 1e12:>10,.0f}  {sent:<30} {row.step_s:>7.2f} "
                      f"{row.video_s:>8.0f}  {why}")
     if refused:
         lines += ["", "  refused by the engine:"]
