@@ -333,6 +333,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_sampling(sampling, spec)
     check_seeds(sampling, config.model)
     check_limits(sampling, spec, config.model)
+    if config.parallel.auto:
+        raise UserError("parallel.auto is resolved by `unison generate` and `unison batch` under torchrun, srun or "
+                        "one process; with --ray give the degrees (see `unison plan`)")
     check_parallel(config.parallel, world_size=world_size)
     if config.output.checkpoint_every < 0:
         raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {config.output.checkpoint_every}")

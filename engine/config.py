@@ -101,6 +101,11 @@ class ParallelConfig:
     output head: a few percent) stay whole on every rank. Combines with ulysses, ring, cfg and
     the step caches; not with patch parallelism. On one rank there is nothing to shard: the
     flag is accepted and changes nothing, so one recipe runs on any number of ranks."""
+    auto: bool = False
+    """Pick the layout `unison plan` recommends for the world size (`--parallel auto`): ulysses,
+    ring, cfg, patch, patch_mode and shard_weights (and model.offload, output.vae_tiling where
+    memory needs them) are set before the run, degrees above 1 given here are kept as
+    constraints, and the resolved config records the choice (with auto false)."""
     attention_backend: Literal["auto", "sdpa", "flash-attn", "sage", "xfuser"] = "auto"
     """Local attention kernel: auto (flash-attn on a GPU when installed, else torch's sdpa),
     sdpa, flash-attn, sage (SageAttention) or xfuser (xDiT's long-context attention); the last

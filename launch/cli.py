@@ -1,4 +1,4 @@
-"""The `unison` command line: generate, make-tiny.
+"""The `unison` command line: generate, batch, plan, slurm, make-tiny.
 
 Bad input is reported as one line on stderr with exit code 2, before any weights load. A result
 that could not be written (WriteFailed: the encoder failed, a full disk, a file-size limit) is one
@@ -91,8 +91,22 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             section, field_name = key.split(".")
             nested.setdefault(section, {})[field_name] = value
+    if getattr(args, "parallel", None) == "auto":
+        nested.setdefault("parallel", {})["auto"] = True
     config = config_from_dict(nested, base=config)
     return apply_overrides(config, args.set or [])
+
+
+def resolve_auto(config: RunConfig, *, world_size: int, rank: int) -> RunConfig:
+    """parallel.auto: the recommended layout for `world_size` ranks, named once on rank 0."""
+    if not config.parallel.auto:
+        return config
+    from unison.launch.plan import auto_layout
+
+    config, line = auto_layout(config, world_size=world_size)
+    if rank == 0:
+        print(f"unison: {line}", file=sys.stderr)
+    return config
 
 
 def _add_run_options(p, *, single: bool) -> None:
@@ -131,6 +145,8 @@ def _add_run_options(p, *, single: bool) -> None:
                    help="text encoders to the CPU after encoding; Wan 2.2's idle expert on the CPU")
     p.add_argument("--cache", metavar="KIND",
                    help=f"step cache: {', '.join(registry.names())} (its fields: --set cache.FIELD=…)")
+    p.add_argument("--parallel", choices=("auto",),
+                   help="auto: the layout `unison plan` recommends for the world size (degrees given are kept)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
     p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: local (start one on this machine), "
                    "auto (the cluster this node belongs to) or host:port")
@@ -176,6 +192,33 @@ def _add_slurm(sub) -> None:
     p.add_argument("--job-name", dest="job_name", default="unison")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory, FLOPs, bytes and projected time per rank of every layout over N GPUs",
+                       description="For every parallel layout over --gpus N: memory per rank (from shapes), FLOPs "
+                       "per step per rank (counted on the meta device), bytes per step per collective, and a "
+                       "projected time; ranked, the best that fits marked. Loads no weights and needs no GPU.")
+    p.add_argument("--family", help="a published model: wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, wan2.2-ti2v-5b, "
+                   "hunyuanvideo (its config.json values are built in)")
+    p.add_argument("--model", help="local diffusers-format model folder (its config files are read, not its weights)")
+    p.add_argument("--config", help="YAML run recipe (a path, or a name under configs/)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the engine")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs sit in (default 1)")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, l40s or l20 (default h100)")
+    p.add_argument("--interconnect", help="nvlink, pcie or ib inside a node (default: nvlink where the GPU has it)")
+    p.add_argument("--cache", help="step cache: none, fbcache or pab")
+    p.add_argument("--skip-share", dest="skip_share", type=float,
+                   help="share of steps the cache skips (default: fbcache 0.4, pab 0.35, both assumptions)")
+    for flag in ("height", "width", "frames", "steps"):
+        p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--guidance", type=float)
+    for axis in ("ulysses", "ring", "patch"):
+        p.add_argument(f"--{axis}", type=int, help=f"only layouts with this {axis} degree")
+    p.add_argument("--cfg-parallel", dest="cfg_parallel", type=int, choices=(1, 2), help="only layouts with this cfg degree")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")
+    p.add_argument("--counts-cache", dest="counts_cache", default=None,
+                   help="JSON file keeping counted FLOPs and peaks per shape (default ~/.cache/unison/plan-counts.json)")
+
+
 def _add_make_tiny(sub) -> None:
     from unison.engine.models import SPECS
 
@@ -195,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_slurm(sub)
+    _add_plan(sub)
     _add_make_tiny(sub)
     return p
 
@@ -220,7 +264,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_on_ray(build_config(args), address=args.ray, ranks_per_engine=args.ranks_per_engine,
                                dry_run=args.dry_run)
     env = DistEnv.detect()
-    plan = plan_run(build_config(args), world_size=env.world_size, local_rank=env.local_rank)
+    config = resolve_auto(build_config(args), world_size=env.world_size, rank=env.rank)
+    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
     if args.dry_run:
         if env.rank == 0:
             from unison.engine.build import parallel_dims
@@ -253,7 +298,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return batch_on_ray(config, jobs=args.jobs, out=args.out, address=args.ray, engines=args.engines,
                             ranks_per_engine=args.ranks_per_engine, max_retries=args.max_retries,
                             progress=args.progress)
-    return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress)
+    from unison.launch.dist import DistEnv
+
+    env = DistEnv.detect()
+    config = resolve_auto(config, world_size=env.world_size, rank=env.rank)
+    return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress,
+                       env=env)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -263,6 +313,31 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     check_request(request)
     # A bad recipe fails here, not hours later in the queue.
     print(render_script(request, load_yaml(_find_config(args.config))), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from unison.launch import plan
+
+    config = load_yaml(_find_config(args.config)) if args.config else RunConfig()
+    if args.family and args.model:
+        raise UserError("give --family or --model, not both")
+    config = config_from_dict({"model": {"path": args.model} if args.model else {},
+                               "sampling": {k: getattr(args, k) for k in ("height", "width", "frames", "steps",
+                                                                          "guidance") if getattr(args, k) is not None},
+                               "cache": {"kind": args.cache} if args.cache else {}}, base=config)
+    config = apply_overrides(config, args.set or [])
+    if args.family:  # a published model, whatever folder the recipe names
+        config = config_from_dict({"model": {"path": None}}, base=config)
+    only = {axis: v for axis, v in (("ulysses", args.ulysses), ("ring", args.ring), ("cfg", args.cfg_parallel),
+                                    ("patch", args.patch)) if v is not None}
+    request = plan.Request(gpus=args.gpus, nodes=args.nodes, gpu=args.gpu.lower(), interconnect=args.interconnect,
+                           family=args.family, skip_share=args.skip_share, only=only,
+                           **({"counts_cache": Path(args.counts_cache)} if args.counts_cache else {}))
+    plan.check_request(request)
+    model, sampling = plan.real_model(config, request)
+    setting, rows, refused = plan.check_layouts(model, sampling, config, request)
+    print(plan.format_plan(model, sampling, setting, rows, refused, plan.calibrated(request)))
     return 0
 
 
@@ -299,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # `unison` alone runs the embedded default
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"generate": cmd_generate, "batch": cmd_batch, "slurm": cmd_slurm, "make-tiny": cmd_make_tiny}
+    commands = {"generate": cmd_generate, "batch": cmd_batch, "slurm": cmd_slurm, "plan": cmd_plan,
+                "make-tiny": cmd_make_tiny}
     try:
         return commands[args.command](args)
     except UserError as err:

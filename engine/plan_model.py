@@ -1,0 +1,276 @@
+"""A model at real size, for `unison plan`: its components' configs (published, or read from a
+diffusers folder), and what the planner needs counted from them on the meta device: parameters,
+FLOPs per forward, activation peaks, the VAE decode peak (engine/meta_model.py does the counting).
+
+Published configs are the config.json files of the diffusers-format checkpoints on the Hugging
+Face Hub (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers, Wan2.2-T2V-A14B-Diffusers,
+Wan2.2-TI2V-5B-Diffusers, hunyuanvideo-community/HunyuanVideo); where a value equals the diffusers
+class default it is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unison.engine import meta_model
+from unison.engine.models import ModelSpec, get_spec, read_json
+from unison.errors import UserError
+
+Component = tuple[str, str, dict]
+"""(library, class name, config) of one pipeline component."""
+
+_WAN = dict(patch_size=[1, 2, 2], in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_UMT5_XXL = ("transformers", "UMT5EncoderModel", dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu"))
+_WAN_VAE = ("diffusers", "AutoencoderKLWan", {})
+_WAN22_VAE = ("diffusers", "AutoencoderKLWan", dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, is_residual=True,
+    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+    temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48))
+
+
+def _wan(**size) -> Component:
+    return ("diffusers", "WanTransformer3DModel", {**_WAN, **size})
+
+
+_WAN_14B = _wan(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+
+PUBLISHED: dict[str, tuple[str, dict[str, Component]]] = {
+    "wan2.1-1.3b": ("wan", {"transformer": _wan(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
+                                                num_layers=30),
+                            "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
+    "wan2.1-14b": ("wan", {"transformer": _WAN_14B, "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
+    "wan2.2-a14b": ("wan2.2", {"transformer": _WAN_14B, "transformer_2": _WAN_14B, "text_encoder": _UMT5_XXL,
+                               "vae": _WAN_VAE}),
+    "wan2.2-ti2v-5b": ("wan2.2-ti2v", {
+        "transformer": _wan(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30,
+                            in_channels=48, out_channels=48),
+        "text_encoder": _UMT5_XXL, "vae": _WAN22_VAE}),
+    "hunyuanvideo": ("hunyuanvideo", {
+        "transformer": ("diffusers", "HunyuanVideoTransformer3DModel", {}),
+        # llava-llama-3-8b's language model, the hidden states of which HunyuanVideo reads.
+        "text_encoder": ("transformers", "LlamaModel", dict(
+            vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)),
+        "text_encoder_2": ("transformers", "CLIPTextModel", dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768)),
+        "vae": ("diffusers", "AutoencoderKLHunyuanVideo", {})}),
+}
+ALIASES = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b"}
+"""Family names that name one published model (Wan 2.1 has two sizes: name one)."""
+
+
+def published(name: str) -> tuple[ModelSpec, dict[str, Component]]:
+    key = ALIASES.get(name, name)
+    if key not in PUBLISHED:
+        raise UserError(f"unknown model '{name}' for --family; known: {', '.join(PUBLISHED)}"
+                        + (" (Wan 2.1 comes in two sizes)" if name == "wan" else ""))
+    family, parts = PUBLISHED[key]
+    return get_spec(family), parts
+
+
+def from_folder(path: str, spec: ModelSpec, index: dict) -> dict[str, Component]:
+    """The components a diffusers folder names, with their config.json (no weights read)."""
+    parts = {}
+    for name in (*spec.experts, *spec.text_encoders, "vae"):
+        entry = index.get(name)
+        if not (isinstance(entry, list) and entry[0]):
+            continue
+        config = read_json(Path(path) / name / "config.json")
+        if not isinstance(config, dict):
+            raise UserError(f"{path}/{name}/config.json: expected a JSON object")
+        parts[name] = (entry[0], entry[1], config)
+    return parts
+
+
+def from_pipeline(pipe, spec: ModelSpec) -> dict[str, Component]:
+    """The components of a pipeline built in-process (the tiny presets), with their configs."""
+    parts = {}
+    for name in (*spec.experts, *spec.text_encoders, "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        library = type(module).__module__.split(".")[0]
+        config = dict(module.config) if library == "diffusers" else module.config.to_dict()
+        parts[name] = (library, type(module).__name__, config)
+    return parts
+
+
+@dataclass
+class RealModel:
+    """The counted facts of one model at one video size, cached per shape."""
+
+    spec: ModelSpec
+    parts: dict[str, Component]
+    latent: tuple[int, int, int, int]
+    """(channels, frames, height, width) of the latent video."""
+    text_tokens: int
+    cache: meta_model.CountCache = field(default_factory=lambda: meta_model.CountCache(None))
+    name: str = ""
+    """The published model's name, or the folder."""
+    dtype: torch.dtype = torch.bfloat16
+    """Of the transformer's weights and activations (bf16 on a GPU; float32 to compare with the CPU)."""
+
+    @property
+    def expert(self) -> dict[str, Any]:
+        return self.parts[self.spec.experts[0]][2]
+
+    def _module(self, name: str, **override) -> torch.nn.Module:
+        library, class_name, config = self.parts[name]
+        with meta_model.quiet_diffusers():
+            return meta_model.build(library, class_name, {**config, **override}).to(self.dtype)
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        p = self.expert.get("patch_size", 2)
+        if isinstance(p, (list, tuple)):
+            return tuple(p)
+        return (self.expert.get("patch_size_t", 1), p, p)
+
+    @property
+    def video_tokens(self) -> int:
+        _, f, h, w = self.latent
+        pt, ph, pw = self.patch
+        return (f // pt) * (h // ph) * (w // pw)
+
+    @property
+    def heads(self) -> int:
+        return int(self.expert.get("num_attention_heads", 24 if self.spec.joint_text else 40))
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.expert.get("attention_head_dim", 128))
+
+    @property
+    def attentions(self) -> int:
+        """Sequence-parallel attentions per forward (Wan: blocks; HunyuanVideo: dual + single)."""
+        if self.spec.joint_text:
+            return int(self.expert.get("num_layers", 20)) + int(self.expert.get("num_single_layers", 40))
+        return int(self.expert.get("num_layers", 40))
+
+    def parameters(self, name: str) -> dict[str, int]:
+        key = self.cache.key("params", self.parts[name])
+        blocks = self.spec.block_lists if name in self.spec.experts else ()
+        return self.cache.get(key, lambda: meta_model.parameters(self._module(name), blocks))
+
+    def _inputs(self, latent: tuple[int, int, int, int]) -> dict[str, Any]:
+        meta, bf16 = meta_model.META, self.dtype
+        c = self.expert
+        x = torch.empty(1, c.get("in_channels", 16), *latent[1:], device=meta, dtype=bf16)
+        if self.spec.joint_text:
+            return dict(hidden_states=x, timestep=torch.empty(1, device=meta),
+                        encoder_hidden_states=torch.empty(1, self.text_tokens, c.get("text_embed_dim", 4096),
+                                                          device=meta, dtype=bf16),
+                        encoder_attention_mask=torch.empty(1, self.text_tokens, device=meta, dtype=torch.bool),
+                        pooled_projections=torch.empty(1, c.get("pooled_projection_dim", 768), device=meta, dtype=bf16),
+                        guidance=torch.empty(1, device=meta), return_dict=False)
+        pt, ph, pw = self.patch
+        tokens = (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
+        # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
+        timestep = torch.empty(1, tokens, device=meta) if self.spec.family == "wan2.2-ti2v" else \
+            torch.empty(1, device=meta)
+        return dict(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.empty(
+            1, self.text_tokens, c.get("text_dim", 4096), device=meta, dtype=bf16), return_dict=False)
+
+    def _one_row(self) -> tuple[int, int, int, int]:
+        """The smallest latent of the same width: one frame, one row of patches."""
+        c, _, _, w = self.latent
+        pt, ph, _ = self.patch
+        return (c, pt, ph, w)
+
+    def flops(self, latent: tuple[int, int, int, int] | None = None) -> meta_model.FlopCount:
+        """FLOPs of one forward of the (first) expert at `latent` (default: the whole video)."""
+        latent = latent or self.latent
+        key = self.cache.key("flops", self.parts[self.spec.experts[0]], latent, self.text_tokens)
+
+        def count() -> dict:
+            module = self._module(self.spec.experts[0])
+            return meta_model.flop_dict(meta_model.count_flops(module, self._inputs(latent),
+                                                               block_lists=self.spec.block_lists))
+
+        return meta_model.FlopCount(**self.cache.get(key, count))
+
+    def flops_at(self, tokens: int) -> meta_model.FlopCount:
+        """One forward's projections and MLPs at `tokens` video tokens (a rank's shard), and the
+        whole video's attention. Projections and MLPs are linear in the tokens plus a part that
+        does not depend on them (text, timestep): both are read off two counted forwards, the
+        whole video and one row of patches, and evaluated at `tokens`."""
+        whole, row = self.flops(), self.flops(self._one_row())
+        row_tokens = self._one_row()[3] // self.patch[2]
+
+        def at(a: int, b: int) -> int:
+            return round(b + (a - b) * (tokens - row_tokens) / (self.video_tokens - row_tokens))
+
+        return meta_model.FlopCount(linear=at(whole.linear, row.linear), attention=whole.attention,
+                                    other=at(whole.other, row.other), blocks=whole.blocks)
+
+    def activation_peak(self, tokens: int) -> int:
+        """Peak bytes of one forward's activations with `tokens` video tokens on this rank, from
+        a one-block copy of the expert run on meta tensors (activations do not accumulate
+        across blocks without autograd; weights are not counted here)."""
+        c, _, h, w = self.latent
+        pt, ph, pw = self.patch
+        # Whole rows of patches, spread over as many frames as keep each frame within the
+        # video's height (the position tables end there): at most one row per frame too many.
+        rows = ceil_div(tokens, w // pw)
+        frames = ceil_div(rows, h // ph)
+        latent = (c, frames * pt, ph * ceil_div(rows, frames), w)
+        key = self.cache.key("activations", self.parts[self.spec.experts[0]], latent, self.text_tokens, str(self.dtype))
+        one_block = {"num_layers": 1, "num_single_layers": 1} if self.spec.joint_text else {"num_layers": 1}
+
+        def trace() -> dict:
+            module = self._module(self.spec.experts[0], **one_block)
+            kwargs = self._inputs(latent)
+            return {"bytes": meta_model.peak_bytes(lambda: module(**kwargs))}
+
+        return self.cache.get(key, trace)["bytes"]
+
+    def vae_decode_peak(self, *, tiled: bool) -> int:
+        """Peak bytes of decoding this video's latents in float32: whole, or (tiled) one 256-pixel
+        tile at every frame plus the decoded tiles and the blended video (both whole-video size)."""
+        library, class_name, config = self.parts["vae"]
+        z, f, h, w = self.latent
+        tile = 256 // self.spec.size_multiple * self.patch[1]  # latent pixels of a 256-pixel tile
+        latent = (1, z, f, min(h, tile), min(w, tile)) if tiled else (1, z, f, h, w)
+        key = self.cache.key("vae", self.parts["vae"], latent)
+
+        def trace() -> dict:
+            with meta_model.quiet_diffusers():
+                vae = meta_model.build(library, class_name, config)
+            x = torch.empty(latent, device=meta_model.META)
+            return {"bytes": meta_model.peak_bytes(lambda: vae.decode(x, return_dict=False))}
+
+        peak = self.cache.get(key, trace)["bytes"]
+        if tiled:
+            scale = self.spec.size_multiple // self.patch[1]
+            frames = (f - 1) * self.spec.temporal_factor + 1
+            peak += 2 * 3 * frames * h * scale * w * scale * 4
+        return peak
+
+
+def latent_shape(spec: ModelSpec, parts: dict[str, Component], *, height: int, width: int,
+                 frames: int) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) of the latents the pipeline prepares."""
+    vae = parts["vae"][2]
+    spatial = int(vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio") or 8)
+    temporal = spec.temporal_factor
+    channels = int(vae.get("z_dim") or vae.get("latent_channels") or 16)
+    return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["PUBLISHED", "RealModel", "published", "from_folder", "latent_shape", "gib", "ceil_div"]
