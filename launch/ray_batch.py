@@ -360,6 +360,10 @@ def connect(address: str, *, ranks: int) -> None:
     running one (`ray start --head` on the first node, `ray start --address` on the rest)."""
     import ray
 
+    # Each failed attempt is reported once, by the driver (the manifest, one warning line): the
+    # other ranks' calls of a torn-down engine end in errors nobody reads, and Ray would print
+    # each with its traceback, after the batch's last line, when the driver lets go of them.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if ray.is_initialized():
         return
     if address == "local":
