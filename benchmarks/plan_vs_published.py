@@ -23,24 +23,32 @@ from unison.engine.config import RunConfig, config_from_dict
 from unison.launch import plan
 
 HUNYUAN_720P = dict(width=1280, height=720, frames=129)
+WAN_720P = dict(width=1280, height=720, frames=81)
 ANCHORS = [
-    # name, published seconds, source, plan request, sampling, cache, the peer's layout
+    # name, published seconds, source, plan request (family included), sampling, cache, the peer's layout
     ("xDiT HunyuanVideo 1280x720x129, 50 steps, 1 x H100", 1904.0,
      "xDiT's published HunyuanVideo timings, as DESIGN.md quotes them",
-     dict(gpus=1, gpu="h100"), dict(steps=50, **HUNYUAN_720P), "none", {}),
+     dict(family="hunyuanvideo", gpus=1, gpu="h100"), dict(steps=50, **HUNYUAN_720P), "none", {}),
     ("xDiT HunyuanVideo 1280x720x129, 50 steps, 8 x H100, Ulysses 8", 338.0,
      "xDiT's published HunyuanVideo timings, as DESIGN.md quotes them (Ulysses, no cache)",
-     dict(gpus=8, gpu="h100"), dict(steps=50, **HUNYUAN_720P), "none", {"ulysses": 8}),
+     dict(family="hunyuanvideo", gpus=8, gpu="h100"), dict(steps=50, **HUNYUAN_720P), "none", {"ulysses": 8}),
     ("ParaAttention HunyuanVideo 1280x720x129, 30 steps, First-Block Cache, 8 x L20", 649.0,
      "ParaAttention's published HunyuanVideo timing, as DESIGN.md quotes it; its layout taken as Ulysses 8 "
      "(context parallelism over the 8 GPUs) and its size as the xDiT anchor's",
-     dict(gpus=8, gpu="l20", interconnect="pcie"), dict(steps=30, **HUNYUAN_720P), "fbcache", {"ulysses": 8}),
+     dict(family="hunyuanvideo", gpus=8, gpu="l20", interconnect="pcie"), dict(steps=30, **HUNYUAN_720P),
+     "fbcache", {"ulysses": 8}),
+    ("MagCache's Wan 2.1 T2V 14B 1280x720x81 baseline, 50 steps, 1 x A800", 3604.0,
+     "MagCache4Wan2.1 README (60m04s without a cache), as ../shared/cache-facts.md quotes it",
+     dict(family="wan2.1-14b", gpus=1, gpu="a800"), dict(steps=50, **WAN_720P), "none", {}),
+    ("EasyCache's Wan 2.1 T2V 14B 1280x720x81 baseline, 50 steps, 1 x H20", 6862.0,
+     "EasyCache README (6862 s without a cache), as ../shared/cache-facts.md quotes it",
+     dict(family="wan2.1-14b", gpus=1, gpu="h20"), dict(steps=50, **WAN_720P), "none", {}),
 ]
 
 
 def project(request: dict, sampling: dict, cache: str, only: dict):
     config = config_from_dict({"sampling": sampling, "cache": {"kind": cache}}, base=RunConfig())
-    req = plan.Request(family="hunyuanvideo", **request)
+    req = plan.Request(**request)
     model, resolved = plan.real_model(config, req)
     setting, rows, _ = plan.check_layouts(model, resolved, config, req)
     theirs = [r for r in rows if r.fits and all(getattr(r.layout, k) == v for k, v in only.items())]

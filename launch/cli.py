@@ -203,7 +203,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--config", help="YAML run recipe (a path, or a name under configs/)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the engine")
     p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs sit in (default 1)")
-    p.add_argument("--gpu", default="h100", help="h100, h200, a100, l40s or l20 (default h100)")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, a800, h20, l40s or l20 (default h100)")
     p.add_argument("--interconnect", help="nvlink, pcie or ib inside a node (default: nvlink where the GPU has it)")
     p.add_argument("--cache", help="step cache: none, fbcache or pab")
     p.add_argument("--skip-share", dest="skip_share", type=float,

@@ -193,7 +193,7 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         ([*tiny, "--gpus", "0"], "--gpus must be between 1 and 4096, got 0"),
         ([*tiny, "--gpus", "97"], "no layout uses 97 GPUs (more ranks than the 48 video tokens); nearest GPU "
                                    "count that can: 96"),
-        ([*tiny, "--gpus", "2", "--gpu", "v100"], "unknown GPU 'v100'; known: h100, h200, a100, l40s, l20"),
+        ([*tiny, "--gpus", "2", "--gpu", "v100"], "unknown GPU 'v100'; known: h100, h200, a100, a800, h20, l40s, l20"),
         ([*tiny, "--gpus", "2", "--interconnect", "ethernet"], "unknown interconnect 'ethernet'; known: nvlink, pcie, ib"),
         ([*tiny, "--gpus", "2", "--gpu", "l20", "--interconnect", "nvlink"], "L20 48GB has no NVLink"),
         (["plan", "--family", "wan", "--gpus", "2"], "Wan 2.1 comes in two sizes"),
