@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.base import CacheConfig, Kind, Site
+from unison.caching.stack import StackCache
 from unison.caching.magcache_presets import PRESETS
 
 
@@ -140,40 +141,26 @@ class _State:
     computing: bool = True
 
 
-class MagCache(Cache):
+class MagCache(StackCache):
     name = "magcache"
     decides = "schedule-only"
     state_type = _State
 
     def __init__(self, transformer, config: MagCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement):
-        if not blocks:
-            raise ValueError("MagCache needs the transformer's blocks")
-        super().__init__(transformer)
-        self.config, self.agreement = config, agreement
+        super().__init__(transformer, blocks=blocks, agreement=agreement)
+        self.config = config
         self.given = config.branch_ratios()
         self.ratios: dict[str, tuple[float, ...]] = {}
         """Each branch's ratios resampled to this video's steps (`begin_video`)."""
         self.first = 0
         """The retention step of this video."""
-        self._tuple_output = False
-        self.wrap(blocks[0], self._head)
-        for block in blocks[1:-1]:
-            self.wrap(block, self._middle)
-        if len(blocks) > 1:
-            self.wrap(blocks[-1], self._tail)
 
     def begin_video(self, *, steps: int) -> None:
         super().begin_video(steps=steps)
         self.ratios = {branch: resample(ratios, steps) for branch, ratios in self.given.items()}
         self.first = retention_step(self.config.retention_ratio, steps)
 
-    def extra_state(self) -> dict:
-        return {"tuple_output": self._tuple_output}
-
-    def load_extra_state(self, data: dict) -> None:
-        self._tuple_output = data["tuple_output"]  # a resumed video may skip before it computes
-
-    def _decide(self, state: _State) -> bool:
+    def _decide_forward(self, state: _State, args, kwargs) -> bool:
         if not self.ratios:
             raise RuntimeError("MagCache was not told the video's steps (Cache.begin_video)")
         if self.step < self.first:
@@ -187,40 +174,6 @@ class MagCache(Cache):
             return False
         state.ratio, state.steps, state.error = 1.0, 0, 0.0
         return True
-
-    def _head(self, original, *args, **kwargs):
-        state = self.state(_State)
-        compute = self._decide(state)
-        self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
-        self.record("forward", compute)
-        state.computing = compute
-        if compute:
-            state.head_input = args[0]
-            output = original(*args, **kwargs)
-            self._tuple_output = isinstance(output, tuple)
-            if len(self._wrapped) == 1:  # one block: head and tail at once
-                state.residual = (output[0] if self._tuple_output else output) - args[0]
-            return output
-        hidden = args[0] + state.residual
-        return (hidden, args[1]) if self._tuple_output else hidden
-
-    def _passthrough(self, args):
-        """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
-        return tuple(args[:2]) if self._tuple_output else args[0]
-
-    def _middle(self, original, *args, **kwargs):
-        if self.state(_State).computing:
-            return original(*args, **kwargs)
-        return self._passthrough(args)
-
-    def _tail(self, original, *args, **kwargs):
-        state = self.state(_State)
-        if not state.computing:
-            return self._passthrough(args)
-        output = original(*args, **kwargs)
-        state.residual = (output[0] if self._tuple_output else output) - state.head_input
-        state.head_input = None
-        return output
 
 
 def apply_mag_cache(transformer, config: MagCacheConfig, *, group=None, blocks: list[torch.nn.Module],

@@ -56,7 +56,8 @@ from typing import Callable
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.base import CacheConfig, Kind, Site
+from unison.caching.stack import StackCache
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class _State:
     computing: bool = True
 
 
-class TeaCache(Cache):
+class TeaCache(StackCache):
     name = "teacache"
     decides = "schedule-only"
     """Until the first forward shows a per-token indicator (then data-dependent)."""
@@ -212,27 +213,24 @@ class TeaCache(Cache):
                  valid_tokens: Callable[[], int | None] = lambda: None):
         if not blocks:
             raise ValueError("TeaCache needs the transformer's blocks")
-        self.indicator, self._tuple_output = indicator_for(blocks[0])
-        super().__init__(transformer)
+        indicator, tuple_output = indicator_for(blocks[0])
+        super().__init__(transformer, blocks=blocks, agreement=agreement)
+        self.indicator, self._tuple_output = indicator, tuple_output
         self.head = blocks[0]
-        self.config, self.agreement, self.valid_tokens = config, agreement, valid_tokens
+        self.config, self.valid_tokens = config, valid_tokens
         self.published = config.resolved()
         self.changes: list[tuple[int, str, float, float]] = []
         """(step, context, relative change, accumulated after it) per measured forward: to tune the threshold."""
-        self.wrap(blocks[0], self._head)
-        for block in blocks[1:-1]:
-            self.wrap(block, self._middle)
-        if len(blocks) > 1:
-            self.wrap(blocks[-1], self._tail)
 
     def reset(self) -> None:
         super().reset()
         self.changes = []
 
     def extra_state(self) -> dict:
-        return {"changes": list(self.changes)}
+        return {**super().extra_state(), "changes": list(self.changes)}
 
     def load_extra_state(self, data: dict) -> None:
+        super().load_extra_state(data)
         self.changes = list(data["changes"])
 
     def _forced(self, state: _State) -> bool:
@@ -261,22 +259,11 @@ class TeaCache(Cache):
         state.accumulated = 0.0
         return True
 
-    def _head(self, original, *args, **kwargs):
-        state = self.state(_State)
+    def _decide_forward(self, state: _State, args, kwargs) -> bool:
         current, split = self._read(args, kwargs)
         compute = self._decide(state, current, split)
-        self.agreement.check(compute, step=self.step, cache=self.name, context=self.context)
-        self.record("forward", compute)
-        state.computing = compute
-        if compute:
-            state.skips_in_row, state.head_input = 0, args[0]
-            output = original(*args, **kwargs)
-            if len(self._wrapped) == 1:  # one block: head and tail at once
-                state.residual = (output[0] if self._tuple_output else output) - args[0]
-            return output
-        state.skips_in_row += 1
-        hidden = args[0] + state.residual
-        return (hidden, args[1]) if self._tuple_output else hidden
+        state.skips_in_row = 0 if compute else state.skips_in_row + 1
+        return compute
 
     def _read(self, args, kwargs) -> tuple[torch.Tensor, bool]:
         current, split = self.indicator(self.head, args, kwargs)
@@ -286,24 +273,6 @@ class TeaCache(Cache):
             if rows is not None:
                 current = current[:, :rows]
         return current, split
-
-    def _passthrough(self, args):
-        """A skipped block's output: its inputs (hidden, and text for HunyuanVideo's blocks)."""
-        return tuple(args[:2]) if self._tuple_output else args[0]
-
-    def _middle(self, original, *args, **kwargs):
-        if self.state(_State).computing:
-            return original(*args, **kwargs)
-        return self._passthrough(args)
-
-    def _tail(self, original, *args, **kwargs):
-        state = self.state(_State)
-        if not state.computing:
-            return self._passthrough(args)
-        output = original(*args, **kwargs)
-        state.residual = (output[0] if self._tuple_output else output) - state.head_input
-        state.head_input = None
-        return output
 
 
 def apply_teacache(transformer, config: TeaCacheConfig, *, group=None, blocks: list[torch.nn.Module],
