@@ -174,8 +174,11 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
         kv = stale_kv_bytes(_shape(model), mode="pipefusion" if layout.pipefusion else "displaced",
                             patch=layout.patch, ulysses=layout.ulysses, branches=forwards)
     contexts = forwards * len(spec.experts)
-    # pab keeps Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs.
-    per_token_state = {"fbcache": 2, "pab": model.attentions * (1 if spec.joint_text else 2)}.get(setting.cache, 0)
+    # fbcache and dbcache keep two residuals per branch (the deciding one's and the reused one's),
+    # magcache and teacache the stack's residual (teacache's HunyuanVideo indicator one more); pab
+    # Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs.
+    per_token_state = {"fbcache": 2, "dbcache": 2, "magcache": 1, "teacache": 2 if spec.joint_text else 1,
+                       "pab": model.attentions * (1 if spec.joint_text else 2)}.get(setting.cache, 0)
     cache = per_token_state * contexts * tokens * hidden * BF16
     denoise = model.activation_peak(tokens) + tokens * model.heads * 4 + staging
     vae_weights = sum(model.parameters("vae").values()) * 4
@@ -244,13 +247,16 @@ def evaluate(model: RealModel, layout: Layout, setting: Setting) -> Row:
 
 
 def _skipped_share(model: RealModel, setting: Setting) -> float:
-    """Share of a step's work a cache skips, on average: fbcache skips every block but the first
-    on `skip_share` of the steps; pab skips attention (here counted as the attention FLOPs only)."""
+    """Share of a step's work a cache skips, on average: fbcache and dbcache (at its default F1B0)
+    skip every block but the first on `skip_share` of the steps; magcache and teacache the whole
+    block stack; pab skips attention (here counted as the attention FLOPs only)."""
     if setting.cache == "none" or setting.skip_share <= 0:
         return 0.0
     whole = model.flops()
-    if setting.cache == "fbcache":
+    if setting.cache in ("fbcache", "dbcache"):
         return setting.skip_share * whole.blocks * (model.attentions - 1) / model.attentions / whole.total
+    if setting.cache in ("magcache", "teacache"):
+        return setting.skip_share * whole.blocks / whole.total
     return setting.skip_share * whole.attention / whole.total
 
 

@@ -249,3 +249,19 @@ def test_a_gpu_suite_result_calibrates_the_projection(tmp_path):
     assert calibration.efficiency == pytest.approx(0.5, rel=1e-9)
     assert calibration.source.startswith("calibrated: 50% of the dense bf16 peak")
     assert "uncalibrated" in calibrated(Request(gpus=1, gpu="a100", results=tmp_path)).source
+
+
+def test_every_cache_kind_is_planned_by_what_it_skips(counts, capsys):
+    """At the same share of steps skipped, the kinds that skip the whole block stack (magcache,
+    teacache) project less time than those that run the first block (fbcache, dbcache), which
+    project less than pab (attention only) and no cache; each kind's state is in the memory column."""
+    def video_seconds(kind: str) -> float:
+        capsys.readouterr()
+        assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "1", "--cache", kind, "--skip-share", "0.5",
+                     "--counts-cache", counts]) == 0
+        best = next(line for line in capsys.readouterr().out.splitlines() if line[5:6] == "*")
+        return float(best.split()[-2].replace(",", ""))
+
+    seconds = {kind: video_seconds(kind) for kind in ("none", "pab", "fbcache", "dbcache", "magcache", "teacache")}
+    assert seconds["magcache"] == seconds["teacache"] < seconds["fbcache"] == seconds["dbcache"] \
+        < seconds["pab"] < seconds["none"], seconds
