@@ -38,6 +38,7 @@ residual of its own shard. Verify mode cross-checks the decisions anyway. Not un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -67,6 +68,9 @@ class MagCacheConfig(CacheConfig):
     branch too, unless mag_ratios_uncond is given), at least 2, resampled to the run's steps."""
     mag_ratios_uncond: tuple[float, ...] | None = None
     """The unconditional branch's ratios per step (null: mag_ratios)."""
+    calibrate: bool = False
+    """Measure this model's ratios instead (`unison calibrate --cache magcache`): never skips, and
+    records per branch mean(|r_t| / |r_t−1|) over the tokens, as diffusers' calibration mode."""
 
     def __post_init__(self):
         for name in ("mag_ratios", "mag_ratios_uncond"):  # a list from Python code: frozen, comparable
@@ -94,13 +98,15 @@ class MagCacheConfig(CacheConfig):
                 raise ValueError(f"{name} must be positive, got {min(ratios)}")
 
     def check_complete(self) -> None:
-        if self.preset is None and self.mag_ratios is None:
+        if self.preset is None and self.mag_ratios is None and not self.calibrate:
             raise ValueError(f"mag_ratios must be given: MagCache needs this model's per-step magnitude ratios; "
-                             f"set cache.preset (one of {', '.join(PRESETS)}) or cache.mag_ratios "
-                             f"(calibrating a model comes later)")
+                             f"set cache.preset (one of {', '.join(PRESETS)}) or cache.mag_ratios, or measure "
+                             f"them with `unison calibrate --cache magcache`")
 
     def branch_ratios(self) -> dict[str, tuple[float, ...]]:
         """{"cond": ..., "uncond": ...}: each branch's ratios as given (before resampling)."""
+        if self.calibrate:
+            return {"cond": (1.0, 1.0), "uncond": (1.0, 1.0)}  # never read: calibration computes every step
         if self.preset is not None:
             cond, uncond = PRESETS[self.preset].branches()
         else:
@@ -146,9 +152,12 @@ class MagCache(StackCache):
     decides = "schedule-only"
     state_type = _State
 
-    def __init__(self, transformer, config: MagCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement):
+    def __init__(self, transformer, config: MagCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement,
+                 valid_tokens: Callable[[], int | None] = lambda: None):
         super().__init__(transformer, blocks=blocks, agreement=agreement)
-        self.config = config
+        self.config, self.valid_tokens = config, valid_tokens
+        self.measured: dict[str, list[float]] = {}
+        """Calibrating: each branch's measured ratio per step."""
         self.given = config.branch_ratios()
         self.ratios: dict[str, tuple[float, ...]] = {}
         """Each branch's ratios resampled to this video's steps (`begin_video`)."""
@@ -163,7 +172,7 @@ class MagCache(StackCache):
     def _decide_forward(self, state: _State, args, kwargs) -> bool:
         if not self.ratios:
             raise RuntimeError("MagCache was not told the video's steps (Cache.begin_video)")
-        if self.step < self.first:
+        if self.step < self.first or self.config.calibrate:
             return True
         ratios = self.ratios.get(self.context, self.ratios["cond"])
         state.ratio *= ratios[self.step] if self.step < len(ratios) else 1.0
@@ -176,16 +185,46 @@ class MagCache(StackCache):
         return True
 
 
+    def _keep(self, state: _State, residual: torch.Tensor) -> None:
+        """Calibrating: the ratio of this residual's per-token norms to the branch's previous one,
+        averaged over the tokens (1.0 at the branch's first forward), as diffusers' calibration
+        mode measures it. Under sequence parallelism each rank sums its real tokens' ratios and
+        the sums and counts are added over the group (float64), so N ranks measure what one does."""
+        if self.config.calibrate:
+            ratio = 1.0
+            if state.residual is not None:
+                rows = self.valid_tokens()
+                now, before = (r if rows is None else r[:, :rows] for r in (residual, state.residual))
+                per_token = torch.linalg.norm(now.float(), dim=-1) / (torch.linalg.norm(before.float(), dim=-1) + 1e-8)
+                ratio = self.agreement.ratio(per_token.sum(dtype=torch.float64),
+                                             torch.tensor(float(per_token.numel()), dtype=torch.float64))
+            self.measured.setdefault(self.context, []).append(ratio)
+        super()._keep(state, residual)
+
+    def reset(self) -> None:
+        super().reset()
+        self.measured = {}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "measured": {k: list(v) for k, v in self.measured.items()}}
+
+    def load_extra_state(self, data: dict) -> None:
+        super().load_extra_state(data)
+        self.measured = {k: list(v) for k, v in data.get("measured", {}).items()}
+
+
 def apply_mag_cache(transformer, config: MagCacheConfig, *, group=None, blocks: list[torch.nn.Module],
-                    stats=None) -> MagCache:
-    """Apply MagCache to `transformer`'s `blocks` (in execution order). `group` is only used by
-    verify mode (decisions need no agreement)."""
-    return MagCache(transformer, config, blocks=blocks, agreement=Agreement(group=group, stats=stats,
-                                                                            verify=config.verify))
+                    valid_tokens: Callable[[], int | None] = lambda: None, stats=None) -> MagCache:
+    """Apply MagCache to `transformer`'s `blocks` (in execution order). `group`: the ranks sharing
+    the blocks' collectives, used by verify mode and by calibration's sums (decisions need no
+    agreement); `valid_tokens()`: real tokens at the start of this rank's shard."""
+    return MagCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
+                    agreement=Agreement(group=group, stats=stats, verify=config.verify))
 
 
 def _attach(transformer, config: MagCacheConfig, site: Site) -> MagCache:
-    return apply_mag_cache(transformer, config, group=site.group, blocks=site.blocks, stats=site.stats)
+    return apply_mag_cache(transformer, config, group=site.group, blocks=site.blocks, valid_tokens=site.valid_tokens,
+                           stats=site.stats)
 
 
 KIND = Kind(name="magcache", title="MagCache", config=MagCacheConfig, attach=_attach, decides=MagCache.decides)

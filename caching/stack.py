@@ -36,6 +36,10 @@ class StackCache(Cache):
         """Compute (True) or reuse the residual, the same on every rank of the agreement group."""
         raise NotImplementedError
 
+    def _keep(self, state, residual: torch.Tensor) -> None:
+        """A computed forward's stack residual becomes the branch's (a kind may look at it first)."""
+        state.residual = residual
+
     def extra_state(self) -> dict:
         return {"tuple_output": self._tuple_output}
 
@@ -53,7 +57,7 @@ class StackCache(Cache):
             output = original(*args, **kwargs)
             self._tuple_output = isinstance(output, tuple)
             if len(self._wrapped) == 1:  # one block: head and tail at once
-                state.residual = (output[0] if self._tuple_output else output) - args[0]
+                self._keep(state, (output[0] if self._tuple_output else output) - args[0])
             return output
         hidden = args[0] + state.residual
         return (hidden, args[1]) if self._tuple_output else hidden
@@ -72,6 +76,6 @@ class StackCache(Cache):
         if not state.computing:
             return self._passthrough(args)
         output = original(*args, **kwargs)
-        state.residual = (output[0] if self._tuple_output else output) - state.head_input
+        self._keep(state, (output[0] if self._tuple_output else output) - state.head_input)
         state.head_input = None
         return output

@@ -1,4 +1,4 @@
-"""The `unison` command line: generate, batch, plan, slurm, make-tiny.
+"""The `unison` command line: generate, calibrate, batch, plan, slurm, make-tiny.
 
 Bad input is reported as one line on stderr with exit code 2, before any weights load. A result
 that could not be written (WriteFailed: the encoder failed, a full disk, a file-size limit) is one
@@ -154,6 +154,14 @@ def _add_run_options(p, *, single: bool) -> None:
                    help="with --ray: ranks (GPUs) per engine (default: the product of the parallel degrees)")
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure a model's MagCache ratios and write them as a recipe",
+                       description="Render once without skipping and write the MagCache ratios measured per "
+                       "step and branch as a YAML recipe (then: unison --config FILE).")
+    _add_run_options(p, single=True)
+    p.add_argument("--out", required=True, help="the recipe to write (YAML)")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="render one video", description="Render one video.")
     _add_run_options(p, single=True)
@@ -236,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unison", description="Render video with diffusion transformers.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    _add_calibrate(sub)
     _add_batch(sub)
     _add_slurm(sub)
     _add_plan(sub)
@@ -285,6 +294,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if env.rank == 0:
         print(result.summary())
     return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from unison.launch.cache_calibration import run
+    from unison.launch.dist import DistEnv
+
+    if args.ray:
+        raise UserError("calibrate runs in one process or under torchrun, not --ray")
+    return run(build_config(args), args.out, DistEnv.detect())
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -374,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # `unison` alone runs the embedded default
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"generate": cmd_generate, "batch": cmd_batch, "slurm": cmd_slurm, "plan": cmd_plan,
-                "make-tiny": cmd_make_tiny}
+    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "batch": cmd_batch, "slurm": cmd_slurm,
+                "plan": cmd_plan, "make-tiny": cmd_make_tiny}
     try:
         return commands[args.command](args)
     except UserError as err:

@@ -206,3 +206,74 @@ def test_a_preset_gives_each_branch_its_own_ratios_resampled_to_the_run():
         expected = _rule(resample(ratios, 6), range(6), steps=6, **settings)
         assert [d[-1] for d in result.cache_decisions["transformer"] if d[1] == context] == expected, context
         assert True in expected and False in expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration (`unison calibrate --cache magcache`).
+
+def _calibrate(rank, world, folder: str, out: str, extra: list[str]):
+    """The CLI's calibration run on this rank (the pool's group stands in for the launcher's)."""
+    from unison.launch.cache_calibration import run
+    from unison.launch.cli import build_config, parser
+    from unison.launch.dist import DistEnv
+
+    args = parser().parse_args(["calibrate", "--model", folder, "--cache", "magcache", "--steps", "5", "--height", "48",
+                                "--width", "64", "--frames", "9", "--seed", "1", "--out", out,
+                                "--set", "output.progress=false", *extra])
+    return run(build_config(args), out, DistEnv(rank=rank, world_size=world))
+
+
+def test_calibration_measures_what_diffusers_measures_and_n_ranks_write_the_same_file(tiny_folder, tmp_path,
+                                                                                      monkeypatch):
+    from diffusers import WanPipeline
+    from diffusers.hooks import MagCacheConfig as DiffusersConfig
+    from diffusers.hooks.mag_cache import MagCacheBlockHook, apply_mag_cache
+
+    from multirank import run_ranks
+    from unison.engine.config import load_yaml
+
+    folder = tiny_folder("wan")
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    assert _calibrate(0, 1, folder, str(one), []) == 0
+    ours = load_yaml(one).cache
+    assert len(ours.mag_ratios) == 5 and ours.mag_ratios[0] == 1.0 and ours.mag_ratios_uncond is not None
+
+    # diffusers' calibration mode on the same model and run: one list per cache context.
+    measured: dict[int, list[float]] = {}
+    step = MagCacheBlockHook._perform_calibration_step
+
+    def record(hook, state, residual):
+        step(hook, state, residual)
+        measured.setdefault(id(state), []).append(state.calibration_ratios[-1])
+
+    monkeypatch.setattr(MagCacheBlockHook, "_perform_calibration_step", record)
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    apply_mag_cache(pipe.transformer, DiffusersConfig(calibrate=True, num_inference_steps=5))
+    sampling = load_yaml(one).sampling
+    pipe(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=48, width=64, num_frames=9,
+         num_inference_steps=5, guidance_scale=sampling.guidance, max_sequence_length=sampling.max_sequence_length,
+         generator=torch.Generator().manual_seed(1), output_type="latent")
+    cond, uncond = measured.values()  # contexts in the order they first ran: cond, then uncond
+    assert ours.mag_ratios == pytest.approx(cond, rel=1e-6) and ours.mag_ratios_uncond == pytest.approx(uncond, rel=1e-6)
+
+    # Ulysses 2: the sums of both shards make the same ratios, so the same file.
+    run_ranks(2, _calibrate, folder, str(two), ["--ulysses", "2"])
+    assert two.read_text().replace("ulysses: 2", "ulysses: 1") == one.read_text()
+    # The recipe renders (the ratios resampled to its steps) and MagCache skips with it.
+    result = Engine.from_config(dataclasses.replace(load_yaml(one), output=OutputConfig(decode=False, progress=False),
+                                                    cache=dataclasses.replace(ours, threshold=0.5))).render()
+    assert False in [d[-1] for d in result.cache_decisions["transformer"]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cache", "teacache"], "calibrate: --cache magcache is the kind that can be calibrated"),
+    (["--cache", "magcache", "--cfg-parallel"], "calibrate runs under Ulysses and Ring only"),
+])
+def test_calibration_bad_input_is_one_line(tmp_path, capsys, extra, message):
+    from unison.launch.cli import main
+
+    assert main(["calibrate", "--out", str(tmp_path / "r.yaml"), "--steps", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r.yaml").exists()
