@@ -102,6 +102,9 @@ class Cache:
     name = "cache"
     decides: Literal["schedule-only", "data-dependent"] = "data-dependent"
     """How its decisions are made (see the module docstring)."""
+    issues_collectives = True
+    """Whether its data-dependent decisions send anything: False for a kind that decides on tensors
+    every rank holds whole (EasyCache without CFG parallelism)."""
     unit = "forwards"
     """What one decision is about, for the summary line (forwards, attention calls)."""
     saves = "block"

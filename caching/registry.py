@@ -11,6 +11,8 @@ entry (caching/base.py's `Kind`); adding one is a new module and one line below.
 |          | the timestep modulation); data-dependent on HunyuanVideo and    |             |
 |          | Wan 2.2 TI2V-5B (the indicator is split with the tokens)        |             |
 | dbcache  | data-dependent (a static step mask's skips: schedule-only)      | dbcache.py  |
+| easycache| data-dependent, on the whole latents every rank holds (no       | easycache.py|
+|          | collective); agreed over both halves under CFG parallelism      |             |
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import dataclasses
 
 import torch
 
-from unison.caching import dbcache, fbcache, magcache, pab, teacache
+from unison.caching import dbcache, easycache, fbcache, magcache, pab, teacache
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
 
 NONE = "none"
 KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND, teacache.KIND,
-                                                               dbcache.KIND)}
+                                                               dbcache.KIND, easycache.KIND)}
 """Every cache kind by name, in the order they are listed to users."""
 
 

@@ -176,7 +176,8 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     contexts = forwards * len(spec.experts)
     # fbcache and dbcache keep two residuals per branch (the deciding one's and the reused one's),
     # magcache and teacache the stack's residual (teacache's HunyuanVideo indicator one more); pab
-    # Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs.
+    # Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs; easycache
+    # latent-sized tensors only (nothing per token at the hidden size).
     per_token_state = {"fbcache": 2, "dbcache": 2, "magcache": 1, "teacache": 2 if spec.joint_text else 1,
                        "pab": model.attentions * (1 if spec.joint_text else 2)}.get(setting.cache, 0)
     cache = per_token_state * contexts * tokens * hidden * BF16
@@ -249,7 +250,8 @@ def evaluate(model: RealModel, layout: Layout, setting: Setting) -> Row:
 def _skipped_share(model: RealModel, setting: Setting) -> float:
     """Share of a step's work a cache skips, on average: fbcache and dbcache (at its default F1B0)
     skip every block but the first on `skip_share` of the steps; magcache and teacache the whole
-    block stack; pab skips attention (here counted as the attention FLOPs only)."""
+    block stack; easycache the whole transformer; pab skips attention (here counted as the
+    attention FLOPs only)."""
     if setting.cache == "none" or setting.skip_share <= 0:
         return 0.0
     whole = model.flops()
@@ -257,6 +259,8 @@ def _skipped_share(model: RealModel, setting: Setting) -> float:
         return setting.skip_share * whole.blocks * (model.attentions - 1) / model.attentions / whole.total
     if setting.cache in ("magcache", "teacache"):
         return setting.skip_share * whole.blocks / whole.total
+    if setting.cache == "easycache":  # the whole transformer
+        return setting.skip_share
     return setting.skip_share * whole.attention / whole.total
 
 

@@ -10,8 +10,10 @@ Ring 2, CFG 2, CFG 2 x Ulysses 2 and patch 2 (warm-up over every step, so exact)
 on, every rank takes the one-rank schedule step for step and reaches the one-rank latents. A
 schedule-only cache issues no collective for its decisions (the all-reduces and all-gathers of a
 render are those of no cache); a data-dependent one agrees by all-reduced sums. Which it is, is
-what the applied cache says (`Cache.decides`): TeaCache's depends on the model. The multi-rank
-cases run in two calls of the shared rank pool.
+what the applied cache says (`Cache.decides`): TeaCache's depends on the model. EasyCache's are
+data-dependent but read tensors every rank holds whole: without CFG parallelism it says it issues
+no collective (`issues_collectives`) and adds none (a skipped forward also skips the output's
+gather). The multi-rank cases run in two calls of the shared rank pool.
 
 A new kind adds its two settings to SETTINGS below.
 """
@@ -75,6 +77,13 @@ SETTINGS = {
                         mixed={"wan": CacheConfig(kind="dbcache", threshold=0.115, front_blocks=1, back_blocks=1),
                                "hunyuanvideo": CacheConfig(kind="dbcache", threshold=0.36, front_blocks=2,
                                                            back_blocks=1)}),
+    # Steps 0 and 1 compute (warm-up, then k is unknown until two computes); the accumulated
+    # prediction at step 2 is ~0.28 (Wan) / ~0.18 (HunyuanVideo) and skips, Wan's step 3 reaches
+    # ~0.63 and computes.
+    "easycache": Settings(never=CacheConfig(kind="easycache", threshold=0.0),
+                          mixed={family: CacheConfig(kind="easycache", threshold=threshold, warmup_steps=1,
+                                                     compute_last=False)
+                                 for family, threshold in (("wan", 0.4), ("hunyuanvideo", 0.3))}),
 }
 KINDS = list(registry.KINDS)
 
@@ -203,7 +212,9 @@ def _lockstep_ranks(rank, world, runs, folder):
         engine = Engine.from_config(config, world_size=world)
         for cache in caches:
             result = engine.render(dataclasses.replace(config, cache=cache))
-            decides = {name: c.decides for name, c in engine.caches.items()}  # a kind may decide by model
+            # A kind may decide by model; EasyCache decides on data every rank holds whole (no message).
+            decides = {name: "whole-tensors" if not c.issues_collectives else c.decides
+                       for name, c in engine.caches.items()}
             out.append((result.latents, result.cache_decisions, dict(result.comm_calls), decides))
         for cache in resumed:
             stopped = dataclasses.replace(config, cache=cache, output=dataclasses.replace(
@@ -289,5 +300,8 @@ def test_lockstep_every_kind_every_layout(world, one_rank, tmp_path):
                 if decides["transformer"] == "schedule-only":  # as the applied cache says (Cache.decides)
                     assert mine.get("all_reduce", 0) == none.get("all_reduce", 0), kind
                     assert mine.get("all_gather", 0) == none.get("all_gather", 0), kind
+                elif decides["transformer"] == "whole-tensors":  # data every rank holds: nothing added
+                    assert mine.get("all_reduce", 0) <= none.get("all_reduce", 0), kind
+                    assert mine.get("all_gather", 0) < none.get("all_gather", 0), kind
                 else:
                     assert mine.get("all_reduce", 0) > none.get("all_reduce", 0), kind

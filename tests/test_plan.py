@@ -262,6 +262,8 @@ def test_every_cache_kind_is_planned_by_what_it_skips(counts, capsys):
         best = next(line for line in capsys.readouterr().out.splitlines() if line[5:6] == "*")
         return float(best.split()[-2].replace(",", ""))
 
-    seconds = {kind: video_seconds(kind) for kind in ("none", "pab", "fbcache", "dbcache", "magcache", "teacache")}
-    assert seconds["magcache"] == seconds["teacache"] < seconds["fbcache"] == seconds["dbcache"] \
-        < seconds["pab"] < seconds["none"], seconds
+    kinds = ("none", "pab", "fbcache", "dbcache", "magcache", "teacache", "easycache")
+    seconds = {kind: video_seconds(kind) for kind in kinds}
+    # easycache skips the embeddings and head too: less than the printed second's worth more.
+    assert seconds["easycache"] <= seconds["magcache"] == seconds["teacache"] < seconds["fbcache"] \
+        == seconds["dbcache"] < seconds["pab"] < seconds["none"], seconds
