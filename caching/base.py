@@ -58,6 +58,15 @@ class CacheConfig(metaclass=_ByKind):
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
 
+    def at_least(self, *, nullable: bool = False, **bounds: float) -> None:
+        """ValueError (one line) for the first field below its bound; with `nullable` a None passes."""
+        for name, low in bounds.items():
+            value = getattr(self, name)
+            if value is None and nullable:
+                continue
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}{' (or null)' if nullable else ''}, got {value}")
+
     def check_complete(self) -> None:
         """Checks that need the whole config (not one field at a time, as `--set` builds it):
         ValueError, one line. Called before anything loads."""

@@ -54,12 +54,8 @@ class DBCacheConfig(FirstBlockCacheConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.front_blocks < 1:
-            raise ValueError(f"front_blocks must be at least 1, got {self.front_blocks}")
-        if self.back_blocks < 0:
-            raise ValueError(f"back_blocks must be at least 0, got {self.back_blocks}")
-        if self.max_cached_steps is not None and self.max_cached_steps < 0:
-            raise ValueError(f"max_cached_steps must be at least 0 (or null), got {self.max_cached_steps}")
+        self.at_least(front_blocks=1, back_blocks=0)
+        self.at_least(max_cached_steps=0, nullable=True)
         if self.step_mask is not None and (not self.step_mask or any(m not in (0, 1) for m in self.step_mask)):
             raise ValueError(f"step_mask must be a list of 0 and 1 (1: the step computes), got {list(self.step_mask)}")
         if self.mask_policy not in ("dynamic", "static"):

@@ -58,12 +58,8 @@ class FirstBlockCacheConfig(CacheConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.threshold < 0:
-            raise ValueError(f"threshold must be at least 0, got {self.threshold}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
-        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be at least 1 (or null), got {self.max_consecutive_skips}")
+        self.at_least(threshold=0, warmup_steps=0)
+        self.at_least(max_consecutive_skips=1, nullable=True)
 
 
 @dataclass

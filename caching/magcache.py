@@ -77,10 +77,7 @@ class MagCacheConfig(CacheConfig):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(float(r) for r in getattr(self, name)))
         super().__post_init__()
-        if self.threshold < 0:
-            raise ValueError(f"threshold must be at least 0, got {self.threshold}")
-        if self.max_skip_steps < 0:
-            raise ValueError(f"max_skip_steps must be at least 0, got {self.max_skip_steps}")
+        self.at_least(threshold=0, max_skip_steps=0)
         if not 0 <= self.retention_ratio <= 1:
             raise ValueError(f"retention_ratio must be between 0 and 1, got {self.retention_ratio}")
         if self.preset is not None and self.preset not in PRESETS:

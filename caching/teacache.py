@@ -128,10 +128,7 @@ class TeaCacheConfig(CacheConfig):
         if self.coefficients is not None and len(self.coefficients) - 1 not in DEGREES:
             raise ValueError(f"coefficients needs 5 values (a 4th-degree polynomial, highest power first) or 6 "
                              f"(5th degree), got {len(self.coefficients)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be at least 0 (or null), got {self.warmup_steps}")
-        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be at least 1 (or null), got {self.max_consecutive_skips}")
+        self.at_least(warmup_steps=0, max_consecutive_skips=1, nullable=True)
 
     def check_complete(self) -> None:
         if self.preset is None and self.coefficients is None:
