@@ -92,9 +92,12 @@ class PyramidAttentionBroadcast(Cache):
             self.agreement.check(compute, step=self.step, cache=f"{self.name} {kind}-attention {index}",
                                  context=self.context)
             self.record(kind, compute)
-            if compute:
-                state.outputs[index] = original(*args, **kwargs)
-            return state.outputs[index]
+            if not compute:
+                return state.outputs[index]
+            output = original(*args, **kwargs)
+            if skip not in (None, 1):  # an output this kind never reuses is not kept (nor checkpointed)
+                state.outputs[index] = output
+            return output
 
         return forward
 
