@@ -44,7 +44,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import CacheConfig, Kind, Site
-from unison.caching.stack import StackCache
+from unison.caching.stack import StackCache, StackState
 from unison.caching.magcache_presets import PRESETS
 
 
@@ -131,17 +131,13 @@ def retention_step(retention_ratio: float, steps: int) -> int:
 
 
 @dataclass
-class _State:
+class _State(StackState):
     ratio: float = 1.0
     """The product of the ratios since the last computed step."""
     steps: int = 0
     """Steps accumulated since then."""
     error: float = 0.0
     """Σ |1 − ratio| since then."""
-    residual: object = None
-    """The block stack's residual (hidden states only) at the last computed step."""
-    head_input: object = None
-    computing: bool = True
 
 
 class MagCache(StackCache):

@@ -4,16 +4,29 @@ The first block's wrapper asks the kind whether this forward computes (`_decide_
 the branch's state and the first block's inputs); the answer is cross-checked in verify mode and
 logged. A computed forward runs every block and keeps the stack's residual (last block's output
 minus first block's input, hidden states only) in the branch's state; a skipped one returns the
-first block's input plus that residual and passes the other blocks through untouched. The state
-class of a kind using it has `residual`, `head_input` and `computing`.
+first block's input plus that residual and passes the other blocks through untouched. A kind's
+per-branch state subclasses `StackState`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache
+
+
+@dataclass
+class StackState:
+    """What the stack reuse keeps per branch (a kind adds its decision's own fields)."""
+
+    residual: object = None
+    """The block stack's residual (hidden states only) at the last computed forward."""
+    head_input: object = None
+    """The first block's input, from the head to the tail of a computed forward."""
+    computing: bool = True
 
 
 class StackCache(Cache):

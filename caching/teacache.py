@@ -57,7 +57,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import CacheConfig, Kind, Site
-from unison.caching.stack import StackCache
+from unison.caching.stack import StackCache, StackState
 
 
 @dataclass(frozen=True)
@@ -188,16 +188,12 @@ _LOCAL = Agreement()
 
 
 @dataclass
-class _State:
+class _State(StackState):
     previous: object = None
     """The indicator at this branch's previous forward (this rank's real tokens where split)."""
     accumulated: float = 0.0
     """Σ poly(rel) since the last computed forward."""
     skips_in_row: int = 0
-    residual: object = None
-    """The block stack's residual (hidden states only) at the last computed forward."""
-    head_input: object = None
-    computing: bool = True
 
 
 class TeaCache(StackCache):
