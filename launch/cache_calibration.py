@@ -58,12 +58,13 @@ def run(config: RunConfig, out: str | Path, env) -> int:
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; give the recipe's file name")
+    if len(plan.spec.experts) > 1:  # before anything loads
+        raise UserError("calibrate: models with two experts (Wan 2.2 A14B) are not calibrated yet")
     with env.joined(timeout_s=plan.config.parallel.timeout_s, placement=plan.placement):
         engine = Engine(plan)
         engine.render()
-        measured = next(iter(engine.caches.values())).measured if len(engine.caches) == 1 else None
-    if measured is None:
-        raise UserError("calibrate: models with two experts (Wan 2.2 A14B) are not calibrated yet")
+        [cache] = engine.caches.values()
+        measured = cache.measured
     if env.rank == 0:
         result = recipe(dataclasses.replace(plan.config, output=config.output), measured)
         commit(text_write(out, "# MagCache ratios measured by `unison calibrate` (one per step and branch)\n"

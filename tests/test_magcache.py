@@ -269,6 +269,7 @@ def test_calibration_measures_what_diffusers_measures_and_n_ranks_write_the_same
 @pytest.mark.parametrize("extra, message", [
     (["--cache", "teacache"], "calibrate: --cache magcache is the kind that can be calibrated"),
     (["--cache", "magcache", "--cfg-parallel"], "calibrate runs under Ulysses and Ring only"),
+    (["--cache", "magcache", "--set", "model.family=wan2.2"], "calibrate: models with two experts"),
 ])
 def test_calibration_bad_input_is_one_line(tmp_path, capsys, extra, message):
     from unison.launch.cli import main
