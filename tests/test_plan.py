@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,51 +70,52 @@ def test_weights_bytes_equal_the_built_tiny_preset():
     assert counted["blocks"] == sum(p.numel() for p in pipe.transformer.blocks.parameters())
 
 
-def _rss_growth(fn) -> int:
-    """Growth of this process's peak resident memory while `fn` runs (VmHWM after, VmRSS before),
-    with glibc returning every buffer over 64 KiB to the system when it is freed, and the free
-    pages it still holds returned before `fn` starts."""
-    def status(name: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name + ":"))
+_MEASURE = """
+import ctypes, json, sys
+import torch
+from diffusers import WanTransformer3DModel
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)  # free pages that earlier tests left in the heap go back: reuse shows as growth
+def status(name):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name + ":"))
+
+config, latent = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+block = WanTransformer3DModel(**config).eval()
+kwargs = dict(hidden_states=torch.randn(1, *latent), timestep=torch.tensor([500.0]),
+              encoder_hidden_states=torch.randn(1, 32, 32), return_dict=False)
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: every buffer over 64 KiB goes back when freed
+with torch.no_grad():
+    block(**kwargs)  # lazy initialisation out of the way
+    libc.malloc_trim(0)
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    fn()
-    return status("VmHWM") - before
+    block(**kwargs)
+print(status("VmHWM") - before)
+"""
+"""Peak resident growth of one forward, in a process of its own: inside the test process the heap
+that earlier tests fragmented added +3 to +11% (one CI run failed a 10% bound on it)."""
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL("libc.so.6"), "mallopt"), reason="needs glibc")
-def test_activation_peak_matches_the_cpu_within_ten_percent():
+def test_activation_peak_matches_the_cpu_within_five_percent():
     """One Wan block at 2048 tokens in float32 on the CPU: the peak the planner traces on the meta
     device (plus its attention workspace: float32 log-sum-exp per token and head) against the
-    resident memory the real forward adds. In a fresh process they agree within 0.5% (69.04 MiB
-    predicted, 68.97 MiB measured); inside the test process the heap earlier tests fragmented
-    adds a few percent (+3 to +7% seen), hence 10%. The model leaves out whole-page rounding, the
-    CPU flash-attention kernel's per-thread scratch and allocator bookkeeping."""
-    from diffusers import WanTransformer3DModel
-
+    resident memory the real forward adds, measured in a fresh process (69.04 MiB predicted,
+    68.87 to 68.97 MiB measured). The model leaves out whole-page rounding, the CPU flash-attention
+    kernel's per-thread scratch and allocator bookkeeping."""
     latent, config = (16, 2, 64, 64), dict(num_layers=1, ffn_dim=4096)
     model = small_model(latent, text=32, dtype=torch.float32, **config)
     tokens = model.video_tokens
     predicted = model.activation_peak(tokens) + tokens * 2 * 4
-    torch.manual_seed(0)
-    block = WanTransformer3DModel(**{**SMALL, **config}).eval()
-    kwargs = dict(hidden_states=torch.randn(1, *latent), timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=torch.randn(1, 32, 32), return_dict=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            block(**kwargs)  # lazy initialisation out of the way
-            measured = _rss_growth(lambda: block(**kwargs))
-    finally:
-        torch.set_num_threads(threads)
-    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps({**SMALL, **config}), json.dumps(latent)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = int(done.stdout.split()[-1])
+    assert abs(predicted / measured - 1) < 0.05, (predicted, measured)
 
 
 TOY_GPU = Gpu("toy", bf16_tflops=0.1, memory_gib=111.5 / 1024 / 0.92, nvlink_gbps=100.0, pcie_gbps=0.05,
