@@ -146,6 +146,14 @@ class Cache:
     def begin_step(self, index: int, timestep: float) -> None:
         self.step, self.timestep = index, float(timestep)
 
+    @property
+    def own_step(self) -> int:
+        """This cache's step within the video: steps since its transformer first ran (the loop's
+        step on one transformer; Wan 2.2's low-noise expert counts from 0 at the boundary, as a
+        diffusers or cache-dit hook on that transformer does). Read off the decision log, so a
+        resumed video counts on."""
+        return self.step - self.decisions[0][0] if self.decisions else 0
+
     def set_context(self, name: str) -> None:
         self.context = name
 

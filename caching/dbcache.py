@@ -8,6 +8,14 @@ middle blocks' residual from the last computed step to the front's output, then 
 `back_blocks` (Bn) blocks always run on it, which corrects part of the reuse's error. Fn = 1,
 Bn = 0 is First-Block Cache (`fbcache`, the same code).
 
+With `calibrator: taylorseer` (cache-dit's TaylorSeer calibrator) the middle residual is not
+reused as it was: each computed step updates its Taylor factors (caching/taylorseer.py: divided
+differences over this transformer's steps, `calibrator_order` of them) and a skipped step adds
+their extrapolation to it, Σk Fk · d^k / k!, d the steps since the last computed one. Until two
+steps have computed that is the last residual. The calibrator never changes a decision (the
+front's residual decides), only what a skip adds; it costs (order + 1) residuals per branch
+instead of one.
+
 Gates before the change is measured, in this order (each depends only on the step and the
 branch's decision history, so every rank takes it alike, with no message): the first step and
 `warmup_steps` compute; at most `max_consecutive_skips` skips in a row and `max_cached_steps`
@@ -23,7 +31,8 @@ a clear error.
 
 Published settings (../shared/cache-facts.md): cache-dit's defaults Fn 1, Bn 0, threshold 0.12,
 warm-up 8, at most 3 consecutive cached steps; Wan 2.2 A14B per expert: high-noise warm-up 4 and
-at most 8 cached steps, low-noise warm-up 2 and 20. Note cache-dit skips when the change is
+at most 8 cached steps, low-noise warm-up 2 and 20; F8B0 with the TaylorSeer calibrator (order 1)
+on Wan 2.1 1.3B (FastVideo's measurement). Note cache-dit skips when the change is
 strictly below the threshold; we follow diffusers' First-Block Cache (at or below).
 """
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from unison.caching import taylorseer
 from unison.caching.agree import Agreement
 from unison.caching.base import Kind, Site
 from unison.caching.fbcache import FirstBlockCache, FirstBlockCacheConfig
@@ -51,6 +61,11 @@ class DBCacheConfig(FirstBlockCacheConfig):
     """One 0/1 per denoising step, 1: the step must compute (None: no mask)."""
     mask_policy: Literal["dynamic", "static"] = "dynamic"
     """dynamic: a 0 in the mask lets the threshold decide; static: a 0 skips (after the gates)."""
+    calibrator: Literal["none", "taylorseer"] = "none"
+    """taylorseer: a skipped step adds the middle residual Taylor-extrapolated from the computed
+    steps' (cache-dit's TaylorSeer calibrator) instead of the last one as it was."""
+    calibrator_order: int = 1
+    """The calibrator's Taylor order (cache-dit's taylorseer_order)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,6 +75,9 @@ class DBCacheConfig(FirstBlockCacheConfig):
             raise ValueError(f"step_mask must be a list of 0 and 1 (1: the step computes), got {list(self.step_mask)}")
         if self.mask_policy not in ("dynamic", "static"):
             raise ValueError(f"mask_policy must be dynamic or static, got {self.mask_policy!r}")
+        if self.calibrator not in ("none", "taylorseer"):
+            raise ValueError(f"calibrator must be none or taylorseer, got {self.calibrator!r}")
+        self.at_least(calibrator_order=0)
 
     def check_run(self, *, steps: int) -> None:
         if self.step_mask is not None and len(self.step_mask) != steps:
@@ -82,6 +100,24 @@ class DualBlockCache(FirstBlockCache):
             if c.mask_policy == "static":
                 return False
         return None
+
+    def _keep_tail(self, state, tail: tuple) -> None:
+        """With the calibrator the residual updates its Taylor factors (in its own dtype; the
+        residual itself is not kept twice: order 0 is it)."""
+        if self.config.calibrator == "none":
+            return super()._keep_tail(state, tail)
+        elapsed = None if state.tail_step is None else self.own_step - state.tail_step
+        parts = tuple(part for part in tail if part is not None)
+        state.tail_factors = taylorseer.update(state.tail_factors, parts, elapsed, self.config.calibrator_order,
+                                               parts[0].dtype)
+        state.tail_step, state.tail_residual = self.own_step, None
+
+    def _reused_tail(self, state) -> tuple:
+        if self.config.calibrator == "none":
+            return super()._reused_tail(state)
+        parts = taylorseer.predict(state.tail_factors, self.own_step - state.tail_step,
+                                   [f[0].dtype for f in state.tail_factors])
+        return (parts[0], parts[1] if len(parts) > 1 else None)
 
 
 def apply_dbcache(transformer, config: DBCacheConfig, *, blocks, group=None, valid_tokens=lambda: None,

@@ -48,7 +48,8 @@ class FirstBlockCacheConfig(CacheConfig):
     """Skip the remaining blocks when the first block's residual changed by at most this much
     (relative mean absolute change). 0 never skips."""
     warmup_steps: int = 0
-    """The first steps always compute."""
+    """The first steps this transformer runs always compute (Wan 2.2: each expert's own first
+    steps, as cache-dit counts them)."""
     max_consecutive_skips: int | None = None
     """After this many skips in a row, compute (None: no limit)."""
     joint_cfg: bool = False
@@ -70,6 +71,10 @@ class _State:
     """The deciding block's output, from the gate to the tail of the same forward (then None)."""
     tail_residual: tuple | None = None
     """(hidden, text or None): last block's output minus the first block's, at that step."""
+    tail_factors: list | None = None
+    """DBCache's TaylorSeer calibrator: the residual's Taylor factors instead (per part, per order)."""
+    tail_step: int | None = None
+    """The calibrator: this transformer's step of the last computed forward."""
     computing: bool = True
     skips_in_row: int = 0
     skips: int = 0
@@ -129,7 +134,7 @@ class FirstBlockCache(Cache):
         """A decision the rules take before any data is measured (the same on every rank: they
         depend only on the step and the decision history); None: the change decides."""
         limit = self.config.max_consecutive_skips
-        if (state.prev_residual is None or self.step < self.config.warmup_steps
+        if (state.prev_residual is None or self.own_step < self.config.warmup_steps
                 or (limit is not None and state.skips_in_row >= limit)):
             return True
         return None
@@ -185,7 +190,7 @@ class FirstBlockCache(Cache):
         if self._gate(_hidden(output) - base):
             self.state(_State).head_output = output
             return output
-        tail = self.state(_State).tail_residual
+        tail = self._reused_tail(self.state(_State))
         if self._tuple_output:
             return tuple(o + r if r is not None else o for o, r in zip(output, tail))
         return output + tail[0]
@@ -200,11 +205,20 @@ class FirstBlockCache(Cache):
         return compute
 
     def skipped(self, head: torch.Tensor) -> torch.Tensor:
-        return head + self.state(_State).tail_residual[0]
+        return head + self._reused_tail(self.state(_State))[0]
 
     def computed(self, output: torch.Tensor) -> None:
         state = self.state(_State)
-        state.tail_residual, state.head_output = (output - state.head_output, None), None
+        self._keep_tail(state, (output - state.head_output, None))
+        state.head_output = None
+
+    def _keep_tail(self, state: _State, tail: tuple) -> None:
+        """A computed forward's middle residual (hidden, text or None) becomes the one to reuse."""
+        state.tail_residual = tail
+
+    def _reused_tail(self, state: _State) -> tuple:
+        """The residual a skipped forward adds: the last computed one (DBCache's calibrator predicts it)."""
+        return state.tail_residual
 
     def reset(self) -> None:
         super().reset()
@@ -231,9 +245,9 @@ class FirstBlockCache(Cache):
             return self._passthrough(args)
         output = original(*args, **kwargs)
         if self._tuple_output:
-            state.tail_residual = (output[0] - state.head_output[0], output[1] - state.head_output[1])
+            self._keep_tail(state, (output[0] - state.head_output[0], output[1] - state.head_output[1]))
         else:
-            state.tail_residual = (output - state.head_output, None)
+            self._keep_tail(state, (output - state.head_output, None))
         state.head_output = None  # read only in this forward: not kept between steps, nor checkpointed
         return output
 

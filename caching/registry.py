@@ -13,6 +13,7 @@ entry (caching/base.py's `Kind`); adding one is a new module and one line below.
 | dbcache  | data-dependent (a static step mask's skips: schedule-only)      | dbcache.py  |
 | easycache| data-dependent, on the whole latents every rank holds (no       | easycache.py|
 |          | collective); agreed over both halves under CFG parallelism      |             |
+| taylorseer| schedule-only                                                  | taylorseer.py|
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import dataclasses
 
 import torch
 
-from unison.caching import dbcache, easycache, fbcache, magcache, pab, teacache
+from unison.caching import dbcache, easycache, fbcache, magcache, pab, taylorseer, teacache
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
 
 NONE = "none"
 KINDS: dict[str, Kind] = {entry.name: entry for entry in (fbcache.KIND, pab.KIND, magcache.KIND, teacache.KIND,
-                                                               dbcache.KIND, easycache.KIND)}
+                                                               dbcache.KIND, easycache.KIND, taylorseer.KIND)}
 """Every cache kind by name, in the order they are listed to users."""
 
 

@@ -84,6 +84,15 @@ SETTINGS = {
                           mixed={family: CacheConfig(kind="easycache", threshold=threshold, warmup_steps=1,
                                                      compute_last=False)
                                  for family, threshold in (("wan", 0.4), ("hunyuanvideo", 0.3))}),
+    # Interval 1 computes every step. Warm-up 1, interval 2: steps 0 and 2 compute, 1 and 3 predict;
+    # the full form (the default modules) on Wan, the lite form on HunyuanVideo. Factors in float32:
+    # in bfloat16 an N-rank attention's last-bit difference can round a factor to the next
+    # bfloat16 value (Ring 2: 1.6e-5 off one rank), which is the factors' precision, not lockstep.
+    "taylorseer": Settings(never=CacheConfig(kind="taylorseer", interval=1),
+                           mixed={"wan": CacheConfig(kind="taylorseer", warmup_steps=1, interval=2,
+                                                     factors_dtype="float32"),
+                                  "hunyuanvideo": CacheConfig(kind="taylorseer", warmup_steps=1, interval=2,
+                                                              lite=True, factors_dtype="float32")}),
 }
 KINDS = list(registry.KINDS)
 

@@ -79,6 +79,8 @@ def test_gates_max_cached_steps_and_the_step_mask():
     (["--set", "cache.step_mask=[1, 0, 1]"], "cache.step_mask has 3 entries but the run has 4 steps"),
     (["--set", "cache.mask_policy=always"], "cache.mask_policy: expected 'dynamic' | 'static', got str 'always'"),
     (["--set", "cache.max_cached_steps=-2"], "cache.max_cached_steps must be at least 0"),
+    (["--set", "cache.calibrator=foca"], "cache.calibrator: expected 'none' | 'taylorseer', got str 'foca'"),
+    (["--set", "cache.calibrator_order=-1"], "cache.calibrator_order must be at least 0, got -1"),
     (["--set", "cache.front_blocks=2", "--set", "cache.back_blocks=1"],
      "cache: 2 front and 1 back blocks leave no block to cache of the transformer's 3: front + back must be below 3"),
 ])
@@ -101,3 +103,51 @@ def test_dbcache_under_pipefusion_is_refused_before_loading():
                                  parallel=ParallelConfig(patch=2, patch_mode="pipefusion"))
     with pytest.raises(UserError, match="DBCache under PipeFusion is not supported: use cache.kind=fbcache"):
         plan_run(config, world_size=2)
+
+
+def test_the_taylorseer_calibrator_adds_the_extrapolated_middle_residual():
+    """Wan, Fn 1 Bn 1 (3 blocks: block 1 is the middle). torch hooks record block 1's residual
+    (output − input) at every computed forward, and at every skipped one what the cache added to
+    the front's output (block 1's input minus block 0's own output, recomputed from its input).
+    Each skip must add r_last + (r_last − r_before) / gap · d, d the steps since the last computed
+    step (order 1); with order 0 the calibrated run is the plain one, bitwise."""
+    cache = CacheConfig(kind="dbcache", threshold=0.115, front_blocks=1, back_blocks=1, calibrator="taylorseer")
+    engine = Engine.from_config(_cached("wan", cache))
+    head, middle = engine.pipe.transformer.blocks[0], engine.pipe.transformer.blocks[1]
+    calls: list[tuple[str, torch.Tensor]] = []
+    head_inputs: list[tuple] = []
+    head.register_forward_pre_hook(lambda m, args, kwargs: head_inputs.append((args, kwargs)), with_kwargs=True)
+
+    def on_middle(module, args, kwargs, output):  # runs whether or not the cache ran the block
+        if output is args[0]:  # passed over: a skipped forward; the input is front output + residual
+            own_args, own_kwargs = head_inputs[-1]
+            calls.append(("added", args[0] - type(head).forward(head, *own_args, **own_kwargs)))
+        else:
+            calls.append(("computed", output - args[0]))
+
+    middle.register_forward_hook(on_middle, with_kwargs=True)
+    result = engine.render()
+    decisions = result.cache_decisions["transformer"]
+    assert len(calls) == len(decisions) and [c[0] == "computed" for c in calls] == [d[-1] for d in decisions]
+    checked = 0
+    for context in ("cond", "uncond"):
+        computed: list[tuple[int, torch.Tensor]] = []
+        for (step, ctx, _, _), (what, tensor) in zip(decisions, calls):
+            if ctx != context:
+                continue
+            if what == "computed":
+                computed.append((step, tensor))
+                continue
+            (s1, r1), d = computed[-1], step - computed[-1][0]
+            expected = r1 if len(computed) < 2 else r1 + (r1 - computed[-2][1]) / (s1 - computed[-2][0]) * d
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5)
+            checked += len(computed) >= 2
+    assert checked >= 1  # at least one skip extrapolated from two computed steps
+
+    plain = Engine.from_config(_cached("wan", CacheConfig(kind="dbcache", threshold=0.115, front_blocks=1,
+                                                          back_blocks=1))).render()
+    order0 = Engine.from_config(_cached("wan", CacheConfig(
+        kind="dbcache", threshold=0.115, front_blocks=1, back_blocks=1, calibrator="taylorseer",
+        calibrator_order=0))).render()
+    assert order0.cache_decisions == plain.cache_decisions and torch.equal(order0.latents, plain.latents)
+    assert not torch.equal(result.latents, plain.latents)

@@ -1,0 +1,160 @@
+"""TaylorSeer: its decisions and latents against diffusers' own TaylorSeerCacheConfig hook on the
+tiny model of every family (full and lite forms), the Taylor arithmetic against a hand
+computation, DBCache's TaylorSeer calibrator, and bad input. (The shared battery,
+test_cache_battery.py, covers lockstep under every layout and that no collective is issued.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from test_parallel_engine import _config
+from unison.caching import taylorseer
+from unison.engine.build import plan_run
+from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
+                                  cache_from_dict)
+from unison.engine.render import Engine
+from unison.errors import UserError
+
+WAN_MODULES = (r"blocks\.\d+\.(attn1|attn2|ffn)",)
+"""What diffusers must be told on Wan: its default identifiers match no Wan module (re.fullmatch
+of "^blocks.*attn" against "blocks.0.attn1" fails)."""
+
+
+def _diffusers_run(pipe, settings: dict, sampling: SamplingConfig, *, hunyuan: bool, monkeypatch):
+    """diffusers' TaylorSeer hook on every expert of `pipe`; (its decision at every forward of the
+    first hooked module of each expert, in call order, the latents)."""
+    from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, apply_taylorseer_cache
+    from diffusers import TaylorSeerCacheConfig
+
+    decisions: list[tuple[int, bool]] = []
+    measure = TaylorSeerCacheHook._measure_should_compute
+
+    def record(hook):
+        compute, state = measure(hook)
+        decisions.append((id(hook), compute))
+        return compute, state
+
+    monkeypatch.setattr(TaylorSeerCacheHook, "_measure_should_compute", record)
+    lite = settings.get("lite", False)
+    config = TaylorSeerCacheConfig(
+        cache_interval=settings["interval"], disable_cache_before_step=settings["warmup_steps"],
+        max_order=settings.get("max_order", 1), use_lite_mode=lite,
+        taylor_factors_dtype=taylorseer.FACTOR_DTYPES[settings.get("factors_dtype", "bfloat16")],
+        cache_identifiers=None if lite else list(settings["modules"]))
+    firsts = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        apply_taylorseer_cache(model, config)
+        hooked = [m for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None
+                  and m._diffusers_hook.get_hook("taylorseer_cache") is not None]
+        firsts.append(id(hooked[0]._diffusers_hook.get_hook("taylorseer_cache")))
+    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
+                  width=sampling.width, num_frames=sampling.frames, num_inference_steps=sampling.steps,
+                  max_sequence_length=sampling.max_sequence_length, guidance_scale=sampling.guidance,
+                  **(dict(true_cfg_scale=sampling.true_cfg_scale) if hunyuan else {}))
+    latents = pipe(generator=torch.Generator().manual_seed(sampling.seed), output_type="latent", return_dict=False,
+                   **kwargs)[0]
+    return [compute for hook, compute in decisions if hook in firsts], latents
+
+
+CASES = [("wan", dict(modules=WAN_MODULES, factors_dtype="float32")),
+         ("wan", dict(lite=True)),
+         ("wan2.2", dict(modules=WAN_MODULES)),
+         ("hunyuanvideo", dict(modules=(r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
+                                        r"single_transformer_blocks\.\d+"))),
+         ("hunyuanvideo", dict(lite=True, factors_dtype="float32"))]
+
+
+@pytest.mark.parametrize("family,form", CASES, ids=["wan-full", "wan-lite", "wan2.2-full", "hunyuan-full",
+                                                    "hunyuan-lite"])
+def test_taylorseer_decides_and_predicts_like_diffusers(tiny_folder, family, form, monkeypatch):
+    """6 steps, interval 2, warm-up 2: steps 0, 1 compute, 2 predicts (order 1 from 0 and 1), 3
+    computes, 4 predicts (the slope over 1 -> 3: a divided difference by 2), 5 computes. On Wan 2.2
+    each expert counts its own steps, as diffusers' hook on each transformer does."""
+    from diffusers import HunyuanVideoPipeline, WanPipeline
+
+    folder, hunyuan = tiny_folder(family), family == "hunyuanvideo"
+    settings = dict(interval=2, warmup_steps=2, **form)
+    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
+                              height=48, width=48 if hunyuan else 64, frames=9, steps=6,
+                              true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=128 if hunyuan else 16)
+    ours = Engine.from_config(RunConfig(
+        model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
+        cache=CacheConfig(kind="taylorseer", **settings))).render()
+
+    pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    theirs, latents = _diffusers_run(pipe, settings, sampling, hunyuan=hunyuan, monkeypatch=monkeypatch)
+
+    # In call order: by step (the experts' steps do not overlap), the conditional branch first.
+    mine = [d[-1] for d in sorted((d for e in ours.cache_decisions.values() for d in e),
+                                  key=lambda d: (d[0], d[1] != "cond"))]
+    assert mine == theirs
+    assert True in theirs and False in theirs
+    assert torch.equal(ours.latents, latents)  # the same arithmetic in the same order: bitwise
+
+
+def test_the_schedule_is_diffusers_rule_in_each_experts_own_steps():
+    """A hand-written table: tiny Wan 2.2, 8 steps, the high-noise expert runs 0-2 and the
+    low-noise one 3-7; interval 3, warm-up 1. Each expert: own step 0 computes, 1 predicts,
+    2 computes ((2 - 1 - 1) % 3 == 0), 3 and 4 predict."""
+    config = RunConfig(model=ModelConfig(family="wan2.2"), output=OutputConfig(decode=False, progress=False),
+                       sampling=SamplingConfig(steps=8, height=48, width=64, frames=9, negative_prompt="blurred"),
+                       cache=CacheConfig(kind="taylorseer", interval=3, warmup_steps=1, lite=True))
+    result = Engine.from_config(config).render()
+    expected = {"transformer": [True, False, True], "transformer_2": [True, False, True, False, False]}
+    for expert, marks in expected.items():
+        for context in ("cond", "uncond"):
+            assert [d[-1] for d in result.cache_decisions[expert] if d[1] == context] == marks, (expert, context)
+
+
+def test_taylor_factors_and_prediction_equal_a_hand_computation():
+    """Order 2 on y(s) = 1 + 2s + 3s^2 computed at steps 0, 2, 3: F1 and F2 are the divided
+    differences, and the prediction at step 5 (two after 3) is Σ Fk 2^k / k!."""
+    y = {s: torch.tensor([1.0 + 2 * s + 3 * s * s]) for s in (0, 2, 3)}
+    factors = taylorseer.update(None, (y[0],), None, 2, torch.float64)
+    assert len(factors[0]) == 1  # no slope from one point
+    factors = taylorseer.update(factors, (y[2],), 2, 2, torch.float64)
+    assert [f.item() for f in factors[0]] == [17.0, (17.0 - 1.0) / 2]
+    factors = taylorseer.update(factors, (y[3],), 1, 2, torch.float64)
+    f0, f1, f2 = (f.item() for f in factors[0])
+    assert (f0, f1, f2) == (34.0, 17.0, (17.0 - 8.0) / 1)
+    [predicted] = taylorseer.predict(factors, 2, [torch.float64])
+    assert predicted.item() == 34.0 + 17.0 * 2 + 9.0 * 4 / math.factorial(2)
+
+
+@pytest.mark.parametrize("cache,message", [
+    (dict(interval=0), "interval must be at least 1, got 0"),
+    (dict(max_order=-1), "max_order must be at least 0, got -1"),
+    (dict(factors_dtype="fp8"), "factors_dtype must be one of float32, bfloat16, float16, got 'fp8'"),
+    (dict(lite=True, modules=["proj_out"]), "lite predicts proj_out alone: leave modules null"),
+    (dict(modules=["blocks[.attn1"]), "modules: 'blocks[.attn1' is not a regular expression"),
+    (dict(threshold=0.1), "unknown config key 'cache.threshold' for cache kind taylorseer; allowed in "
+                          "'taylorseer': kind, verify, interval, warmup_steps, compute_from_step, max_order"),
+])
+def test_bad_input_is_one_line(cache, message):
+    with pytest.raises(UserError) as err:
+        cache_from_dict({"kind": "taylorseer", **cache})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_modules_that_match_nothing_are_a_clear_error_before_the_first_step():
+    config = RunConfig(model=ModelConfig(family="wan"), output=OutputConfig(decode=False, progress=False),
+                       sampling=SamplingConfig(steps=2, height=48, width=64, frames=9),
+                       cache=CacheConfig(kind="taylorseer", modules=("blocks\\.\\d+\\.attn9",)))
+    with pytest.raises(UserError, match=r"cache: modules \['blocks\\\\.\\\\d\+\\\\.attn9'\] match no module of "
+                                        r"WanTransformer3DModel"):
+        Engine.from_config(config).render()
+
+
+def test_pipefusion_is_a_clear_error():
+    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
+                                 cache=CacheConfig(kind="taylorseer"))
+    with pytest.raises(UserError, match="TaylorSeer under PipeFusion is not supported: use cache.kind=fbcache"):
+        plan_run(config, world_size=2)
