@@ -11,9 +11,10 @@ For every kind in caching/registry.py's KINDS, on the tiny random-weight Wan (CP
    `result.cache_decisions`. Mean step time (every step) against the ideal: the no-cache mean
    step time x (1 - the skipped share x the share of a no-cache step spent in the part a skip
    leaves out, measured by forward hooks in a no-cache render). The part is the blocks a skipped
-   forward does not run: every block (MagCache, TeaCache), all but the first (First-Block
-   Cache), the L − Fn − Bn middle blocks (DBCache), the whole transformer forward (EasyCache),
-   and for PAB each attention kind's modules (self, cross) with that kind's skipped share.
+   forward does not run: every block (MagCache, TeaCache, TaylorSeer in its lite form), all but
+   the first (First-Block Cache), the L − Fn − Bn middle blocks (DBCache), the whole transformer
+   forward (EasyCache), and for PAB each attention kind's modules (self, cross) with that kind's
+   skipped share.
 3. Cache state per rank at real shapes (analytic, bf16): see `state_bytes`.
 4. The agreement all-reduce: microseconds per `Agreement.ratio` call over a 2-rank gloo group.
 
@@ -59,7 +60,8 @@ def never_skips(kind: str) -> CacheConfig:
             "magcache": CacheConfig(kind="magcache", mag_ratios=(1.0, 0.99), max_skip_steps=0),
             "teacache": CacheConfig(kind="teacache", coefficients=(0, 0, 0, 1, 0), threshold=0.0),
             "dbcache": CacheConfig(kind="dbcache", threshold=0.0, front_blocks=FRONT, back_blocks=BACK),
-            "easycache": CacheConfig(kind="easycache", threshold=0.0)}[kind]
+            "easycache": CacheConfig(kind="easycache", threshold=0.0),
+            "taylorseer": CacheConfig(kind="taylorseer", interval=1, lite=True)}[kind]
 
 
 def forced(kind: str, share: float, steps: int, timesteps: list[float]) -> CacheConfig:
@@ -87,6 +89,10 @@ def forced(kind: str, share: float, steps: int, timesteps: list[float]) -> Cache
         easy_warm, easy_limit = {0.25: (warm, 1), 0.5: (0, 2), 0.75: (0, steps)}[share]
         return CacheConfig(kind="easycache", threshold=NEVER, warmup_steps=easy_warm, compute_last=False,
                            max_consecutive_skips=easy_limit)
+    if kind == "taylorseer":  # the lite form (a predicted step runs no block); diffusers' schedule:
+        # compute iff step < warm-up or (step - warm-up - 1) % interval == 0
+        warmup, interval = {0.25: (4, 2), 0.5: (1, 2), 0.75: (1, 8)}[share]  # skips 4, 6 / odd / all but 0, 2
+        return CacheConfig(kind="taylorseer", lite=True, warmup_steps=warmup, interval=interval)
     if kind == "pab":  # every attention call counts; the window (strictly inside) sets where reuse may happen
         every = dict(self_timestep_min=-1.0, self_timestep_max=1001.0, cross_timestep_min=-1.0,
                      cross_timestep_max=1001.0)
@@ -149,7 +155,7 @@ def _saved_seconds(kind: str, part: dict[str, float], decisions: list[tuple], bl
     if kind == "pab":
         return sum(share(what) * part[f"{what} attention"] for what in ("self", "cross"))
     stack = {"fbcache": block[1:], "dbcache": block[FRONT:blocks - BACK], "magcache": block,
-             "teacache": block, "easycache": [part["transformer"]]}
+             "teacache": block, "easycache": [part["transformer"]], "taylorseer": block}
     if kind not in stack:
         raise ValueError(f"no ideal for cache kind {kind!r}: say which part a skip leaves out")
     return share() * sum(stack[kind])
@@ -214,6 +220,7 @@ def measured(args) -> tuple[list[str], dict]:
               "measured / ideal | saved vs no cache: measured / ideal |", "|---|---|---|---|---|---|---|---|"]
     left_out = {"fbcache": f"blocks 2-{blocks}", "dbcache": f"blocks {FRONT + 1}-{blocks - BACK} (Fn {FRONT}, Bn {BACK})",
                 "magcache": "all blocks", "teacache": "all blocks", "easycache": "transformer forward",
+                "taylorseer": "all blocks (lite form)",
                 "pab": "self/cross attention"}
     for kind in kinds:
         for share in SHARES:
@@ -252,16 +259,23 @@ class Shape:
     teacache_split: bool
     """TeaCache's indicator is split with the tokens (HunyuanVideo: the modulated image tokens);
     else it is the timestep modulation, 6 x dim."""
+    outputs: int
+    """Hidden-size outputs per token TaylorSeer's full form predicts (Wan: self-, cross-attention
+    and MLP per block; HunyuanVideo: attention and MLP per dual-stream block, for the image and
+    the text tokens, and each single-stream block's output)."""
+    projected: int = 64
+    """Values per token of the final projection (TaylorSeer-Lite's prediction): 16 channels x 1x2x2."""
 
 
 BF16 = 2
 SHAPES = [
     Shape("Wan 2.1 14B 720x1280x81, CFG", tokens=21 * 45 * 80, text=0, dim=5120, blocks=40, attentions=80,
-          latent=16 * 21 * 90 * 160, contexts=2, teacache_split=False),
+          latent=16 * 21 * 90 * 160, contexts=2, teacache_split=False, outputs=3 * 40),
     Shape("Wan 2.1 1.3B 480x832x81, CFG", tokens=21 * 30 * 52, text=0, dim=1536, blocks=30, attentions=60,
-          latent=16 * 21 * 60 * 104, contexts=2, teacache_split=False),
+          latent=16 * 21 * 60 * 104, contexts=2, teacache_split=False, outputs=3 * 30),
     Shape("HunyuanVideo 720x1280x129, one branch, 256 text tokens", tokens=33 * 45 * 80, text=256, dim=3072,
-          blocks=60, attentions=60, latent=16 * 33 * 90 * 160, contexts=1, teacache_split=True),
+          blocks=60, attentions=60, latent=16 * 33 * 90 * 160, contexts=1, teacache_split=True,
+          outputs=2 * 20 + 40),
 ]
 """Wan 2.1 (diffusers' WanTransformer3DModel: 14B 40 x 5120, 1.3B 30 x 1536; patch 1x2x2 on the
 VAE's 4x8x8 latent grid) and HunyuanVideo (20 dual + 40 single blocks x 3072, embedded guidance: one
@@ -280,7 +294,10 @@ def state_bytes(kind: str, s: Shape, ranks: int) -> int:
       easycache: latent-sized tensors, whole on every rank: the conditional branch's previous
         input, last computed input and output and its reused difference, and the unconditional
         branch's reused difference (4 + 1 with CFG, 4 with one branch; an upper bound: after a
-        computed step the previous and last computed inputs are one tensor)."""
+        computed step the previous and last computed inputs are one tensor).
+      taylorseer (full form, first order): per context two factors of every predicted output
+        (video shard, and HunyuanVideo's text); `taylorseer-lite`: two of the final projection's
+        output (64 values per token of the shard)."""
     shard = -(-s.tokens // ranks)
     per_context = {
         "fbcache": (2 * shard + s.text) * s.dim,
@@ -288,6 +305,8 @@ def state_bytes(kind: str, s: Shape, ranks: int) -> int:
         "magcache": shard * s.dim,
         "teacache": shard * s.dim + (shard * s.dim if s.teacache_split else 6 * s.dim),
         "pab": s.attentions * (shard + s.text) * s.dim,
+        "taylorseer": 2 * s.outputs * (shard + s.text) * s.dim,
+        "taylorseer-lite": 2 * shard * s.projected,
     }
     if kind == "easycache":
         return (4 + (s.contexts - 1)) * s.latent * BF16
@@ -302,7 +321,7 @@ def memory_table() -> list[str]:
              "| model | cache | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |",
              "|---|---|" + "---|" * len(ranks)]
     for s in SHAPES:
-        for kind in registry.KINDS:
+        for kind in [*registry.KINDS, "taylorseer-lite"]:
             lines.append(f"| {s.name} | {kind} | " + " | ".join(f"{state_bytes(kind, s, r) / 1e9:.3f}" for r in ranks)
                          + " |")
     return lines

@@ -76,6 +76,11 @@ class Setting:
     cache: str = "none"
     skip_share: float = 0.0
     """Share of the steps a cache skips (fbcache: the blocks after the first; pab: attention)."""
+    skip_source: str = "assumed"
+    """Where skip_share comes from (assumed, given, its schedule)."""
+    cache_states: float = 0.0
+    """Hidden-size tensors per token a cache keeps per branch and expert where its settings decide
+    how many (taylorseer: `taylorseer_states`)."""
     patch_warmup_steps: int = 4
     pipefusion_patches: int | None = None
     vae_tiling: bool = False
@@ -179,7 +184,8 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     # Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs; easycache
     # latent-sized tensors only (nothing per token at the hidden size).
     per_token_state = {"fbcache": 2, "dbcache": 2, "magcache": 1, "teacache": 2 if spec.joint_text else 1,
-                       "pab": model.attentions * (1 if spec.joint_text else 2)}.get(setting.cache, 0)
+                       "pab": model.attentions * (1 if spec.joint_text else 2),
+                       "taylorseer": setting.cache_states}.get(setting.cache, 0)
     cache = per_token_state * contexts * tokens * hidden * BF16
     denoise = model.activation_peak(tokens) + tokens * model.heads * 4 + staging
     vae_weights = sum(model.parameters("vae").values()) * 4
@@ -257,11 +263,30 @@ def _skipped_share(model: RealModel, setting: Setting) -> float:
     whole = model.flops()
     if setting.cache in ("fbcache", "dbcache"):
         return setting.skip_share * whole.blocks * (model.attentions - 1) / model.attentions / whole.total
-    if setting.cache in ("magcache", "teacache"):
+    if setting.cache in ("magcache", "teacache", "taylorseer"):  # taylorseer: (nearly) all of every block
         return setting.skip_share * whole.blocks / whole.total
     if setting.cache == "easycache":  # the whole transformer
         return setting.skip_share
     return setting.skip_share * whole.attention / whole.total
+
+
+def taylorseer_states(model: RealModel, config) -> float:
+    """TaylorSeer's factors, in hidden-size tensors per token per branch: (max_order + 1) of every
+    predicted output. Full form at its default modules: Wan's self-attention, cross-attention and
+    MLP outputs per block; HunyuanVideo's dual-stream attention and MLP (image tokens) and each
+    single-stream block's output. Lite: the final projection's output (channels x patch volume)."""
+    orders = config.max_order + 1
+    if config.lite:
+        pt, ph, pw = model.patch
+        return orders * int(model.expert.get("out_channels", 16)) * pt * ph * pw / (model.heads * model.head_dim)
+    if model.spec.joint_text:
+        return orders * (2 * int(model.expert.get("num_layers", 20)) + int(model.expert.get("num_single_layers", 40)))
+    return orders * 3 * model.attentions
+
+
+def taylorseer_skip_share(config, steps: int) -> float:
+    """The share of steps TaylorSeer predicts: its schedule, exactly (the first step computes)."""
+    return sum(not (step == 0 or config.computes(step)) for step in range(steps)) / steps
 
 
 def rank(model: RealModel, setting: Setting) -> tuple[list[Row], list[tuple[Layout, str]]]:

@@ -15,7 +15,8 @@ from unison.engine.config import RunConfig, config_from_dict
 from unison.engine.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import get_spec
-from unison.engine.planner import Layout, Row, Setting, explain, rank
+from unison.engine.planner import (Layout, Row, Setting, explain, rank, taylorseer_skip_share,
+                                   taylorseer_states)
 from unison.errors import UserError
 
 COUNTS_CACHE = Path.home() / ".cache" / "unison" / "plan-counts.json"
@@ -104,10 +105,15 @@ def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int
     gpu = GPUS[request.gpu]
     kind = config.cache.kind
     share = request.skip_share if request.skip_share is not None else DEFAULT_SKIP.get(kind, 0.0)
+    states, source = 0.0, "assumed" if request.skip_share is None else "given"
+    if kind == "taylorseer":  # schedule-only: the share is its schedule's, not an assumption
+        if request.skip_share is None:
+            share, source = taylorseer_skip_share(config.cache, sampling.steps), "its schedule"
+        states = taylorseer_states(model, config.cache)
     return Setting(gpu=gpu, gpus=gpus, nodes=request.nodes,
                    interconnect=request.interconnect or ("nvlink" if gpu.nvlink_gbps else "pcie"),
                    steps=sampling.steps, branches=branches(model.spec, sampling), cache=kind,
-                   skip_share=share if kind != "none" else 0.0,
+                   skip_share=share if kind != "none" else 0.0, skip_source=source, cache_states=states,
                    patch_warmup_steps=config.parallel.patch_warmup_steps,
                    pipefusion_patches=config.parallel.pipefusion_patches, vae_tiling=config.output.vae_tiling,
                    efficiency=calibrated(request).efficiency)
@@ -201,7 +207,7 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
     whole = model.flops()
     guidance = {1: "one branch per step", 2: "CFG: two branches per step"}[setting.branches]
     cache = "no cache" if setting.cache == "none" else \
-        f"{setting.cache}, {setting.skip_share:.0%} of steps skipped (assumed)"
+        f"{setting.cache}, {setting.skip_share:.0%} of steps skipped ({setting.skip_source})"
     link = link_gbps(gpu, setting.interconnect)
     lines = [
         f"unison plan: {spec.title} [{model.name}], {sampling.width}x{sampling.height}, {sampling.frames} frames, "

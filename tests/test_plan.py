@@ -266,8 +266,34 @@ def test_every_cache_kind_is_planned_by_what_it_skips(counts, capsys):
         best = next(line for line in capsys.readouterr().out.splitlines() if line[5:6] == "*")
         return float(best.split()[-2].replace(",", ""))
 
-    kinds = ("none", "pab", "fbcache", "dbcache", "magcache", "teacache", "easycache")
+    kinds = ("none", "pab", "fbcache", "dbcache", "magcache", "teacache", "easycache", "taylorseer")
     seconds = {kind: video_seconds(kind) for kind in kinds}
     # easycache skips the embeddings and head too: less than the printed second's worth more.
+    assert seconds["taylorseer"] == seconds["magcache"]  # a predicted step runs (nearly) no block either
     assert seconds["easycache"] <= seconds["magcache"] == seconds["teacache"] < seconds["fbcache"] \
         == seconds["dbcache"] < seconds["pab"] < seconds["none"], seconds
+
+
+def test_taylorseer_is_planned_from_its_schedule_and_its_factors(counts, capsys):
+    """Schedule-only, so the plan takes its share of predicted steps from the schedule (50 steps,
+    warm-up 3, interval 5: steps 0-2 and 4, 9, ..., 49 compute, 37 of 50 predict) instead of an
+    assumption; the full form's factors at Wan 1.3B 480p are a hand count: 2 orders x 3 outputs
+    (self-, cross-attention, MLP) x 30 blocks x 32760 tokens x 1536 wide x 2 bytes x 2 branches
+    (../shared/cache-facts.md: about 18 GB per branch)."""
+    def plan(*extra: str) -> list[str]:
+        capsys.readouterr()
+        assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "1", "--cache", "taylorseer",
+                     "--counts-cache", counts, *extra]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    full = plan()
+    assert "taylorseer, 74% of steps skipped (its schedule)" in full[0]
+    header = next(line for line in full if line.lstrip().startswith("# layout"))
+    best = next(line for line in full if line[5:6] == "*")
+    cache_gib = float(best[header.index("cache") - 2:header.index("cache") + 5].split()[-1])
+    assert cache_gib == round(2 * 3 * 30 * 32760 * 1536 * 2 * 2 / 2**30, 1) == 33.7
+    lite = plan("--set", "cache.lite=true", "--skip-share", "0.5")
+    assert "taylorseer, 50% of steps skipped (given)" in lite[0]
+    best = next(line for line in lite if line[5:6] == "*")
+    # Lite keeps the output's factors only: 2 x 64 values per token, 0.0 GiB at this size.
+    assert float(best[header.index("cache") - 2:header.index("cache") + 5].split()[-1]) == 0.0
