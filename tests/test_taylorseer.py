@@ -66,12 +66,13 @@ def _diffusers_run(pipe, settings: dict, sampling: SamplingConfig, *, hunyuan: b
 CASES = [("wan", dict(modules=WAN_MODULES, factors_dtype="float32")),
          ("wan", dict(lite=True)),
          ("wan2.2", dict(modules=WAN_MODULES)),
+         ("wan2.2-ti2v", dict(lite=True)),
          ("hunyuanvideo", dict(modules=(r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
                                         r"single_transformer_blocks\.\d+"))),
          ("hunyuanvideo", dict(lite=True, factors_dtype="float32"))]
 
 
-@pytest.mark.parametrize("family,form", CASES, ids=["wan-full", "wan-lite", "wan2.2-full", "hunyuan-full",
+@pytest.mark.parametrize("family,form", CASES, ids=["wan-full", "wan-lite", "wan2.2-full", "wan2.2-ti2v-lite", "hunyuan-full",
                                                     "hunyuan-lite"])
 def test_taylorseer_decides_and_predicts_like_diffusers(tiny_folder, family, form, monkeypatch):
     """6 steps, interval 2, warm-up 2: steps 0, 1 compute, 2 predicts (order 1 from 0 and 1), 3
@@ -82,7 +83,8 @@ def test_taylorseer_decides_and_predicts_like_diffusers(tiny_folder, family, for
     folder, hunyuan = tiny_folder(family), family == "hunyuanvideo"
     settings = dict(interval=2, warmup_steps=2, **form)
     sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
-                              height=48, width=48 if hunyuan else 64, frames=9, steps=6,
+                              height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64, frames=9,
+                              steps=6,
                               true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=128 if hunyuan else 16)
     ours = Engine.from_config(RunConfig(
         model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
