@@ -26,7 +26,10 @@ unless the accumulated error lands within float32 rounding of the threshold.
 Branches (cache contexts cond / uncond) keep their own accumulators and residual and read their
 own ratios (Wan's published tables are per branch); the step s is the loop's step index, so each
 of Wan 2.2 A14B's experts (a cache each) reads the run's table at the steps it runs, with the
-retention window counted over the whole run, and starts by computing.
+retention window counted over the whole run, and starts by computing. Its first step's ratio is
+therefore never read for a decision; the authors' A14B tables hold there the ratio across the
+switch (low-noise expert's residual over the high-noise expert's last: 0.655 at step 26 of 40 in
+wan2.2-t2v-a14b), and calibration writes the same (`previous_expert`).
 
 Decisions: schedule-only. Given the ratios, whether a step skips depends only on the step, the
 constants and the branch's earlier decisions, never on tensor data: every rank decides alike with
@@ -156,6 +159,10 @@ class MagCache(StackCache):
         """Each branch's ratios resampled to this video's steps (`begin_video`)."""
         self.first = 0
         """The retention step of this video."""
+        self.previous_expert: MagCache | None = None
+        """Calibrating Wan 2.2 A14B's low-noise expert: the high-noise expert's cache. This
+        expert's first ratio in each branch is then measured against that cache's last residual
+        of the branch, across the switch, as MagCache's authors' Wan 2.2 tables record it."""
 
     def begin_video(self, *, steps: int) -> None:
         super().begin_video(steps=steps)
@@ -182,12 +189,16 @@ class MagCache(StackCache):
         """Calibrating: the ratio of this residual's per-token norms to the branch's previous one,
         averaged over the tokens (1.0 at the branch's first forward), as diffusers' calibration
         mode measures it. Under sequence parallelism each rank sums its real tokens' ratios and
-        the sums and counts are added over the group (float64), so N ranks measure what one does."""
+        the sums and counts are added over the group (float64), so N ranks measure what one does.
+        A low-noise expert's first forward in a branch compares with `previous_expert`'s residual."""
         if self.config.calibrate:
-            ratio = 1.0
-            if state.residual is not None:
+            ratio, before = 1.0, state.residual
+            if before is None and self.previous_expert is not None:
+                last = self.previous_expert.states.get(self.context)
+                before = last.residual if last is not None else None
+            if before is not None:
                 rows = self.valid_tokens()
-                now, before = (r if rows is None else r[:, :rows] for r in (residual, state.residual))
+                now, before = (r if rows is None else r[:, :rows] for r in (residual, before))
                 per_token = torch.linalg.norm(now.float(), dim=-1) / (torch.linalg.norm(before.float(), dim=-1) + 1e-8)
                 ratio = self.agreement.ratio(per_token.sum(dtype=torch.float64),
                                              torch.tensor(float(per_token.numel()), dtype=torch.float64))

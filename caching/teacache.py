@@ -45,7 +45,10 @@ lives on one stage; the gate protocol First-Block Cache uses would be needed).
 
 TeaCache's other Wan mode (the time embedding before its projection, with other coefficients) and
 LightX2V's TI2V-5B fit (also on that embedding) read a tensor the blocks never see, so they are not
-presets here; Wan 2.2 A14B has no published coefficients. Such models take `coefficients`.
+presets here; Wan 2.2 A14B has no published coefficients. Such models take `coefficients`, which
+`unison calibrate --cache teacache` fits (launch/cache_calibration.py) from what calibrate mode
+records: per branch and step, x (the indicator's change, as the decision measures it) and y (the
+block stack output's relative L1 change), never skipping.
 """
 
 from __future__ import annotations
@@ -116,6 +119,10 @@ class TeaCacheConfig(CacheConfig):
     on without a preset)."""
     max_consecutive_skips: int | None = None
     """After this many skips in a row, compute (None: no limit, as published)."""
+    calibrate: bool = False
+    """Measure what this model's polynomial is fitted on instead (`unison calibrate --cache
+    teacache`): never skips, and records per branch and step x, the indicator's relative L1
+    change (what the decision measures), and y, the block stack output's relative L1 change."""
 
     def __post_init__(self):
         if self.coefficients is not None:  # a list from Python code or YAML: frozen, comparable
@@ -131,12 +138,14 @@ class TeaCacheConfig(CacheConfig):
         self.at_least(warmup_steps=0, max_consecutive_skips=1, nullable=True)
 
     def check_complete(self) -> None:
-        if self.preset is None and self.coefficients is None:
+        if self.preset is None and self.coefficients is None and not self.calibrate:
             raise ValueError(f"coefficients must be given: TeaCache needs this model's rescaling polynomial; set "
-                             f"cache.preset (one of {', '.join(PRESETS)}) or cache.coefficients")
+                             f"cache.preset (one of {', '.join(PRESETS)}) or cache.coefficients, or fit them with "
+                             f"`unison calibrate --cache teacache`")
 
     def resolved(self) -> Published:
-        """The coefficients and boundary steps this config means (a preset's, overridden by the fields set)."""
+        """The coefficients and boundary steps this config means (a preset's, overridden by the fields
+        set; calibrating without either, no coefficients: none is read)."""
         self.check_complete()
         base = PRESETS[self.preset] if self.preset is not None else Published(self.coefficients, 1, True, "given")
         return Published(base.coefficients,
@@ -194,6 +203,11 @@ class _State(StackState):
     accumulated: float = 0.0
     """Σ poly(rel) since the last computed forward."""
     skips_in_row: int = 0
+    change: float | None = None
+    """Calibrating: this forward's indicator change x (None at the branch's first forward)."""
+    previous_output: object = None
+    """Calibrating: the block stack's output (hidden states, this rank's real tokens) at the
+    branch's previous forward."""
 
 
 class TeaCache(StackCache):
@@ -214,17 +228,22 @@ class TeaCache(StackCache):
         self.published = config.resolved()
         self.changes: list[tuple[int, str, float, float]] = []
         """(step, context, relative change, accumulated after it) per measured forward: to tune the threshold."""
+        self.pairs: list[tuple[int, str, float, float]] = []
+        """Calibrating: (step, context, x, y) from each branch's second forward on: x the
+        indicator's relative L1 change, y the block stack output's (see `_measure_output`)."""
 
     def reset(self) -> None:
         super().reset()
         self.changes = []
+        self.pairs = []
 
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "changes": list(self.changes)}
+        return {**super().extra_state(), "changes": list(self.changes), "pairs": list(self.pairs)}
 
     def load_extra_state(self, data: dict) -> None:
         super().load_extra_state(data)
         self.changes = list(data["changes"])
+        self.pairs = list(data.get("pairs", []))
 
     def _forced(self, state: _State) -> bool:
         """Compute whatever the indicator says: a rule of the step history alone, so every rank
@@ -254,9 +273,41 @@ class TeaCache(StackCache):
 
     def _decide_forward(self, state: _State, args, kwargs) -> bool:
         current, split = self._read(args, kwargs)
+        if self.config.calibrate:  # x, measured as the decision measures it; always compute
+            previous, state.previous = state.previous, current
+            state.change = None if previous is None else self._change(current, previous, split)
+            return True
         compute = self._decide(state, current, split)
         state.skips_in_row = 0 if compute else state.skips_in_row + 1
         return compute
+
+    def _head(self, original, *args, **kwargs):
+        output = super()._head(original, *args, **kwargs)
+        if self.config.calibrate and len(self._wrapped) == 1:  # one block: head and tail at once
+            self._measure_output(self.state(self.state_type), output)
+        return output
+
+    def _tail(self, original, *args, **kwargs):
+        output = super()._tail(original, *args, **kwargs)
+        if self.config.calibrate:
+            self._measure_output(self.state(self.state_type), output)
+        return output
+
+    def _measure_output(self, state: _State, output) -> None:
+        """Calibrating: y = Σ|o − o'| / Σ|o'|, o the last block's output hidden states over this
+        rank's real tokens and o' the branch's previous one, both sums in float64 and added over
+        the ranks that share the blocks (`Agreement.ratio`), so N ranks measure what one does;
+        recorded with the forward's x once both exist."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows = self.valid_tokens()
+        now = hidden if rows is None else hidden[:, :rows]
+        before, state.previous_output = state.previous_output, now
+        if before is None:
+            return
+        change = self.agreement.ratio((now - before).abs().sum(dtype=torch.float64),
+                                      before.abs().sum(dtype=torch.float64))
+        if state.change is not None:
+            self.pairs.append((self.step, self.context, state.change, change))
 
     def _read(self, args, kwargs) -> tuple[torch.Tensor, bool]:
         current, split = self.indicator(self.head, args, kwargs)

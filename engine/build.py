@@ -234,14 +234,15 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
         raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
 
 
-def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int) -> None:
+def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = "cache") -> None:
     """The cache kind's whole-config checks, those against the run (its steps) and the modes it
-    supports, as UserErrors before anything loads (each field was checked when the config was built)."""
+    supports, as UserErrors before anything loads (each field was checked when the config was built).
+    `prefix` names the section in messages (cache, or cache_2 for Wan 2.2's low-noise expert)."""
     try:
         c.check_complete()
         c.check_run(steps=steps)
     except ValueError as err:
-        raise UserError(f"cache.{err}") from None
+        raise UserError(f"{prefix}.{err}") from None
     pipefusion = p.patch > 1 and p.patch_mode == "pipefusion"
     if pipefusion and c.kind != registry.NONE and not registry.get(c.kind).pipefusion:
         able = " or ".join(f"cache.kind={k.name}" for k in registry.KINDS.values() if k.pipefusion)
@@ -347,6 +348,11 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                             else spec.displaced_patches):
         raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
     check_cache(config.cache, p, steps=sampling.steps)
+    if config.cache_2 is not None:
+        if not spec.two_experts:
+            raise UserError(f"cache_2 is the low-noise expert's cache of Wan 2.2 A14B; {spec.family} has one "
+                            f"transformer, so use cache alone")
+        check_cache(config.cache_2, p, steps=sampling.steps, prefix="cache_2")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     if p.shard_weights and p.patch > 1:

@@ -33,14 +33,27 @@ def _site(transformer, spec: ModelSpec, name: str, runtime) -> Site:
                 valid_tokens=shard.local_valid if shard is not None else (lambda: None), **groups)
 
 
-def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None) -> dict[str, Cache]:
+def expert_caches(spec: ModelSpec, cache: CacheConfig,
+                  cache_2: CacheConfig | None = None) -> dict[str, tuple[str, CacheConfig]]:
+    """Per expert transformer: (the config section it reads, its cache config). Wan 2.2 A14B's
+    low-noise expert (the second) takes `cache_2` when it is given, `cache` otherwise."""
+    out = {}
+    for index, name in enumerate(spec.experts):
+        second = index > 0 and cache_2 is not None
+        out[name] = ("cache_2", cache_2) if second else ("cache", cache)
+    return out
+
+
+def apply_caches(pipe, spec: ModelSpec, cache: CacheConfig, runtime=None, *,
+                 cache_2: CacheConfig | None = None) -> dict[str, Cache]:
+    """Apply each expert's cache (`expert_caches`); the kinds may differ between the experts."""
     applied = {}
-    for name in spec.experts:
+    for name, (section, config) in expert_caches(spec, cache, cache_2).items():
         transformer = getattr(pipe, name)
         try:
-            made = registry.apply(transformer, cache, _site(transformer, spec, name, runtime))
+            made = registry.apply(transformer, config, _site(transformer, spec, name, runtime))
         except ValueError as err:  # what only the loaded model tells (its block count)
-            raise UserError(f"cache: {err}") from None
+            raise UserError(f"{section}: {err}") from None
         if made is not None:
             applied[name] = made
     return applied

@@ -11,8 +11,8 @@ bit-identical to an uninterrupted render's:
   and call counts) via `Cache.state_dict()`;
 - the global RNG states (CPU, and CUDA where there is one), for schedulers that draw noise;
 - a fingerprint of everything that changes the numbers: model, sampling, parallel layout (without
-  the timeout), cache (without verify), world size, torch and diffusers versions. Output paths and
-  progress are not in it.
+  the timeout), cache and Wan 2.2's cache_2 where it differs from cache (without verify), world
+  size, torch and diffusers versions. Output paths and progress are not in it.
 
 Who writes what: each rank writes only what it alone holds, in its own file `rank{r}.step{s}.pt`
 (torch.save, written and verified by engine/writes.py's commit): its caches' state (rank-local:
@@ -84,6 +84,8 @@ def fingerprint(config: RunConfig, *, world_size: int) -> str:
     data = {"model": model, "sampling": asdict(config.sampling), "parallel": parallel, "cache": cache,
             "world_size": world_size, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "format": FORMAT}
+    if config.cache_2 is not None and replace(config.cache_2, verify=False) != replace(config.cache, verify=False):
+        data["cache_2"] = asdict(replace(config.cache_2, verify=False))  # unset or equal: the same run as before
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

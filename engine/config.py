@@ -151,7 +151,11 @@ class RunConfig:
     """How ranks split the work."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Which step cache skips redundant work, and how much: `kind` and that kind's own fields
-    (caching/registry.py lists the kinds; each kind's config class its fields)."""
+    (caching/registry.py lists the kinds; each kind's config class its fields). On Wan 2.2 A14B
+    it is the high-noise expert's (`transformer`), and the low-noise one's too unless cache_2 is set."""
+    cache_2: CacheConfig | None = None
+    """Wan 2.2 two-expert only: the low-noise expert's (`transformer_2`) cache, any kind, read as
+    `cache` is; a mapping without `kind` starts from `cache` (its kind and fields). None: `cache`."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
 
@@ -273,19 +277,19 @@ def section_from_dict(cls: type, data: dict[str, Any], *, prefix: str, base: Any
     return dataclasses.replace(base, **values)
 
 
-def cache_from_dict(data: Any, *, base: CacheConfig | None = None) -> CacheConfig:
+def cache_from_dict(data: Any, *, base: CacheConfig | None = None, prefix: str = "cache") -> CacheConfig:
     """The cache section: `kind` (default: the base's) picks the kind's config class, which takes
     only its own fields (and checks them). Fields given for the base's kind carry over when the
     kind stays; a new kind starts from its defaults (verify carries over). A bare kind name
-    stands for {kind: name}."""
+    stands for {kind: name}. `prefix` names the section in messages (cache, cache_2)."""
     base = base if base is not None else CacheConfig()
     if isinstance(data, str):
         data = {"kind": data}
     if not isinstance(data, dict):
-        raise UserError(f"cache: expected a mapping of keys, got {type(data).__name__}")
+        raise UserError(f"{prefix}: expected a mapping of keys, got {type(data).__name__}")
     kind = data.get("kind", base.kind)
     if not isinstance(kind, str) or kind not in registry.names():
-        raise UserError(f"cache.kind: expected one of {', '.join(registry.names())}, got {_short(kind)}")
+        raise UserError(f"{prefix}.kind: expected one of {', '.join(registry.names())}, got {_short(kind)}")
     cls = registry.config_class(kind)
     hints = _hints(cls)
     allowed = registry.fields(kind)
@@ -294,15 +298,15 @@ def cache_from_dict(data: Any, *, base: CacheConfig | None = None) -> CacheConfi
         if key == "kind":
             continue
         if key not in allowed:
-            raise UserError(f"unknown config key 'cache.{key}' for cache kind {kind}; allowed in '{kind}': "
+            raise UserError(f"unknown config key '{prefix}.{key}' for cache kind {kind}; allowed in '{kind}': "
                             f"{', '.join(allowed)}")
-        values[key] = _coerce(value, hints[key], f"cache.{key}")
+        values[key] = _coerce(value, hints[key], f"{prefix}.{key}")
     try:
         if kind == base.kind:
             return dataclasses.replace(base, **values)
         return cls(**{"verify": base.verify, **values})
     except ValueError as err:
-        raise UserError(f"cache.{err}") from None
+        raise UserError(f"{prefix}.{err}") from None
 
 
 def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = None) -> RunConfig:
@@ -312,11 +316,17 @@ def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = No
     if not isinstance(data, dict):
         raise UserError(f"a config must be a mapping of sections, got {type(data).__name__}")
     sections = {}
-    for name, value in data.items():
+    for name in data:
         if name not in SECTIONS:
             raise UserError(f"unknown config section '{name}'; allowed: {', '.join(SECTIONS)}")
+    # cache before cache_2, whatever the order given: cache_2 starts from the cache it follows.
+    for name, value in sorted(data.items(), key=lambda item: item[0] == "cache_2"):
         if name == "cache":
             sections[name] = cache_from_dict(value or {}, base=base.cache)
+        elif name == "cache_2":
+            follows = sections.get("cache", base.cache)
+            sections[name] = None if value is None else cache_from_dict(
+                value, base=base.cache_2 if base.cache_2 is not None else follows, prefix="cache_2")
         else:
             sections[name] = section_from_dict(_section_class(name), value or {}, prefix=name,
                                                base=getattr(base, name))

@@ -4,9 +4,10 @@ A job is one line of JSON: `prompt` (required), `id` (optional), and per-job ove
 sampling fields (negative_prompt, seed, height, width, frames, steps, guidance, guidance_2,
 true_cfg_scale, max_sequence_length) and of the cache (`"cache": "fbcache"`, or a mapping of a
 kind and its own fields: `{"kind": "magcache", "threshold": 0.12}`; without a kind, fields of
-the batch's kind). Each line is validated completely (the same checks as `unison generate`, no
-weights read) before anything renders; a line that does not parse or validate is reported with
-its number and skipped, and the rest still render.
+the batch's kind), and on Wan 2.2 A14B of the low-noise expert's `cache_2`, written the same way.
+Each line is validated completely (the same checks as `unison generate`, no weights read) before
+anything renders; a line that does not parse or validate is reported with its number and skipped,
+and the rest still render.
 
 Output per job: DIR/<id>.mp4 and DIR/<id>.yaml, each read back and then renamed into place
 (engine/writes.py). The manifest, DIR/manifest.jsonl, gets one JSON line per finished attempt, read
@@ -78,14 +79,15 @@ def job_config(obj: dict[str, Any], *, base: RunConfig, out_dir: Path, job_id: s
     sampling = {k: v for k, v in obj.items() if k in SAMPLING_KEYS}
     nested: dict[str, dict] = {"sampling": sampling,
                                "output": {"path": str(out_dir / f"{job_id}.mp4"), "decode": True}}
-    cache = obj.get("cache")
-    if isinstance(cache, str):
-        nested["cache"] = {"kind": cache}
-    elif isinstance(cache, dict):
-        nested["cache"] = cache
-    elif cache is not None:
-        raise UserError(f"cache: expected a kind ({', '.join(registry.names())}) or a mapping of a kind and its "
-                        f"fields, got {cache!r}")
+    for section in ("cache", "cache_2"):
+        cache = obj.get(section)
+        if isinstance(cache, str):
+            nested[section] = {"kind": cache}
+        elif isinstance(cache, dict):
+            nested[section] = cache
+        elif cache is not None:
+            raise UserError(f"{section}: expected a kind ({', '.join(registry.names())}) or a mapping of a kind "
+                            f"and its fields, got {cache!r}")
     return config_from_dict(nested, base=base)
 
 
@@ -132,9 +134,9 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object, got {type(obj).__name__}")
     _check_plain(obj)
-    unknown = sorted(set(obj) - {"id", "cache", *SAMPLING_KEYS})
+    unknown = sorted(set(obj) - {"id", "cache", "cache_2", *SAMPLING_KEYS})
     if unknown:
-        raise UserError(f"unknown key '{unknown[0]}'; allowed: id, cache, {', '.join(SAMPLING_KEYS)}")
+        raise UserError(f"unknown key '{unknown[0]}'; allowed: id, cache, cache_2, {', '.join(SAMPLING_KEYS)}")
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise UserError("'prompt' is required (a non-empty string)")
     job_id = obj.get("id", derived_id(obj))

@@ -34,6 +34,8 @@ def check_finite(config: RunConfig) -> None:
     """No float field is NaN or infinite (the loaders refuse them; a config built in Python too)."""
     for section in dataclasses.fields(config):
         part = getattr(config, section.name)
+        if part is None:  # cache_2 unset
+            continue
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
             if isinstance(value, float) and not math.isfinite(value):

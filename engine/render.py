@@ -193,7 +193,7 @@ class Engine:
         show = (cfg.output.progress if progress is None else progress) and self.is_writer
         if self.runtime is not None:
             self.runtime.stats.reset()
-        self._use_cache(cfg.cache)
+        self._use_cache(cfg.cache, cfg.cache_2)
         steps = cfg.sampling.steps
         for cache in self.caches.values():
             cache.begin_video(steps=steps)
@@ -261,14 +261,15 @@ class Engine:
                             components=describe_components(
                                 self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")))
 
-    def _use_cache(self, cache) -> None:
-        """Apply the render's cache config, replacing a different one from an earlier render."""
-        if cache == self.cache_config:
+    def _use_cache(self, cache, cache_2=None) -> None:
+        """Apply the render's cache configs (`cache_2`: Wan 2.2's low-noise expert's), replacing
+        different ones from an earlier render."""
+        if (cache, cache_2) == self.cache_config:
             return
         for applied in self.caches.values():
             applied.remove()
-        self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime)
-        self.cache_config = cache
+        self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime, cache_2=cache_2)
+        self.cache_config = (cache, cache_2)
 
     def decode(self, latents: torch.Tensor, *, output=None):
         """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch.

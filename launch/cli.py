@@ -155,9 +155,12 @@ def _add_run_options(p, *, single: bool) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure a model's MagCache ratios and write them as a recipe",
-                       description="Render once without skipping and write the MagCache ratios measured per "
-                       "step and branch as a YAML recipe (then: unison --config FILE).")
+    p = sub.add_parser("calibrate", help="measure a model's MagCache ratios or fit its TeaCache polynomial, "
+                       "and write them as a recipe",
+                       description="Render once without skipping and write a YAML recipe (then: unison --config "
+                       "FILE). --cache magcache: the MagCache ratios measured per step and branch. --cache teacache: "
+                       "TeaCache's degree-4 polynomial, fitted to the block stack output's relative change against "
+                       "the indicator's, per expert on Wan 2.2 A14B (cache and cache_2).")
     _add_run_options(p, single=True)
     p.add_argument("--out", required=True, help="the recipe to write (YAML)")
 
@@ -213,9 +216,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs sit in (default 1)")
     p.add_argument("--gpu", default="h100", help="h100, h200, a100, a800, h20, l40s or l20 (default h100)")
     p.add_argument("--interconnect", help="nvlink, pcie or ib inside a node (default: nvlink where the GPU has it)")
-    p.add_argument("--cache", help="step cache: none, fbcache or pab")
+    p.add_argument("--cache", help=f"step cache: {', '.join(registry.names())}")
     p.add_argument("--skip-share", dest="skip_share", type=float,
-                   help="share of steps the cache skips (default: fbcache 0.4, pab 0.35, both assumptions)")
+                   help="share of steps the cache skips (default: fbcache and dbcache 0.4, pab 0.35, magcache and "
+                        "teacache 0.5, easycache 0.6, all assumptions; taylorseer: its schedule's)")
     for flag in ("height", "width", "frames", "steps"):
         p.add_argument(f"--{flag}", type=int)
     p.add_argument("--guidance", type=float)

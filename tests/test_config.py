@@ -61,7 +61,11 @@ def test_strict_errors(data, message):
 def test_configs_are_frozen_and_documented():
     import typing
 
-    for section in (RunConfig, *[typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)]):
+    hints = typing.get_type_hints(RunConfig)
+    # A section that may be null (cache_2) is its class or None: the class is checked.
+    sections = {next(a for a in typing.get_args(t) if a is not type(None)) if typing.get_args(t) else t
+                for t in hints.values()}
+    for section in (RunConfig, *sections):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(section(), dataclasses.fields(section)[0].name, None)
         source = Path(__import__("inspect").getsourcefile(section)).read_text()
@@ -103,3 +107,95 @@ def test_cache_section_is_a_kind_and_its_own_fields(tmp_path):
                                               "--set", "cache.threshold=0.1"])).cache
     assert cache == CacheConfig(kind="magcache", mag_ratios=(1.0, 0.9), threshold=0.1, verify=True)
     assert config_from_dict({"cache": "pab"}).cache == CacheConfig(kind="pab")
+
+
+# ---------------------------------------------------------------------------------------------
+# cache_2: Wan 2.2 A14B's low-noise expert's cache.
+
+def test_cache_2_is_read_like_cache_and_starts_from_it(tmp_path):
+    """A cache_2 mapping without a kind starts from cache (its kind and fields), in whatever order
+    the YAML gives them; --set cache_2.FIELD changes it alone; a kind of its own starts from that
+    kind's defaults; null (or absent) means the expert reads cache."""
+    from unison.engine.config import CacheConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("cache_2:\n  warmup_steps: 2\n  max_cached_steps: 20\n"
+                    "cache:\n  kind: dbcache\n  threshold: 0.12\n  warmup_steps: 4\n  max_cached_steps: 8\n")
+    config = build_config(parser().parse_args(["generate", "--config", str(path), "--set", "cache_2.threshold=0.2",
+                                               "--set", "cache.max_consecutive_skips=3"]))
+    assert config.cache == CacheConfig(kind="dbcache", threshold=0.12, warmup_steps=4, max_cached_steps=8,
+                                       max_consecutive_skips=3)
+    assert config.cache_2 == CacheConfig(kind="dbcache", threshold=0.2, warmup_steps=2, max_cached_steps=20)
+    assert load_yaml(path, base=None) == dataclasses.replace(
+        config, cache=dataclasses.replace(config.cache, max_consecutive_skips=None),
+        cache_2=dataclasses.replace(config.cache_2, threshold=0.12))
+    # Round trip through the resolved config written beside a video.
+    written = tmp_path / "written.yaml"
+    written.write_text(dump_yaml(config))
+    assert load_yaml(written) == config
+    # --set alone, a kind of its own, and null.
+    config = apply_overrides(RunConfig(), ["cache.kind=fbcache", "cache_2.kind=magcache",
+                                           "cache_2.mag_ratios=[1.0, 0.9]"])
+    assert config.cache == CacheConfig(kind="fbcache")
+    assert config.cache_2 == CacheConfig(kind="magcache", mag_ratios=(1.0, 0.9))
+    assert config_from_dict({"cache_2": None}, base=config).cache_2 is None
+    assert RunConfig().cache_2 is None and config_from_dict({"cache": "pab"}).cache_2 is None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": {"family": "wan"}, "cache": "fbcache", "cache_2": {"threshold": 0.1}},
+     "cache_2 is the low-noise expert's cache of Wan 2.2 A14B; wan has one transformer, so use cache alone"),
+    ({"model": {"family": "hunyuanvideo"}, "cache_2": "fbcache"},
+     "cache_2 is the low-noise expert's cache of Wan 2.2 A14B; hunyuanvideo has one transformer"),
+    ({"model": {"family": "wan2.2"}, "cache": "fbcache", "cache_2": {"front_blocks": 2}},
+     "unknown config key 'cache_2.front_blocks' for cache kind fbcache; allowed in 'fbcache': kind, verify"),
+    ({"model": {"family": "wan2.2"}, "cache_2": {"kind": "wan"}}, "cache_2.kind: expected one of none, fbcache"),
+    ({"model": {"family": "wan2.2"}, "cache_2": {"kind": "fbcache", "threshold": -1}},
+     "cache_2.threshold must be at least 0, got -1"),
+    ({"model": {"family": "wan2.2"}, "cache_2": "magcache"},
+     "cache_2.mag_ratios must be given: MagCache needs this model's per-step magnitude ratios"),
+    ({"model": {"family": "wan2.2"}, "cache_2": 3}, "cache_2: expected a mapping of keys, got int"),
+])
+def test_cache_2_bad_input_is_one_line_before_anything_loads(data, message):
+    from unison.engine.build import plan_run
+
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        plan_run(config_from_dict(data))
+    assert "\n" not in str(err.value)
+
+
+def test_cache_2_in_batch_jobs_and_the_checkpoint_identity(tmp_path):
+    """A batch job's line takes cache_2 as it takes cache; a checkpoint of a run whose cache_2
+    differs is another run's, while cache_2 unset or equal to cache is the same run."""
+    import json
+
+    from unison.engine.checkpoint import fingerprint
+    from unison.engine.jobs import parse_line
+
+    base = config_from_dict({"model": {"family": "wan2.2"}, "cache": {"kind": "dbcache", "warmup_steps": 4},
+                             "sampling": {"steps": 4}})
+    line = json.dumps({"prompt": "a cat", "id": "a", "cache_2": {"warmup_steps": 2, "max_cached_steps": 20}})
+    job = parse_line(line, 1, base=base, out_dir=tmp_path, world_size=1)
+    assert (job.config.cache.warmup_steps, job.config.cache_2.warmup_steps, job.config.cache_2.max_cached_steps,
+            job.config.cache_2.kind) == (4, 2, 20, "dbcache")
+    job = parse_line(json.dumps({"prompt": "a cat", "cache_2": "pab"}), 2, base=base, out_dir=tmp_path, world_size=1)
+    assert job.config.cache_2.kind == "pab" and job.config.cache.kind == "dbcache"
+    with pytest.raises(UserError, match=re.escape("cache_2.warmup_steps must be at least 0")):
+        parse_line(json.dumps({"prompt": "a", "cache_2": {"warmup_steps": -1}}), 3, base=base, out_dir=tmp_path,
+                   world_size=1)
+
+    same = fingerprint(base, world_size=1)
+    assert fingerprint(dataclasses.replace(base, cache_2=base.cache), world_size=1) == same
+    assert fingerprint(dataclasses.replace(base, cache_2=dataclasses.replace(base.cache, verify=True)),
+                       world_size=1) == same
+    other = dataclasses.replace(base, cache_2=dataclasses.replace(base.cache, warmup_steps=2))
+    assert fingerprint(other, world_size=1) != same
+
+
+def test_wan22_dbcache_recipe_sets_each_expert_as_cache_dit_publishes():
+    """cache-dit's Wan 2.2 A14B example (cache-facts.md §3.3): high-noise warm-up 4 and at most
+    8 cached steps, low-noise warm-up 2 and at most 20; threshold 0.12, Fn 1 / Bn 0 for both."""
+    config = load_yaml(ROOT / "configs" / "wan2.2-t2v-a14b" / "dbcache.yaml")
+    for cache, (warmup, cached) in ((config.cache, (4, 8)), (config.cache_2, (2, 20))):
+        assert (cache.kind, cache.warmup_steps, cache.max_cached_steps) == ("dbcache", warmup, cached)
+        assert (cache.threshold, cache.front_blocks, cache.back_blocks) == (0.12, 1, 0)

@@ -194,6 +194,42 @@ def test_wan22_experts_each_read_the_run_table_at_their_steps():
     assert _rule(ratios, range(3, 8), steps=8, **settings) == [True, False, False, True, False]
 
 
+def test_wan22_experts_take_their_own_cache_configs():
+    """cache_2 is the low-noise expert's. Tiny Wan 2.2 A14B, 8 steps (high noise 0-2, low noise 3-7):
+    with MagCache at K 1 for the high-noise expert and K 2 for the low-noise one, each expert's
+    decisions are the rule at its own K (and at the other K they would differ); with DBCache for
+    the low-noise expert instead (a threshold every change is below, 2 warm-up steps counted in
+    that expert's own steps, at most 2 cached steps per branch), its forwards compute, compute,
+    skip, skip, compute."""
+    ratios = (1.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.96)
+    high, low = (dict(threshold=0.05, max_skip_steps=k, retention_ratio=0.0) for k in (1, 2))
+    base = RunConfig(model=ModelConfig(family="wan2.2"), output=OutputConfig(decode=False, progress=False),
+                     sampling=SamplingConfig(steps=8, height=48, width=64, frames=9, negative_prompt="blurred"),
+                     cache=CacheConfig(kind="magcache", mag_ratios=ratios, **high),
+                     cache_2=CacheConfig(kind="magcache", mag_ratios=ratios, **low))
+    engine = Engine.from_config(base)
+    result = engine.render()
+    assert [s.expert for s in result.loop.steps] == ["transformer"] * 3 + ["transformer_2"] * 5
+    expected = {"transformer": _rule(ratios, range(0, 3), steps=8, **high),
+                "transformer_2": _rule(ratios, range(3, 8), steps=8, **low)}
+    assert expected == {"transformer": [True, False, True], "transformer_2": [True, False, False, True, False]}
+    assert _rule(ratios, range(3, 8), steps=8, **high) != expected["transformer_2"]
+    for expert, run in (("transformer", range(0, 3)), ("transformer_2", range(3, 8))):
+        for context in ("cond", "uncond"):
+            decisions = [d for d in result.cache_decisions[expert] if d[1] == context]
+            assert [d[0] for d in decisions] == list(run)
+            assert [d[-1] for d in decisions] == expected[expert], (expert, context)
+
+    db = CacheConfig(kind="dbcache", threshold=1e6, warmup_steps=2, max_cached_steps=2)
+    result = engine.render(dataclasses.replace(base, cache_2=db))
+    assert {name: cache.name for name, cache in engine.caches.items()} == {"transformer": "magcache",
+                                                                           "transformer_2": "dbcache"}
+    for context in ("cond", "uncond"):
+        assert [d[-1] for d in result.cache_decisions["transformer"] if d[1] == context] == expected["transformer"]
+        assert [d[-1] for d in result.cache_decisions["transformer_2"] if d[1] == context] \
+            == [True, True, False, False, True]
+
+
 def test_a_preset_gives_each_branch_its_own_ratios_resampled_to_the_run():
     """Wan 2.1 1.3B's published table (50 steps) on a 6-step tiny Wan run: each branch follows
     the rule on its own ratios, resampled from 50 to 6."""
@@ -266,10 +302,63 @@ def test_calibration_measures_what_diffusers_measures_and_n_ranks_write_the_same
     assert False in [d[-1] for d in result.cache_decisions["transformer"]]
 
 
+def _diffusers_block_stack(folder: str, sampling) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """diffusers' own WanPipeline (no cache) on `folder`, with plain hooks on each expert's first
+    and last block: (expert, first block's input, last block's output) per forward, in call order."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for name in ("transformer", "transformer_2"):
+        transformer = getattr(pipe, name)
+        if transformer is None:
+            continue
+        inputs: list[torch.Tensor] = []
+        transformer.blocks[0].register_forward_pre_hook(lambda module, args, inputs=inputs: inputs.append(args[0]))
+        transformer.blocks[-1].register_forward_hook(
+            lambda module, args, output, name=name, inputs=inputs: seen.append((name, inputs.pop(), output)))
+    pipe(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
+         width=sampling.width, num_frames=sampling.frames, num_inference_steps=sampling.steps,
+         guidance_scale=sampling.guidance, guidance_scale_2=sampling.guidance_2,
+         max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
+         output_type="latent")
+    return seen
+
+
+def test_wan22_calibration_writes_one_run_table_measured_across_the_switch(tiny_folder, tmp_path):
+    """Tiny Wan 2.2 A14B, 8 steps: each expert's MagCache measures at the steps it runs, and the
+    recipe holds one table for the run (what rendering reads at the loop's step index). A hand
+    computation from diffusers' own pipeline with plain hooks: per branch (cond, uncond alternate),
+    one chain of block-stack residuals over the whole run, the mean over tokens of |r_t| / |r_t−1|,
+    so the low-noise expert's first ratio is its residual over the high-noise expert's last, as the
+    authors' A14B tables record it. Ulysses 2 writes the same file."""
+    from multirank import run_ranks
+
+    folder = tiny_folder("wan2.2")
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    assert _calibrate(0, 1, folder, str(one), ["--steps", "8"]) == 0
+    recipe = load_yaml(one)
+    seen = _diffusers_block_stack(folder, recipe.sampling)
+    experts = [name for name, *_ in seen[0::2]]
+    switch = experts.index("transformer_2")
+    assert 0 < switch < 7 and experts == ["transformer"] * switch + ["transformer_2"] * (8 - switch)
+    for branch, ratios in ((0, recipe.cache.mag_ratios), (1, recipe.cache.mag_ratios_uncond)):
+        residuals = [output - first for _, first, output in seen[branch::2]]
+        expected = [1.0] + [(r.norm(dim=-1) / (p.norm(dim=-1) + 1e-8)).mean().item()
+                            for p, r in zip(residuals, residuals[1:])]
+        assert ratios == pytest.approx(expected, rel=1e-6), branch
+        assert abs(ratios[switch] - 1.0) > 1e-3  # measured across the switch, not restarted at 1.0
+    assert recipe.cache_2 is None and recipe.model.family == "wan2.2"
+
+    run_ranks(2, _calibrate, folder, str(two), ["--ulysses", "2", "--steps", "8"])
+    assert two.read_text().replace("ulysses: 2", "ulysses: 1") == one.read_text()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--cache", "teacache"], "calibrate: --cache magcache is the kind that can be calibrated"),
+    (["--cache", "fbcache"], "calibrate: --cache magcache or --cache teacache can be calibrated, got 'fbcache'"),
     (["--cache", "magcache", "--cfg-parallel"], "calibrate runs under Ulysses and Ring only"),
-    (["--cache", "magcache", "--set", "model.family=wan2.2"], "calibrate: models with two experts"),
+    (["--cache", "magcache", "--patch", "2"], "calibrate runs under Ulysses and Ring only"),
 ])
 def test_calibration_bad_input_is_one_line(tmp_path, capsys, extra, message):
     from unison.launch.cli import main

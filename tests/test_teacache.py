@@ -218,3 +218,150 @@ def test_pipefusion_is_a_clear_error():
                                  cache=CacheConfig(kind="teacache", preset="wan2.1-t2v-1.3b"))
     with pytest.raises(UserError, match="TeaCache under PipeFusion is not supported: use cache.kind=fbcache"):
         plan_run(config, world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration (`unison calibrate --cache teacache`): the polynomial fitted on a render's pairs.
+
+def _calibrate(rank, world, folder: str, out: str, extra: list[str]):
+    """The CLI's calibration run on this rank (the pool's group stands in for the launcher's)."""
+    from unison.launch.cache_calibration import run
+    from unison.launch.cli import build_config, parser
+    from unison.launch.dist import DistEnv
+
+    args = parser().parse_args(["calibrate", "--model", folder, "--cache", "teacache", "--steps", "20", "--height",
+                                "48", "--width", "64", "--frames", "9", "--seed", "1", "--negative-prompt", "blurred",
+                                "--out", out, "--set", "output.progress=false", *extra])
+    return run(build_config(args), out, DistEnv(rank=rank, world_size=world))
+
+
+def _relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
+    return ((now - before).abs().sum(dtype=torch.float64) / before.abs().sum(dtype=torch.float64)).item()
+
+
+def _pairs_by_hand(folder: str, sampling) -> dict[str, tuple[list[float], list[float]]]:
+    """diffusers' own WanPipeline (no cache) with plain hooks on each expert's first block (its
+    timestep modulation input, TeaCache's Wan indicator) and last block (the stack's output): per
+    expert, the (x, y) pairs of consecutive forwards of the same branch (cond and uncond alternate)."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, list[list[torch.Tensor]]] = {}
+    for name in ("transformer", "transformer_2"):
+        transformer = getattr(pipe, name)
+        if transformer is None:
+            continue
+        calls = seen.setdefault(name, [])
+        transformer.blocks[0].register_forward_pre_hook(lambda module, args, calls=calls: calls.append([args[2]]))
+        transformer.blocks[-1].register_forward_hook(lambda module, args, output, calls=calls:
+                                                     calls[-1].append(output))
+    pipe(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
+         width=sampling.width, num_frames=sampling.frames, num_inference_steps=sampling.steps,
+         guidance_scale=sampling.guidance, guidance_scale_2=sampling.guidance_2,
+         max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
+         output_type="latent")
+    pairs = {}
+    for name, calls in seen.items():
+        xs, ys = [], []
+        for branch in (0, 1):
+            forwards = calls[branch::2]
+            for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
+                xs.append(_relative_l1(m1, m0))
+                ys.append(_relative_l1(o1, o0))
+        pairs[name] = (xs, ys)
+    return pairs
+
+
+def test_calibration_fits_numpy_polyfit_per_expert_and_n_ranks_fit_the_same(tiny_folder, tmp_path):
+    """Tiny Wan 2.2 A14B, 20 steps: the recipe's cache (high-noise expert) and cache_2 (low-noise)
+    hold numpy.polyfit(x, y, 4) over the pairs computed by hand from diffusers' pipeline for that
+    expert (both branches); under Ulysses 2 the same coefficients; and the recipe renders."""
+    folder = tiny_folder("wan2.2")
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    assert _calibrate(0, 1, folder, str(one), []) == 0
+    recipe = load_yaml(one)
+    pairs = _pairs_by_hand(folder, recipe.sampling)
+    steps = {name: len(xs) // 2 + 1 for name, (xs, _) in pairs.items()}
+    assert sum(steps.values()) == 20 and min(steps.values()) >= 6, steps
+    for cache, name in ((recipe.cache, "transformer"), (recipe.cache_2, "transformer_2")):
+        xs, ys = pairs[name]
+        expected = np.polyfit(np.array(xs), np.array(ys), 4)
+        assert cache.kind == "teacache" and len(cache.coefficients) == 5
+        assert cache.coefficients == pytest.approx(expected.tolist(), rel=1e-6), name
+    assert recipe.cache.coefficients != pytest.approx(recipe.cache_2.coefficients, rel=1e-2)
+
+    run_ranks(2, _calibrate, folder, str(two), ["--ulysses", "2"])
+    other = load_yaml(two)
+    assert other.parallel.ulysses == 2 and other.sampling == recipe.sampling
+    for mine, theirs in ((recipe.cache, other.cache), (recipe.cache_2, other.cache_2)):
+        assert theirs.coefficients == pytest.approx(mine.coefficients, rel=1e-6)
+
+    result = Engine.from_config(dataclasses.replace(recipe, output=OutputConfig(decode=False, progress=False))).render()
+    assert set(result.cache_decisions) == {"transformer", "transformer_2"}
+
+
+def _hunyuan_pairs_by_hand(folder: str, sampling) -> tuple[list[float], list[float]]:
+    """diffusers' own HunyuanVideoPipeline (no cache, true CFG) with plain hooks: TeaCache's
+    indicator computed by hand before the first dual-stream block (its layer norm modulated by its
+    own shift and scale) and the last block's output hidden states; the (x, y) pairs of
+    consecutive forwards of each branch (cond and uncond alternate)."""
+    from diffusers import HunyuanVideoPipeline
+
+    pipe = HunyuanVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    transformer, calls = pipe.transformer, []
+
+    def indicator(module, args):
+        hidden, temb = args[0], args[2]
+        shift, scale = module.norm1.linear(torch.nn.functional.silu(temb)).chunk(6, dim=1)[:2]
+        calls.append([module.norm1.norm(hidden) * (1 + scale[:, None]) + shift[:, None]])
+
+    transformer.transformer_blocks[0].register_forward_pre_hook(indicator)
+    transformer.single_transformer_blocks[-1].register_forward_hook(lambda m, a, output: calls[-1].append(output[0]))
+    pipe(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
+         width=sampling.width, num_frames=sampling.frames, num_inference_steps=sampling.steps,
+         guidance_scale=sampling.guidance, true_cfg_scale=sampling.true_cfg_scale,
+         max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
+         output_type="latent")
+    xs, ys = [], []
+    for branch in (0, 1):
+        forwards = calls[branch::2]
+        for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
+            xs.append(_relative_l1(m1, m0))
+            ys.append(_relative_l1(o1, o0))
+    return xs, ys
+
+
+def test_calibration_agrees_a_split_indicator_over_ranks(tiny_folder, tmp_path):
+    """HunyuanVideo: the indicator (the first block's modulated input) is split with the tokens
+    under Ulysses, so x's sums are agreed over the ranks, as the decision's are, and y's too. One
+    rank fits numpy.polyfit over the pairs computed by hand from diffusers' pipeline; Ulysses 2
+    (each rank holding half the tokens) the same."""
+    folder = tiny_folder("hunyuanvideo")
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    small = ["--steps", "8", "--height", "48", "--width", "48", "--set", "sampling.true_cfg_scale=3.0",
+             "--set", "sampling.max_sequence_length=128"]
+    assert _calibrate(0, 1, folder, str(one), small) == 0
+    recipe = load_yaml(one)
+    xs, ys = _hunyuan_pairs_by_hand(folder, recipe.sampling)
+    assert len(xs) == 14 and len(set(xs)) == 14 and recipe.cache_2 is None
+    assert recipe.cache.coefficients == pytest.approx(np.polyfit(np.array(xs), np.array(ys), 4).tolist(), rel=1e-6)
+    run_ranks(2, _calibrate, folder, str(two), [*small, "--ulysses", "2"])
+    assert load_yaml(two).cache.coefficients == pytest.approx(recipe.cache.coefficients, rel=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg-parallel"], "calibrate runs under Ulysses and Ring only (a CFG half sees one branch"),
+    (["--patch", "2"], "calibrate runs under Ulysses and Ring only"),
+    (["--steps", "5"], "calibrate --cache teacache needs at least 6 steps (5 changes of the indicator for a "
+                       "degree-4 fit), got 5"),
+])
+def test_calibration_bad_input_is_one_line_before_loading(tmp_path, capsys, extra, message):
+    from unison.launch.cli import main
+
+    assert main(["calibrate", "--cache", "teacache", "--out", str(tmp_path / "r.yaml"), "--steps", "8",
+                 *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r.yaml").exists()
