@@ -68,6 +68,14 @@ class SamplingConfig:
     """Seed of the initial noise (a CPU generator, so every device and rank draws the same noise)."""
     max_sequence_length: int | None = None
     """Text tokens fed to the transformer. None: the family default (Wan 512, HunyuanVideo 256)."""
+    image: str | None = None
+    """Image-to-video: the first frame's picture (a path; a batch job's is relative to its JSONL
+    file's folder). Required by the image-to-video families, refused by the text-to-video ones."""
+    last_image: str | None = None
+    """First-last-frame: the last frame's picture (Wan 2.1 FLF2V checkpoints, Wan 2.2 I2V A14B)."""
+    image_resize: Literal["stretch", "crop", "pad"] = "stretch"
+    """How the picture meets height x width: stretch (diffusers' pipelines), crop (cover, cut the
+    centre) or pad (fit inside, fill the rest); the aspect ratio is kept by crop and pad."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,8 @@ sampling fields (negative_prompt, seed, height, width, frames, steps, guidance, 
 true_cfg_scale, max_sequence_length) and of the cache (`"cache": "fbcache"`, or a mapping of a
 kind and its own fields: `{"kind": "magcache", "threshold": 0.12}`; without a kind, fields of
 the batch's kind), and on Wan 2.2 A14B of the low-noise expert's `cache_2`, written the same way.
+Image-to-video jobs name their pictures (`image`, `last_image`); a relative path is resolved
+against the JSONL file's folder, so a batch folder of prompts and pictures moves as one.
 Each line is validated completely (the same checks as `unison generate`, no weights read) before
 anything renders; a line that does not parse or validate is reported with its number and skipped,
 and the rest still render.
@@ -119,8 +121,14 @@ def _check_plain(obj: Any) -> None:
             stack.extend((value, depth + 1) for value in values)
 
 
-def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_size: int) -> Job:
-    """One line -> a validated Job, or UserError saying what is wrong with it."""
+IMAGE_KEYS = ("image", "last_image")
+"""Per-job picture paths, relative to the jobs file's folder."""
+
+
+def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_size: int,
+               folder: Path | None = None) -> Job:
+    """One line -> a validated Job, or UserError saying what is wrong with it. `folder`: the jobs
+    file's, against which relative picture paths are resolved (None: the working directory)."""
     try:
         obj = json.loads(text, parse_constant=_not_json)
     except UserError:
@@ -143,6 +151,12 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
     if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
         raise UserError(f"id must be 1-128 letters, digits, '.', '_' or '-' (not starting with one of "
                         f"the last three), got {job_id!r}")
+    for key in IMAGE_KEYS:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"'{key}' must be a path (a string), got {type(value).__name__}")
+        if value is not None and folder is not None and not Path(value).is_absolute():
+            obj = {**obj, key: str(folder / value)}
     config = job_config(obj, base=base, out_dir=out_dir, job_id=job_id)
     config = plan_run(config, world_size=world_size).config
     return Job(id=job_id, line=number, config=config)
@@ -178,7 +192,8 @@ def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path,
         if not text.strip():
             continue
         try:
-            job = parse_line(text, number, base=base, out_dir=out_dir, world_size=world_size)
+            job = parse_line(text, number, base=base, out_dir=out_dir, world_size=world_size,
+                             folder=path.resolve().parent)
         except UserError as err:
             problems.append(Problem(number, _shorten(str(err))))
             continue

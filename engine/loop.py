@@ -56,6 +56,8 @@ def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: tor
     """Initial noise from a CPU generator seeded with sampling.seed: the same tensor on every
     device and every rank, so ranks never need to broadcast it."""
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    if spec.initial_latents is not None:
+        return spec.initial_latents(pipe, sampling, device, generator)
     denoiser = getattr(pipe, spec.experts[0])
     return pipe.prepare_latents(1, denoiser.config.in_channels, sampling.height, sampling.width,
                                 sampling.frames, torch.float32, device, generator)
@@ -223,8 +225,8 @@ def denoise(
                 offload.use_expert(spec.experts[which])
             model, scale = experts[which], conditioning.scales[which]
             cache = caches.get(spec.experts[which])
-            x = latents.to(model.dtype)
-            timestep = spec.timestep_input(pipe, t, latents)
+            x = (latents if spec.model_input is None else spec.model_input(pipe, latents, conditioning)).to(model.dtype)
+            timestep = spec.timestep_input(pipe, t, latents, conditioning)
 
             def predict(context: str, branch: dict) -> torch.Tensor:
                 if cache is not None:
@@ -264,6 +266,8 @@ def denoise(
             if on_step is not None:
                 on_step(record)
     finite.finish()
+    if spec.finish is not None:
+        latents = spec.finish(pipe, latents, conditioning)
     records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
     return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds,
                       resumed_from_step=start if start else None)

@@ -32,6 +32,8 @@ _FLAG_KEYS = {
     "model": "model.path",
     "prompt": "sampling.prompt",
     "negative_prompt": "sampling.negative_prompt",
+    "image": "sampling.image",
+    "last_image": "sampling.last_image",
     "height": "sampling.height",
     "width": "sampling.width",
     "frames": "sampling.frames",
@@ -116,6 +118,9 @@ def _add_run_options(p, *, single: bool) -> None:
     if single:
         p.add_argument("--prompt")
     p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame's picture")
+    p.add_argument("--last-image", dest="last_image", metavar="PATH",
+                   help="first-last-frame: the last frame's picture (with --image)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="frame count, 4k+1")

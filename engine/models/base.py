@@ -43,11 +43,14 @@ class Limits:
 
 @dataclass
 class Conditioning:
-    """Transformer keyword arguments per guidance branch, and the guidance scale per expert."""
+    """Transformer keyword arguments per guidance branch, the guidance scale per expert, and what
+    conditions the video itself (image-to-video: the encoded frames and their mask), which the
+    family's `model_input`, `timestep_input` and `finish` read."""
 
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor] | None
     scales: tuple[float, ...]
+    video: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +91,20 @@ class ModelSpec:
     """(pipe, resolved sampling, device) -> Conditioning."""
     set_timesteps: Callable[[Any, int, torch.device], torch.Tensor]
     """(pipe, steps, device) -> timesteps, leaving the scheduler ready to step."""
-    timestep_input: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
-    """(pipe, t, latents) -> the `timestep` argument of the transformer."""
+    timestep_input: Callable[[Any, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+    """(pipe, t, latents, conditioning) -> the `timestep` argument of the transformer."""
     expert_boundary: Callable[[Any], float | None]
     """(pipe) -> timestep at and above which experts[0] runs; None for one expert."""
     decode: Callable[[Any, torch.Tensor], torch.Tensor]
     """(pipe, latents) -> decoded video tensor (B, C, F, H, W) in [-1, 1]."""
+    initial_latents: Callable[[Any, Any, torch.device, torch.Generator], torch.Tensor] | None = None
+    """(pipe, sampling, device, CPU generator) -> the initial noise (None: the pipeline's
+    prepare_latents at the first expert's input channels)."""
+    model_input: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
+    """(pipe, latents, conditioning) -> the transformer's hidden_states at a step (None: the
+    latents; image-to-video: with the encoded image joined or put in place)."""
+    finish: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
+    """(pipe, latents, conditioning) -> the final latents after the last step (None: as they are)."""
     tiny_heads: int = 4
     """Attention heads of the tiny preset's transformers (checked against the Ulysses degree
     before anything is built; a test checks it against the built model)."""

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unison.engine import images
 from unison.errors import UserError
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
@@ -48,6 +49,7 @@ def _tiny_pipeline(seed: int):
 
 
 def _check_sampling(sampling) -> None:
+    images.check_images(sampling, family="hunyuanvideo", takes_image=False, needs_image=False, takes_last=False)
     if sampling.guidance_2 is not None:
         raise UserError(
             "--guidance-2 has no meaning for HunyuanVideo: it has one transformer; --guidance sets its "
@@ -90,7 +92,7 @@ def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
     return pipe.scheduler.timesteps
 
 
-def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor, conditioning) -> torch.Tensor:
     return t.expand(latents.shape[0]).to(latents.dtype)
 
 

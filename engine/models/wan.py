@@ -1,8 +1,20 @@
-"""Wan 2.1 T2V, Wan 2.2 A14B (two experts) and Wan 2.2 TI2V-5B, all served by diffusers' WanPipeline.
+"""Wan 2.1 T2V and I2V, Wan 2.2 A14B T2V and I2V (two experts) and Wan 2.2 TI2V-5B (text or image
+to video), served by diffusers' WanPipeline and WanImageToVideoPipeline.
 
-The three share every function; they differ in the folder's model_index.json
-(`transformer_2` + `boundary_ratio` for A14B, `expand_timesteps` for TI2V-5B), their VAE
-and their defaults.
+They share every function; they differ in the folder's model_index.json (the pipeline class,
+`transformer_2` + `boundary_ratio` for A14B, `expand_timesteps` for TI2V-5B), their VAE and their
+defaults. Image-to-video, as diffusers' WanImageToVideoPipeline does it:
+- Wan 2.1 / 2.2 I2V: the picture (and the last frame's, first-last-frame) resized, followed by
+  black frames, VAE-encoded (the distribution's mode) and normalised; a mask marks the given
+  frames (one channel per frame of a latent frame's group of 4); mask and latents (4 + 16
+  channels) join the noisy latents at every step (the transformer takes 36 channels). Wan 2.1's
+  CLIP image tokens (the vision encoder's second-to-last hidden states) go to every block's
+  cross-attention beside the text.
+- TI2V-5B: the first latent frame is the encoded picture, not noise: the model input takes it
+  there at every step, its tokens carry timestep 0, and the final latents keep it.
+Every rank encodes the picture itself (one VAE encode before the loop: the 81-frame condition
+video for I2V, one frame for TI2V-5B); the conditioning is whole on every rank like the latents,
+and the transformer's split after patch embedding shards it with them.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from typing import Any
 
 import torch
 
+from unison.engine import images
 from unison.errors import UserError
 from unison.engine.models.wan_parallel import pipefusion_plan, sequence_parallel_plan
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
@@ -18,33 +31,56 @@ from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenize
 
 
 def _variant(index: dict[str, Any]) -> str | None:
-    if index.get("_class_name") != "WanPipeline":
+    name = index.get("_class_name")
+    if name not in ("WanPipeline", "WanImageToVideoPipeline"):
         return None
     second = index.get("transformer_2")
     has_second = isinstance(second, list) and second[0] is not None
+    i2v = name == "WanImageToVideoPipeline"
     if has_second and index.get("boundary_ratio") is not None:
-        return "wan2.2"
+        return "wan2.2-i2v" if i2v else "wan2.2"
     if index.get("expand_timesteps"):
         return "wan2.2-ti2v"
-    return "wan"
+    return "wan-i2v" if i2v else "wan"
 
 
-def _tiny_transformer(seed: int, *, channels: int):
+TINY_IMAGE = 32
+"""The tiny CLIP vision encoder's input size and width (Wan 2.1 I2V preset)."""
+
+
+def _tiny_transformer(seed: int, *, channels: int, in_channels: int | None = None, image_dim: int | None = None):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12,
-        in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=64,
+        in_channels=in_channels or channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=64,
         num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=image_dim, added_kv_proj_dim=48 if image_dim is not None else None,
     )
 
 
+def _tiny_image_encoder(seed: int):
+    """A small CLIP vision encoder (2 layers, 32 wide, 8-pixel patches of a 32-pixel input: 17
+    tokens) and its processor, built offline."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=TINY_IMAGE, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=TINY_IMAGE, patch_size=8,
+                                               projection_dim=TINY_IMAGE))
+    processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE}, crop_size={"height": TINY_IMAGE,
+                                                                                   "width": TINY_IMAGE})
+    return encoder, processor
+
+
 def _tiny_pipeline(seed: int, *, variant: str):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     ti2v = variant == "wan2.2-ti2v"
+    i2v = variant in ("wan-i2v", "wan2.2-i2v")
+    two = variant in ("wan2.2", "wan2.2-i2v")
     torch.manual_seed(seed)
     if ti2v:
         # Wan 2.2's VAE: 48 latent channels, 2×2 patchified pixels, 16× spatial compression.
@@ -64,23 +100,32 @@ def _tiny_pipeline(seed: int, *, variant: str):
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
     channels = 48 if ti2v else 16
-    transformer = _tiny_transformer(seed + 1, channels=channels)
-    transformer_2 = _tiny_transformer(seed + 2, channels=channels) if variant == "wan2.2" else None
-    return WanPipeline(
-        tokenizer=tiny_tokenizer(bos=False, eos=True), text_encoder=text_encoder, vae=vae,
-        scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
-        boundary_ratio=0.875 if variant == "wan2.2" else None, expand_timesteps=ti2v,
-    )
+    # Image-to-video: 16 noisy + 4 mask + 16 image latent channels in; Wan 2.1 adds CLIP tokens.
+    shape = dict(channels=channels, in_channels=36 if i2v else None,
+                 image_dim=TINY_IMAGE if variant == "wan-i2v" else None)
+    transformer = _tiny_transformer(seed + 1, **shape)
+    transformer_2 = _tiny_transformer(seed + 2, **shape) if two else None
+    common = dict(tokenizer=tiny_tokenizer(bos=False, eos=True), text_encoder=text_encoder, vae=vae,
+                  scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+                  boundary_ratio=0.875 if two else None, expand_timesteps=ti2v)
+    if not i2v:
+        return WanPipeline(**common)
+    encoder, processor = _tiny_image_encoder(seed + 3) if variant == "wan-i2v" else (None, None)
+    return WanImageToVideoPipeline(image_encoder=encoder, image_processor=processor, **common)
 
 
 def _check_sampling(family: str):
+    i2v = family in ("wan-i2v", "wan2.2-i2v")
+
     def check(sampling) -> None:
+        images.check_images(sampling, family=family, takes_image=i2v or family == "wan2.2-ti2v", needs_image=i2v,
+                            takes_last=i2v)
         if sampling.true_cfg_scale is not None:
             raise UserError(
                 f"sampling.true_cfg_scale is HunyuanVideo's; {family} runs classifier-free guidance "
                 "with --guidance (CFG is on when it is > 1)"
             )
-        if sampling.guidance_2 is not None and family != "wan2.2":
+        if sampling.guidance_2 is not None and family not in ("wan2.2", "wan2.2-i2v"):
             raise UserError(
                 f"--guidance-2 is the low-noise expert's guidance of Wan 2.2 A14B; {family} has one "
                 "transformer, so use --guidance alone"
@@ -95,15 +140,94 @@ def _encode(pipe, sampling, device: torch.device) -> Conditioning:
         do_classifier_free_guidance=do_cfg, num_videos_per_prompt=1,
         max_sequence_length=sampling.max_sequence_length, device=device,
     )
-    dtype = (pipe.transformer or pipe.transformer_2).dtype
+    model = pipe.transformer or pipe.transformer_2
+    dtype = model.dtype
     scales = (sampling.guidance,)
     if pipe.config.boundary_ratio is not None:
         scales += (sampling.guidance if sampling.guidance_2 is None else sampling.guidance_2,)
-    return Conditioning(
+    conditioning = Conditioning(
         cond={"encoder_hidden_states": cond.to(dtype)},
         uncond={"encoder_hidden_states": uncond.to(dtype)} if do_cfg else None,
         scales=scales,
     )
+    if sampling.image is not None:
+        first = images.read(sampling.image)
+        last = images.read(sampling.last_image, "sampling.last_image") if sampling.last_image is not None else None
+        conditioning.video = _image_condition(pipe, sampling, first, last, device)
+        if model.config.image_dim is not None:  # Wan 2.1 I2V: CLIP tokens beside the text, both branches
+            tokens = _image_tokens(pipe, [first] if last is None else [first, last], device).to(dtype)
+            for branch in (conditioning.cond, conditioning.uncond):
+                if branch is not None:
+                    branch["encoder_hidden_states_image"] = tokens
+    return conditioning
+
+
+def _image_tokens(pipe, pictures: list, device: torch.device) -> torch.Tensor:
+    """The CLIP vision encoder's second-to-last hidden states (diffusers' encode_image)."""
+    encoder = pipe.image_encoder
+    pixels = pipe.image_processor(images=pictures, return_tensors="pt").to(encoder.device)
+    return encoder(**pixels, output_hidden_states=True).hidden_states[-2].to(device)
+
+
+def _image_condition(pipe, sampling, first, last, device: torch.device) -> dict[str, torch.Tensor]:
+    """{"latents": the encoded frames, "mask": which are given} (see the module docstring)."""
+    vae = pipe.vae
+    size = dict(height=sampling.height, width=sampling.width, mode=sampling.image_resize)
+    frames = [images.for_vae(pipe.video_processor, first, **size).to(device)]
+    ti2v = pipe.config.expand_timesteps
+    if not ti2v:
+        blank = frames[0].new_zeros(1, 3, sampling.frames - (1 if last is None else 2), sampling.height,
+                                    sampling.width)
+        frames = [frames[0].unsqueeze(2), blank]
+        if last is not None:
+            frames.append(images.for_vae(pipe.video_processor, last, **size).to(device).unsqueeze(2))
+        video = torch.cat(frames, dim=2)
+    else:
+        video = frames[0].unsqueeze(2)
+    encoded = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode().to(device, torch.float32)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, torch.float32)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, torch.float32)
+    encoded = (encoded - mean) * inv_std
+    temporal = pipe.vae_scale_factor_temporal
+    latent_frames = (sampling.frames - 1) // temporal + 1
+    h, w = sampling.height // pipe.vae_scale_factor_spatial, sampling.width // pipe.vae_scale_factor_spatial
+    if ti2v:  # 0 where the picture stands (the first latent frame), 1 where noise is denoised
+        mask = torch.ones(1, 1, latent_frames, h, w, dtype=torch.float32, device=device)
+        mask[:, :, 0] = 0
+        return {"latents": encoded, "mask": mask}
+    # One mask value per pixel frame, the first frame's repeated over its latent frame's group.
+    given = torch.zeros(1, 1, sampling.frames, h, w, device=device)
+    given[:, :, 0] = 1
+    if last is not None:
+        given[:, :, -1] = 1
+    given = torch.cat([given[:, :, :1].repeat_interleave(temporal, dim=2), given[:, :, 1:]], dim=2)
+    mask = given.view(1, latent_frames, temporal, h, w).transpose(1, 2)
+    return {"latents": torch.cat([mask, encoded], dim=1)}
+
+
+def _initial_latents(pipe, sampling, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """The noise at the VAE's channels (the transformer takes more: the image's join them)."""
+    vae = pipe.vae
+    shape = (1, vae.config.z_dim, (sampling.frames - 1) // pipe.vae_scale_factor_temporal + 1,
+             sampling.height // pipe.vae_scale_factor_spatial, sampling.width // pipe.vae_scale_factor_spatial)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def _model_input(pipe, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    video = conditioning.video
+    if not video:
+        return latents
+    if "mask" in video:  # TI2V-5B: the picture's latent frame in place of the noise
+        return (1 - video["mask"]) * video["latents"] + video["mask"] * latents
+    return torch.cat([latents, video["latents"]], dim=1)
+
+
+def _finish(pipe, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    video = conditioning.video
+    if "mask" in video:
+        return (1 - video["mask"]) * video["latents"] + video["mask"] * latents
+    return latents
 
 
 def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
@@ -112,10 +236,13 @@ def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
     return pipe.scheduler.timesteps
 
 
-def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
     if pipe.config.expand_timesteps:
-        # TI2V-5B: one timestep per latent token (all equal for text-to-video), as diffusers builds it.
-        mask = torch.ones(latents.shape, dtype=torch.float32, device=latents.device)
+        # TI2V-5B: one timestep per latent token (all equal for text-to-video; 0 on the picture's
+        # tokens for image-to-video), as diffusers builds it.
+        mask = conditioning.video.get("mask")
+        if mask is None:
+            mask = torch.ones(latents.shape, dtype=torch.float32, device=latents.device)
         per_token = (mask[0][0][:, ::2, ::2] * t).flatten()
         return per_token.unsqueeze(0).expand(latents.shape[0], -1)
     return t.expand(latents.shape[0])
@@ -174,15 +301,15 @@ def _tiny_configs(family: str) -> dict[str, dict]:
     transformer = {"rope_max_seq_len": 32, "patch_size": [1, 2, 2]}
     configs = {"transformer/config.json": transformer,
                "vae/config.json": {"scale_factor_spatial": spatial, "scale_factor_temporal": 4}}
-    if family == "wan2.2":
+    if family in ("wan2.2", "wan2.2-i2v"):
         configs["transformer_2/config.json"] = transformer
     return configs
 
 
 def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_multiple=16, fps=16,
-          notes=()) -> ModelSpec:
+          notes=(), pipeline_class="WanPipeline") -> ModelSpec:
     return ModelSpec(
-        family=family, title=title, pipeline_class="WanPipeline",
+        family=family, title=title, pipeline_class=pipeline_class,
         transformer_class="WanTransformer3DModel", experts=experts, fps=fps,
         size_multiple=size_multiple, temporal_factor=4, embedded_guidance=False,
         block_lists=("blocks",), defaults=defaults, tiny_defaults=tiny_defaults,
@@ -190,6 +317,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         build_tiny=lambda seed: _tiny_pipeline(seed, variant=family),
         check_sampling=_check_sampling(family), encode=_encode, set_timesteps=_set_timesteps,
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
+        initial_latents=_initial_latents, model_input=_model_input, finish=_finish,
         sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
         attention_modules=_attention_modules, limits=_limits, tiny_configs=_tiny_configs(family),
         notes=notes,
@@ -215,12 +343,33 @@ WAN22 = _spec(
 )
 
 WAN22_TI2V = _spec(
-    "wan2.2-ti2v", "Wan 2.2 TI2V-5B (text-to-video)", experts=("transformer",), size_multiple=32,
+    "wan2.2-ti2v", "Wan 2.2 TI2V-5B (text or image to video)", experts=("transformer",), size_multiple=32,
     fps=24,
     defaults=SamplingDefaults(height=704, width=1280, frames=121, steps=50, guidance=5.0,
                               max_sequence_length=512),
     tiny_defaults=_TINY,
-    notes=("text-to-video only; image conditioning is not in yet",),
+    notes=("with sampling.image the first latent frame is the picture's, its tokens at timestep 0",),
 )
 
-SPECS = (WAN21, WAN22, WAN22_TI2V)
+WAN21_I2V = _spec(
+    "wan-i2v", "Wan 2.1 I2V (14B 480p, 720p; FLF2V)", experts=("transformer",),
+    pipeline_class="WanImageToVideoPipeline",
+    defaults=SamplingDefaults(height=480, width=832, frames=81, steps=50, guidance=5.0,
+                              max_sequence_length=512),
+    tiny_defaults=_TINY,
+    notes=("the picture's latents and mask join the noisy latents; CLIP image tokens beside the text",
+           "sampling.last_image needs a first-last-frame checkpoint (its transformer's pos_embed_seq_len)"),
+)
+
+WAN22_I2V = _spec(
+    "wan2.2-i2v", "Wan 2.2 I2V A14B (two experts)", experts=("transformer", "transformer_2"),
+    pipeline_class="WanImageToVideoPipeline",
+    defaults=SamplingDefaults(height=480, width=832, frames=81, steps=40, guidance=3.5,
+                              guidance_2=3.5, max_sequence_length=512),
+    tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0,
+                                   guidance_2=3.0, max_sequence_length=32),
+    notes=("the picture's latents and mask join the noisy latents (no image encoder)",
+           "the expert boundary is boundary_ratio × num_train_timesteps from the folder"),
+)
+
+SPECS = (WAN21, WAN22, WAN22_TI2V, WAN21_I2V, WAN22_I2V)

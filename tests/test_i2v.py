@@ -1,0 +1,224 @@
+"""Image-to-video: unison's latents against diffusers' WanImageToVideoPipeline on the tiny models
+(Wan 2.1 I2V with CLIP tokens, Wan 2.2 I2V A14B with and without a last frame, TI2V-5B with a
+picture), the resize modes, N ranks against one, and the images' bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unison.engine.build import plan_run
+from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
+from unison.engine.render import Engine
+from unison.errors import UserError
+
+
+def _picture(path, seed: int, size=(80, 56)) -> str:
+    """A smooth random picture (not square, so resizing matters), saved as PNG."""
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(0, 255, size=(4, 5, 3))
+    pixels = np.array(Image.fromarray(low.astype(np.uint8)).resize(size, Image.BILINEAR))
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    return _picture(folder / "first.png", 1), _picture(folder / "last.png", 2)
+
+
+def _sampling(family: str, image: str, last: str | None = None, **extra) -> SamplingConfig:
+    return SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", seed=3, guidance=4.0,
+                          height=64, width=64, frames=9, steps=4, max_sequence_length=16, image=image,
+                          last_image=last, **({"guidance_2": 3.0} if family == "wan2.2-i2v" else {}), **extra)
+
+
+CASES = [pytest.param("wan-i2v", False, id="wan2.1-i2v-clip"),
+         pytest.param("wan2.2-i2v", False, id="wan2.2-i2v"),
+         pytest.param("wan2.2-i2v", True, id="wan2.2-i2v-first-last"),
+         pytest.param("wan2.2-ti2v", False, id="wan2.2-ti2v-image")]
+
+
+@pytest.mark.parametrize("family, with_last", CASES)
+def test_latents_match_diffusers(tiny_folder, pictures, family, with_last):
+    from diffusers import WanImageToVideoPipeline
+
+    folder = tiny_folder(family)
+    first, last = pictures
+    sampling = _sampling(family, first, last if with_last else None)
+    ours = Engine.from_config(RunConfig(model=ModelConfig(path=folder), sampling=sampling,
+                                        output=OutputConfig(decode=False, progress=False))).render()
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(guidance_scale_2=3.0) if family == "wan2.2-i2v" else {}
+    theirs = pipe(image=Image.open(first).convert("RGB"),
+                  last_image=Image.open(last).convert("RGB") if with_last else None,
+                  prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=64, width=64,
+                  num_frames=9, num_inference_steps=4, guidance_scale=4.0, max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(3), output_type="latent", return_dict=False, **kwargs)[0]
+    assert ours.latents.shape == theirs.shape
+    assert ((ours.latents - theirs).norm() / theirs.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["wan-i2v", "wan2.2-ti2v"])
+def test_the_picture_and_the_resize_mode_change_the_video(tiny_folder, pictures, family):
+    """The parity above is not vacuous: another picture, or cropping instead of stretching (80 x 56,
+    the video 64 x 64), changes the latents; TI2V-5B keeps the picture's encoded latent frame as
+    the first one (a VAE encode done here)."""
+    first, last = pictures
+    engine = Engine.from_config(RunConfig(model=ModelConfig(path=tiny_folder(family)),
+                                          sampling=_sampling(family, first),
+                                          output=OutputConfig(decode=False, progress=False)))
+    base = engine.render().latents
+    other = engine.render(dataclasses.replace(engine.plan.config, sampling=_sampling(family, last))).latents
+    cropped = engine.render(dataclasses.replace(engine.plan.config,
+                                                sampling=_sampling(family, first, image_resize="crop"))).latents
+    # Far above the 1e-5 parity bound (the tiny random model damps the picture: ~1e-3 here).
+    assert ((base - other).norm() / base.norm()).item() > 1e-4
+    assert ((base - cropped).norm() / base.norm()).item() > 1e-4
+    if family == "wan2.2-ti2v":
+        from unison.engine.images import for_vae, read
+
+        pipe = engine.pipe
+        pixels = for_vae(pipe.video_processor, read(first), height=64, width=64, mode="stretch").unsqueeze(2)
+        encoded = pipe.vae.encode(pixels).latent_dist.mode()
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(base[:, :, :1], (encoded - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling, message", [
+    (dict(model="wan", image="first"), "sampling.image: wan is a text-to-video model; image-to-video needs wan-i2v"),
+    (dict(model="hunyuanvideo", image="first"), "sampling.image: hunyuanvideo is a text-to-video model"),
+    (dict(model="wan-i2v"), "sampling.image: wan-i2v is an image-to-video model: give the first frame (--image PATH)"),
+    (dict(model="wan2.2-ti2v", image="first", last_image="last"), "sampling.last_image: wan2.2-ti2v takes a first "
+                                                                   "frame only"),
+    (dict(model="wan2.2-i2v", last_image="last"), "sampling.last_image needs sampling.image (the first frame) too"),
+    (dict(model="wan-i2v", image="missing"), "sampling.image: no such file: "),
+    (dict(model="wan-i2v", image="text"), " is not a readable image ("),
+    (dict(model="wan2.2-i2v", image="first", image_resize="fit"), "sampling.image_resize: expected 'stretch' | "
+                                                                  "'crop' | 'pad', got str 'fit'"),
+])
+def test_bad_images_are_one_line_before_anything_loads(pictures, tmp_path, sampling, message):
+    from unison.engine.config import config_from_dict
+
+    files = {"first": pictures[0], "last": pictures[1], "missing": str(tmp_path / "nope.png"),
+             "text": str(tmp_path / "notes.png")}
+    (tmp_path / "notes.png").write_text("not a picture")
+    family = sampling.pop("model")
+    values = {k: files.get(v, v) if k in ("image", "last_image") else v for k, v in sampling.items()}
+    with pytest.raises(UserError) as err:
+        plan_run(config_from_dict({"model": {"family": family}, "sampling": values}))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# N ranks against one rank, every parallel mode, one pool call per world size. Patch modes warm
+# up over every step (synchronous K/V: exact). Wan 2.1 I2V's context is 17 CLIP tokens + 16 text
+# tokens (33: neither 2 nor 4 divides it, and no rank attends to padding: it is not split).
+
+LAYOUTS = {2: [dict(ulysses=2), dict(ring=2), dict(cfg=2), dict(patch=2, patch_warmup_steps=4),
+               dict(patch=2, patch_mode="pipefusion", patch_warmup_steps=4)],
+           4: [dict(ulysses=2, ring=2), dict(cfg=2, ulysses=2)]}
+FAMILIES = [("wan-i2v", False), ("wan2.2-ti2v", False), ("wan2.2-i2v", True)]
+CACHED = CacheConfig(kind="fbcache", threshold=0.05, verify=True)
+"""On tiny Wan 2.1 I2V the first block's change is ~0.045 at step 1 (skips) and above 0.05 later."""
+
+
+def _config(family: str, with_last: bool, pictures, parallel: ParallelConfig, cache=None) -> RunConfig:
+    first, last = pictures
+    return RunConfig(model=ModelConfig(family=family), sampling=_sampling(family, first, last if with_last else None),
+                     parallel=parallel, cache=cache or CacheConfig(),
+                     output=OutputConfig(decode=False, progress=False))
+
+
+def _runs(world: int, pictures) -> list[tuple[str, dict, RunConfig]]:
+    runs = [(family, layout, _config(family, last, pictures, ParallelConfig(**layout, timeout_s=60)))
+            for family, last in FAMILIES for layout in LAYOUTS[world]]
+    if world == 2:  # a data-dependent cache agreed over the ranks, image tokens in the context
+        runs.append(("wan-i2v", {"ulysses": 2, "cache": "fbcache"},
+                     _config("wan-i2v", False, pictures, ParallelConfig(ulysses=2, timeout_s=60), CACHED)))
+    return runs
+
+
+def _render_all(rank, world, configs):
+    out = []
+    for config in configs:
+        result = Engine.from_config(config, world_size=world).render()
+        out.append((result.latents, result.cache_decisions))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank(pictures):
+    out = {}
+    for family, last in FAMILIES:
+        out[family] = Engine.from_config(_config(family, last, pictures, ParallelConfig())).render()
+    cached = Engine.from_config(_config("wan-i2v", False, pictures, ParallelConfig(), CACHED)).render()
+    assert {d[-1] for d in cached.cache_decisions["transformer"]} == {True, False}
+    out["wan-i2v", "fbcache"] = cached
+    return out
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_n_ranks_equal_one_rank(world, pictures, one_rank):
+    from multirank import run_ranks
+
+    runs = _runs(world, pictures)
+    per_rank = run_ranks(world, _render_all, [config for *_, config in runs])
+    for rank, results in enumerate(per_rank):
+        for (family, layout, _), (latents, decisions) in zip(runs, results, strict=True):
+            one = one_rank[family, "fbcache"] if layout.get("cache") else one_rank[family]
+            err = ((latents - one.latents).norm() / one.latents.norm()).item()
+            assert err <= 1e-5, (family, layout, rank, err)
+            if layout.get("cache"):
+                assert decisions == one.cache_decisions, (family, layout, rank)
+
+
+def test_every_cache_kind_runs_image_to_video(pictures):
+    """Tiny Wan 2.1 I2V, one rank, every registered kind: its never-skipping setting renders
+    exactly what no cache renders, and the battery's mixed Wan setting skips some forwards
+    (or attention calls) and computes others."""
+    from test_cache_battery import SETTINGS
+    from unison.caching import registry
+
+    engine = Engine.from_config(_config("wan-i2v", False, pictures, ParallelConfig()))
+    plain = engine.render().latents
+    for kind in registry.KINDS:
+        never = engine.render(dataclasses.replace(engine.plan.config, cache=SETTINGS[kind].never))
+        assert torch.equal(never.latents, plain), kind
+        mixed = engine.render(dataclasses.replace(engine.plan.config, cache=SETTINGS[kind].mixed["wan"]))
+        flags = {d[-1] for expert in mixed.cache_decisions.values() for d in expert}
+        assert flags == {True, False}, (kind, mixed.cache_lines)
+        assert torch.isfinite(mixed.latents).all() and not torch.equal(mixed.latents, plain), kind
+
+
+def test_batch_jobs_name_pictures_relative_to_their_file(tmp_path, pictures, capsys):
+    """A jobs file beside its pictures: `image` resolves against the file's folder (not the working
+    directory), the video renders with it (the resolved config beside it names the picture), and a
+    job whose picture is missing is reported with its line number while the other renders."""
+    import shutil
+
+    from unison.launch.cli import main
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    shutil.copy(pictures[0], folder / "cat.png")
+    (folder / "jobs.jsonl").write_text('{"id": "cat", "prompt": "a cat", "image": "cat.png"}\n'
+                                       '{"id": "dog", "prompt": "a dog", "image": "dog.png"}\n')
+    out = tmp_path / "out"
+    code = main(["batch", str(folder / "jobs.jsonl"), "--out", str(out), "--no-progress",
+                 "--set", "model.family=wan2.2-ti2v", "--set", "sampling.steps=2", "--set", "sampling.height=64"])
+    printed = capsys.readouterr()
+    err = printed.err + printed.out
+    assert "line 2" in err and "sampling.image: no such file: " + str(folder / "dog.png") in err, err[-800:]
+    assert code == 0 and "1 bad lines skipped" in err  # a bad line never stops a batch
+    assert (out / "cat.mp4").is_file() and not (out / "dog.mp4").exists()
+    from unison.engine.config import load_yaml
+
+    assert load_yaml(out / "cat.yaml").sampling.image == str(folder / "cat.png")
