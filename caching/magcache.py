@@ -65,7 +65,9 @@ class MagCacheConfig(CacheConfig):
     preset: str | None = None
     """A published table of ratios (caching/magcache_presets.py): wan2.1-t2v-1.3b,
     wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.2-t2v-a14b, wan2.2-i2v-a14b,
-    wan2.2-ti2v-5b, wan2.2-ti2v-5b-i2v, hunyuanvideo-720p, hunyuanvideo-544p."""
+    wan2.2-ti2v-5b, wan2.2-ti2v-5b-i2v, hunyuanvideo-720p, hunyuanvideo-544p. Left out (with
+    mag_ratios) on a folder of one of those checkpoints, the plan detects it from the folder's
+    transformer config and names it in the resolved config (engine/cache_presets.py)."""
     mag_ratios: tuple[float, ...] | None = None
     """Instead of a preset: the ratios per step of the conditional branch (and of the other
     branch too, unless mag_ratios_uncond is given), at least 2, resampled to the run's steps."""

@@ -107,7 +107,9 @@ class TeaCacheConfig(CacheConfig):
     uncached video)."""
     preset: str | None = None
     """The published coefficients and boundary steps of a model: wan2.1-t2v-1.3b, wan2.1-t2v-14b,
-    wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, hunyuanvideo."""
+    wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, hunyuanvideo. Left out (with coefficients) on a
+    folder of one of those checkpoints, the plan detects it from the folder's transformer config
+    and names it in the resolved config (engine/cache_presets.py)."""
     coefficients: tuple[float, ...] | None = None
     """Instead of a preset: the rescaling polynomial, highest power first, 5 values (4th degree)
     or 6 (5th)."""

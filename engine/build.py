@@ -14,7 +14,8 @@ from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
-from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds
+from unison.engine.cache_presets import resolve as resolve_preset
+from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
 from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
 from unison.engine.precision import cast_component, class_has_fp32_islands
@@ -43,6 +44,9 @@ class Plan:
     model_index: dict[str, Any] | None
     """The folder's model_index.json, or None for a tiny in-process preset."""
     world_size: int = 1
+    notes: tuple[str, ...] = ()
+    """What was resolved from the model folder rather than given, one line each (a cache preset
+    detected from the transformer's config.json), for rank 0 to print."""
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +74,7 @@ class Plan:
         tokens = self.video_tokens()
         if tokens is not None:
             lines.insert(3, f"tokens     {tokens} video tokens per branch, {s.max_sequence_length} text tokens")
-        return lines
+        return lines + [f"cache      {note}" for note in self.notes]
 
     def components(self) -> str:
         """Each component's dtype and device as load_pipeline will give them, from the config
@@ -347,12 +351,21 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
                             else spec.displaced_patches):
         raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
-    check_cache(config.cache, p, steps=sampling.steps)
-    if config.cache_2 is not None:
+    # A MagCache or TeaCache that names no preset and no numbers of its own gets the preset
+    # published for the folder's model (engine/cache_presets.py), named in the resolved config.
+    read, notes = config_reader(config.model, spec), []
+    cache, note = resolve_preset(config.cache, spec=spec, model=config.model, sampling=sampling, read=read)
+    notes += [note] if note else []
+    check_cache(cache, p, steps=sampling.steps)
+    cache_2 = config.cache_2
+    if cache_2 is not None:
         if not spec.two_experts:
             raise UserError(f"cache_2 is the low-noise expert's cache of Wan 2.2 A14B; {spec.family} has one "
                             f"transformer, so use cache alone")
-        check_cache(config.cache_2, p, steps=sampling.steps, prefix="cache_2")
+        cache_2, note = resolve_preset(cache_2, spec=spec, model=config.model, sampling=sampling, read=read,
+                                       prefix="cache_2")
+        notes += [note] if note else []
+        check_cache(cache_2, p, steps=sampling.steps, prefix="cache_2")
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     if p.shard_weights and p.patch > 1:
@@ -367,8 +380,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_compile(config.model.compile, device)
     check_output(config.output, model_path=config.model.path)
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
-    resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output)
-    return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size)
+    resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output, cache=cache, cache_2=cache_2)
+    return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size,
+                notes=tuple(notes))
 
 
 def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:

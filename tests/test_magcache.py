@@ -104,12 +104,14 @@ def test_pipefusion_is_a_clear_error():
 # One rank: the decisions and latents of diffusers' MagCacheConfig hook, same ratios, same model.
 
 PARITY = {"wan": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
+          "wan2.2": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
+          "wan2.2-ti2v": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
           "hunyuanvideo": dict(threshold=0.05, max_skip_steps=1, retention_ratio=0.2)}
 
 
-def _diffusers_decisions(pipe, config, monkeypatch) -> list[bool]:
-    """Apply diffusers' MagCache to pipe.transformer; the returned list fills with its head
-    hook's decision at every forward."""
+def _diffusers_decisions(hooked: list[tuple[torch.nn.Module, object]], monkeypatch) -> list[bool]:
+    """Apply diffusers' MagCache to each (transformer, its config); the returned list fills with
+    the head hooks' decisions at every forward, in call order (Wan 2.2's experts never overlap)."""
     from diffusers.hooks.mag_cache import MagCacheHeadHook, apply_mag_cache
 
     decisions: list[bool] = []
@@ -121,39 +123,77 @@ def _diffusers_decisions(pipe, config, monkeypatch) -> list[bool]:
         return output
 
     monkeypatch.setattr(MagCacheHeadHook, "new_forward", record)
-    apply_mag_cache(pipe.transformer, config)
+    for transformer, config in hooked:
+        apply_mag_cache(transformer, config)
     return decisions
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def _switch_step(pipe, steps: int) -> int:
+    """The first step of Wan 2.2 A14B's low-noise expert, as diffusers' pipeline picks it: the
+    first timestep below boundary_ratio x num_train_timesteps."""
+    pipe.scheduler.set_timesteps(steps)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    return int((pipe.scheduler.timesteps >= boundary).sum())
+
+
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo"])
 def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch):
+    """diffusers' MagCacheConfig takes one table for every cache context, so both branches read
+    RATIOS here. On Wan 2.2 A14B diffusers' hook goes on each expert, with a state (step counter,
+    accumulators, residual) per expert that counts that expert's own forwards from 0 and a
+    retention window of int(R x num_inference_steps + 0.5) of them; unison's low-noise expert
+    instead reads the run's table at the loop's step index and counts the retention window over
+    the whole run (caching/magcache.py). So that both are handed the same ratios, the low-noise
+    expert's diffusers hook gets the run's table from the switch step on (diffusers' own
+    resampling to the run's steps, sliced), num_inference_steps = its own steps, and the
+    retention ratio whose window ends where the run's does (0 once the switch is past it). The
+    high-noise expert's hook is diffusers' as is (the run's table and steps; its counter is the
+    loop's step). Given the run's whole table and steps instead, the low-noise expert's hook reads
+    the table at its own count (step 4 of this 8-step run reads step 1's ratio) and computes at
+    step 4, where unison skips."""
     from diffusers import HunyuanVideoPipeline, WanPipeline
     from diffusers.hooks import MagCacheConfig as DiffusersConfig
+    from diffusers.hooks.mag_cache import nearest_interp
 
-    folder, steps = tiny_folder(family), 5
+    folder, steps = tiny_folder(family), 5 if family in ("wan", "hunyuanvideo") else 8
     hunyuan = family == "hunyuanvideo"
     text = 128 if hunyuan else 16
     sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
-                              height=48, width=48 if hunyuan else 64, frames=9, steps=steps,
-                              true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=text)
-    # diffusers' config holds one array for every cache context: both branches read RATIOS.
+                              height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64, frames=9,
+                              steps=steps, true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=text)
+    settings = PARITY[family]
     ours = Engine.from_config(RunConfig(
         model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
-        cache=CacheConfig(kind="magcache", mag_ratios=RATIOS, **PARITY[family]))).render()
+        cache=CacheConfig(kind="magcache", mag_ratios=RATIOS, **settings))).render()
 
     pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    theirs = _diffusers_decisions(pipe, DiffusersConfig(mag_ratios=list(RATIOS), num_inference_steps=steps,
-                                                        **PARITY[family]), monkeypatch)
-    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=48,
+    hooked = [(pipe.transformer, DiffusersConfig(mag_ratios=list(RATIOS), num_inference_steps=steps, **settings))]
+    if getattr(pipe, "transformer_2", None) is not None:
+        switch = _switch_step(pipe, steps)
+        assert 0 < switch < steps - 2, switch  # both experts run, the low-noise one long enough to skip
+        own = steps - switch
+        window = max(0, int(settings["retention_ratio"] * steps + 0.5) - switch)
+        retention = window / own
+        assert int(retention * own + 0.5) == window
+        table = nearest_interp(torch.tensor(RATIOS), steps)[switch:]
+        hooked.append((pipe.transformer_2, DiffusersConfig(
+            mag_ratios=table, num_inference_steps=own, threshold=settings["threshold"],
+            max_skip_steps=settings["max_skip_steps"], retention_ratio=retention)))
+    theirs = _diffusers_decisions(hooked, monkeypatch)
+    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
                   width=sampling.width, num_frames=9, num_inference_steps=steps, max_sequence_length=text,
                   guidance_scale=4.0, **(dict(true_cfg_scale=3.0) if hunyuan else {}))
     latents = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False,
                    **kwargs)[0]
 
-    mine = [d[-1] for d in ours.cache_decisions["transformer"]]
+    mine = [d[-1] for d in sorted((d for e in ours.cache_decisions.values() for d in e),
+                                  key=lambda d: (d[0], d[1] != "cond"))]
     assert True in theirs and False in theirs, theirs
     assert mine == theirs
+    if family == "wan2.2":  # the low-noise expert skips too: the slice is what was compared
+        low = [d[-1] for d in ours.cache_decisions["transformer_2"]]
+        assert True in low and False in low, low
     assert ((ours.latents - latents).norm() / latents.norm()).item() <= 1e-5
 
 
@@ -367,3 +407,160 @@ def test_calibration_bad_input_is_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The published preset, detected from a model folder's transformer config (no weights).
+
+# Each checkpoint's transformer as diffusers' conversion scripts build it (scripts/convert_wan_to_diffusers.py
+# get_transformer_config, scripts/convert_hunyuan_video_to_diffusers.py TRANSFORMER_CONFIGS); the class
+# writes config.json with the rest of its defaults, as save_pretrained does.
+_WAN_14B = dict(num_layers=40, num_attention_heads=40, in_channels=16, out_channels=16, ffn_dim=13824)
+PUBLISHED_FOLDERS = {  # name: (pipeline class, transformer keyword arguments, other model_index.json entries)
+    "wan2.1-t2v-1.3b": ("WanPipeline", dict(num_layers=30, num_attention_heads=12, in_channels=16, out_channels=16,
+                                            ffn_dim=8960), {}),
+    "wan2.1-t2v-14b": ("WanPipeline", _WAN_14B, {}),
+    "wan2.1-i2v-14b": ("WanImageToVideoPipeline", dict(_WAN_14B, in_channels=36, image_dim=1280,
+                                                       added_kv_proj_dim=5120), {}),
+    "wan2.1-flf2v-14b": ("WanImageToVideoPipeline", dict(_WAN_14B, in_channels=36, image_dim=1280,
+                                                         added_kv_proj_dim=5120, pos_embed_seq_len=514), {}),
+    "wan2.2-t2v-a14b": ("WanPipeline", _WAN_14B, {"boundary_ratio": 0.875}),
+    "wan2.2-i2v-a14b": ("WanImageToVideoPipeline", dict(_WAN_14B, in_channels=36), {"boundary_ratio": 0.9}),
+    "wan2.2-ti2v-5b": ("WanPipeline", dict(num_layers=30, num_attention_heads=24, in_channels=48, out_channels=48,
+                                           ffn_dim=14336), {"expand_timesteps": True}),
+    "hunyuanvideo": ("HunyuanVideoPipeline", dict(in_channels=16, num_attention_heads=24, attention_head_dim=128,
+                                                  num_layers=20, num_single_layers=40), {}),
+}
+
+
+def published_folder(root: Path, name: str, **changes) -> str:
+    """A weightless diffusers folder of the checkpoint `name`: model_index.json and each expert's
+    transformer config.json (its shape with `changes`)."""
+    import json
+
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    pipeline, shape, extra = PUBLISHED_FOLDERS[name]
+    cls = HunyuanVideoTransformer3DModel if pipeline.startswith("Hunyuan") else WanTransformer3DModel
+    folder = root / f"{name}-{len(list(root.iterdir()))}"
+    experts = ["transformer", "transformer_2"] if "boundary_ratio" in extra else ["transformer"]
+    with torch.device("meta"):  # the config only: no memory for 14B parameters
+        transformer = cls(**{**shape, **changes})
+    for expert in experts:
+        transformer.save_config(folder / expert)
+    index = {"_class_name": pipeline, **{e: ["diffusers", cls.__name__] for e in experts},
+             "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"], **extra}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
+def picture(root: Path) -> str:
+    from PIL import Image
+
+    path = root / "first.png"
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(path)
+    return str(path)
+
+
+def _plan(folder: str, cache: dict, **sampling):
+    return plan_run(config_from_dict({"model": {"path": folder}, "cache": cache, "sampling": sampling,
+                                      "output": {"decode": False}}))
+
+
+DETECTED = [  # checkpoint, the run's video, the preset its authors published for it
+    ("wan2.1-t2v-1.3b", dict(height=480, width=832), "wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B"),
+    ("wan2.1-t2v-14b", dict(height=720, width=1280), "wan2.1-t2v-14b", "Wan 2.1 T2V 14B"),
+    ("wan2.1-i2v-14b", dict(height=480, width=832, image=True), "wan2.1-i2v-14b-480p", "Wan 2.1 I2V 14B"),
+    ("wan2.1-i2v-14b", dict(height=832, width=480, image=True), "wan2.1-i2v-14b-480p", "Wan 2.1 I2V 14B"),
+    ("wan2.1-i2v-14b", dict(height=720, width=1280, image=True), "wan2.1-i2v-14b-720p", "Wan 2.1 I2V 14B"),
+    ("wan2.2-t2v-a14b", dict(height=720, width=1280), "wan2.2-t2v-a14b", "Wan 2.2 T2V A14B"),
+    ("wan2.2-i2v-a14b", dict(height=720, width=1280, image=True), "wan2.2-i2v-a14b", "Wan 2.2 I2V A14B"),
+    ("wan2.2-ti2v-5b", dict(height=704, width=1280), "wan2.2-ti2v-5b", "Wan 2.2 TI2V 5B"),
+    ("wan2.2-ti2v-5b", dict(height=704, width=1280, image=True), "wan2.2-ti2v-5b-i2v", "Wan 2.2 TI2V 5B"),
+    ("hunyuanvideo", dict(height=544, width=960), "hunyuanvideo-544p", "HunyuanVideo T2V"),
+    ("hunyuanvideo", dict(height=720, width=1280), "hunyuanvideo-720p", "HunyuanVideo T2V"),
+]
+
+
+@pytest.mark.parametrize("name, video, preset, title", DETECTED,
+                         ids=[f"{d[0]}-{d[1]['height']}x{d[1]['width']}{'-image' if 'image' in d[1] else ''}"
+                              for d in DETECTED])
+def test_plan_names_the_published_preset_of_the_folder(tmp_path, name, video, preset, title):
+    """`cache: {kind: magcache}` alone on a folder of a published checkpoint: the resolved config
+    names the preset MagCache's authors published for it (and for the video's resolution, or
+    image), the plan says what was detected from what, and it is the config (so the checkpoint
+    fingerprint) that naming the preset gives."""
+    from unison.engine.checkpoint import fingerprint
+    from unison.engine.config import dump_yaml
+
+    folder, video = published_folder(tmp_path, name), dict(video)
+    if video.pop("image", False):
+        video["image"] = picture(tmp_path)
+    plan = _plan(folder, {"kind": "magcache"}, **video)
+    assert plan.config.cache.preset == preset and plan.config.cache.mag_ratios is None
+    assert f"preset: {preset}" in dump_yaml(plan.config)
+    note, = plan.notes
+    assert note.startswith(f"cache.preset={preset} (MagCache), detected: transformer/config.json")
+    assert f"the shape of {title} (" in note and "\n" not in note
+    assert f"cache      {note}" in plan.describe()
+    named = _plan(folder, {"kind": "magcache", "preset": preset}, **video)
+    assert named.notes == () and named.config == plan.config
+    assert fingerprint(plan.config, world_size=1) == fingerprint(named.config, world_size=1)
+    if plan.spec.two_experts:  # the low-noise expert's cache_2, given without ratios, reads the same table
+        both = plan_run(config_from_dict({"model": {"path": folder}, "cache": {"kind": "magcache"},
+                                          "cache_2": {"max_skip_steps": 3}, "sampling": video,
+                                          "output": {"decode": False}}))
+        assert both.config.cache.preset == both.config.cache_2.preset == preset
+        assert both.config.cache_2.max_skip_steps == 3 and len(both.notes) == 2
+
+
+def test_every_published_shape_names_existing_presets():
+    from unison.caching.teacache import PRESETS as TEACACHE
+    from unison.engine.cache_presets import PUBLISHED
+
+    presets = {"magcache": PRESETS, "teacache": TEACACHE}
+    named = {kind: {pick.preset for model in PUBLISHED for pick in model.presets.get(kind, ())} for kind in presets}
+    assert named["magcache"] == set(PRESETS)  # every published table has its model's shape
+    assert named["teacache"] == set(TEACACHE)
+
+
+@pytest.mark.parametrize("name, changes, looked", [
+    ("wan2.1-t2v-1.3b", dict(num_layers=31),
+     "looked for Wan 2.1 T2V 1.3B: num_layers 30, num_attention_heads 12, in_channels 16, ffn_dim 8960; "
+     "Wan 2.1 T2V 14B: num_layers 40, num_attention_heads 40, in_channels 16, ffn_dim 13824)"),
+    ("wan2.1-flf2v-14b", {}, "looked for Wan 2.1 I2V 14B: num_layers 40, num_attention_heads 40, in_channels 36, "
+                             "ffn_dim 13824, image_dim 1280, pos_embed_seq_len null)"),
+    ("hunyuanvideo", dict(image_condition_type="token_replace"), "looked for HunyuanVideo T2V: num_layers 20, "
+     "num_single_layers 40, num_attention_heads 24, attention_head_dim 128, in_channels 16, image_condition_type null)"),
+])
+def test_an_unknown_shape_keeps_the_error_and_names_the_shapes_looked_for(tmp_path, name, changes, looked):
+    folder = published_folder(tmp_path, name, **changes)
+    sampling = dict(image=picture(tmp_path)) if name == "wan2.1-flf2v-14b" else {}
+    with pytest.raises(UserError) as err:
+        _plan(folder, {"kind": "magcache"}, **sampling)
+    message = str(err.value)
+    assert message.startswith("cache.mag_ratios must be given: MagCache needs this model's per-step magnitude ratios; "
+                              "set cache.preset (one of wan2.1-t2v-14b, ")
+    assert f"; no published model matched {folder}/transformer/config.json ({looked}" in message
+    assert message.endswith(looked) and "\n" not in message
+
+
+def test_given_ratios_or_calibration_detect_nothing(tmp_path):
+    folder = published_folder(tmp_path, "wan2.1-t2v-1.3b")
+    given = _plan(folder, {"kind": "magcache", "mag_ratios": list(RATIOS)}, height=480, width=832)
+    calibrating = _plan(folder, {"kind": "magcache", "calibrate": True}, height=480, width=832)
+    for plan in (given, calibrating):
+        assert plan.config.cache.preset is None and plan.notes == ()
+
+
+def test_dry_run_prints_the_detected_preset(tmp_path, capsys, monkeypatch):
+    import unison.engine.build as build
+    from unison.launch.cli import main
+
+    monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("dry run loaded weights"))
+    folder = published_folder(tmp_path, "wan2.1-t2v-1.3b")
+    assert main(["generate", "--model", folder, "--dry-run", "--cache", "magcache", "--height", "480",
+                 "--width", "832", "--output", str(tmp_path / "x.mp4")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "detected" in line]
+    assert lines == ["cache      cache.preset=wan2.1-t2v-1.3b (MagCache), detected: transformer/config.json has the "
+                     "shape of Wan 2.1 T2V 1.3B (num_layers 30, num_attention_heads 12, in_channels 16, ffn_dim 8960)"]

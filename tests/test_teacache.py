@@ -365,3 +365,51 @@ def test_calibration_bad_input_is_one_line_before_loading(tmp_path, capsys, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The published coefficients, detected from a model folder's transformer config (no weights).
+
+TEACACHE_DETECTED = [  # checkpoint (test_magcache.PUBLISHED_FOLDERS), the run's video, TeaCache's preset for it
+    ("wan2.1-t2v-1.3b", dict(height=480, width=832), "wan2.1-t2v-1.3b"),
+    ("wan2.1-t2v-14b", dict(height=720, width=1280), "wan2.1-t2v-14b"),
+    ("wan2.1-i2v-14b", dict(height=480, width=832, image=True), "wan2.1-i2v-14b-480p"),
+    ("wan2.1-i2v-14b", dict(height=720, width=1280, image=True), "wan2.1-i2v-14b-720p"),
+    ("hunyuanvideo", dict(height=544, width=960), "hunyuanvideo"),
+    ("hunyuanvideo", dict(height=720, width=1280), "hunyuanvideo"),
+]
+
+
+@pytest.mark.parametrize("name, video, preset", TEACACHE_DETECTED,
+                         ids=[f"{d[0]}-{d[1]['height']}" for d in TEACACHE_DETECTED])
+def test_plan_names_the_published_coefficients_of_the_folder(tmp_path, name, video, preset):
+    """`cache: {kind: teacache}` alone on a folder of a checkpoint TeaCache's authors fitted: the
+    resolved config names that preset (so the run reads its coefficients and boundary steps), and
+    the plan says what was detected."""
+    from test_magcache import picture, published_folder
+
+    folder, video = published_folder(tmp_path, name), dict(video)
+    if video.pop("image", False):
+        video["image"] = picture(tmp_path)
+    plan = plan_run(config_from_dict({"model": {"path": folder}, "cache": {"kind": "teacache", "threshold": 0.2},
+                                      "sampling": video, "output": {"decode": False}}))
+    assert plan.config.cache.preset == preset and plan.config.cache.threshold == 0.2
+    assert plan.config.cache.resolved().coefficients == PRESETS[preset].coefficients
+    note, = plan.notes
+    assert note.startswith(f"cache.preset={preset} (TeaCache), detected: transformer/config.json has the shape of ")
+
+
+@pytest.mark.parametrize("name", ["wan2.2-t2v-a14b", "wan2.2-ti2v-5b"])
+def test_a_model_without_published_coefficients_keeps_the_error(tmp_path, name):
+    """No TeaCache coefficients were published for Wan 2.2 (A14B: none; TI2V-5B: LightX2V's fit
+    reads another tensor, see caching/teacache.py): today's error, saying so."""
+    from test_magcache import published_folder
+
+    with pytest.raises(UserError) as err:
+        plan_run(config_from_dict({"model": {"path": published_folder(tmp_path, name)}, "cache": {"kind": "teacache"},
+                                   "output": {"decode": False}}))
+    message = str(err.value)
+    assert message.startswith("cache.coefficients must be given: TeaCache needs this model's rescaling polynomial")
+    assert message.endswith("; TeaCache has no published preset for " + ("Wan 2.2 T2V A14B (two experts)"
+                            if name == "wan2.2-t2v-a14b" else "Wan 2.2 TI2V-5B (text or image to video)"))
+    assert "\n" not in message
