@@ -73,6 +73,11 @@ class SamplingConfig:
     file's folder). Required by the image-to-video families, refused by the text-to-video ones."""
     last_image: str | None = None
     """First-last-frame: the last frame's picture (Wan 2.1 FLF2V checkpoints, Wan 2.2 I2V A14B)."""
+    scheduler: Literal["default", "unipc", "dpm++", "deis", "euler"] = "default"
+    """The sampler (engine/schedulers.py): default (the folder's), unipc, dpm++, deis or euler, each a
+    diffusers flow-matching scheduler built from the folder's settings."""
+    flow_shift: float | None = None
+    """The sampler's flow shift (Wan: 3.0 at 480p, 5.0 at 720p). None: the folder's."""
     image_resize: Literal["stretch", "crop", "pad"] = "stretch"
     """How the picture meets height x width: stretch (diffusers' pipelines), crop (cover, cut the
     centre) or pad (fit inside, fill the rest); the aspect ratio is kept by crop and pad."""

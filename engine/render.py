@@ -20,6 +20,7 @@ from unison.engine.caches import describe as describe_caches
 from unison.engine import faults
 from unison.engine.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
+from unison.engine import schedulers
 from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
 from unison.engine.stop import StopRequest
@@ -126,6 +127,9 @@ class Engine:
         self._stop: StopRequest | None = None
         """The render under way's stop request (request_stop may come from another thread)."""
         self._video = ""
+        self._folder_scheduler = (type(self.pipe.scheduler), self.pipe.scheduler.config, self.pipe.scheduler)
+        """The scheduler the folder ships (class, config, the instance), before any render's choice."""
+        self.scheduler_choice = ("default", None)
         faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
         self.compiled = {}
         if plan.config.model.compile == "blocks":  # after parallelism: the blocks and processors it leaves
@@ -194,6 +198,7 @@ class Engine:
         if self.runtime is not None:
             self.runtime.stats.reset()
         self._use_cache(cfg.cache, cfg.cache_2)
+        self._use_scheduler(cfg.sampling.scheduler, cfg.sampling.flow_shift)
         steps = cfg.sampling.steps
         for cache in self.caches.values():
             cache.begin_video(steps=steps)
@@ -260,6 +265,18 @@ class Engine:
                             if self.runtime is not None else [], peak_memory_per_rank=peaks,
                             components=describe_components(
                                 self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")))
+
+    def _use_scheduler(self, name: str, flow_shift: float | None) -> None:
+        """The render's sampler (engine/schedulers.py), built from the folder's scheduler."""
+        if (name, flow_shift) == self.scheduler_choice:
+            return
+        cls, config, shipped = self._folder_scheduler
+        if (name, flow_shift) == ("default", None):
+            self.pipe.scheduler = shipped
+        else:
+            self.pipe.scheduler = schedulers.build(cls, config, name, flow_shift)
+            faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
+        self.scheduler_choice = (name, flow_shift)
 
     def _use_cache(self, cache, cache_2=None) -> None:
         """Apply the render's cache configs (`cache_2`: Wan 2.2's low-noise expert's), replacing

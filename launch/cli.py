@@ -34,6 +34,8 @@ _FLAG_KEYS = {
     "negative_prompt": "sampling.negative_prompt",
     "image": "sampling.image",
     "last_image": "sampling.last_image",
+    "scheduler": "sampling.scheduler",
+    "flow_shift": "sampling.flow_shift",
     "height": "sampling.height",
     "width": "sampling.width",
     "frames": "sampling.frames",
@@ -121,6 +123,8 @@ def _add_run_options(p, *, single: bool) -> None:
     p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame's picture")
     p.add_argument("--last-image", dest="last_image", metavar="PATH",
                    help="first-last-frame: the last frame's picture (with --image)")
+    p.add_argument("--scheduler", help="sampler: default (the folder's), unipc, dpm++, deis, euler")
+    p.add_argument("--flow-shift", dest="flow_shift", type=float, help="the sampler's flow shift (Wan 480p 3.0, 720p 5.0)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="frame count, 4k+1")
@@ -291,6 +295,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             dims = parallel_dims(plan.config.parallel, world_size=env.world_size)
             print("\n".join(plan.describe() + dims.describe()))
         return 0
+    if env.rank == 0:
+        for note in plan.notes:  # what the plan decided for the user (a detected cache preset)
+            print(f"unison: {note}", file=sys.stderr)
     from unison.engine.render import Engine
     from unison.parallel.failure import FailureWatch
 

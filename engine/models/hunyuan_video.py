@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unison.engine import images
+from unison.engine import images, schedulers
 from unison.errors import UserError
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
@@ -50,6 +50,7 @@ def _tiny_pipeline(seed: int):
 
 def _check_sampling(sampling) -> None:
     images.check_images(sampling, family="hunyuanvideo", takes_image=False, needs_image=False, takes_last=False)
+    schedulers.check(sampling.scheduler, sampling.flow_shift, family="hunyuanvideo", sigmas=True)
     if sampling.guidance_2 is not None:
         raise UserError(
             "--guidance-2 has no meaning for HunyuanVideo: it has one transformer; --guidance sets its "

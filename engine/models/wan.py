@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from unison.engine import images
+from unison.engine import images, schedulers
 from unison.errors import UserError
 from unison.engine.models.wan_parallel import pipefusion_plan, sequence_parallel_plan
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
@@ -120,6 +120,7 @@ def _check_sampling(family: str):
     def check(sampling) -> None:
         images.check_images(sampling, family=family, takes_image=i2v or family == "wan2.2-ti2v", needs_image=i2v,
                             takes_last=i2v)
+        schedulers.check(sampling.scheduler, sampling.flow_shift, family=family, sigmas=False)
         if sampling.true_cfg_scale is not None:
             raise UserError(
                 f"sampling.true_cfg_scale is HunyuanVideo's; {family} runs classifier-free guidance "
