@@ -13,6 +13,7 @@ import torch
 from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.errors import UserError
+from unison.engine import images
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
@@ -336,6 +337,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     )
     sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
     check_sampling(sampling, spec)
+    sampling = images.with_hashes(sampling)  # the resolved config records each picture's SHA-256
     check_seeds(sampling, config.model)
     check_limits(sampling, spec, config.model)
     if config.parallel.auto:
@@ -344,6 +346,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_parallel(config.parallel, world_size=world_size)
     if config.output.checkpoint_every < 0:
         raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {config.output.checkpoint_every}")
+    if world_size > 1 and config.output.decode and config.output.parallel_decode and not spec.parallel_vae:
+        raise UserError(f"output.parallel_decode: {spec.title}'s VAE decode cannot be spread over the ranks; set "
+                        "output.parallel_decode=false (rank 0 decodes alone)")
     if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
         raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
     _check_cfg_parallel(config.parallel, spec, sampling)

@@ -73,6 +73,11 @@ class SamplingConfig:
     file's folder). Required by the image-to-video families, refused by the text-to-video ones."""
     last_image: str | None = None
     """First-last-frame: the last frame's picture (Wan 2.1 FLF2V checkpoints, Wan 2.2 I2V A14B)."""
+    image_sha256: str | None = None
+    """The picture's SHA-256, recorded in the resolved config: a config that names one refuses a
+    picture that changed since, and a changed picture never resumes another's checkpoint."""
+    last_image_sha256: str | None = None
+    """The same for the last frame's picture."""
     scheduler: Literal["default", "unipc", "dpm++", "deis", "euler"] = "default"
     """The sampler (engine/schedulers.py): default (the folder's), unipc, dpm++, deis or euler, each a
     diffusers flow-matching scheduler built from the folder's settings."""

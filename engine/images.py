@@ -14,6 +14,8 @@ The image encoder of Wan 2.1 I2V (CLIP) gets the picture as it is, through its o
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 from unison.errors import UserError
@@ -41,6 +43,32 @@ def check_images(sampling, *, family: str, takes_image: bool, needs_image: bool,
     for name, path in (("image", image), ("last_image", last)):
         if path is not None:
             read(path, f"sampling.{name}")
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def with_hashes(sampling):
+    """`sampling` with each picture's SHA-256 recorded (after `check_images`); UserError if the
+    config already recorded another one (the picture changed since the config was written)."""
+    found = {}
+    for name in ("image", "last_image"):
+        path, recorded = getattr(sampling, name), getattr(sampling, f"{name}_sha256")
+        if path is None:
+            if recorded is not None:
+                raise UserError(f"sampling.{name}_sha256 is set but sampling.{name} is not")
+            continue
+        actual = sha256(path)
+        if recorded is not None and recorded != actual:
+            raise UserError(f"sampling.{name}: {path} changed since this config was written (sha256 {actual[:12]}…, "
+                            f"recorded {recorded[:12]}…); remove sampling.{name}_sha256 to render the new picture")
+        found[f"{name}_sha256"] = actual
+    return dataclasses.replace(sampling, **found) if found else sampling
 
 
 def read(path: str, what: str = "sampling.image"):

@@ -85,6 +85,8 @@ def check_limits(s: SamplingConfig, spec: ModelSpec, model: ModelConfig) -> None
     if limits.text_tokens is not None and s.max_sequence_length > limits.text_tokens:
         raise UserError(f"sampling.max_sequence_length={s.max_sequence_length} is more text tokens than "
                         f"{spec.title} takes: at most {limits.text_tokens} ({limits.text_source})")
+    if s.last_image is not None and not limits.last_frame:
+        raise UserError(f"sampling.last_image: {limits.last_frame_source}")
     if s.steps > train_steps:
         raise UserError(f"sampling.steps={s.steps} is more than the scheduler's {train_steps} training "
                         f"timesteps (num_train_timesteps); more steps only repeat timesteps")

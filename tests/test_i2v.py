@@ -32,9 +32,10 @@ def pictures(tmp_path_factory):
     return _picture(folder / "first.png", 1), _picture(folder / "last.png", 2)
 
 
-def _sampling(family: str, image: str, last: str | None = None, **extra) -> SamplingConfig:
+def _sampling(family: str, image: str, last: str | None = None, *, height=64, width=64, **extra) -> SamplingConfig:
     return SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", seed=3, guidance=4.0,
-                          height=64, width=64, frames=9, steps=4, max_sequence_length=16, image=image,
+                          height=height, width=width, frames=9, steps=4, image=image,
+                          max_sequence_length=512 if family == "wan-i2v" else 16,
                           last_image=last, **({"guidance_2": 3.0} if family == "wan2.2-i2v" else {}), **extra)
 
 
@@ -59,8 +60,9 @@ def test_latents_match_diffusers(tiny_folder, pictures, family, with_last):
     theirs = pipe(image=Image.open(first).convert("RGB"),
                   last_image=Image.open(last).convert("RGB") if with_last else None,
                   prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=64, width=64,
-                  num_frames=9, num_inference_steps=4, guidance_scale=4.0, max_sequence_length=16,
-                  generator=torch.Generator().manual_seed(3), output_type="latent", return_dict=False, **kwargs)[0]
+                  num_frames=9, num_inference_steps=4, guidance_scale=4.0,
+                  max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(3),
+                  output_type="latent", return_dict=False, **kwargs)[0]
     assert ours.latents.shape == theirs.shape
     assert ((ours.latents - theirs).norm() / theirs.norm()).item() <= 1e-5
 
@@ -101,6 +103,8 @@ def test_the_picture_and_the_resize_mode_change_the_video(tiny_folder, pictures,
     (dict(model="wan2.2-i2v", last_image="last"), "sampling.last_image needs sampling.image (the first frame) too"),
     (dict(model="wan-i2v", image="missing"), "sampling.image: no such file: "),
     (dict(model="wan-i2v", image="text"), " is not a readable image ("),
+    (dict(model="wan-i2v", image="first", max_sequence_length=256), "sampling.max_sequence_length must be 512 for "
+                                                                      "Wan 2.1 I2V"),
     (dict(model="wan2.2-i2v", image="first", image_resize="fit"), "sampling.image_resize: expected 'stretch' | "
                                                                   "'crop' | 'pad', got str 'fit'"),
 ])
@@ -119,8 +123,8 @@ def test_bad_images_are_one_line_before_anything_loads(pictures, tmp_path, sampl
 
 # ---------------------------------------------------------------------------------------------
 # N ranks against one rank, every parallel mode, one pool call per world size. Patch modes warm
-# up over every step (synchronous K/V: exact). Wan 2.1 I2V's context is 17 CLIP tokens + 16 text
-# tokens (33: neither 2 nor 4 divides it, and no rank attends to padding: it is not split).
+# up over every step (synchronous K/V: exact), at token counts no degree divides. Wan 2.1 I2V's context is 17 CLIP tokens + 512 text
+# tokens (529: neither 2 nor 4 divides it; it is not split, every rank holds it whole).
 
 LAYOUTS = {2: [dict(ulysses=2), dict(ring=2), dict(cfg=2), dict(patch=2, patch_warmup_steps=4),
                dict(patch=2, patch_mode="pipefusion", patch_warmup_steps=4)],
@@ -130,9 +134,15 @@ CACHED = CacheConfig(kind="fbcache", threshold=0.05, verify=True)
 """On tiny Wan 2.1 I2V the first block's change is ~0.045 at step 1 (skips) and above 0.05 later."""
 
 
+UNEVEN = {"wan-i2v": dict(height=48, width=48), "wan2.2-i2v": dict(height=48, width=48),
+          "wan2.2-ti2v": dict(height=96, width=32)}
+"""Video tokens no degree divides: 3 latent frames x 3 x 3 (Wan I2V), 3 x 3 x 1 (TI2V-5B, 16x VAE)."""
+
+
 def _config(family: str, with_last: bool, pictures, parallel: ParallelConfig, cache=None) -> RunConfig:
     first, last = pictures
-    return RunConfig(model=ModelConfig(family=family), sampling=_sampling(family, first, last if with_last else None),
+    sampling = _sampling(family, first, last if with_last else None, **UNEVEN[family])
+    return RunConfig(model=ModelConfig(family=family), sampling=sampling,
                      parallel=parallel, cache=cache or CacheConfig(),
                      output=OutputConfig(decode=False, progress=False))
 
@@ -222,3 +232,61 @@ def test_batch_jobs_name_pictures_relative_to_their_file(tmp_path, pictures, cap
     from unison.engine.config import load_yaml
 
     assert load_yaml(out / "cat.yaml").sampling.image == str(folder / "cat.png")
+
+
+def test_the_resolved_config_records_the_pictures_hash_and_a_changed_picture_is_noticed(tmp_path, pictures):
+    """The resolved config names each picture's SHA-256 (hashlib here, on the file's bytes); the
+    same config refuses the picture once it changed; the checkpoint identity follows the picture."""
+    import hashlib
+    import shutil
+
+    from unison.engine.checkpoint import fingerprint
+    from unison.engine.config import config_from_dict, dump_yaml, load_yaml
+
+    first = tmp_path / "first.png"
+    shutil.copy(pictures[0], first)
+    config = config_from_dict({"model": {"family": "wan2.2-i2v"},
+                               "sampling": {"image": str(first), "last_image": pictures[1]}})
+    resolved = plan_run(config).config
+    assert resolved.sampling.image_sha256 == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert resolved.sampling.last_image_sha256 == hashlib.sha256(open(pictures[1], "rb").read()).hexdigest()
+    (tmp_path / "run.yaml").write_text(dump_yaml(resolved))
+    again = load_yaml(tmp_path / "run.yaml")
+    assert plan_run(again).config == resolved  # the written config reproduces the run
+    before = fingerprint(resolved, world_size=1)
+    shutil.copy(pictures[1], first)  # the picture changes under the same name
+    with pytest.raises(UserError, match=r"sampling.image: .*first.png changed since this config was written"):
+        plan_run(again)
+    assert fingerprint(plan_run(config).config, world_size=1) != before
+
+
+def test_a_last_frame_needs_a_first_last_frame_checkpoint(tiny_folder, pictures, tmp_path):
+    """Wan 2.1 I2V: a one-picture checkpoint (no pos_embed_seq_len) refuses --last-image before
+    loading; a first-last-frame one (its transformer built with a position table for two pictures'
+    17 CLIP tokens each) takes it, and its latents equal diffusers'."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from unison.engine.config import config_from_dict
+
+    with pytest.raises(UserError, match="sampling.last_image: this Wan 2.1 I2V checkpoint takes one picture"):
+        plan_run(config_from_dict({"model": {"family": "wan-i2v"},
+                                   "sampling": {"image": pictures[0], "last_image": pictures[1]}}))
+    with pytest.raises(UserError, match="sampling.last_image: this Wan 2.1 I2V checkpoint takes one picture"):
+        plan_run(config_from_dict({"model": {"path": tiny_folder("wan-i2v")},
+                                   "sampling": {"image": pictures[0], "last_image": pictures[1], "height": 64,
+                                                "width": 64, "frames": 9, "steps": 4}}))
+    pipe = WanImageToVideoPipeline.from_pretrained(tiny_folder("wan-i2v"), dtype=torch.float32)
+    torch.manual_seed(5)
+    pipe.transformer = WanTransformer3DModel(**{**pipe.transformer.config, "pos_embed_seq_len": 2 * 17})
+    folder = tmp_path / "flf2v"
+    pipe.save_pretrained(folder)
+    sampling = _sampling("wan-i2v", *pictures)
+    ours = Engine.from_config(RunConfig(model=ModelConfig(path=str(folder)), sampling=sampling,
+                                        output=OutputConfig(decode=False, progress=False))).render().latents
+    theirs = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs(image=Image.open(pictures[0]).convert("RGB"), last_image=Image.open(pictures[1]).convert("RGB"),
+                      prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=64, width=64,
+                      num_frames=9, num_inference_steps=4, guidance_scale=4.0, max_sequence_length=512,
+                      generator=torch.Generator().manual_seed(3), output_type="latent", return_dict=False)[0]
+    assert ((ours - expected).norm() / expected.norm()).item() <= 1e-5

@@ -165,3 +165,27 @@ def test_engine_decodes_on_every_rank_and_writes_on_rank_0(tmp_path):
     reference = one.decode(latents)
     assert frames.dtype == reference.dtype == np.uint8 and frames.shape == reference.shape == (9, 64, 64, 3)
     assert (frames == reference).all()
+
+
+def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
+    """Every family that declares it (ModelSpec.parallel_vae) has a VAE the tile planner takes;
+    a family that does not is refused at plan time under output.parallel_decode, not after its
+    denoising, and plans with parallel_decode off."""
+    import dataclasses
+
+    from unison.engine import build
+    from unison.engine.config import OutputConfig, ParallelConfig, RunConfig
+    from unison.engine.config import ModelConfig as Model
+    from unison.engine.models import SPECS, get_spec
+    from unison.errors import UserError
+    from unison.parallel.vae import plan_tiles
+
+    for family, spec in SPECS.items():
+        if spec.parallel_vae:
+            plan_tiles(spec.build_tiny(0).vae, (1, 16, 3, 8, 8))  # raises for a VAE it does not know
+    undeclared = dataclasses.replace(get_spec("wan"), parallel_vae=False)
+    monkeypatch.setattr(build, "get_spec", lambda family: undeclared)
+    config = RunConfig(model=Model(family="wan"), parallel=ParallelConfig(ulysses=2))
+    with pytest.raises(UserError, match="output.parallel_decode: Wan 2.1 T2V .*VAE decode cannot be spread"):
+        build.plan_run(config, world_size=2)
+    build.plan_run(dataclasses.replace(config, output=OutputConfig(parallel_decode=False)), world_size=2)

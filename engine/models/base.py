@@ -39,6 +39,10 @@ class Limits:
     text_tokens: int | None = None
     """Most text tokens (sampling.max_sequence_length)."""
     text_source: str = ""
+    last_frame: bool = True
+    """Whether the model takes a last frame (sampling.last_image) besides the first."""
+    last_frame_source: str = ""
+    """Why not (for the error message)."""
 
 
 @dataclass
@@ -115,6 +119,9 @@ class ModelSpec:
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     joint_text: bool = False
     """Self-attention is joint video + text attention with padded text masked (HunyuanVideo)."""
+    parallel_vae: bool = False
+    """Whether its VAE's tiled decode can be spread over the ranks (parallel/vae.py knows its VAE);
+    checked at plan time against output.parallel_decode."""
     displaced_patches: bool = False
     """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
     pipefusion_plan: Callable[..., Any] | None = None

@@ -141,6 +141,7 @@ HUNYUAN_VIDEO = ModelSpec(
     matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
     decode=_decode, sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules,
+    parallel_vae=True,
     displaced_patches=True, pipefusion_plan=pipefusion_plan,
     limits=_limits, tiny_configs={"text_encoder/config.json": {"max_position_embeddings": 1024}},
     notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),

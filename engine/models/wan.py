@@ -121,6 +121,11 @@ def _check_sampling(family: str):
         images.check_images(sampling, family=family, takes_image=i2v or family == "wan2.2-ti2v", needs_image=i2v,
                             takes_last=i2v)
         schedulers.check(sampling.scheduler, sampling.flow_shift, family=family, sigmas=False)
+        if family == "wan-i2v" and sampling.max_sequence_length != WAN_TEXT_TOKENS:
+            # diffusers' Wan attention tells the CLIP tokens from the text by counting 512 text
+            # tokens from the end of the context: any other length mixes the two.
+            raise UserError(f"sampling.max_sequence_length must be {WAN_TEXT_TOKENS} for Wan 2.1 I2V (its cross-attention "
+                            f"takes the last {WAN_TEXT_TOKENS} context tokens as text), got {sampling.max_sequence_length}")
         if sampling.true_cfg_scale is not None:
             raise UserError(
                 f"sampling.true_cfg_scale is HunyuanVideo's; {family} runs classifier-free guidance "
@@ -282,6 +287,9 @@ def _limits(read) -> Limits:
     pt, ph, pw = (int(p) for p in (experts[0] if experts else {}).get("patch_size", (1, 2, 2)))
     text = read("tokenizer/tokenizer_config.json").get("model_max_length")
     named = isinstance(text, int) and 0 < text <= 10**6  # transformers writes ~1e30 for "no limit"
+    # Wan 2.1 I2V takes CLIP tokens of one picture, or of two (first-last-frame checkpoints, whose
+    # image embedding has a position table of pos_embed_seq_len = 2 x 257 tokens); Wan 2.2 I2V none.
+    clip_one = bool(experts) and experts[0].get("image_dim") is not None and experts[0].get("pos_embed_seq_len") is None
     # Latent frames (frames - 1) / temporal + 1, in patches of pt, at most rope of them.
     return Limits(
         frames=(rope * pt + pt - 2) * temporal + 1, height=rope * ph * spatial, width=rope * pw * spatial,
@@ -289,6 +297,9 @@ def _limits(read) -> Limits:
                      f"{ph * spatial} pixels and {pt * temporal} frames per position",
         text_tokens=text if named else WAN_TEXT_TOKENS,
         text_source="the tokenizer's model_max_length" if named else "the text length Wan was trained with",
+        last_frame=not clip_one,
+        last_frame_source="this Wan 2.1 I2V checkpoint takes one picture (its transformer has no pos_embed_seq_len); "
+                          "a last frame needs a first-last-frame checkpoint (Wan2.1-FLF2V-14B-720P-Diffusers)",
     )
 
 
@@ -300,6 +311,8 @@ def _tiny_configs(family: str) -> dict[str, dict]:
     """The tiny preset's config values that _limits reads (as _tiny_pipeline builds them)."""
     spatial = 16 if family == "wan2.2-ti2v" else 8
     transformer = {"rope_max_seq_len": 32, "patch_size": [1, 2, 2]}
+    if family == "wan-i2v":
+        transformer.update(image_dim=TINY_IMAGE, pos_embed_seq_len=None)
     configs = {"transformer/config.json": transformer,
                "vae/config.json": {"scale_factor_spatial": spatial, "scale_factor_temporal": 4}}
     if family in ("wan2.2", "wan2.2-i2v"):
@@ -320,6 +333,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
         initial_latents=_initial_latents, model_input=_model_input, finish=_finish,
         sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
+        parallel_vae=True,
         attention_modules=_attention_modules, limits=_limits, tiny_configs=_tiny_configs(family),
         notes=notes,
     )
@@ -357,7 +371,7 @@ WAN21_I2V = _spec(
     pipeline_class="WanImageToVideoPipeline",
     defaults=SamplingDefaults(height=480, width=832, frames=81, steps=50, guidance=5.0,
                               max_sequence_length=512),
-    tiny_defaults=_TINY,
+    tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0, max_sequence_length=512),
     notes=("the picture's latents and mask join the noisy latents; CLIP image tokens beside the text",
            "sampling.last_image needs a first-last-frame checkpoint (its transformer's pos_embed_seq_len)"),
 )
