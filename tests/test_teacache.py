@@ -261,16 +261,19 @@ def _pairs_by_hand(folder: str, sampling) -> dict[str, tuple[list[float], list[f
          guidance_scale=sampling.guidance, guidance_scale_2=sampling.guidance_2,
          max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
          output_type="latent")
-    pairs = {}
-    for name, calls in seen.items():
-        xs, ys = [], []
-        for branch in (0, 1):
-            forwards = calls[branch::2]
-            for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
-                xs.append(_relative_l1(m1, m0))
-                ys.append(_relative_l1(o1, o0))
-        pairs[name] = (xs, ys)
-    return pairs
+    return {name: _consecutive_pairs(calls) for name, calls in seen.items()}
+
+
+def _consecutive_pairs(calls: list) -> tuple[list[float], list[float]]:
+    """(x, y) of consecutive forwards of each branch, from [indicator, output] per forward (cond
+    and uncond alternate)."""
+    xs, ys = [], []
+    for branch in (0, 1):
+        forwards = calls[branch::2]
+        for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
+            xs.append(_relative_l1(m1, m0))
+            ys.append(_relative_l1(o1, o0))
+    return xs, ys
 
 
 def test_calibration_fits_numpy_polyfit_per_expert_and_n_ranks_fit_the_same(tiny_folder, tmp_path):
@@ -324,13 +327,7 @@ def _hunyuan_pairs_by_hand(folder: str, sampling) -> tuple[list[float], list[flo
          guidance_scale=sampling.guidance, true_cfg_scale=sampling.true_cfg_scale,
          max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
          output_type="latent")
-    xs, ys = [], []
-    for branch in (0, 1):
-        forwards = calls[branch::2]
-        for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
-            xs.append(_relative_l1(m1, m0))
-            ys.append(_relative_l1(o1, o0))
-    return xs, ys
+    return _consecutive_pairs(calls)
 
 
 def test_calibration_agrees_a_split_indicator_over_ranks(tiny_folder, tmp_path):
