@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+import families
 from multirank import run_ranks
 from test_parallel_engine import _config
 from unison.caching import CacheDisagreement
@@ -18,7 +19,7 @@ from unison.engine.render import Engine
 
 # Thresholds between the tiny models' first-block changes (Wan ~0.09-0.12, HunyuanVideo ~0.2-0.4
 # at these sizes), so that some steps skip and some compute.
-THRESHOLD = {"wan": 0.105, "wan2.2": 0.1, "wan2.2-ti2v": 0.1, "hunyuanvideo": 0.34}
+THRESHOLD = {"wan": 0.105, "wan2.2": 0.1, "wan2.2-ti2v": 0.1, "wan-i2v": 0.05, "wan2.2-i2v": 0.1, "hunyuanvideo": 0.34}
 # PAB's windows cover the middle of the tiny runs' timesteps (4 steps: Wan 999, 900, 750, 500;
 # HunyuanVideo 1000, 955, 875, 700).
 PAB = CacheConfig(kind="pab", self_skip_range=2, self_timestep_min=500, self_timestep_max=990,
@@ -42,42 +43,33 @@ def _computed(decisions) -> list[bool]:
 # ---------------------------------------------------------------------------------------------
 # One rank: the same decisions as diffusers' FirstBlockCacheConfig hook, same threshold, same model.
 
-@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo"])
-def test_fbcache_decides_like_diffusers(tiny_folder, family):
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "wan-i2v", "wan2.2-i2v", "hunyuanvideo"])
+def test_fbcache_decides_like_diffusers(tiny_folder, family, tmp_path):
     """On Wan 2.2 diffusers' hook goes on each expert, as unison's cache does: the decisions of
     both, in call order (the experts' steps do not overlap), against ours."""
-    from diffusers import HunyuanVideoPipeline, WanPipeline
     from diffusers.hooks import FirstBlockCacheConfig as DiffusersConfig
     from diffusers.hooks import HookRegistry, apply_first_block_cache as diffusers_apply
 
-    from unison.engine.config import ModelConfig, OutputConfig, SamplingConfig
+    from unison.engine.config import ModelConfig, OutputConfig
 
-    folder, threshold, hunyuan = tiny_folder(family), THRESHOLD[family], family == "hunyuanvideo"
-    size = dict(height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64, frames=9, steps=6)
-    text = 128 if hunyuan else 16
-    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
-                              true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=text, **size)
+    folder, threshold = tiny_folder(family), THRESHOLD[family]
+    sampling = families.sampling(family, steps=6, folder=tmp_path)
     ours = Engine.from_config(RunConfig(model=ModelConfig(path=folder), sampling=sampling,
                                         cache=CacheConfig(kind="fbcache", threshold=threshold),
                                         output=OutputConfig(decode=False, progress=False))).render()
 
-    pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = families.pipeline(family, folder)
     theirs: list[bool] = []
     for name in ("transformer", "transformer_2"):
         model = getattr(pipe, name, None)
         if model is None:
             continue
         diffusers_apply(model, DiffusersConfig(threshold=threshold))
-        first = model.transformer_blocks[0] if hunyuan else model.blocks[0]
+        first = model.transformer_blocks[0] if family == "hunyuanvideo" else model.blocks[0]
         hook = HookRegistry.check_if_exists_or_initialize(first).get_hook("fbc_leader_block_hook")
         hook._should_compute_remaining_blocks = (
             lambda residual, decide=hook._should_compute_remaining_blocks: theirs.append(decide(residual)) or theirs[-1])
-    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=size["height"],
-                  width=size["width"], num_frames=9, num_inference_steps=6, max_sequence_length=text,
-                  guidance_scale=4.0, **(dict(true_cfg_scale=3.0) if hunyuan else {}))
-    latents = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False,
-                   **kwargs)[0]
+    latents = families.run(pipe, family, sampling)
 
     mine = [d[-1] for d in sorted((d for e in ours.cache_decisions.values() for d in e),
                                   key=lambda d: (d[0], d[1] != "cond"))]

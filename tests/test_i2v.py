@@ -290,3 +290,25 @@ def test_a_last_frame_needs_a_first_last_frame_checkpoint(tiny_folder, pictures,
                       num_frames=9, num_inference_steps=4, guidance_scale=4.0, max_sequence_length=512,
                       generator=torch.Generator().manual_seed(3), output_type="latent", return_dict=False)[0]
     assert ((ours - expected).norm() / expected.norm()).item() <= 1e-5
+
+
+def test_cli_renders_a_picture_end_to_end(tiny_folder, pictures, tmp_path, capsys):
+    """`unison generate --model DIR --image PATH`: the video is written, the resolved config beside
+    it names the picture and its hash, and `--config` of that file renders the same latents."""
+    import hashlib
+
+    from unison.engine.config import load_yaml
+    from unison.launch.cli import main
+
+    out = tmp_path / "cat.mp4"
+    args = ["--model", tiny_folder("wan2.2-ti2v"), "--image", pictures[0], "--output", str(out), "--steps", "2",
+            "--height", "64", "--width", "64", "--frames", "5", "--save-latents", str(tmp_path / "a.pt"),
+            "--set", "output.progress=false"]
+    assert main(args) == 0, capsys.readouterr().err[-500:]
+    resolved = load_yaml(tmp_path / "cat.yaml")
+    assert out.stat().st_size > 0 and resolved.sampling.image == pictures[0]
+    assert resolved.sampling.image_sha256 == hashlib.sha256(open(pictures[0], "rb").read()).hexdigest()
+    again = ["--config", str(tmp_path / "cat.yaml"), "--output", str(tmp_path / "again.mp4"),
+             "--save-latents", str(tmp_path / "b.pt")]
+    assert main(again) == 0
+    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import families
 from test_parallel_engine import _config
 from unison.caching.magcache import MagCacheConfig, resample, retention_step
 from unison.caching.magcache_presets import PRESETS
@@ -106,6 +107,8 @@ def test_pipefusion_is_a_clear_error():
 PARITY = {"wan": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
           "wan2.2": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
           "wan2.2-ti2v": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
+          "wan-i2v": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
+          "wan2.2-i2v": dict(threshold=0.05, max_skip_steps=2, retention_ratio=0.2),
           "hunyuanvideo": dict(threshold=0.05, max_skip_steps=1, retention_ratio=0.2)}
 
 
@@ -136,8 +139,8 @@ def _switch_step(pipe, steps: int) -> int:
     return int((pipe.scheduler.timesteps >= boundary).sum())
 
 
-@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo"])
-def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch):
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "wan-i2v", "wan2.2-i2v", "hunyuanvideo"])
+def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch, tmp_path):
     """diffusers' MagCacheConfig takes one table for every cache context, so both branches read
     RATIOS here. On Wan 2.2 A14B diffusers' hook goes on each expert, with a state (step counter,
     accumulators, residual) per expert that counts that expert's own forwards from 0 and a
@@ -151,23 +154,17 @@ def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch):
     loop's step). Given the run's whole table and steps instead, the low-noise expert's hook reads
     the table at its own count (step 4 of this 8-step run reads step 1's ratio) and computes at
     step 4, where unison skips."""
-    from diffusers import HunyuanVideoPipeline, WanPipeline
     from diffusers.hooks import MagCacheConfig as DiffusersConfig
     from diffusers.hooks.mag_cache import nearest_interp
 
-    folder, steps = tiny_folder(family), 5 if family in ("wan", "hunyuanvideo") else 8
-    hunyuan = family == "hunyuanvideo"
-    text = 128 if hunyuan else 16
-    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
-                              height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64, frames=9,
-                              steps=steps, true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=text)
+    folder, steps = tiny_folder(family), 5 if family in ("wan", "wan-i2v", "hunyuanvideo") else 8
+    sampling = families.sampling(family, steps=steps, folder=tmp_path)
     settings = PARITY[family]
     ours = Engine.from_config(RunConfig(
         model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
         cache=CacheConfig(kind="magcache", mag_ratios=RATIOS, **settings))).render()
 
-    pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = families.pipeline(family, folder)
     hooked = [(pipe.transformer, DiffusersConfig(mag_ratios=list(RATIOS), num_inference_steps=steps, **settings))]
     if getattr(pipe, "transformer_2", None) is not None:
         switch = _switch_step(pipe, steps)
@@ -181,17 +178,13 @@ def test_magcache_decides_like_diffusers(tiny_folder, family, monkeypatch):
             mag_ratios=table, num_inference_steps=own, threshold=settings["threshold"],
             max_skip_steps=settings["max_skip_steps"], retention_ratio=retention)))
     theirs = _diffusers_decisions(hooked, monkeypatch)
-    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
-                  width=sampling.width, num_frames=9, num_inference_steps=steps, max_sequence_length=text,
-                  guidance_scale=4.0, **(dict(true_cfg_scale=3.0) if hunyuan else {}))
-    latents = pipe(generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False,
-                   **kwargs)[0]
+    latents = families.run(pipe, family, sampling)
 
     mine = [d[-1] for d in sorted((d for e in ours.cache_decisions.values() for d in e),
                                   key=lambda d: (d[0], d[1] != "cond"))]
     assert True in theirs and False in theirs, theirs
     assert mine == theirs
-    if family == "wan2.2":  # the low-noise expert skips too: the slice is what was compared
+    if family in ("wan2.2", "wan2.2-i2v"):  # the low-noise expert skips too: the slice is what was compared
         low = [d[-1] for d in ours.cache_decisions["transformer_2"]]
         assert True in low and False in low, low
     assert ((ours.latents - latents).norm() / latents.norm()).item() <= 1e-5

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import families
 from test_parallel_engine import _config
 from unison.caching import taylorseer
 from unison.engine.build import plan_run
@@ -24,7 +25,7 @@ WAN_MODULES = (r"blocks\.\d+\.(attn1|attn2|ffn)",)
 of "^blocks.*attn" against "blocks.0.attn1" fails)."""
 
 
-def _diffusers_run(pipe, settings: dict, sampling: SamplingConfig, *, hunyuan: bool, monkeypatch):
+def _diffusers_run(pipe, family: str, settings: dict, sampling: SamplingConfig, monkeypatch):
     """diffusers' TaylorSeer hook on every expert of `pipe`; (its decision at every forward of the
     first hooked module of each expert, in call order, the latents)."""
     from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, apply_taylorseer_cache
@@ -54,45 +55,33 @@ def _diffusers_run(pipe, settings: dict, sampling: SamplingConfig, *, hunyuan: b
         hooked = [m for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None
                   and m._diffusers_hook.get_hook("taylorseer_cache") is not None]
         firsts.append(id(hooked[0]._diffusers_hook.get_hook("taylorseer_cache")))
-    kwargs = dict(prompt=sampling.prompt, negative_prompt=sampling.negative_prompt, height=sampling.height,
-                  width=sampling.width, num_frames=sampling.frames, num_inference_steps=sampling.steps,
-                  max_sequence_length=sampling.max_sequence_length, guidance_scale=sampling.guidance,
-                  **(dict(true_cfg_scale=sampling.true_cfg_scale) if hunyuan else {}))
-    latents = pipe(generator=torch.Generator().manual_seed(sampling.seed), output_type="latent", return_dict=False,
-                   **kwargs)[0]
+    latents = families.run(pipe, family, sampling)
     return [compute for hook, compute in decisions if hook in firsts], latents
 
 
-CASES = [("wan", dict(modules=WAN_MODULES, factors_dtype="float32")),
-         ("wan", dict(lite=True)),
-         ("wan2.2", dict(modules=WAN_MODULES)),
-         ("wan2.2-ti2v", dict(lite=True)),
-         ("hunyuanvideo", dict(modules=(r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
-                                        r"single_transformer_blocks\.\d+"))),
-         ("hunyuanvideo", dict(lite=True, factors_dtype="float32"))]
+HUNYUAN_MODULES = (r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+")
+CASES = [pytest.param("wan", dict(modules=WAN_MODULES, factors_dtype="float32"), id="wan-full"),
+         pytest.param("wan", dict(lite=True), id="wan-lite"),
+         pytest.param("wan2.2", dict(modules=WAN_MODULES), id="wan2.2-full"),
+         pytest.param("wan2.2-ti2v", dict(lite=True), id="wan2.2-ti2v-lite"),
+         pytest.param("wan-i2v", dict(modules=WAN_MODULES), id="wan-i2v-full"),
+         pytest.param("wan2.2-i2v", dict(lite=True), id="wan2.2-i2v-lite"),
+         pytest.param("hunyuanvideo", dict(modules=HUNYUAN_MODULES), id="hunyuan-full"),
+         pytest.param("hunyuanvideo", dict(lite=True, factors_dtype="float32"), id="hunyuan-lite")]
 
 
-@pytest.mark.parametrize("family,form", CASES, ids=["wan-full", "wan-lite", "wan2.2-full", "wan2.2-ti2v-lite", "hunyuan-full",
-                                                    "hunyuan-lite"])
-def test_taylorseer_decides_and_predicts_like_diffusers(tiny_folder, family, form, monkeypatch):
+@pytest.mark.parametrize("family,form", CASES)
+def test_taylorseer_decides_and_predicts_like_diffusers(tiny_folder, family, form, monkeypatch, tmp_path):
     """6 steps, interval 2, warm-up 2: steps 0, 1 compute, 2 predicts (order 1 from 0 and 1), 3
     computes, 4 predicts (the slope over 1 -> 3: a divided difference by 2), 5 computes. On Wan 2.2
     each expert counts its own steps, as diffusers' hook on each transformer does."""
-    from diffusers import HunyuanVideoPipeline, WanPipeline
-
-    folder, hunyuan = tiny_folder(family), family == "hunyuanvideo"
+    folder = tiny_folder(family)
     settings = dict(interval=2, warmup_steps=2, **form)
-    sampling = SamplingConfig(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1,
-                              height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64, frames=9,
-                              steps=6,
-                              true_cfg_scale=3.0 if hunyuan else None, max_sequence_length=128 if hunyuan else 16)
+    sampling = families.sampling(family, steps=6, folder=tmp_path)
     ours = Engine.from_config(RunConfig(
         model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
         cache=CacheConfig(kind="taylorseer", **settings))).render()
-
-    pipe = (HunyuanVideoPipeline if hunyuan else WanPipeline).from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    theirs, latents = _diffusers_run(pipe, settings, sampling, hunyuan=hunyuan, monkeypatch=monkeypatch)
+    theirs, latents = _diffusers_run(families.pipeline(family, folder), family, settings, sampling, monkeypatch)
 
     # In call order: by step (the experts' steps do not overlap), the conditional branch first.
     mine = [d[-1] for d in sorted((d for e in ours.cache_decisions.values() for d in e),
