@@ -450,11 +450,14 @@ def load_pipeline(plan: Plan):
         pipe = plan.spec.build_tiny(model.tiny_seed)
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
-                cast_component(component, vae_dtype if name == "vae" else dtype)
+                cast_component(component, torch.float32 if name == "image_encoder" else
+                               vae_dtype if name == "vae" else dtype)
     else:
         cls = getattr(diffusers, plan.spec.pipeline_class)
         try:
-            pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype})
+            # Wan 2.1 I2V's CLIP image encoder in float32, as diffusers' example loads it.
+            pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype,
+                                                          "image_encoder": torch.float32})
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
     # With model.offload the idle modules stay on the CPU (engine/offload.py moves them in when needed).

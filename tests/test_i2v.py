@@ -312,3 +312,16 @@ def test_cli_renders_a_picture_end_to_end(tiny_folder, pictures, tmp_path, capsy
              "--save-latents", str(tmp_path / "b.pt")]
     assert main(again) == 0
     assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))
+
+
+def test_the_image_encoder_is_an_encoder_in_float32(pictures):
+    """Wan 2.1 I2V's CLIP encoder stays float32 in a bfloat16 run (as diffusers' example loads it)
+    and, under model.offload, visits the device for encoding only, with the text encoder."""
+    config = dataclasses.replace(_config("wan-i2v", False, pictures, ParallelConfig()),
+                                 model=ModelConfig(family="wan-i2v", dtype="bfloat16", offload=True))
+    engine = Engine.from_config(config)
+    assert engine.pipe.image_encoder.dtype == torch.float32 and engine.pipe.transformer.dtype == torch.bfloat16
+    result = engine.render()
+    assert torch.isfinite(result.latents).all()
+    moved = [name for name, _ in engine.offloader.moves]
+    assert moved.count("image_encoder") == 2 and moved.count("text_encoder") == 2, engine.offloader.moves

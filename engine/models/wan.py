@@ -321,9 +321,9 @@ def _tiny_configs(family: str) -> dict[str, dict]:
 
 
 def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_multiple=16, fps=16,
-          notes=(), pipeline_class="WanPipeline") -> ModelSpec:
+          notes=(), pipeline_class="WanPipeline", encoders=("text_encoder",)) -> ModelSpec:
     return ModelSpec(
-        family=family, title=title, pipeline_class=pipeline_class,
+        family=family, title=title, pipeline_class=pipeline_class, text_encoders=encoders,
         transformer_class="WanTransformer3DModel", experts=experts, fps=fps,
         size_multiple=size_multiple, temporal_factor=4, embedded_guidance=False,
         block_lists=("blocks",), defaults=defaults, tiny_defaults=tiny_defaults,
@@ -368,7 +368,7 @@ WAN22_TI2V = _spec(
 
 WAN21_I2V = _spec(
     "wan-i2v", "Wan 2.1 I2V (14B 480p, 720p; FLF2V)", experts=("transformer",),
-    pipeline_class="WanImageToVideoPipeline",
+    pipeline_class="WanImageToVideoPipeline", encoders=("text_encoder", "image_encoder"),
     defaults=SamplingDefaults(height=480, width=832, frames=81, steps=50, guidance=5.0,
                               max_sequence_length=512),
     tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0, max_sequence_length=512),
