@@ -75,6 +75,14 @@ class Plan:
         tokens = self.video_tokens()
         if tokens is not None:
             lines.insert(3, f"tokens     {tokens} video tokens per branch, {s.max_sequence_length} text tokens")
+        if s.image is not None:
+            last = f", last frame {s.last_image}" if s.last_image is not None else ""
+            lines.insert(lines.index(next(l for l in lines if l.startswith("guidance"))),
+                         f"image      {s.image}{last} ({s.image_resize} to {s.width}x{s.height})")
+        if (s.scheduler, s.flow_shift) != ("default", None):
+            shift = f", flow shift {s.flow_shift}" if s.flow_shift is not None else ""
+            lines.insert(lines.index(next(l for l in lines if l.startswith("guidance"))),
+                         f"sampler    {s.scheduler}{shift}")
         return lines + [f"cache      {note}" for note in self.notes]
 
     def components(self) -> str:
@@ -86,7 +94,7 @@ class Plan:
         idle = offloader_for(self, None).idle()
         parts = []
         for name in (*self.spec.experts, *self.spec.text_encoders, "vae"):
-            dtype = model.vae_dtype if name == "vae" else model.dtype
+            dtype = model.vae_dtype if name == "vae" else "float32" if name == "image_encoder" else model.dtype
             if name in self.spec.experts:
                 library, class_name = "diffusers", self.spec.transformer_class
             else:

@@ -325,3 +325,14 @@ def test_the_image_encoder_is_an_encoder_in_float32(pictures):
     assert torch.isfinite(result.latents).all()
     moved = [name for name, _ in engine.offloader.moves]
     assert moved.count("image_encoder") == 2 and moved.count("text_encoder") == 2, engine.offloader.moves
+
+
+def test_dry_run_names_the_picture_the_sampler_and_the_encoders_dtype(pictures, capsys):
+    from unison.launch.cli import main
+
+    assert main(["--set", "model.family=wan-i2v", "--image", pictures[0], "--set", "model.dtype=bfloat16",
+                 "--scheduler", "dpm++", "--flow-shift", "5", "--set", "sampling.image_resize=pad", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"image      {pictures[0]} (pad to 64x64)" in out
+    assert "sampler    dpm++, flow shift 5.0" in out
+    assert "text_encoder bfloat16 on cpu, image_encoder float32 on cpu" in out
