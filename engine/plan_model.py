@@ -4,8 +4,9 @@ FLOPs per forward, activation peaks, the VAE decode peak (engine/meta_model.py d
 
 Published configs are the config.json files of the diffusers-format checkpoints on the Hugging
 Face Hub (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers, Wan2.2-T2V-A14B-Diffusers,
-Wan2.2-TI2V-5B-Diffusers, hunyuanvideo-community/HunyuanVideo); where a value equals the diffusers
-class default it is left out.
+Wan2.2-TI2V-5B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers, Wan2.2-I2V-A14B-Diffusers,
+hunyuanvideo-community/HunyuanVideo); where a value equals the diffusers class default it is left
+out.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def _wan(**size) -> Component:
 
 
 _WAN_14B = _wan(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+_WAN_I2V_14B = _wan(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36)
+# Wan 2.1 I2V: open-clip ViT-H/14 as transformers' CLIPVisionModel (257 tokens of 1280).
+_CLIP_VIT_H = ("transformers", "CLIPVisionModel", dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+    patch_size=14, projection_dim=1024, hidden_act="gelu"))
 
 PUBLISHED: dict[str, tuple[str, dict[str, Component]]] = {
     "wan2.1-1.3b": ("wan", {"transformer": _wan(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
@@ -52,6 +58,12 @@ PUBLISHED: dict[str, tuple[str, dict[str, Component]]] = {
         "transformer": _wan(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30,
                             in_channels=48, out_channels=48),
         "text_encoder": _UMT5_XXL, "vae": _WAN22_VAE}),
+    "wan2.1-i2v-14b": ("wan-i2v", {
+        "transformer": ("diffusers", "WanTransformer3DModel",
+                        {**_WAN_I2V_14B[2], "image_dim": 1280, "added_kv_proj_dim": 5120}),
+        "text_encoder": _UMT5_XXL, "image_encoder": _CLIP_VIT_H, "vae": _WAN_VAE}),
+    "wan2.2-i2v-a14b": ("wan2.2-i2v", {"transformer": _WAN_I2V_14B, "transformer_2": _WAN_I2V_14B,
+                                       "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
     "hunyuanvideo": ("hunyuanvideo", {
         "transformer": ("diffusers", "HunyuanVideoTransformer3DModel", {}),
         # llava-llama-3-8b's language model, the hidden states of which HunyuanVideo reads.
@@ -63,7 +75,8 @@ PUBLISHED: dict[str, tuple[str, dict[str, Component]]] = {
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768)),
         "vae": ("diffusers", "AutoencoderKLHunyuanVideo", {})}),
 }
-ALIASES = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b"}
+ALIASES = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b", "wan-i2v": "wan2.1-i2v-14b",
+           "wan2.2-i2v": "wan2.2-i2v-a14b"}
 """Family names that name one published model (Wan 2.1 has two sizes: name one)."""
 
 
@@ -176,8 +189,22 @@ class RealModel:
         # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
         timestep = torch.empty(1, tokens, device=meta) if self.spec.family == "wan2.2-ti2v" else \
             torch.empty(1, device=meta)
-        return dict(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.empty(
+        inputs = dict(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.empty(
             1, self.text_tokens, c.get("text_dim", 4096), device=meta, dtype=bf16), return_dict=False)
+        if c.get("image_dim") is not None:  # Wan 2.1 I2V: the CLIP tokens beside the text
+            inputs["encoder_hidden_states_image"] = torch.empty(1, self.image_tokens, c["image_dim"], device=meta,
+                                                                dtype=bf16)
+        return inputs
+
+    @property
+    def image_tokens(self) -> int:
+        """Wan 2.1 I2V's CLIP tokens: a picture's patches and class token (two pictures' for a
+        first-last-frame checkpoint, its pos_embed_seq_len)."""
+        if self.expert.get("pos_embed_seq_len"):
+            return int(self.expert["pos_embed_seq_len"])
+        vision = self.parts.get("image_encoder", ("", "", {}))[2]
+        vision = vision.get("vision_config", vision)
+        return (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 14))) ** 2 + 1
 
     def _one_row(self) -> tuple[int, int, int, int]:
         """The smallest latent of the same width: one frame, one row of patches."""

@@ -163,7 +163,9 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     elif layout.pipefusion:
         blocks = blocks * ceil_div(model.attentions, layout.patch) // model.attentions
     weights = (blocks + sum(p["other"] for p in resident)) * BF16
-    encoders = sum(sum(model.parameters(t).values()) for t in spec.text_encoders if t in model.parts) * BF16
+    # The text encoders in bfloat16; Wan 2.1 I2V's CLIP image encoder in float32 (engine/build.py).
+    encoders = sum(sum(model.parameters(t).values()) * (4 if t == "image_encoder" else BF16)
+                   for t in spec.text_encoders if t in model.parts)
     tokens = ceil_div(model.video_tokens, layout.tokens_split)
     if layout.pipefusion:
         tokens = ceil_div(model.video_tokens, setting.pipefusion_patches or layout.patch)

@@ -48,12 +48,13 @@ class Request:
 def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealModel, object]:
     """The model at the requested size, and the resolved sampling settings."""
     from unison.engine.build import _resolve_family, _resolve_sampling, check_sampling
+    from unison.engine.limits import check_limits
 
     path = config.model.path
     name = request.family or (HUB_IDS.get(path) if path and not Path(path).exists() else None)
     if name is None and path is None:
-        name = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b",
-                "hunyuanvideo": "hunyuanvideo"}.get(config.model.family)
+        name = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b", "wan-i2v": "wan2.1-i2v-14b",
+                "wan2.2-i2v": "wan2.2-i2v-a14b", "hunyuanvideo": "hunyuanvideo"}.get(config.model.family)
     if name is not None:
         spec, parts = plan_model.published(name)
     elif path is not None:
@@ -64,6 +65,8 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
         raise UserError(f"plan needs --family (one of {', '.join(plan_model.PUBLISHED)}) or --model DIR")
     sampling = _resolve_sampling(config.sampling, spec, tiny=False)
     check_sampling(sampling, spec)
+    if name is None:  # a folder: its own position table and text length bound the video
+        check_limits(sampling, spec, config.model)
     latent = plan_model.latent_shape(spec, parts, height=sampling.height, width=sampling.width,
                                      frames=sampling.frames)
     cache = plan_model.meta_model.CountCache(request.counts_cache)

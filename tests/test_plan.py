@@ -201,6 +201,7 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         ([*tiny, "--gpus", "2", "--interconnect", "ethernet"], "unknown interconnect 'ethernet'; known: nvlink, pcie, ib"),
         ([*tiny, "--gpus", "2", "--gpu", "l20", "--interconnect", "nvlink"], "L20 48GB has no NVLink"),
         (["plan", "--family", "wan", "--gpus", "2"], "Wan 2.1 comes in two sizes"),
+        (["plan", "--model", folder, "--gpus", "2"], "sampling.width=832 runs past the position table of Wan 2.1 T2V"),
         (["plan", "--family", "hunyuanvideo", "--gpus", "1", "--gpu", "l20", "--frames", "253"],
          "1280x720, 253 frames does not fit any layout on 1 x L20 48GB: the smallest needs"),
     ]
@@ -297,3 +298,32 @@ def test_taylorseer_is_planned_from_its_schedule_and_its_factors(counts, capsys)
     best = next(line for line in lite if line[5:6] == "*")
     # Lite keeps the output's factors only: 2 x 64 values per token, 0.0 GiB at this size.
     assert float(best[header.index("cache") - 2:header.index("cache") + 5].split()[-1]) == 0.0
+
+
+def test_image_to_video_is_planned_with_its_encoder_and_channels(counts, capsys, tmp_path):
+    """Wan 2.1 I2V 14B as published: the transformer takes 36 channels and 257 CLIP tokens (a
+    224-pixel picture in 14-pixel patches, plus the class token), and the text column holds the
+    CLIP ViT-H/14 vision tower in float32 on top of umT5-XXL: about 630M parameters x 4 bytes
+    (32 layers of 1280 wide attention and a 5120 MLP: 19.7M each, plus embeddings) more than the
+    T2V 14B plan."""
+    from PIL import Image
+
+    from unison.engine import plan_model
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 48)).save(picture)
+
+    def text_gib(family: str, *extra: str) -> float:
+        capsys.readouterr()
+        assert main(["plan", "--family", family, "--gpus", "1", "--counts-cache", counts, *extra]) == 0
+        out = capsys.readouterr().out.splitlines()
+        header = next(line for line in out if line.lstrip().startswith("# layout"))
+        best = next(line for line in out if line[5:6] == "*")
+        return float(best[header.index("text") - 2:header.index("text") + 4].split()[-1])
+
+    i2v = plan_model.RealModel(*plan_model.published("wan2.1-i2v-14b"), (16, 21, 60, 104), 512)
+    assert i2v.image_tokens == (224 // 14) ** 2 + 1 == 257
+    assert i2v.expert["in_channels"] == 36
+    clip = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120) / 2**30 * 4
+    extra = text_gib("wan2.1-i2v-14b", "--set", f"sampling.image={picture}") - text_gib("wan2.1-14b")
+    assert abs(extra - clip) < 0.1, (extra, clip)
