@@ -282,6 +282,24 @@ class RealModel:
         return peak
 
 
+    def vae_encode_peak(self, frames: int) -> int:
+        """Peak bytes of encoding `frames` pixel frames at the video's size in float32, whole (the
+        engine encodes image-to-video's condition untiled, as diffusers does)."""
+        library, class_name, config = self.parts["vae"]
+        _, _, h, w = self.latent
+        scale = self.spec.size_multiple // self.patch[1]
+        pixels = (1, 3, frames, h * scale, w * scale)
+        key = self.cache.key("vae-encode", self.parts["vae"], pixels)
+
+        def trace() -> dict:
+            with meta_model.quiet_diffusers():
+                vae = meta_model.build(library, class_name, config)
+            x = torch.empty(pixels, device=meta_model.META)
+            return {"bytes": meta_model.peak_bytes(lambda: vae.encode(x, return_dict=False))}
+
+        return self.cache.get(key, trace)["bytes"]
+
+
 def latent_shape(spec: ModelSpec, parts: dict[str, Component], *, height: int, width: int,
                  frames: int) -> tuple[int, int, int, int]:
     """(channels, frames, height, width) of the latents the pipeline prepares."""

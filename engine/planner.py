@@ -14,7 +14,12 @@ Memory per rank (bf16 weights and activations, float32 VAE):
 - cache state: fbcache keeps two residuals of the rank's tokens (first block, remaining blocks)
   per guidance branch and expert; pab one attention output per attention module, branch and expert;
 - VAE decode peak (float32): whole when one rank decodes untiled, else one 256-pixel tile plus
-  the decoded tiles and the blended video, traced on the meta device.
+  the decoded tiles and the blended video, traced on the meta device;
+- image-to-video: the VAE encode of the condition (Wan I2V: the picture and black frames, the
+  whole video; TI2V-5B: one frame), float32, untiled, traced on the meta device; every rank
+  encodes it before the loop. The trace counts tensors only: a small Wan VAE's encode on the CPU
+  (256x256, 17 and 33 frames) measured 1.48x its trace (convolution workspaces), so read it as a
+  lower bound.
 Time is a projection: FLOPs at the GPU's dense bf16 peak times an efficiency (hardware.py), bytes
 at the link's bandwidth; Ring's K/V passes, FSDP's weight gathers and displaced patches' K/V
 (after warm-up) overlap compute, the rest adds to it. Text encoding and VAE decode are left out.
@@ -76,6 +81,8 @@ class Setting:
     cache: str = "none"
     skip_share: float = 0.0
     """Share of the steps a cache skips (fbcache: the blocks after the first; pab: attention)."""
+    encode_frames: int = 0
+    """Pixel frames the engine VAE-encodes before the loop (image-to-video's condition; 0: none)."""
     skip_source: str = "assumed"
     """Where skip_share comes from (assumed, given, its schedule)."""
     cache_states: float = 0.0
@@ -197,10 +204,12 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     # sum of all. Each entry after the denoising ones is what its phase needs beyond those before.
     denoising = denoise + kv + cache
     decode = max(0, vae - denoising)
+    condition = model.vae_encode_peak(setting.encode_frames) if setting.encode_frames else 0
+    vae_encode = max(0, condition - denoising - decode)
     # With offload the text encoders visit the GPU only to encode, beside the resident weights.
-    encode = max(0, encoders - denoising - decode) if layout.offload else encoders
+    encode = max(0, encoders - denoising - decode - vae_encode) if layout.offload else encoders
     return {"weights": weights, "text encoders": encode, "activations": denoise, "stale K/V": kv,
-            "cache state": cache, "VAE": vae_weights, "VAE decode": decode}
+            "cache state": cache, "VAE": vae_weights, "VAE decode": decode, "VAE encode": vae_encode}
 
 
 def flops(model: RealModel, layout: Layout) -> dict[str, float]:

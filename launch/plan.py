@@ -104,6 +104,14 @@ E012K2R02, 95 s for TeaCache 0.08, ../shared/cache-facts.md), so about half the 
 easycache: its README's Wan 1.3B run is 2.54x faster, about 60% of the forwards skipped."""
 
 
+def condition_frames(spec, sampling) -> int:
+    """Pixel frames the engine VAE-encodes for image-to-video (engine/models/wan.py): the whole
+    condition video for Wan I2V, the picture alone for TI2V-5B; 0 without a picture."""
+    if sampling.image is None:
+        return 0
+    return 1 if spec.family == "wan2.2-ti2v" else sampling.frames
+
+
 def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int) -> Setting:
     gpu = GPUS[request.gpu]
     kind = config.cache.kind
@@ -117,6 +125,7 @@ def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int
                    interconnect=request.interconnect or ("nvlink" if gpu.nvlink_gbps else "pcie"),
                    steps=sampling.steps, branches=branches(model.spec, sampling), cache=kind,
                    skip_share=share if kind != "none" else 0.0, skip_source=source, cache_states=states,
+                   encode_frames=condition_frames(model.spec, sampling),
                    patch_warmup_steps=config.parallel.patch_warmup_steps,
                    pipefusion_patches=config.parallel.pipefusion_patches, vae_tiling=config.output.vae_tiling,
                    efficiency=calibrated(request).efficiency)
@@ -230,7 +239,7 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
     for i, row in enumerate(rows, 1):
         m = row.memory
         values = [m["weights"], m["text encoders"], m["activations"], m["stale K/V"], m["cache state"],
-                  m["VAE"] + m["VAE decode"]]
+                  m["VAE"] + m["VAE decode"] + m["VAE encode"]]
         parts = "".join(f"{_gib(v):>6}" for v in values)
         sent = " ".join(f"{SENT_NAMES.get(k, k)} {v / 2**20:,.0f}" for k, v in row.sent.items()) or "-"
         mark = "*" if i == 1 and row.fits else " "

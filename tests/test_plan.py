@@ -327,3 +327,28 @@ def test_image_to_video_is_planned_with_its_encoder_and_channels(counts, capsys,
     clip = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120) / 2**30 * 4
     extra = text_gib("wan2.1-i2v-14b", "--set", f"sampling.image={picture}") - text_gib("wan2.1-14b")
     assert abs(extra - clip) < 0.1, (extra, clip)
+
+
+def test_image_to_video_plans_the_condition_encode(counts, capsys, tmp_path):
+    """With VAE tiling the decode needs little, so the VAE column of a Wan 2.1 I2V plan is the
+    untiled encode of the 81-frame condition video the engine runs before the loop; the same
+    model without a picture (TI2V-5B as text-to-video) plans no encode."""
+    from PIL import Image
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 48)).save(picture)
+
+    def vae_gib(*argv: str) -> float:
+        capsys.readouterr()
+        assert main(["plan", "--gpus", "1", "--counts-cache", counts, "--set", "output.vae_tiling=true", *argv]) == 0
+        out = capsys.readouterr().out.splitlines()
+        header = next(line for line in out if line.lstrip().startswith("# layout"))
+        best = next(line for line in out if line[5:6] == "*")
+        return float(best[header.index("VAE") - 2:header.index("VAE") + 3].split()[-1])
+
+    i2v = vae_gib("--family", "wan2.1-i2v-14b", "--set", f"sampling.image={picture}")
+    t2v = vae_gib("--family", "wan2.1-14b")
+    ti2v_text, ti2v_image = vae_gib("--family", "wan2.2-ti2v-5b"), \
+        vae_gib("--family", "wan2.2-ti2v-5b", "--set", f"sampling.image={picture}")
+    assert i2v > t2v + 1.0, (i2v, t2v)
+    assert ti2v_image >= ti2v_text, (ti2v_image, ti2v_text)
