@@ -49,6 +49,7 @@ _FLAG_KEYS = {
     "ring": "parallel.ring",
     "cfg_parallel": "parallel.cfg",
     "cache": "cache.kind",
+    "cache_2": "cache_2.kind",
     "patch": "parallel.patch",
     "pipefusion": "parallel.patch_mode",
     "shard_weights": "parallel.shard_weights",
@@ -154,6 +155,9 @@ def _add_run_options(p, *, single: bool) -> None:
                    help="text encoders to the CPU after encoding; Wan 2.2's idle expert on the CPU")
     p.add_argument("--cache", metavar="KIND",
                    help=f"step cache: {', '.join(registry.names())} (its fields: --set cache.FIELD=…)")
+    p.add_argument("--cache-2", dest="cache_2", metavar="KIND",
+                   help="Wan 2.2 A14B: the low-noise expert's step cache (default: --cache's; its fields: "
+                        "--set cache_2.FIELD=…)")
     p.add_argument("--parallel", choices=("auto",),
                    help="auto: the layout `unison plan` recommends for the world size (degrees given are kept)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")

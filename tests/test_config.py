@@ -199,3 +199,20 @@ def test_wan22_dbcache_recipe_sets_each_expert_as_cache_dit_publishes():
     for cache, (warmup, cached) in ((config.cache, (4, 8)), (config.cache_2, (2, 20))):
         assert (cache.kind, cache.warmup_steps, cache.max_cached_steps) == ("dbcache", warmup, cached)
         assert (cache.threshold, cache.front_blocks, cache.back_blocks) == (0.12, 1, 0)
+
+
+def test_cache_2_flag_sets_the_low_noise_experts_kind():
+    """`--cache fbcache --cache-2 pab` on Wan 2.2 A14B: the config holds both, and a render runs
+    First-Block Cache on the high-noise expert and PAB (attention calls) on the low-noise one."""
+    from unison.engine.config import CacheConfig, OutputConfig
+    from unison.engine.render import Engine
+
+    config = build_config(parser().parse_args(["generate", "--set", "model.family=wan2.2", "--cache", "fbcache",
+                                               "--cache-2", "pab", "--steps", "4", "--height", "48"]))
+    assert config.cache.kind == "fbcache" and config.cache_2.kind == "pab"
+    config = RunConfig(model=config.model, sampling=SamplingConfig(steps=4, height=48, width=64, frames=9),
+                       cache=CacheConfig(kind="fbcache", threshold=0.1), cache_2=config.cache_2,
+                       output=OutputConfig(decode=False, progress=False))
+    result = Engine.from_config(config).render()
+    assert {d[2] for d in result.cache_decisions["transformer"]} == {"forward"}
+    assert {d[2] for d in result.cache_decisions["transformer_2"]} == {"self", "cross"}
