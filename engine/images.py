@@ -8,8 +8,8 @@ path; a batch job's relative path is resolved against its JSONL file's folder (e
   VideoProcessor resizes to exactly height x width, whatever the aspect ratio);
 - crop: scale to cover height x width, keeping the aspect ratio, and cut the centre;
 - pad: scale to fit inside, keeping the aspect ratio, and fill the rest (diffusers' "fill").
-The image encoder of Wan 2.1 I2V (CLIP) gets the picture as it is, through its own processor
-(resize and centre crop to its input size), as in diffusers.
+The image encoders of Wan 2.1 I2V (CLIP) and HunyuanVideo I2V (LLaVA) get the picture as it is,
+through their own processor (resize and centre crop to its input size), as in diffusers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def check_images(sampling, *, family: str, takes_image: bool, needs_image: bool,
     image, last = sampling.image, sampling.last_image
     if image is not None and not takes_image:
         raise UserError(f"sampling.image: {family} is a text-to-video model; image-to-video needs wan-i2v (Wan 2.1 "
-                        "I2V), wan2.2-i2v (Wan 2.2 I2V A14B) or wan2.2-ti2v (TI2V-5B)")
+                        "I2V), wan2.2-i2v (Wan 2.2 I2V A14B), wan2.2-ti2v (TI2V-5B) or hunyuanvideo-i2v "
+                        "(HunyuanVideo I2V)")
     if last is not None and image is None:
         raise UserError("sampling.last_image needs sampling.image (the first frame) too")
     if image is None and needs_image:

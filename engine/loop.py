@@ -52,15 +52,19 @@ class LoopResult:
     `steps` then holds only the steps from there on."""
 
 
-def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device) -> torch.Tensor:
+def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device,
+                    conditioning: Conditioning) -> torch.Tensor:
     """Initial noise from a CPU generator seeded with sampling.seed: the same tensor on every
-    device and every rank, so ranks never need to broadcast it."""
+    device and every rank, so ranks never need to broadcast it (then the family's
+    prepare_latents, if any)."""
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
     if spec.initial_latents is not None:
-        return spec.initial_latents(pipe, sampling, device, generator)
-    denoiser = getattr(pipe, spec.experts[0])
-    return pipe.prepare_latents(1, denoiser.config.in_channels, sampling.height, sampling.width,
-                                sampling.frames, torch.float32, device, generator)
+        latents = spec.initial_latents(pipe, sampling, device, generator)
+    else:
+        denoiser = getattr(pipe, spec.experts[0])
+        latents = pipe.prepare_latents(1, denoiser.config.in_channels, sampling.height, sampling.width,
+                                       sampling.frames, torch.float32, device, generator)
+    return latents if spec.prepare_latents is None else spec.prepare_latents(pipe, latents, conditioning)
 
 
 class StepTimer:
@@ -196,7 +200,7 @@ def denoise(
     timesteps = spec.set_timesteps(pipe, sampling.steps, device)
     experts = [getattr(pipe, name) for name in spec.experts]
     boundary = spec.expert_boundary(pipe)
-    latents = initial_latents(pipe, spec, sampling, device)
+    latents = initial_latents(pipe, spec, sampling, device, conditioning)
     start = 0
     if checkpoints is not None:  # after set_timesteps and the caches' reset: the saved state replaces theirs
         resumed = checkpoints.restore(pipe.scheduler, caches, device)
@@ -248,7 +252,10 @@ def denoise(
             if cfg_group is None and conditioning.uncond is not None:
                 noise_uncond = predict("uncond", conditioning.uncond)
                 noise = noise_uncond + scale * (noise - noise_uncond)
-            latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+            if spec.scheduler_step is None:
+                latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+            else:
+                latents = spec.scheduler_step(pipe, noise, t, latents, conditioning)
             finite.after_step(i, latents, spec.experts[which])
             timer.stop(step_start)
             # Progress sees the host's time; the records get the device's (below).

@@ -36,16 +36,37 @@ def tiny_tokenizer(*, bos: bool, eos: bool) -> PreTrainedTokenizerFast:
     `bos`/`eos` choose the special tokens added around each text: T5 appends eos only,
     Llama prepends bos only, CLIP does both.
     """
+    return _train([_CORPUS], special=[], bos=bos, eos=eos)
+
+
+LLAVA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
+"""The Llama 3 chat markers and LLaVA's image placeholder that HunyuanVideo I2V's prompt template
+holds, as single tokens (ids 4 to 7: IMAGE_ID is the last)."""
+IMAGE_ID = 7
+
+
+def tiny_llava_tokenizer() -> PreTrainedTokenizerFast:
+    """tiny_tokenizer(bos=True, eos=False) with LLAVA_SPECIAL, trained on the corpus and twice on
+    diffusers' HunyuanVideo I2V prompt template (less the word "detailing"), so that the template
+    tokenizes the way the real Llama 3 tokenizer does where the pipeline counts on it: the image
+    placeholder at position 5 and 103 tokens before the prompt (its crop_start; a test checks both)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", "").replace("detailing", "")
+    return _train([_CORPUS, template, template], special=list(LLAVA_SPECIAL), bos=True, eos=False)
+
+
+def _train(corpus: list[str], *, special: list[str], bos: bool, eos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,
-        special_tokens=[PAD, EOS, UNK, BOS],
+        special_tokens=[PAD, EOS, UNK, BOS, *special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     single = " ".join(([BOS] if bos else []) + ["$A"] + ([EOS] if eos else []))
     tok.post_processor = processors.TemplateProcessing(
         single=single, special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)]

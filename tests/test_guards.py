@@ -39,7 +39,7 @@ def _pipe_reader(pipe):
     return read
 
 
-@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo", "hunyuanvideo-i2v"])
 def test_tiny_limits_match_the_built_model(family):
     """The limits a plan reads from a tiny spec's tiny_configs equal those of the model it builds."""
     spec = get_spec(family)

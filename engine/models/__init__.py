@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from unison.errors import UserError
-from unison.engine.models import hunyuan_video, wan
+from unison.engine.models import hunyuan_i2v, hunyuan_video, wan
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 
-_MODULES = (wan, hunyuan_video)
+_MODULES = (wan, hunyuan_video, hunyuan_i2v)
 SPECS: dict[str, ModelSpec] = {spec.family: spec for module in _MODULES for spec in module.SPECS}
 
 __all__ = ["SPECS", "Conditioning", "ModelSpec", "SamplingDefaults", "get_spec", "read_model_index",

@@ -104,9 +104,15 @@ class ModelSpec:
     initial_latents: Callable[[Any, Any, torch.device, torch.Generator], torch.Tensor] | None = None
     """(pipe, sampling, device, CPU generator) -> the initial noise (None: the pipeline's
     prepare_latents at the first expert's input channels)."""
+    prepare_latents: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
+    """(pipe, initial noise, conditioning) -> the latents the first step starts from (None: the
+    noise; HunyuanVideo I2V: with a trace of the picture)."""
     model_input: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
     """(pipe, latents, conditioning) -> the transformer's hidden_states at a step (None: the
     latents; image-to-video: with the encoded image joined or put in place)."""
+    scheduler_step: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor] | None = None
+    """(pipe, noise prediction, t, latents, conditioning) -> the next latents (None:
+    pipe.scheduler.step over all of them; HunyuanVideo I2V token_replace: frames 1: only)."""
     finish: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
     """(pipe, latents, conditioning) -> the final latents after the last step (None: as they are)."""
     tiny_heads: int = 4

@@ -11,6 +11,11 @@ text never drifts between ranks. Under patch parallelism each patch carries its 
 text (see DisplacedKV.source and parallel/pipefusion.py): exact in warm-up, part of the measured
 approximation afterwards. The text stream leaves the blocks unused (the output head reads only
 the video tokens).
+
+Image-to-video with image_condition_type token_replace: the blocks modulate the leading tokens of
+their input that belong to the first latent frame (the picture's) differently from the rest, and
+take their count as an argument. Each rank (each patch, under PipeFusion) gets the count of those
+tokens that lie in its own span: all, some, or none of its tokens.
 """
 
 from __future__ import annotations
@@ -138,6 +143,13 @@ def _record_text_length(transformer, cache: dict) -> torch.utils.hooks.Removable
     return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _first_frame_tokens(first: int, *, start: int, end: int) -> int:
+    """How many of the tokens start:end of the video sequence belong to the first latent frame
+    (its `first` tokens lead the sequence). Under image_condition_type token_replace the blocks
+    modulate that many leading tokens of their input with timestep 0 (token_replace_emb)."""
+    return max(0, min(end, first) - start)
+
+
 def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) -> None:
     blocks = [block for attr in BLOCK_LISTS for block in getattr(transformer, attr)]
     handle.undo.append(_record_text_length(transformer, shard.cache).remove)
@@ -147,11 +159,15 @@ def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) ->
         hidden = shard.split(hidden, dim=1, record=True)
         rope = tuple(shard.split(t, dim=0) for t in rope)
         shard.cache["rope"] = rope
+        if len(rest) == 2 and rest[0] is not None:  # token_replace (I2V): the first frame's tokens on this rank
+            chunk = hidden.shape[1]
+            rest = [rest[0], _first_frame_tokens(rest[1], start=shard.index * chunk, end=(shard.index + 1) * chunk)]
+        shard.cache["rest"] = tuple(rest)
         return (hidden, text, temb, mask, rope, *rest)
 
     def reuse_inputs(module, args):
-        hidden, text, temb, mask, _, *rest = args
-        return (hidden, text, temb, mask, shard.cache["rope"], *rest)
+        hidden, text, temb, mask, *_ = args
+        return (hidden, text, temb, mask, shard.cache["rope"], *shard.cache["rest"])
 
     def gather_output(module, args, output):
         shard.cache.clear()
@@ -177,6 +193,8 @@ def pipefusion_plan(transformer, stage: PipeStage):
 
     def slice_rest(rest, start, end):
         temb, mask, rope, *more = rest
+        if len(more) == 2 and more[0] is not None:  # token_replace: the first frame's tokens in this patch
+            more = [more[0], _first_frame_tokens(more[1], start=start, end=end)]
         return (temb, mask, tuple(t[start:end] for t in rope), *more)
 
     def install(blocks, stage):

@@ -14,27 +14,48 @@ from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, 
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
 
-def _tiny_pipeline(seed: int):
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler,
-                           HunyuanVideoPipeline, HunyuanVideoTransformer3DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+_TINY_IDS = dict(vocab_size=TINY_VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLHunyuanVideo(
+
+def tiny_vae():
+    """The tiny presets' VAE (4 latent channels, 8x spatial and 4x temporal compression)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
         scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
         mid_block_add_attention=True,
     )
-    ids = dict(vocab_size=TINY_VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def tiny_llama_config():
+    """The tiny presets' Llama text model: 16 wide, three layers."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=16, intermediate_size=37, num_attention_heads=4, num_key_value_heads=4,
+                       num_hidden_layers=3, max_position_embeddings=1024, **_TINY_IDS)
+
+
+def tiny_text_encoder_2():
+    """The tiny presets' CLIP text encoder (its pooled output is the transformer's pooled projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, projection_dim=8, max_position_embeddings=77,
+                                        **_TINY_IDS))
+
+
+def _tiny_pipeline(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from transformers import LlamaModel
+
+    torch.manual_seed(seed)
+    vae = tiny_vae()
     # Three layers, so that the pipeline's "third hidden state from the end" is a real layer output.
-    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=37, num_attention_heads=4,
-                                          num_key_value_heads=4, num_hidden_layers=3,
-                                          max_position_embeddings=1024, **ids))
-    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=37, num_attention_heads=4,
-                                                  num_hidden_layers=2, projection_dim=8,
-                                                  max_position_embeddings=77, **ids))
+    text_encoder = LlamaModel(tiny_llama_config())
+    text_encoder_2 = tiny_text_encoder_2()
     torch.manual_seed(seed + 1)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=10, num_layers=2,
@@ -50,7 +71,12 @@ def _tiny_pipeline(seed: int):
 
 def _check_sampling(sampling) -> None:
     images.check_images(sampling, family="hunyuanvideo", takes_image=False, needs_image=False, takes_last=False)
-    schedulers.check(sampling.scheduler, sampling.flow_shift, family="hunyuanvideo", sigmas=True)
+    check_guidance(sampling, family="hunyuanvideo")
+
+
+def check_guidance(sampling, *, family: str) -> None:
+    """The scheduler and guidance settings HunyuanVideo (T2V and I2V) can take."""
+    schedulers.check(sampling.scheduler, sampling.flow_shift, family=family, sigmas=True)
     if sampling.guidance_2 is not None:
         raise UserError(
             "--guidance-2 has no meaning for HunyuanVideo: it has one transformer; --guidance sets its "
