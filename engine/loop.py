@@ -50,6 +50,9 @@ class LoopResult:
     resumed_from_step: int | None = None
     """The first step this render ran, when it continued from a step checkpoint (else None);
     `steps` then holds only the steps from there on."""
+    decode: tuple[torch.Tensor, int] | None = None
+    """What the video decodes from when it is not `latents` (ModelSpec.decode_input): the latents
+    and the leading pixel frames to drop."""
 
 
 def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device,
@@ -273,8 +276,9 @@ def denoise(
             if on_step is not None:
                 on_step(record)
     finite.finish()
+    decode = spec.decode_input(pipe, latents, conditioning) if spec.decode_input is not None else None
     if spec.finish is not None:
         latents = spec.finish(pipe, latents, conditioning)
     records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
     return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds,
-                      resumed_from_step=start if start else None)
+                      resumed_from_step=start if start else None, decode=decode)

@@ -233,7 +233,8 @@ class Engine:
         if cfg.output.decode and (self.is_writer or parallel_decode):
             phase("decoding", len(loop.steps), steps)
             t0 = time.perf_counter()
-            frames = self.decode(loop.latents, output=cfg.output)
+            latents, drop = loop.decode if loop.decode is not None else (loop.latents, 0)
+            frames = self.decode(latents, output=cfg.output, drop=drop)
             seconds["decode"] = time.perf_counter() - t0
         if cfg.output.decode and self.is_writer:
             phase("writing", len(loop.steps), steps)
@@ -288,8 +289,9 @@ class Engine:
         self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime, cache_2=cache_2)
         self.cache_config = (cache, cache_2)
 
-    def decode(self, latents: torch.Tensor, *, output=None):
-        """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch.
+    def decode(self, latents: torch.Tensor, *, output=None, drop: int = 0):
+        """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch, less the first
+        `drop` frames (ModelSpec.decode_input).
 
         `output` (default: the engine's) says how. With more than one rank and
         `output.parallel_decode`, this is collective: every rank must call it, each decodes its
@@ -313,7 +315,7 @@ class Engine:
                 pipe.vae.enable_tiling()
             with torch.no_grad():
                 video = self.plan.spec.decode(pipe, latents)
-        frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+        frames = pipe.video_processor.postprocess_video(video[:, :, drop:], output_type="np")[0]
         return to_uint8_frames(frames)
 
 

@@ -115,6 +115,10 @@ class ModelSpec:
     pipe.scheduler.step over all of them; HunyuanVideo I2V token_replace: frames 1: only)."""
     finish: Callable[[Any, torch.Tensor, Conditioning], torch.Tensor] | None = None
     """(pipe, latents, conditioning) -> the final latents after the last step (None: as they are)."""
+    decode_input: Callable[[Any, torch.Tensor, Conditioning], tuple[torch.Tensor, int]] | None = None
+    """(pipe, latents after the last step, conditioning) -> the latents the video decodes from and
+    the leading pixel frames to drop from it (None: the final latents, none dropped; HunyuanVideo
+    I2V latent_concat: every latent frame, the picture's 4 pixel frames dropped, as diffusers)."""
     tiny_heads: int = 4
     """Attention heads of the tiny preset's transformers (checked against the Ulysses degree
     before anything is built; a test checks it against the built model)."""

@@ -165,9 +165,14 @@ def _scheduler_step(pipe, noise: torch.Tensor, t: torch.Tensor, latents: torch.T
 
 def _finish(pipe, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
     # latent_concat: the first latent frame stood for the picture and leaves the result (diffusers'
-    # latent output). The video decodes from what is left; diffusers decodes all frames and drops
-    # the first 4 pixel frames (same count; the causal VAE sees no picture frame before the first).
+    # latent output).
     return latents[:, :, 1:] if "concat" in conditioning.video else latents
+
+
+def _decode_input(pipe, latents: torch.Tensor, conditioning: Conditioning) -> tuple[torch.Tensor, int]:
+    # latent_concat: the video decodes from every latent frame, the picture's included (the causal
+    # VAE then sees it before the first frame), and drops its 4 pixel frames, as diffusers does.
+    return (latents, 4) if "concat" in conditioning.video else (latents, 0)
 
 
 TEMPLATE_TOKENS = 103 + 575
@@ -204,12 +209,13 @@ HUNYUAN_VIDEO_I2V = ModelSpec(
     matches=_matches, build_tiny=tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
     set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
     decode=_decode, initial_latents=_initial_latents, prepare_latents=_prepare_latents, model_input=_model_input,
-    scheduler_step=_scheduler_step, finish=_finish,
+    scheduler_step=_scheduler_step, finish=_finish, decode_input=_decode_input,
     sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules, parallel_vae=True,
     displaced_patches=True, pipefusion_plan=pipefusion_plan,
     limits=_limits, tiny_configs={"text_encoder/config.json": {"text_config": {"max_position_embeddings": 1024}}},
     notes=("the picture enters LLaVA's prompt and the latents; image_condition_type latent_concat or token_replace "
-           "from the transformer's config", "latent_concat: the result leaves out the picture's latent frame"),
+           "from the transformer's config", "latent_concat: the result leaves out the picture's latent frame; the "
+           "video decodes from all of them and drops the picture's 4 frames, as diffusers"),
 )
 
 SPECS = (HUNYUAN_VIDEO_I2V,)
