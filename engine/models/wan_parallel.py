@@ -15,18 +15,13 @@ from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
 from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved rotary embedding: pairs (x[2i], x[2i+1]) rotated by the angle of frequency i."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = even * c - odd * s
-    out[..., 1::2] = even * s + odd * c
-    return out.type_as(x)
-
-
 def _qkv(attn, hidden_states, rotary_emb):
-    """Projections, q/k norms and RoPE, as Wan's own processor computes them."""
+    """Projections, q/k norms and RoPE, as Wan's own processor computes them. The rotation is
+    diffusers' `apply_rotary_emb` on Wan's (1, tokens, 1, dim) tables: bitwise what Wan's processor
+    computes inline (its pairs of equal frequencies): tests/test_bf16.py holds Ulysses 2 in bfloat16
+    to torch.equal with diffusers on one rank."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
     if attn.fused_projections:
         q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
@@ -34,7 +29,8 @@ def _qkv(attn, hidden_states, rotary_emb):
     q, k = attn.norm_q(q), attn.norm_k(k)
     q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
     if rotary_emb is not None:
-        q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        tables = tuple(t[0, :, 0] for t in rotary_emb)
+        q, k = (apply_rotary_emb(t, tables, sequence_dim=1) for t in (q, k))
     return q, k, v
 
 
