@@ -255,3 +255,6 @@ class Kind:
     """How its decisions are made (see the module docstring)."""
     pipefusion: bool = False
     """Works under PipeFusion (the blocks split into stages); otherwise a clear error."""
+    check_model: Callable[[str, Callable[[str], dict]], None] | None = None
+    """(family, read) -> ValueError (one line) for a model the kind cannot take, where `read(name)`
+    gives one of the folder's config files as a dict ({} when absent): checked before loading."""

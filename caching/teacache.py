@@ -335,6 +335,15 @@ def _attach(transformer, config: TeaCacheConfig, site: Site) -> TeaCache:
                           stats=site.stats)
 
 
-KIND = Kind(name="teacache", title="TeaCache", config=TeaCacheConfig, attach=_attach, decides="data-dependent")
+def _check_model(family: str, read) -> None:
+    """HunyuanVideo I2V's token_replace blocks modulate the picture's tokens apart: TeaCache's
+    HunyuanVideo indicator (one modulation for every image token) does not describe them."""
+    if read("transformer/config.json").get("image_condition_type") == "token_replace":
+        raise ValueError(f"TeaCache has no indicator for {family}'s token_replace blocks (the picture's tokens "
+                         f"carry their own modulation); use another cache kind")
+
+
+KIND = Kind(name="teacache", title="TeaCache", config=TeaCacheConfig, attach=_attach, decides="data-dependent",
+            check_model=_check_model)
 """Data-dependent where the indicator is split with the tokens (HunyuanVideo, Wan 2.2 TI2V-5B);
 on Wan 2.1 and Wan 2.2 A14B each applied cache says schedule-only (`TeaCache.decides`)."""

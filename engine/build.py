@@ -247,15 +247,23 @@ def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
         raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
 
 
-def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = "cache") -> None:
-    """The cache kind's whole-config checks, those against the run (its steps) and the modes it
-    supports, as UserErrors before anything loads (each field was checked when the config was built).
+def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = "cache", family: str = "",
+                read=None) -> None:
+    """The cache kind's whole-config checks, those against the run (its steps), the model (the
+    kind's `check_model`, on the folder's config files through `read`) and the modes it supports,
+    as UserErrors before anything loads (each field was checked when the config was built).
     `prefix` names the section in messages (cache, or cache_2 for Wan 2.2's low-noise expert)."""
     try:
         c.check_complete()
         c.check_run(steps=steps)
     except ValueError as err:
         raise UserError(f"{prefix}.{err}") from None
+    kind = registry.get(c.kind) if c.kind != registry.NONE else None
+    if kind is not None and kind.check_model is not None and read is not None:
+        try:
+            kind.check_model(family, read)
+        except ValueError as err:
+            raise UserError(f"{prefix}: {err}") from None
     pipefusion = p.patch > 1 and p.patch_mode == "pipefusion"
     if pipefusion and c.kind != registry.NONE and not registry.get(c.kind).pipefusion:
         able = " or ".join(f"cache.kind={k.name}" for k in registry.KINDS.values() if k.pipefusion)
@@ -369,7 +377,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     read, notes = config_reader(config.model, spec), []
     cache, note = resolve_preset(config.cache, spec=spec, model=config.model, sampling=sampling, read=read)
     notes += [note] if note else []
-    check_cache(cache, p, steps=sampling.steps)
+    check_cache(cache, p, steps=sampling.steps, family=spec.family, read=read)
     cache_2 = config.cache_2
     if cache_2 is not None:
         if not spec.two_experts:
@@ -378,7 +386,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
         cache_2, note = resolve_preset(cache_2, spec=spec, model=config.model, sampling=sampling, read=read,
                                        prefix="cache_2")
         notes += [note] if note else []
-        check_cache(cache_2, p, steps=sampling.steps, prefix="cache_2")
+        check_cache(cache_2, p, steps=sampling.steps, prefix="cache_2", family=spec.family, read=read)
     for heads in _attention_heads(config.model, spec):
         check_heads(heads, config.parallel.ulysses)
     if p.shard_weights and p.patch > 1:

@@ -164,7 +164,7 @@ def test_every_cache_kind_runs_image_to_video(folders, pictures):
     """One rank, both condition types, every registered kind: its never-skipping setting renders
     exactly what no cache renders, and the battery's mixed HunyuanVideo setting skips some
     forwards and computes others. TeaCache has no indicator for token_replace blocks: a one-line
-    error."""
+    error at plan time."""
     from test_cache_battery import SETTINGS
     from unison.caching import registry
 
@@ -173,9 +173,10 @@ def test_every_cache_kind_runs_image_to_video(folders, pictures):
                                               output=OutputConfig(decode=False, progress=False)))
         plain = engine.render().latents
         for kind in registry.KINDS:
-            if kind == "teacache" and condition == "token_replace":
-                with pytest.raises(UserError, match="TeaCache has no indicator for HunyuanVideoTokenReplace"):
-                    engine.render(dataclasses.replace(engine.plan.config, cache=SETTINGS[kind].never))
+            if kind == "teacache" and condition == "token_replace":  # refused before anything loads
+                with pytest.raises(UserError, match="cache: TeaCache has no indicator for hunyuanvideo-i2v's "
+                                                    "token_replace blocks"):
+                    plan_run(dataclasses.replace(engine.plan.config, cache=SETTINGS[kind].never))
                 continue
             never = engine.render(dataclasses.replace(engine.plan.config, cache=SETTINGS[kind].never))
             assert torch.equal(never.latents, plain), (condition, kind)
