@@ -262,42 +262,35 @@ class RealModel:
     def vae_decode_peak(self, *, tiled: bool) -> int:
         """Peak bytes of decoding this video's latents in float32: whole, or (tiled) one 256-pixel
         tile at every frame plus the decoded tiles and the blended video (both whole-video size)."""
-        library, class_name, config = self.parts["vae"]
         z, f, h, w = self.latent
         tile = 256 // self.spec.size_multiple * self.patch[1]  # latent pixels of a 256-pixel tile
         latent = (1, z, f, min(h, tile), min(w, tile)) if tiled else (1, z, f, h, w)
-        key = self.cache.key("vae", self.parts["vae"], latent)
-
-        def trace() -> dict:
-            with meta_model.quiet_diffusers():
-                vae = meta_model.build(library, class_name, config)
-            x = torch.empty(latent, device=meta_model.META)
-            return {"bytes": meta_model.peak_bytes(lambda: vae.decode(x, return_dict=False))}
-
-        peak = self.cache.get(key, trace)["bytes"]
+        peak = self._vae_peak("vae", "decode", latent)
         if tiled:
             scale = self.spec.size_multiple // self.patch[1]
             frames = (f - 1) * self.spec.temporal_factor + 1
             peak += 2 * 3 * frames * h * scale * w * scale * 4
         return peak
 
-
     def vae_encode_peak(self, frames: int) -> int:
         """Peak bytes of encoding `frames` pixel frames at the video's size in float32, whole (the
         engine encodes image-to-video's condition untiled, as diffusers does)."""
-        library, class_name, config = self.parts["vae"]
         _, _, h, w = self.latent
         scale = self.spec.size_multiple // self.patch[1]
-        pixels = (1, 3, frames, h * scale, w * scale)
-        key = self.cache.key("vae-encode", self.parts["vae"], pixels)
+        return self._vae_peak("vae-encode", "encode", (1, 3, frames, h * scale, w * scale))
+
+    def _vae_peak(self, name: str, method: str, shape: tuple[int, ...]) -> int:
+        """Peak bytes of the VAE's `method` ("decode", "encode") on a float32 input of `shape`,
+        traced on the meta device and kept in the count cache under `name`."""
+        library, class_name, config = self.parts["vae"]
 
         def trace() -> dict:
             with meta_model.quiet_diffusers():
                 vae = meta_model.build(library, class_name, config)
-            x = torch.empty(pixels, device=meta_model.META)
-            return {"bytes": meta_model.peak_bytes(lambda: vae.encode(x, return_dict=False))}
+            x = torch.empty(shape, device=meta_model.META)
+            return {"bytes": meta_model.peak_bytes(lambda: getattr(vae, method)(x, return_dict=False))}
 
-        return self.cache.get(key, trace)["bytes"]
+        return self.cache.get(self.cache.key(name, self.parts["vae"], shape), trace)["bytes"]
 
 
 def latent_shape(spec: ModelSpec, parts: dict[str, Component], *, height: int, width: int,

@@ -163,3 +163,15 @@ def run_ranks(world: int, fn, *args) -> list:
     if failed:
         raise AssertionError(f"{len(failed)} of {world} ranks failed\n" + "\n".join(failed))
     return [torch.load(io.BytesIO(replies[r][1]), weights_only=False) for r in range(world)]
+
+
+def render_each(rank, world, configs):
+    """For run_ranks: every config rendered by an engine of its own on this rank; (latents, cache
+    decisions) per config."""
+    from unison.engine.render import Engine
+
+    out = []
+    for config in configs:
+        result = Engine.from_config(config, world_size=world).render()
+        out.append((result.latents, result.cache_decisions))
+    return out

@@ -216,14 +216,6 @@ def _runs(world: int, folders, pictures) -> list[tuple[str, dict, RunConfig]]:
     return runs
 
 
-def _render_all(rank, world, configs):
-    out = []
-    for config in configs:
-        result = Engine.from_config(config, world_size=world).render()
-        out.append((result.latents, result.cache_decisions))
-    return out
-
-
 @pytest.fixture(scope="module")
 def one_rank(folders, pictures):
     out = {condition: Engine.from_config(_config(folders[condition], pictures, ParallelConfig())).render()
@@ -236,10 +228,10 @@ def one_rank(folders, pictures):
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_n_ranks_equal_one_rank(world, folders, pictures, one_rank):
-    from multirank import run_ranks
+    from multirank import render_each, run_ranks
 
     runs = _runs(world, folders, pictures)
-    per_rank = run_ranks(world, _render_all, [config for *_, config in runs])
+    per_rank = run_ranks(world, render_each, [config for *_, config in runs])
     for rank, results in enumerate(per_rank):
         for (condition, layout, _), (latents, decisions) in zip(runs, results, strict=True):
             one = one_rank[condition, "fbcache"] if layout.get("cache") else one_rank[condition]
