@@ -328,3 +328,31 @@ def test_dry_run_names_the_picture_the_sampler_and_the_encoders_dtype(pictures, 
     assert f"image      {pictures[0]} (pad to 64x64)" in out
     assert "sampler    dpm++, flow shift 5.0" in out
     assert "text_encoder bfloat16 on cpu, image_encoder float32 on cpu" in out
+
+
+def test_wan_i2v_bfloat16_equals_diffusers_on_one_rank_and_ulysses(tiny_folder, pictures):
+    """bfloat16 as real checkpoints run, exact (torch.equal; tests/test_bf16.py says why nothing
+    looser is meaningful): Wan 2.1 I2V against diffusers loaded as its example loads it (the
+    pipeline in bfloat16, the VAE and the CLIP encoder in float32), and Ulysses 2 against one rank."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+    from transformers import CLIPVisionModel
+
+    from multirank import render_each, run_ranks
+
+    folder = tiny_folder("wan-i2v", "bfloat16")
+    sampling = _sampling("wan-i2v", pictures[0])
+    config = RunConfig(model=ModelConfig(path=folder, dtype="bfloat16"), sampling=sampling,
+                       output=OutputConfig(decode=False, progress=False))
+    ours = Engine.from_config(config).render().latents
+    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
+    encoder = CLIPVisionModel.from_pretrained(folder, subfolder="image_encoder", dtype=torch.float32)
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, vae=vae, image_encoder=encoder, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(image=Image.open(pictures[0]).convert("RGB"), prompt=sampling.prompt,
+                  negative_prompt=sampling.negative_prompt, height=64, width=64, num_frames=9, num_inference_steps=4,
+                  guidance_scale=4.0, max_sequence_length=512, generator=torch.Generator().manual_seed(3),
+                  output_type="latent", return_dict=False)[0]
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    parallel = dataclasses.replace(config, parallel=ParallelConfig(ulysses=2, timeout_s=60))
+    for latents, _ in (r[0] for r in run_ranks(2, render_each, [parallel])):
+        assert torch.equal(latents, ours)
