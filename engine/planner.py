@@ -17,9 +17,9 @@ Memory per rank (bf16 weights and activations, float32 VAE):
   the decoded tiles and the blended video, traced on the meta device;
 - image-to-video: the VAE encode of the condition (Wan I2V: the picture and black frames, the
   whole video; TI2V-5B: one frame), float32, untiled, traced on the meta device; every rank
-  encodes it before the loop. The trace counts tensors only: a small Wan VAE's encode on the CPU
-  (256x256, 17 and 33 frames) measured 1.48x its trace (convolution workspaces), so read it as a
-  lower bound.
+  encodes it before the loop. The traces count tensors only: a base_dim-16 Wan VAE on the CPU
+  measured 1.44-1.48x the encode trace and 1.11-1.13x the decode trace
+  (benchmarks/results/2026-11-24-vae-trace-vs-cpu.md), so read both as lower bounds.
 Time is a projection: FLOPs at the GPU's dense bf16 peak times an efficiency (hardware.py), bytes
 at the link's bandwidth; Ring's K/V passes, FSDP's weight gathers and displaced patches' K/V
 (after warm-up) overlap compute, the rest adds to it. Text encoding and VAE decode are left out.
