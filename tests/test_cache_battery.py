@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,12 @@ import torch
 from multirank import run_ranks
 from test_parallel_engine import _config
 from unison.caching import registry
+from unison.engine.build import plan_run
 from unison.engine.caches import apply_caches
 from unison.engine.checkpoint import fingerprint
-from unison.engine.config import CacheConfig, ParallelConfig, RunConfig, dump_yaml, load_yaml
+from unison.engine.config import CacheConfig, ParallelConfig, RunConfig, config_from_dict, dump_yaml, load_yaml
 from unison.engine.render import Engine
+from unison.errors import UserError
 
 FAMILIES = ("wan", "hunyuanvideo")
 
@@ -131,6 +134,30 @@ def test_every_kind_has_settings_and_a_documented_config():
                 owner = next(c for c in kind.config.__mro__ if f.name in vars(c).get("__annotations__", {}))
                 source = inspect.getsource(owner)
                 assert '"""' in source.split(f"    {f.name}:", 1)[1].split("\n")[1], (name, f.name)
+
+
+def refused_before_loading(cache: dict, message: str) -> None:
+    """A cache section that `plan_run` (config files only, no weights) refuses with a one-line
+    error containing `message`: the bad-input tables of the kinds' own test files use it."""
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
+    assert "\n" not in str(err.value)
+
+
+def test_every_kind_that_does_not_take_pipefusion_is_refused_under_it():
+    """Under PipeFusion a kind whose registry entry says it cannot work there is a one-line error
+    before loading that names the kinds that can (First-Block Cache); those plan."""
+    able = [name for name, kind in registry.KINDS.items() if kind.pipefusion]
+    assert able == ["fbcache"]
+    for name, kind in registry.KINDS.items():
+        config = _cached("wan", SETTINGS[name].never, ParallelConfig(patch=2, patch_mode="pipefusion"))
+        if kind.pipefusion:
+            assert plan_run(config, world_size=2).config.cache.kind == name
+            continue
+        with pytest.raises(UserError, match=re.escape(f"{kind.title} under PipeFusion is not supported: use "
+                                                      "cache.kind=fbcache or parallel.patch_mode=displaced")) as err:
+            plan_run(config, world_size=2)
+        assert "\n" not in str(err.value)
 
 
 def test_every_kind_round_trips_and_fingerprints_its_fields(tmp_path):

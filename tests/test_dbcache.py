@@ -92,19 +92,6 @@ def test_bad_dbcache_settings_are_one_line(tmp_path, capsys, args, message):
     assert not list(tmp_path.iterdir())
 
 
-def test_dbcache_under_pipefusion_is_refused_before_loading():
-    import dataclasses
-
-    from unison.engine.build import plan_run
-    from unison.engine.config import ParallelConfig
-    from unison.errors import UserError
-
-    config = dataclasses.replace(_cached("wan", CacheConfig(kind="dbcache")),
-                                 parallel=ParallelConfig(patch=2, patch_mode="pipefusion"))
-    with pytest.raises(UserError, match="DBCache under PipeFusion is not supported: use cache.kind=fbcache"):
-        plan_run(config, world_size=2)
-
-
 def test_the_taylorseer_calibrator_adds_the_extrapolated_middle_residual():
     """Wan, Fn 1 Bn 1 (3 blocks: block 1 is the middle). torch hooks record block 1's residual
     (output − input) at every computed forward, and at every skipped one what the cache added to

@@ -6,7 +6,6 @@ its lockstep under every layout.)"""
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,10 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from test_parallel_engine import _config
-from unison.engine.build import plan_run
+from test_cache_battery import refused_before_loading
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
-                                  config_from_dict, load_yaml)
+                                  load_yaml)
 from unison.engine.render import Engine
-from unison.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -160,13 +157,5 @@ def test_presets_are_the_published_settings():
      "unknown config key 'cache.mag_ratios' for cache kind easycache; allowed in 'easycache': kind, verify, threshold"),
 ])
 def test_bad_input_is_one_line_before_anything_loads(cache, message):
-    with pytest.raises(UserError, match=re.escape(message)) as err:
-        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
-    assert "\n" not in str(err.value)
+    refused_before_loading(cache, message)
 
-
-def test_pipefusion_is_a_clear_error():
-    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
-                                 cache=CacheConfig(kind="easycache"))
-    with pytest.raises(UserError, match="EasyCache under PipeFusion is not supported: use cache.kind=fbcache"):
-        plan_run(config, world_size=2)

@@ -6,13 +6,13 @@ for its decisions under Ulysses 2.)"""
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import families
+from test_cache_battery import refused_before_loading
 from test_parallel_engine import _config
 from unison.caching.magcache import MagCacheConfig, resample, retention_step
 from unison.caching.magcache_presets import PRESETS
@@ -89,16 +89,8 @@ def test_bundled_recipes_name_a_preset():
      "unknown config key 'cache.joint_cfg' for cache kind magcache; allowed in 'magcache': kind, verify, threshold"),
 ])
 def test_bad_input_is_one_line_before_anything_loads(cache, message):
-    with pytest.raises(UserError, match=re.escape(message)) as err:
-        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
-    assert "\n" not in str(err.value)
+    refused_before_loading(cache, message)
 
-
-def test_pipefusion_is_a_clear_error():
-    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
-                                 cache=CacheConfig(kind="magcache", mag_ratios=RATIOS))
-    with pytest.raises(UserError, match="MagCache under PipeFusion is not supported: use cache.kind=fbcache"):
-        plan_run(config, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,17 +5,14 @@ test_cache_battery.py, covers lockstep under every layout and that no collective
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 import families
-from test_parallel_engine import _config
 from unison.caching import taylorseer
-from unison.engine.build import plan_run
-from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
+from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig,
                                   cache_from_dict)
 from unison.engine.render import Engine
 from unison.errors import UserError
@@ -143,9 +140,3 @@ def test_modules_that_match_nothing_are_a_clear_error_before_the_first_step():
                                         r"WanTransformer3DModel"):
         Engine.from_config(config).render()
 
-
-def test_pipefusion_is_a_clear_error():
-    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
-                                 cache=CacheConfig(kind="taylorseer"))
-    with pytest.raises(UserError, match="TaylorSeer under PipeFusion is not supported: use cache.kind=fbcache"):
-        plan_run(config, world_size=2)

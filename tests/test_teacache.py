@@ -6,7 +6,6 @@ Wan its decisions issue no collective under Ulysses 2.)"""
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from test_parallel_engine import _config
+from test_cache_battery import refused_before_loading
 from unison.caching.teacache import PRESETS
 from unison.engine.build import plan_run
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
@@ -208,16 +207,8 @@ def test_wan_decides_on_the_schedule_alone(one_rank):
      "unknown config key 'cache.mag_ratios' for cache kind teacache; allowed in 'teacache': kind, verify, threshold"),
 ])
 def test_bad_input_is_one_line_before_anything_loads(cache, message):
-    with pytest.raises(UserError, match=re.escape(message)) as err:
-        plan_run(config_from_dict({"model": {"family": "wan"}, "cache": cache}))
-    assert "\n" not in str(err.value)
+    refused_before_loading(cache, message)
 
-
-def test_pipefusion_is_a_clear_error():
-    config = dataclasses.replace(_config("wan", 48, ParallelConfig(patch=2, patch_mode="pipefusion")),
-                                 cache=CacheConfig(kind="teacache", preset="wan2.1-t2v-1.3b"))
-    with pytest.raises(UserError, match="TeaCache under PipeFusion is not supported: use cache.kind=fbcache"):
-        plan_run(config, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------
