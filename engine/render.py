@@ -127,8 +127,9 @@ class Engine:
         self._stop: StopRequest | None = None
         """The render under way's stop request (request_stop may come from another thread)."""
         self._video = ""
-        self._folder_scheduler = (type(self.pipe.scheduler), self.pipe.scheduler.config, self.pipe.scheduler)
-        """The scheduler the folder ships (class, config, the instance), before any render's choice."""
+        self._folder_scheduler = (type(self.pipe.scheduler), self.pipe.scheduler)
+        """The scheduler the folder ships (its class, taken before the fault injector may subclass
+        the instance, and the instance), before any render's choice."""
         self.scheduler_choice = ("default", None)
         faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
         self.compiled = {}
@@ -271,11 +272,11 @@ class Engine:
         """The render's sampler (engine/schedulers.py), built from the folder's scheduler."""
         if (name, flow_shift) == self.scheduler_choice:
             return
-        cls, config, shipped = self._folder_scheduler
+        cls, shipped = self._folder_scheduler
         if (name, flow_shift) == ("default", None):
             self.pipe.scheduler = shipped
         else:
-            self.pipe.scheduler = schedulers.build(cls, config, name, flow_shift)
+            self.pipe.scheduler = schedulers.build(cls, shipped.config, name, flow_shift)
             faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
         self.scheduler_choice = (name, flow_shift)
 

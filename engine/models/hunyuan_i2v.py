@@ -27,7 +27,8 @@ from unison.engine import images
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
 from unison.engine.models.hunyuan_video import (_attention_modules, _decode, _set_timesteps, _timestep_input,
-                                                check_guidance, tiny_llama_config, tiny_text_encoder_2, tiny_vae)
+                                                check_guidance, text_limits, tiny_llama_config, tiny_text_encoder_2,
+                                                tiny_vae)
 from unison.engine.tiny import IMAGE_ID, PAD_ID, tiny_llava_tokenizer, tiny_tokenizer
 
 CONDITION_TYPES = ("latent_concat", "token_replace")
@@ -185,11 +186,8 @@ def _limits(read) -> Limits:
     template and the picture's tokens: max_sequence_length + TEMPLATE_TOKENS positions."""
     text = read("text_encoder/config.json").get("text_config")
     positions = text.get("max_position_embeddings") if isinstance(text, dict) else None
-    if not isinstance(positions, int) or positions <= TEMPLATE_TOKENS:
-        return Limits()
-    return Limits(text_tokens=positions - TEMPLATE_TOKENS,
-                  text_source=f"the LLaVA text model's max_position_embeddings {positions} less the "
-                              f"{TEMPLATE_TOKENS} positions of the prompt template and the picture's tokens")
+    return text_limits(positions, TEMPLATE_TOKENS, "the LLaVA text model",
+                       f"the {TEMPLATE_TOKENS} positions of the prompt template and the picture's tokens")
 
 
 def _matches(index: dict[str, Any]) -> bool:

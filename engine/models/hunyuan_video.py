@@ -143,11 +143,17 @@ def _limits(read) -> Limits:
     The text goes through Llama with the prompt template in front, max_sequence_length +
     PROMPT_TEMPLATE_TOKENS positions, which its max_position_embeddings bounds."""
     positions = read("text_encoder/config.json").get("max_position_embeddings")
-    if not isinstance(positions, int) or positions <= PROMPT_TEMPLATE_TOKENS:
+    return text_limits(positions, PROMPT_TEMPLATE_TOKENS, "the Llama text encoder",
+                       f"the {PROMPT_TEMPLATE_TOKENS}-token prompt template")
+
+
+def text_limits(positions, reserved: int, model: str, what: str) -> Limits:
+    """The text tokens a Llama with `positions` positions leaves after `reserved` of them (the
+    prompt template's, `what`); no limit when the config names none."""
+    if not isinstance(positions, int) or positions <= reserved:
         return Limits()
-    return Limits(text_tokens=positions - PROMPT_TEMPLATE_TOKENS,
-                  text_source=f"the Llama text encoder's max_position_embeddings {positions} less the "
-                              f"{PROMPT_TEMPLATE_TOKENS}-token prompt template")
+    return Limits(text_tokens=positions - reserved,
+                  text_source=f"{model}'s max_position_embeddings {positions} less {what}")
 
 
 def _matches(index: dict[str, Any]) -> bool:

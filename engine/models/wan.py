@@ -220,20 +220,22 @@ def _initial_latents(pipe, sampling, device: torch.device, generator: torch.Gene
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
+def _with_picture(video: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """TI2V-5B: the picture's latent frame where the mask is 0, the latents elsewhere."""
+    return (1 - video["mask"]) * video["latents"] + video["mask"] * latents
+
+
 def _model_input(pipe, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
     video = conditioning.video
     if not video:
         return latents
     if "mask" in video:  # TI2V-5B: the picture's latent frame in place of the noise
-        return (1 - video["mask"]) * video["latents"] + video["mask"] * latents
+        return _with_picture(video, latents)
     return torch.cat([latents, video["latents"]], dim=1)
 
 
 def _finish(pipe, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-    video = conditioning.video
-    if "mask" in video:
-        return (1 - video["mask"]) * video["latents"] + video["mask"] * latents
-    return latents
+    return _with_picture(conditioning.video, latents) if "mask" in conditioning.video else latents
 
 
 def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
