@@ -1,23 +1,41 @@
-"""The GPU suite: one command that shows what unison does on a real GPU, in under 10 minutes on
-one H100, and writes a dated result file naming the GPU.
+"""The GPU suite: one command that shows what unison does on a real GPU within a time budget,
+and keeps every row it measured even when it is killed, runs out of memory or runs out of time.
 
-    python benchmarks/gpu_suite.py                 # on a GPU: real sizes, bf16
-    python benchmarks/gpu_suite.py --smoke --out D # the same code at tiny sizes on the CPU (a test runs it)
+    python benchmarks/gpu_suite.py --out D --budget 480   # on a GPU: real sizes, bf16
+    python benchmarks/gpu_suite.py --smoke                # the same code at tiny sizes on the CPU
 
-Sections (each one's failure, e.g. out of memory, is recorded as its row's result, not fatal):
-1. The `gpu`-marked tests (`pytest -m gpu`; with --smoke only collected).
-2. One transformer forward at real size with random weights in bf16: Wan 2.1 1.3B at
+Results: `<out>/<date>-gpu-suite-<device>.md` (a table per section; `unison plan` calibrates from
+it) and a `.jsonl` beside it, one JSON object per row. Both are on disk as soon as a row is
+measured: the JSON line is appended and fsynced, the markdown rewritten whole and renamed into
+place, so a suite killed mid-way leaves every finished row readable. `--smoke` writes into a new
+temporary folder unless `--out` says where (it never writes into the checkout).
+
+Sections, in order of value per second (`--sections` picks some, by key):
+1. `tests`: the `gpu`-marked tests (`pytest -m gpu -rfEs`; with --smoke only collected); the
+   pytest output is kept beside the result file.
+2. `parity`: each text-to-video family's tiny model rendered by the engine and by diffusers'
+   own pipeline in bfloat16 on the device, same weights and seed: the latents' relative error.
+3. `forward`: one transformer forward at real size with random weights in bf16: Wan 2.1 1.3B at
    480x832x81; the per-rank share of Wan 14B at 720x1280x81 and HunyuanVideo at 720x1280x129 for
    1, 2, 4 and 8 ranks. A rank's share is simulated on the one GPU by running the engine's own
    Ulysses attention with its collectives replaced by shape-preserving stand-ins (the all-to-all
    returns the rank's own chunk, the all-gather repeats it): every matmul and attention has the
    exact shape one rank of N computes (its 1/N of the tokens in the projections and MLPs, all
    tokens at 1/N of the heads in attention); only the communication is left out, and it is
-   printed beside as bytes (parallel/cost.py) and a projection at a stated link bandwidth.
-3. Eager vs compiled (model.compile=blocks): compile time and step time, Wan 1.3B at 480p.
-4. Each cache's overhead with settings that never skip (First-Block Cache threshold 0, PAB
-   without skip ranges), Wan 1.3B at 480p, against no cache.
-5. VAE decode (Wan 2.1 VAE, random weights): time and peak memory at 480p and 720p, 81 frames.
+   printed beside as bytes (parallel/cost.py) and a projection at a stated link bandwidth. The
+   one-rank row runs through the same processors (a group of one), so every row of a model uses
+   the same attention kernel (diffusers' own HunyuanVideo processor passes a mask, which takes
+   torch's memory-efficient kernel instead of the flash kernel the shares use).
+4. `compile`: eager vs compiled (model.compile=blocks): compile time and step time, Wan 1.3B.
+5. `caches`: each cache's overhead with settings that never skip (First-Block Cache threshold 0,
+   PAB without skip ranges), Wan 1.3B at 480p, against no cache.
+6. `vae`: VAE decode (Wan 2.1 VAE, random weights): time and peak memory at 480p and 720p.
+
+Budgets: a section starts only when the time left of `--budget` covers its estimate (else it is
+recorded as skipped, with the reason), and runs under its own limit (its cap, or the time left if
+less); a section that reaches its limit keeps its finished rows and records the limit. A failure
+in a row (out of memory while building a model or warming up, a missing package) is that row's
+result: the memory is freed and the suite goes on.
 Times are CUDA-event times of the compute stream (median of the timed runs, after a warm-up).
 """
 
@@ -27,13 +45,19 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
+import json
+import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,6 +71,8 @@ from unison.parallel.attention import AttentionGroups
 from unison.parallel.cost import TransformerShape, bytes_per_step
 from unison.parallel.sequence import Handle, SequenceShard
 
+ROOT = Path(__file__).resolve().parent.parent
+
 NVLINK_GBPS = 450.0
 """Per-direction NVLink 4 bandwidth of an H100 SXM (GB/s) for the communication projection."""
 
@@ -55,12 +81,15 @@ WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, nu
 WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 
+FORWARD_TITLE = "one forward, per-rank share of Ulysses N (compute only)"
+"""engine/hardware.py reads this section's table to calibrate `unison plan`."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
     family: str
-    config: dict
+    config: dict | None
     """The transformer's constructor arguments (real size), or None for the tiny preset's."""
     latents: tuple[int, ...]
     """(batch, channels, latent frames, latent height, latent width); the transformer's
@@ -119,10 +148,8 @@ def inputs(case: Case, transformer, device: torch.device, dtype: torch.dtype) ->
 
 @contextlib.contextmanager
 def simulated_rank(transformer, family: str, ranks: int):
-    """Rank 0's share of Ulysses `ranks` on this one device (see the module docstring)."""
-    if ranks == 1:
-        yield
-        return
+    """Rank 0's share of Ulysses `ranks` on this one device (see the module docstring). One rank
+    is a group of one through the same processors, so its attention kernel is the shares'."""
     stand_in = object()  # a non-None "group": the engine's code takes its parallel branches
 
     def all_to_all(x, *, group, stats):
@@ -168,16 +195,86 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _row(fn) -> dict:
-    """Run one measurement; an exception (out of memory, a missing package) becomes its result."""
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _row(fn: Callable[[], dict]) -> dict:
+    """Run one measurement; an exception (out of memory, a missing package) becomes its result,
+    and its memory is freed before the next row."""
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 - every failure is a result to report
         traceback.print_exc()
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"}
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
+
+
+@dataclasses.dataclass
+class Context:
+    smoke: bool
+    device: torch.device
+    dtype: torch.dtype
+    timer: Timer
+    repeat: int
+    cases: list[Case]
+    out: Path
+    stem: str
+
+
+# ---- sections: each a generator of rows ------------------------------------------------------
+
+def gpu_tests(ctx: Context, limit: float) -> Iterator[dict]:
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    if ctx.smoke:
+        argv.append("--collect-only")
+    log = ctx.out / f"{ctx.stem}-gpu-tests.log"
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, limit - 5))
+        output, status = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        status = f"timed out after {limit - 5:.0f} s"
+    log.write_text(output)
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
+    yield {"command": " ".join(argv[1:]), "exit": status, "summary": lines[-1] if lines else "",
+           "failed": "; ".join(failed), "log": log.name, "seconds": time.perf_counter() - t0}
+
+
+PARITY_FAMILIES = ("wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo")
+"""The text-to-video families (tests/families.py runs them through diffusers' pipelines)."""
+
+
+def parity(ctx: Context, limit: float) -> Iterator[dict]:
+    """Engine against diffusers in bfloat16 on the device, one tiny family a row (--smoke: Wan in
+    float32 on the CPU, where the two are equal to float32 rounding)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import families  # noqa: E402 - the tests' one harness for diffusers' pipelines
+    from unison.engine.config import ModelConfig, OutputConfig, RunConfig
+    from unison.engine.render import Engine
+    from unison.launch.cli import main as cli
+
+    dtype = "float32" if ctx.smoke else "bfloat16"
+    for family in PARITY_FAMILIES[:1] if ctx.smoke else PARITY_FAMILIES:
+        def measure(family=family) -> dict:
+            folder = ctx.out / f"tiny-{family}-{dtype}"
+            if not folder.is_dir() and cli(["make-tiny", "--family", family, "--out", str(folder),
+                                             "--dtype", dtype]) != 0:
+                raise RuntimeError(f"make-tiny --family {family} failed")
+            s = families.sampling(family, steps=3, folder=ctx.out)
+            config = RunConfig(model=ModelConfig(path=str(folder), dtype=dtype, device=str(ctx.device)),
+                               sampling=s, output=OutputConfig(decode=False, progress=False))
+            ours = Engine.from_config(config).render().latents
+            pipe = families.pipeline(family, str(folder), dtype=getattr(torch, dtype)).to(ctx.device)
+            theirs = families.run(pipe, family, s)
+            err = ((ours.float() - theirs.float().to(ours.device)).norm() / theirs.float().norm()).item()
+            return {"dtype": dtype, "rel_err": err, "equal": bool(torch.equal(ours, theirs.to(ours.device)))}
+        yield {"family": family, **_row(measure)}
 
 
 def _shape(case: Case, transformer) -> TransformerShape:
@@ -192,68 +289,87 @@ def _shape(case: Case, transformer) -> TransformerShape:
                             joint_text_tokens=case.text_tokens if hunyuan else 0)
 
 
-def forward_rows(cases: list[Case], device, dtype, timer: Timer, repeat: int) -> list[dict]:
-    rows = []
-    for case in cases:
-        transformer = build_transformer(case, device, dtype)
-        kwargs = inputs(case, transformer, device, dtype)
-        shape = _shape(case, transformer)
-        with torch.no_grad():
-            with simulated_rank(transformer, case.family, max(case.ranks)):
+def forwards(ctx: Context, limit: float) -> Iterator[dict]:
+    for case in ctx.cases:
+        held: dict = {}
+
+        def build(case=case) -> dict:
+            held["transformer"] = transformer = build_transformer(case, ctx.device, ctx.dtype)
+            held["kwargs"] = kwargs = inputs(case, transformer, ctx.device, ctx.dtype)
+            held["shape"] = _shape(case, transformer)
+            with torch.no_grad(), simulated_rank(transformer, case.family, max(case.ranks)):
                 transformer(**kwargs)  # warm-up (kernels, allocator) at the smallest share
-            for n in case.ranks:
-                def measure(n=n):
-                    reset_peak(device)
-                    with torch.no_grad(), simulated_rank(transformer, case.family, n):
-                        seconds = timer(lambda: transformer(**kwargs), repeat=repeat)
-                    sent = sum(bytes_per_step(shape, ulysses=n, element_bytes=torch.finfo(dtype).bits // 8).values())
-                    return {"seconds": seconds, "peak_gib": peak_gib(device), "bytes": sent,
-                            "comm_projection_s": sent / (NVLINK_GBPS * 1e9)}
-                rows.append({"case": case.name, "ranks": n, "tokens": shape.video_tokens, **_row(measure)})
-                print(rows[-1], flush=True)
-        del transformer, kwargs
-    return rows
+            return {}
+
+        failed = _row(build)
+        if failed:  # out of memory while building or warming up: that case's rows say so
+            held.clear()
+            free_memory()
+            yield {"case": case.name, "ranks": ",".join(map(str, case.ranks)), **failed}
+            continue
+        for n in case.ranks:
+            def measure(n=n) -> dict:
+                transformer, kwargs = held["transformer"], held["kwargs"]
+                reset_peak(ctx.device)
+                with torch.no_grad(), simulated_rank(transformer, case.family, n):
+                    seconds = ctx.timer(lambda: transformer(**kwargs), repeat=ctx.repeat)
+                sent = sum(bytes_per_step(held["shape"], ulysses=n,
+                                          element_bytes=torch.finfo(ctx.dtype).bits // 8).values())
+                return {"seconds": seconds, "peak_gib": peak_gib(ctx.device), "bytes": sent,
+                        "comm_projection_s": sent / (NVLINK_GBPS * 1e9)}
+            yield {"case": case.name, "ranks": n, "tokens": held["shape"].video_tokens, **_row(measure)}
+        held.clear()
+        free_memory()
 
 
-def compile_rows(case: Case, device, dtype, timer: Timer, repeat: int) -> list[dict]:
+def compiled(ctx: Context, limit: float) -> Iterator[dict]:
     from unison.engine.compile import compile_blocks
 
-    def measure(compiled: bool) -> dict:
-        transformer = build_transformer(case, device, dtype)
-        kwargs = inputs(case, transformer, device, dtype)
+    case = ctx.cases[0]
+
+    def measure(compile_it: bool) -> dict:
+        transformer = build_transformer(case, ctx.device, ctx.dtype)
+        kwargs = inputs(case, transformer, ctx.device, ctx.dtype)
         with torch.no_grad():
             t0 = time.perf_counter()
-            if compiled:
+            if compile_it:
                 compile_blocks(transformer, get_spec(case.family))
             transformer(**kwargs)  # eager: warm-up; compiled: compilation happens here
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
             first = time.perf_counter() - t0
-            seconds = timer(lambda: transformer(**kwargs), repeat=repeat)
+            seconds = ctx.timer(lambda: transformer(**kwargs), repeat=ctx.repeat)
         return {"first_call_s": first, "seconds": seconds}
 
-    return [{"case": case.name, "mode": mode, **_row(lambda m=mode: measure(m == "compiled"))}
-            for mode in ("eager", "compiled")]
+    for mode in ("eager", "compiled"):
+        yield {"case": case.name, "mode": mode, **_row(lambda m=mode: measure(m == "compiled"))}
 
 
-def cache_rows(case: Case, device, dtype, timer: Timer, repeat: int) -> list[dict]:
+def caches(ctx: Context, limit: float) -> Iterator[dict]:
+    case = ctx.cases[0]
     spec = get_spec(case.family)
     never = {"none": CacheConfig(),
              "fbcache": CacheConfig(kind="fbcache", threshold=0.0),
              "pab": CacheConfig(kind="pab", self_skip_range=None, cross_skip_range=None)}
-    transformer = build_transformer(case, device, dtype)
-    kwargs = inputs(case, transformer, device, dtype)
-    rows = []
+    held: dict = {}
+    failed = _row(lambda: held.update(transformer=(t := build_transformer(case, ctx.device, ctx.dtype)),
+                                      kwargs=inputs(case, t, ctx.device, ctx.dtype)) or {})
+    if failed:
+        held.clear()
+        yield {"case": case.name, "cache": "all", **failed}
+        return
+    base = None
     for kind, config in never.items():
-        def measure(config=config):
-            caches = apply_caches(SimpleNamespace(transformer=transformer), spec, config)
+        def measure(config=config) -> dict:
+            transformer, kwargs = held["transformer"], held["kwargs"]
+            applied = apply_caches(SimpleNamespace(transformer=transformer), spec, config)
             steps = iter(range(10**6))
 
             def forward():
                 # A new timestep every call, as in denoising: the first block's residual changes,
                 # so a threshold of 0 never skips.
                 step = next(steps)
-                for cache in caches.values():
+                for cache in applied.values():
                     cache.begin_step(step, 999.0 - step)
                     cache.set_context("cond")
                 transformer(**{**kwargs, "timestep": kwargs["timestep"] * 0 + (999.0 - step)})
@@ -261,55 +377,94 @@ def cache_rows(case: Case, device, dtype, timer: Timer, repeat: int) -> list[dic
             try:
                 with torch.no_grad():
                     forward()
-                    seconds = timer(forward, repeat=repeat)
-                skipped = sum(c["skipped"] for cache in caches.values() for c in cache.summary().values())
+                    seconds = ctx.timer(forward, repeat=ctx.repeat)
+                skipped = sum(c["skipped"] for cache in applied.values() for c in cache.summary().values())
             finally:
-                for cache in caches.values():
+                for cache in applied.values():
                     cache.remove()
             return {"seconds": seconds, "skipped": skipped}
-        rows.append({"case": case.name, "cache": kind, **_row(measure)})
-    base = rows[0].get("seconds")
-    for row in rows:
+        row = {"case": case.name, "cache": kind, **_row(measure)}
+        if kind == "none":
+            base = row.get("seconds")
         if base and "seconds" in row:
             row["overhead"] = row["seconds"] / base
-    return rows
+        yield row
+    held.clear()
 
 
-def vae_rows(smoke: bool, device, timer: Timer) -> list[dict]:
+def vae(ctx: Context, limit: float) -> Iterator[dict]:
     from diffusers import AutoencoderKLWan
 
-    if smoke:
-        vae = get_spec("wan").build_tiny(0).vae
+    if ctx.smoke:
+        model = get_spec("wan").build_tiny(0).vae
         sizes = [("tiny 64x64x9", (1, 16, 3, 8, 8), False)]
     else:
-        with torch.device(device):
-            vae = AutoencoderKLWan()  # the Wan 2.1 VAE's configuration
+        with torch.device(ctx.device):
+            model = AutoencoderKLWan()  # the Wan 2.1 VAE's configuration
         sizes = [("480x832x81", (1, 16, 21, 60, 104), False), ("480x832x81", (1, 16, 21, 60, 104), True),
                  ("720x1280x81", (1, 16, 21, 90, 160), True)]
-    vae = vae.to(device=device, dtype=torch.float32).eval()
-    rows = []
+    model = model.to(device=ctx.device, dtype=torch.float32).eval()
     for name, shape, tiled in sizes:
-        def measure(shape=shape, tiled=tiled):
-            vae.enable_tiling() if tiled else vae.disable_tiling()
-            z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-            reset_peak(device)
+        def measure(shape=shape, tiled=tiled) -> dict:
+            model.enable_tiling() if tiled else model.disable_tiling()
+            z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+            reset_peak(ctx.device)
             with torch.no_grad():
-                seconds = timer(lambda: vae.decode(z, return_dict=False), repeat=1)
-            return {"seconds": seconds, "peak_gib": peak_gib(device)}
-        rows.append({"video": name, "tiled": tiled, **_row(measure)})
-        print(rows[-1], flush=True)
-    return rows
+                seconds = ctx.timer(lambda: model.decode(z, return_dict=False), repeat=1)
+            return {"seconds": seconds, "peak_gib": peak_gib(ctx.device)}
+        yield {"video": name, "tiled": tiled, **_row(measure)}
+    del model
 
 
-def gpu_tests(smoke: bool) -> dict:
-    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    if smoke:
-        argv.append("--collect-only")
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    return {"command": " ".join(argv[1:]), "exit": proc.returncode, "summary": lines[-1] if lines else "",
-            "seconds": time.perf_counter() - t0}
+@dataclasses.dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    run: Callable[[Context, float], Iterator[dict]]
+    estimate_s: float
+    """What a real run needs at least (a projection from the rehearsal's counts, not a
+    measurement); the section is skipped when less time is left."""
+    cap_s: float
+    """The most it may take on a GPU."""
+
+
+SECTIONS = [
+    Section("tests", "gpu-marked tests", gpu_tests, 45, 150),
+    Section("parity", "bf16 parity of the tiny families with diffusers", parity, 20, 90),
+    Section("forward", FORWARD_TITLE, forwards, 90, 240),
+    Section("compile", "eager vs compiled (model.compile=blocks)", compiled, 60, 150),
+    Section("caches", "cache overhead, never skipping", caches, 30, 90),
+    Section("vae", "VAE decode, float32", vae, 30, 120),
+]
+SMOKE_ESTIMATE_S = 1.0
+"""--smoke: every section's estimate (tiny shapes)."""
+
+
+# ---- the result file ------------------------------------------------------------------------
+
+class SectionTimeout(BaseException):
+    """A section ran past its limit (a BaseException: a row's failure handler must not eat it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """SectionTimeout in the main thread after `seconds` (no limit off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SectionTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -320,10 +475,53 @@ def _table(rows: list[dict]) -> list[str]:
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
-        return "" if v is None else str(v)
+        return "" if v is None else str(v).replace("|", "/")
 
     return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
         "| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
+
+
+class ResultFile:
+    """The markdown and JSON-lines results, on disk after every row."""
+
+    def __init__(self, out: Path, stem: str, header: list[str]):
+        out.mkdir(parents=True, exist_ok=True)
+        self.md, self.jsonl = out / f"{stem}.md", out / f"{stem}.jsonl"
+        self.header = header
+        self.sections: dict[str, list[dict]] = {}
+        self.notes: dict[str, str] = {}
+        self.jsonl.write_text("")
+        self.flush()
+
+    def open_section(self, title: str, note: str = "") -> None:
+        self.sections.setdefault(title, [])
+        if note:
+            self.notes[title] = note
+        self.flush()
+
+    def add(self, title: str, row: dict) -> None:
+        self.sections.setdefault(title, []).append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"section": title, **row}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.flush()
+        print(f"[{title}] {row}", flush=True)
+
+    def flush(self) -> None:
+        """Rewrite the markdown whole and rename it into place."""
+        lines = list(self.header)
+        for title, rows in self.sections.items():
+            lines += [f"## {title}", ""]
+            if title in self.notes:
+                lines += [self.notes[title], ""]
+            lines += [*_table(rows), ""]
+        partial = self.md.with_name(self.md.name + ".part")
+        with open(partial, "w") as f:
+            f.write("\n".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.md)
 
 
 def device_name(device: torch.device) -> str:
@@ -332,49 +530,80 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_suite(*, smoke: bool, out: str | Path, skip_tests: bool = False) -> tuple[Path, dict[str, list[dict]]]:
-    """Every section; returns the result file and the rows by section."""
+def run_suite(*, smoke: bool, out: str | Path | None = None, skip_tests: bool = False, budget: float = 540.0,
+              sections: list[str] | None = None) -> tuple[Path, dict[str, list[dict]]]:
+    """The chosen sections within `budget` seconds; returns the result file and the rows by
+    section title."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # random-weight models are cast with .to() on purpose
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if not smoke and device.type != "cuda":
         raise SystemExit("gpu_suite.py: no CUDA GPU here; use --smoke for the CPU run")
+    chosen = [s for s in SECTIONS if (sections is None or s.key in sections) and not (skip_tests and s.key == "tests")]
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="gpu-suite-smoke-"))
     dtype = torch.float32 if smoke else torch.bfloat16
-    timer, repeat = Timer(device), (1 if smoke else 2)
-    cases = smoke_cases() if smoke else real_cases()
-    started = time.perf_counter()
-    sections = {}
-    sections["gpu-marked tests"] = [] if skip_tests else [gpu_tests(smoke)]
-    sections["one forward, per-rank share of Ulysses N (compute only)"] = forward_rows(
-        cases, device, dtype, timer, repeat)
-    sections["eager vs compiled (model.compile=blocks)"] = compile_rows(cases[0], device, dtype, timer, repeat)
-    sections["cache overhead, never skipping"] = cache_rows(cases[0], device, dtype, timer, repeat)
-    sections["VAE decode, float32"] = vae_rows(smoke, device, timer)
-    total = time.perf_counter() - started
     slug = "smoke-cpu" if smoke else torch.cuda.get_device_name(device).lower().replace(" ", "-")
     today = datetime.date.today().isoformat()
-    path = Path(out) / f"{today}-gpu-suite-{slug}.md"
-    lines = [f"# GPU suite, {today}", "",
-             f"Device: {device_name(device)}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}; "
-             f"{'--smoke (tiny shapes)' if smoke else 'real sizes, random weights'}; total {total:.0f} s.", "",
-             "Per-rank rows are one rank's compute measured on this one device (communication left out); "
-             f"`comm_projection_s` is a projection: the rank's bytes per forward at {NVLINK_GBPS:.0f} GB/s.", ""]
-    for title, rows in sections.items():
-        lines += [f"## {title}", "", *_table(rows), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print(f"wrote {path} ({total:.0f} s)")
-    return path, sections
+    stem = f"{today}-gpu-suite-{slug}"
+    ctx = Context(smoke=smoke, device=device, dtype=dtype, timer=Timer(device), repeat=1 if smoke else 2,
+                  cases=smoke_cases() if smoke else real_cases(), out=out, stem=stem)
+    results = ResultFile(out, stem, [
+        f"# GPU suite, {today}", "",
+        f"Device: {device_name(device)}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"dtype {str(dtype).removeprefix('torch.')}; "
+        f"{'--smoke (tiny shapes)' if smoke else 'real sizes, random weights'}; budget {budget:.0f} s.", "",
+        "Per-rank rows are one rank's compute measured on this one device (communication left out); "
+        f"`comm_projection_s` is a projection: the rank's bytes per forward at {NVLINK_GBPS:.0f} GB/s.", ""])
+    started = time.perf_counter()
+    for section in chosen:
+        left = budget - (time.perf_counter() - started)
+        estimate = SMOKE_ESTIMATE_S if smoke else section.estimate_s
+        if left < estimate:
+            results.open_section(section.title, f"Skipped: needs about {estimate:.0f} s, {max(left, 0):.0f} s "
+                                                f"of the budget left.")
+            continue
+        limit = left if smoke else min(section.cap_s, left)
+        results.open_section(section.title)
+        t0 = time.perf_counter()
+        rows = section.run(ctx, limit)
+        try:
+            with time_limit(limit):
+                for row in rows:
+                    results.add(section.title, row)
+        except SectionTimeout:
+            rows.close()
+            free_memory()
+            results.add(section.title, {"error": f"section stopped at its limit of {limit:.0f} s"})
+        results.notes[section.title] = f"{time.perf_counter() - t0:.1f} s."
+    total = time.perf_counter() - started
+    results.header[2] += f" Total {total:.0f} s."
+    results.flush()
+    print(f"wrote {results.md} and {results.jsonl.name} ({total:.0f} s)")
+    return results.md, results.sections
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (what the test suite runs)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="folder of the result file")
+    p.add_argument("--out", default=None,
+                   help="folder of the result files (default: benchmarks/results/ on a GPU, a new temporary "
+                        "folder with --smoke)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole suite (default 540)")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated keys to run, in the suite's order ({','.join(s.key for s in SECTIONS)})")
     p.add_argument("--skip-tests", action="store_true", help="leave out the gpu-marked tests")
     args = p.parse_args(argv)
-    run_suite(smoke=args.smoke, out=args.out, skip_tests=args.skip_tests)
+    keys = None
+    if args.sections:
+        keys = [k.strip() for k in args.sections.split(",") if k.strip()]
+        unknown = sorted(set(keys) - {s.key for s in SECTIONS})
+        if unknown:
+            p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(s.key for s in SECTIONS)}")
+    if args.budget <= 0:
+        p.error("--budget must be positive")
+    out = args.out if args.out or args.smoke else str(Path(__file__).resolve().parent / "results")
+    run_suite(smoke=args.smoke, out=out, skip_tests=args.skip_tests, budget=args.budget, sections=keys)
 
 
 if __name__ == "__main__":

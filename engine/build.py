@@ -393,7 +393,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
         raise UserError(f"parallel.shard_weights does not combine with patch parallelism (patch {p.patch}): "
                         f"displaced patches keep whole blocks per rank and PipeFusion already splits the blocks "
                         f"into stages; use shard_weights with ulysses, ring or cfg")
-    check_attention_backend(p.attention_backend, device)
+    check_attention_backend(p.attention_backend, device, ring=p.ring)
     if p.attention_backend == "xfuser" and (p.patch > 1 or spec.joint_text):
         raise UserError("parallel.attention_backend=xfuser runs exact sequence parallelism (ulysses/ring) for Wan "
                         "only: patch parallelism keeps its own K/V buffers and HunyuanVideo's joint attention "

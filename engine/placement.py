@@ -19,6 +19,7 @@ sees one GPU, index 0).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 from dataclasses import dataclass
@@ -72,8 +73,9 @@ ATTENTION_PACKAGES = {"flash-attn": ("flash_attn", "flash-attn"), "sage": ("sage
 """Attention backends beyond torch's own sdpa: the module each imports and its pip name."""
 
 
-def check_attention_backend(name: str, device: torch.device) -> None:
-    """A backend other than sdpa/auto needs a GPU and its package: a one-line error otherwise."""
+def check_attention_backend(name: str, device: torch.device, *, ring: int = 1) -> None:
+    """A backend other than sdpa/auto needs a GPU and its packages (xfuser: flash-attn too; sage
+    under ring: 2.x): a one-line error otherwise."""
     if name in ("auto", "sdpa"):
         return
     package, pip_name = ATTENTION_PACKAGES[name]
@@ -83,6 +85,27 @@ def check_attention_backend(name: str, device: torch.device) -> None:
     if importlib.util.find_spec(package) is None:
         raise UserError(f"parallel.attention_backend={name} needs the '{pip_name}' package, which is not "
                         f"installed (pip install {pip_name}, or use sdpa)")
+    if name == "xfuser" and importlib.util.find_spec("flash_attn") is None:
+        # xfuser's long-context attention runs flash-attn's kernels unless told otherwise.
+        raise UserError("parallel.attention_backend=xfuser needs the 'flash-attn' package as well (xfuser's "
+                        "long-context attention runs its kernels), which is not installed; use sdpa")
+    if name == "sage" and ring > 1 and _major_version("sageattention") < 2:
+        raise UserError(f"parallel.attention_backend=sage under ring {ring} needs SageAttention 2.x, which "
+                        f"returns the log-sum-exp that merges ring chunks; the installed one is "
+                        f"{_version('sageattention')} (use ulysses alone, or sdpa / flash-attn)")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "of unknown version"
+
+
+def _major_version(dist: str) -> int:
+    """The distribution's major version; 0 when it is not known (a module without metadata)."""
+    head = _version(dist).split(".")[0]
+    return int(head) if head.isdigit() else 0
 
 
 def check_compile(mode: str, device: torch.device) -> None:

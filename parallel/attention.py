@@ -54,12 +54,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _flash3():
-    """FlashAttention 3's module (Hopper), or None."""
+    """FlashAttention 3's module (Hopper), or None. The module must have the kernel: the package
+    index's `flash_attn_interface` 0.0.1 is an empty placeholder that imports fine."""
     try:
         import flash_attn_interface
     except ImportError:
         return None
-    return flash_attn_interface
+    return flash_attn_interface if callable(getattr(flash_attn_interface, "flash_attn_func", None)) else None
 
 
 def _flash(q, k, v):
@@ -144,15 +145,22 @@ def _lse_flash3(q, k, v):
     return out.transpose(1, 2).float(), lse
 
 
+SAGE_NEEDS_2 = ("attention_backend=sage under ring attention needs SageAttention 2.x (return_lse); "
+                "the installed one cannot merge ring chunks")
+
+
 def _lse_sage(q, k, v):
-    """SageAttention 2.x: natural-log LSE of the scaled scores (1.x has no return_lse)."""
+    """SageAttention 2.x: natural-log LSE of the scaled scores. 1.x takes `return_lse=True` among
+    its keyword arguments and ignores it (1.0.6 returns one tensor), so the result is checked."""
     from sageattention import sageattn
 
     try:
-        out, lse = sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False, return_lse=True)
+        result = sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False, return_lse=True)
     except TypeError:
-        raise RuntimeError("attention_backend=sage under ring attention needs SageAttention 2.x "
-                           "(return_lse); the installed 1.x cannot merge ring chunks") from None
+        raise RuntimeError(SAGE_NEEDS_2) from None
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise RuntimeError(SAGE_NEEDS_2)
+    out, lse = result
     return out.transpose(1, 2).float(), lse
 
 

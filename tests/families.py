@@ -37,13 +37,13 @@ def sampling(family: str, *, steps: int, folder: Path | None = None, **overrides
     return SamplingConfig(**{**values, **overrides})
 
 
-def pipeline(family: str, folder: str):
-    """diffusers' pipeline for the family's tiny folder, float32, quiet."""
+def pipeline(family: str, folder: str, *, dtype: torch.dtype = torch.float32):
+    """diffusers' pipeline for the family's tiny folder, quiet."""
     from diffusers import HunyuanVideoPipeline, WanImageToVideoPipeline, WanPipeline
 
     cls = HunyuanVideoPipeline if family == "hunyuanvideo" else WanImageToVideoPipeline if family in I2V \
         else WanPipeline
-    pipe = cls.from_pretrained(folder, dtype=torch.float32)
+    pipe = cls.from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

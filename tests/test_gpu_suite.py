@@ -1,10 +1,18 @@
 """The GPU suite cannot rot: its --smoke run (the same code at tiny shapes on the CPU) completes
-every section, and its one-GPU stand-in for a rank computes exactly one rank's share."""
+every section, keeps every finished row on disk when it is killed, out of memory or out of time,
+and its one-GPU stand-in for a rank computes exactly one rank's share."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import gpu_suite  # noqa: E402
 
 
+SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_smoke_run_completes_every_section(tmp_path):
     path, sections = gpu_suite.run_suite(smoke=True, out=tmp_path, skip_tests=True)
     assert path.is_file() and path.parent == tmp_path
     rows = [row for section in sections.values() for row in section]
     assert rows and not [row for row in rows if "error" in row], rows
+    # The JSON lines hold the same rows, in order, each naming its section.
+    assert [(r.pop("section"), r) for r in _jsonl(path.with_suffix(".jsonl"))] == \
+        [(title, json.loads(json.dumps(row))) for title, rows in sections.items() for row in rows]
+    # Parity on the CPU in float32: the engine equals diffusers' pipeline to float32 rounding.
+    (wan,) = sections["bf16 parity of the tiny families with diffusers"]
+    assert wan["family"] == "wan" and wan["rel_err"] <= 1e-5
     forward = sections["one forward, per-rank share of Ulysses N (compute only)"]
     assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
                                                           ("tiny HunyuanVideo", 1), ("tiny HunyuanVideo", 2)]
@@ -60,3 +81,116 @@ def test_a_simulated_rank_computes_one_ranks_share(monkeypatch):
         self_attention = [s for s in seen if s[0] == "attention" and s[2][2] == tokens]
         # (batch, heads, tokens, head_dim) as sdpa takes it: every token, 1/N of the heads
         assert self_attention and all(s[1][1] == heads // n and s[1][2] == tokens for s in self_attention), seen
+
+
+def test_the_one_rank_row_uses_the_shares_attention_kernel(monkeypatch):
+    """HunyuanVideo: diffusers' own processor passes a mask (torch's memory-efficient kernel on a
+    GPU), the shares run the engine's unmasked attention (the flash kernel): the one-rank row must
+    run the shares' processors, or its row is not comparable with theirs."""
+    case = gpu_suite.smoke_cases()[1]
+    transformer = gpu_suite.build_transformer(case, torch.device("cpu"), torch.float32)
+    kwargs = gpu_suite.inputs(case, transformer, torch.device("cpu"), torch.float32)
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        q = args[0] if args else kw["query"]
+        if q.shape[-2] > case.text_tokens:  # the video attention (the text refiner attends to text alone)
+            masks.append(kw.get("attn_mask"))
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        plain = transformer(**kwargs)[0]
+        assert masks and all(m is not None for m in masks)  # diffusers' processor masks
+        masks.clear()
+        with gpu_suite.simulated_rank(transformer, "hunyuanvideo", 1):
+            shared = transformer(**kwargs)[0]
+    assert masks and all(m is None for m in masks)
+    assert torch.allclose(plain, shared, rtol=1e-4, atol=1e-5)  # the same forward, another kernel
+
+
+def test_a_killed_suite_leaves_its_finished_rows_on_disk(tmp_path):
+    """SIGKILL once two forward rows are reported: both result files hold them, readable (the
+    markdown by the planner's own reader)."""
+    from unison.engine.hardware import suite_forward_rows
+
+    proc = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--skip-tests", "--sections",
+                             "forward,compile,caches,vae", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        found = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob("*.jsonl"))
+            if found and len(found[0].read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    (jsonl,) = found
+    rows = _jsonl(jsonl)
+    assert len(rows) >= 2 and rows[0]["case"] == "tiny Wan" and rows[0]["ranks"] == 1
+    table = suite_forward_rows(jsonl.with_suffix(".md"))
+    assert [(r["case"], int(r["ranks"])) for r in table][:2] == [("tiny Wan", 1), ("tiny Wan", 2)]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    """Out of memory while building HunyuanVideo: its row records it, the other rows and the next
+    section still run."""
+    build = gpu_suite.build_transformer
+
+    def oom_for_hunyuan(case, device, dtype):
+        if case.family == "hunyuanvideo":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return build(case, device, dtype)
+
+    monkeypatch.setattr(gpu_suite, "build_transformer", oom_for_hunyuan)
+    path, sections = gpu_suite.run_suite(smoke=True, out=tmp_path, sections=["forward", "vae"])
+    forward = sections[gpu_suite.FORWARD_TITLE]
+    assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
+                                                          ("tiny HunyuanVideo", "1,2")]
+    assert forward[-1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert "seconds" in sections["VAE decode, float32"][0]
+    assert "OutOfMemoryError" in path.read_text()
+
+
+def test_sections_past_the_budget_are_skipped_with_the_reason(tmp_path):
+    path, sections = gpu_suite.run_suite(smoke=True, out=tmp_path, budget=0.5, sections=["forward", "vae"])
+    assert sections == {gpu_suite.FORWARD_TITLE: [], "VAE decode, float32": []}
+    assert path.read_text().count("Skipped: needs about 1 s, 0 s of the budget left.") == 2
+
+
+def test_a_section_past_its_limit_keeps_its_rows_and_the_suite_goes_on(tmp_path, monkeypatch):
+    def stuck(ctx, limit):
+        yield {"step": "done"}
+        time.sleep(120)  # a kernel that never returns, as far as the suite can tell
+        yield {"step": "never"}
+
+    sections = [gpu_suite.Section("stuck", "stuck", stuck, 1, 1), *gpu_suite.SECTIONS[-1:]]
+    monkeypatch.setattr(gpu_suite, "SECTIONS", sections)
+    t0 = time.monotonic()
+    path, rows = gpu_suite.run_suite(smoke=True, out=tmp_path, budget=3)
+    assert time.monotonic() - t0 < 60
+    assert rows["stuck"] == [{"step": "done"}, {"error": "section stopped at its limit of 3 s"}]
+    assert "VAE decode, float32" in rows  # recorded: run, or skipped for the budget
+
+
+def test_smoke_writes_into_a_temporary_folder_not_the_checkout(capsys):
+    results = SUITE.parent / "results"
+    before = set(results.iterdir())
+    gpu_suite.main(["--smoke", "--sections", "vae"])
+    assert set(results.iterdir()) == before
+    written = Path(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+    assert written.is_file() and SUITE.parent.parent not in written.parents
+    assert written.parent.name.startswith("gpu-suite-smoke-")
+
+
+@pytest.mark.parametrize("argv, message", [(["--sections", "forward,nope"], "unknown section(s) nope"),
+                                           (["--budget", "0"], "--budget must be positive")])
+def test_bad_suite_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_suite.main(["--smoke", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

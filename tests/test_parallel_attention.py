@@ -4,6 +4,9 @@ video+text attention with padded text (HunyuanVideo); the local kernels agree wi
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -164,3 +167,58 @@ def test_xfuser_long_context_attention_on_one_rank_matches_sdpa(tmp_path):
         assert (out.float() - want).abs().max().item() <= 2e-2
     finally:
         dist.destroy_process_group()
+
+
+# ---- the optional packages as the package index ships them (fake modules, CPU) -------------------
+
+def _fake_module(monkeypatch, name: str, **attributes):
+    import types
+
+    module = types.ModuleType(name)
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_an_empty_flash_attn_interface_is_not_taken_for_flashattention_3(monkeypatch):
+    """The index's `flash_attn_interface` 0.0.1 is an empty placeholder: importable, no kernel."""
+    from unison.parallel import attention
+
+    attention._flash3.cache_clear()
+    monkeypatch.setattr(attention, "_flash3", functools.cache(attention._flash3.__wrapped__))
+    _fake_module(monkeypatch, "flash_attn_interface")
+    assert attention._flash3() is None
+    attention._flash3.cache_clear()
+    real = _fake_module(monkeypatch, "flash_attn_interface", flash_attn_func=lambda q, k, v, **kw: q)
+    assert attention._flash3() is real
+
+
+def _sage_1(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, smooth_k=True, **kwargs):
+    """SageAttention 1.0.6's signature: extra keywords (return_lse among them) are swallowed, and
+    one tensor comes back."""
+    return sdpa(q, k, v)
+
+
+def _sage_2(q, k, v, tensor_layout="HND", is_causal=False, return_lse=False):
+    from unison.parallel.attention import attention_with_lse
+
+    out, lse = attention_with_lse(q, k, v, kernel="math")
+    return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("sageattn, error", [(_sage_1, "needs SageAttention 2.x"), (_sage_2, None)],
+                         ids=["1.x", "2.x"])
+def test_sage_under_ring_needs_the_log_sum_exp(monkeypatch, sageattn, error):
+    from unison.parallel.attention import attention_with_lse
+
+    _fake_module(monkeypatch, "sageattention", sageattn=sageattn)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 11, 2, 8, generator=g) for _ in range(3))
+    if error:
+        with pytest.raises(RuntimeError, match=error):
+            attention_with_lse(q, k, v, kernel="sage")
+    else:
+        out, lse = attention_with_lse(q, k, v, kernel="sage")
+        want_out, want_lse = attention_with_lse(q, k, v, kernel="math")
+        assert torch.allclose(out, want_out) and torch.allclose(lse, want_lse)

@@ -136,3 +136,26 @@ def test_missing_attention_package_is_named(monkeypatch):
                        parallel=ParallelConfig(attention_backend="sage"))
     with pytest.raises(UserError, match="needs the 'sageattention' package"):
         plan_run(config, gpus=1)
+
+
+@pytest.mark.parametrize("parallel, missing, version, message", [
+    (ParallelConfig(attention_backend="xfuser"), "flash_attn", None, "xfuser needs the 'flash-attn' package as well"),
+    (ParallelConfig(attention_backend="sage", ring=2), None, "1.0.6",
+     "sage under ring 2 needs SageAttention 2.x, .* the installed one is 1.0.6"),
+    (ParallelConfig(attention_backend="sage", ring=2), None, "2.2.0", None),
+    (ParallelConfig(attention_backend="sage", ulysses=2), None, "1.0.6", None),
+], ids=["xfuser-without-flash-attn", "sage-1-ring", "sage-2-ring", "sage-1-ulysses"])
+def test_attention_packages_are_checked_as_the_index_ships_them(monkeypatch, parallel, missing, version, message):
+    """xfuser's long-context attention runs flash-attn's kernels; SageAttention 1.x silently
+    ignores return_lse, so ring attention needs 2.x: refused at plan time, one line."""
+    import unison.engine.placement as placement
+
+    monkeypatch.setattr(placement.importlib.util, "find_spec", lambda name: None if name == missing else object())
+    monkeypatch.setattr(placement.importlib.metadata, "version", lambda dist: version)
+    config = RunConfig(model=ModelConfig(family="wan", device="cuda"), parallel=parallel)
+    world = parallel.ring * parallel.ulysses
+    if message is None:
+        assert plan_run(config, world_size=world, gpus=world).placement.backend == "nccl"
+    else:
+        with pytest.raises(UserError, match=message):
+            plan_run(config, world_size=world, gpus=world)
