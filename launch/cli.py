@@ -60,10 +60,11 @@ _FLAG_KEYS = {
 
 
 def configs_dir() -> Path:
-    """The repository's configs/ folder (the package is installed from the checkout)."""
-    import unison.engine
+    """The recipes: configs/ of the checkout (an editable install) or the installed package's
+    own copy (a wheel), found the same way: they are the package `unison.configs`."""
+    import unison.configs
 
-    return Path(unison.engine.__file__).resolve().parent.parent / "configs"
+    return Path(unison.configs.__file__).resolve().parent
 
 
 def default_config_path() -> Path:
