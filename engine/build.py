@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,10 @@ def check_output(o: OutputConfig, *, model_path: str | None = None) -> None:
     targets: dict[str, str] = {}
     if o.decode:
         _check_writable(o.path, what="output.path", suffix=".mp4")
+        if importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise UserError(f"writing the video {o.path} needs the 'imageio-ffmpeg' package (its ffmpeg encodes "
+                            f"the mp4), which is not installed: pip install imageio-ffmpeg, or render latents "
+                            f"only with --set output.decode=false --save-latents PATH.pt")
         # engine/render.py writes the resolved config beside the video (config_path_for).
         beside = str(Path(o.path).with_suffix(".yaml"))
         _check_writable(beside, what="the config written beside output.path")

@@ -328,3 +328,19 @@ def test_compile_where_it_cannot_run(monkeypatch, capsys):
 def test_cuda_requested_without_gpu(capsys):
     assert main(["--set", "model.device=cuda", "--dry-run"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_mp4_without_imageio_ffmpeg_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """imageio-ffmpeg (68 MB, the ffmpeg binary inside) is needed only to write the mp4: without it
+    a video is one line and exit 2 before loading; latents alone still render."""
+    import unison.engine.build as build
+
+    real = build.importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'imageio-ffmpeg' package" in err and err.count("\n") == 1
+    assert main(["--set", "output.decode=false", "--save-latents", "z.pt", "--steps", "1"]) == 0
+    assert (tmp_path / "z.pt").is_file() and not (tmp_path / "unison.mp4").exists()
