@@ -21,6 +21,7 @@ from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, ch
 from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
 from unison.engine.precision import cast_component, class_has_fp32_islands
+from unison.engine.targets import check_output
 from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,21 +234,6 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
                         f"use parallel.patch_mode=displaced to combine patches with ulysses")
 
 
-def _check_writable(path: str, *, what: str, suffix: str | None = None) -> None:
-    target = Path(path)
-    if suffix and target.suffix.lower() != suffix:
-        raise UserError(f"{what} must end with {suffix}: {path}")
-    if target.is_dir():
-        raise UserError(f"{what} is a folder, not a file: {path}")
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"{what} cannot be written: {ancestor} is not a folder ({path})")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{what} cannot be written: no write permission in {ancestor} ({path})")
-
-
 def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = "cache", family: str = "",
                 read=None) -> None:
     """The cache kind's whole-config checks, those against the run (its steps), the model (the
@@ -272,76 +258,12 @@ def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = 
                         f"or parallel.patch_mode=displaced")
 
 
-def _landing(path: str | Path) -> set[Path]:
-    """Where a write to `path` lands: the entry an atomic rename replaces (the parent folder
-    resolved, the name kept) and, should `path` be a link, what it points to. Both count, so a
-    link into the model folder is refused too."""
-    path = Path(path)
-    return {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
-
-
-def _inside(paths: set[Path], folder: Path) -> bool:
-    return any(p == folder or p.is_relative_to(folder) for p in paths)
-
-
-MAX_FPS = 1000
-"""Frame rates above this are no video anyone plays (and 2**70 made the encoder write nothing)."""
-
-
-def check_output(o: OutputConfig, *, model_path: str | None = None) -> None:
-    """Every file the run writes can be written, none lands on another, and none lands inside
-    the model folder `model_path` (a latents file there would replace the weights)."""
-    targets: dict[str, str] = {}
-    if o.decode:
-        _check_writable(o.path, what="output.path", suffix=".mp4")
-        if importlib.util.find_spec("imageio_ffmpeg") is None:
-            raise UserError(f"writing the video {o.path} needs the 'imageio-ffmpeg' package (its ffmpeg encodes "
-                            f"the mp4), which is not installed: pip install imageio-ffmpeg, or render latents "
-                            f"only with --set output.decode=false --save-latents PATH.pt")
-        # engine/render.py writes the resolved config beside the video (config_path_for).
-        beside = str(Path(o.path).with_suffix(".yaml"))
-        _check_writable(beside, what="the config written beside output.path")
-        targets["output.path"], targets["the config written beside output.path"] = o.path, beside
-    if o.save_latents:
-        _check_writable(o.save_latents, what="output.save_latents")
-        targets["output.save_latents"] = o.save_latents
-    landing = {what: _landing(path) for what, path in targets.items()}
-    names = list(landing)
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            if landing[first] & landing[second]:
-                raise UserError(f"{second} ({targets[second]}) is the same file as {first} "
-                                f"({targets[first]}): one would overwrite the other")
-    if model_path is not None:
-        folder = Path(os.path.realpath(model_path))
-        for what, paths in landing.items():
-            if _inside(paths, folder):
-                raise UserError(f"{what} ({targets[what]}) is inside the model folder {model_path}: "
-                                f"writing it could overwrite the model's files; write outputs elsewhere")
-    if o.fps is not None and o.fps < 1:
-        raise UserError(f"output.fps must be at least 1, got {o.fps}")
-    if o.fps is not None and o.fps > MAX_FPS:
-        raise UserError(f"output.fps must be at most {MAX_FPS}, got {o.fps}")
-
-
-def check_batch_output(out_dir: str | Path, config: RunConfig) -> None:
-    """A batch's folder (every job writes <id>.mp4 and <id>.yaml there): a folder, outside the
-    model folder, and no single latents file that every job would overwrite."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out is a file, not a folder: {out}")
-    model_path = config.model.path
-    if model_path is not None and _inside(_landing(out), Path(os.path.realpath(model_path))):
-        raise UserError(f"--out {out} is inside the model folder {model_path}: the batch's videos could "
-                        f"overwrite the model's files; write them elsewhere")
-    if config.output.save_latents:
-        raise UserError(f"output.save_latents names one file ({config.output.save_latents}) that every job "
-                        f"of a batch would overwrite; a batch saves videos only")
-
-
-def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpus: int | None = None) -> Plan:
+def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpus: int | None = None,
+             reads: dict[str, str] | None = None) -> Plan:
     """Validate `config` and resolve every default; reads only small JSON files, never weights.
-    `local_rank` picks this rank's GPU; `gpus` (default: the GPUs visible here) is for tests."""
+    `local_rank` picks this rank's GPU; `gpus` (default: the GPUs visible here) is for tests;
+    `reads` names files the command read beyond the config's own (the input recipe), which no
+    output may land on."""
     check_finite(config)
     family, index = _resolve_family(config.model)
     spec = get_spec(family)
@@ -404,7 +326,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                         "only: patch parallelism keeps its own K/V buffers and HunyuanVideo's joint attention "
                         "masks padded text, which xfuser's layer cannot; use flash-attn or sdpa")
     check_compile(config.model.compile, device)
-    check_output(config.output, model_path=config.model.path)
+    pictures = {f"sampling.{name}": getattr(config.sampling, name) for name in ("image", "last_image")
+                if getattr(config.sampling, name)}
+    check_output(config.output, model_path=config.model.path, reads={**(reads or {}), **pictures})
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output, cache=cache, cache_2=cache_2)
     return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size,

@@ -58,8 +58,9 @@ import torch
 import torch.distributed as dist
 
 from unison.engine.config import OutputConfig, RunConfig
-from unison.engine.writes import commit, text_write, torch_write
-from unison.errors import UserError
+from unison.engine.targets import CHECKPOINT_MARKER, checkpoint_folder
+from unison.engine.writes import commit, failure_reason, text_write, torch_write
+from unison.errors import UserError, WriteFailed
 
 log = logging.getLogger("unison")
 
@@ -69,9 +70,17 @@ KEEP = 2
 _NAME = re.compile(r"rank(\d+)\.step(\d+)\.pt")
 
 
-def checkpoint_dir(output: OutputConfig) -> Path:
-    """output.checkpoint_dir, or `<video>.ckpt/` beside the video."""
-    return Path(output.checkpoint_dir) if output.checkpoint_dir else Path(output.path + ".ckpt")
+def mark_folder(folder: Path) -> None:
+    """The marker that makes `folder` known as unison's (engine/targets.py), before the first
+    checkpoint. Every rank may create it at once (the folder may be node-local): an exclusive
+    create, not a replacing write."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / CHECKPOINT_MARKER, "a") as f:
+            if f.tell() == 0:
+                f.write("step checkpoints written by unison; removed with them\n")
+    except OSError as err:
+        raise WriteFailed(f"could not write {folder / CHECKPOINT_MARKER}: {failure_reason(err)}") from err
 
 
 def fingerprint(config: RunConfig, *, world_size: int) -> str:
@@ -162,7 +171,7 @@ class Checkpoints:
             raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {out.checkpoint_every}")
         if out.checkpoint_every == 0 and out.resume != "require" and not on_stop:
             return None
-        return cls(folder=checkpoint_dir(out), every=out.checkpoint_every, resume=out.resume,
+        return cls(folder=checkpoint_folder(out), every=out.checkpoint_every, resume=out.resume,
                    fingerprint=fingerprint(config, world_size=world_size), rank=rank, world_size=world_size,
                    group=group)
 
@@ -247,6 +256,7 @@ class Checkpoints:
                    "caches": {name: _cpu(cache.state_dict()) for name, cache in caches.items()}, "rng": rng_state()}
         if self.rank == 0:  # the same on every rank: written once (restore broadcasts them)
             payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler))
+        mark_folder(self.folder)
         writes = [torch_write(self._path(done), payload)]
         if self.rank == 0:
             manifest = {"fingerprint": self.fingerprint, "step": done, "world_size": self.world_size,
@@ -266,7 +276,9 @@ class Checkpoints:
             self._path(step).unlink(missing_ok=True)
         if self.rank == 0:
             (self.folder / "manifest.json").unlink(missing_ok=True)
+        (self.folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # every rank: the folder may be node-local
         mine = re.compile(rf"\.rank{self.rank}\.step\d+\.[a-z0-9_]{{8}}\.part\.pt"
+                          r"|\.unison-checkpoints\.[a-z0-9_]{8}\.part\.txt"
                           + (r"|\.manifest\.[a-z0-9_]{8}\.part\.json" if self.rank == 0 else ""))
         for name in self._names():
             if mine.fullmatch(name):

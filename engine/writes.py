@@ -57,7 +57,7 @@ def one_line(text: str) -> str:
     return "no message"
 
 
-def _reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror  # "No space left on device", without the temporary's name
     return one_line(str(err)) if str(err) else type(err).__name__
@@ -163,7 +163,7 @@ def _commit(writes: tuple[Write, ...], guard: _SigtermGuard) -> None:
             except (NotWritten, OSError):
                 raise
             except Exception as err:  # a file that does not even load back is not written
-                raise NotWritten(f"it does not read back ({type(err).__name__}: {_reason(err)})") from err
+                raise NotWritten(f"it does not read back ({type(err).__name__}: {failure_reason(err)})") from err
             _fsync_path(temps[-1])
             os.chmod(temps[-1], 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual mode
         guard.hold()
@@ -178,7 +178,7 @@ def _commit(writes: tuple[Write, ...], guard: _SigtermGuard) -> None:
         for path in (*temps, *renamed):
             path.unlink(missing_ok=True)
         if isinstance(err, (NotWritten, OSError)):
-            raise WriteFailed(f"could not write {target}: {_reason(err)}") from err
+            raise WriteFailed(f"could not write {target}: {failure_reason(err)}") from err
         raise
 
 
@@ -193,7 +193,7 @@ def append_line(path: str | Path, line: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     except OSError as err:
-        raise WriteFailed(f"could not write {path}: {_reason(err)}") from err
+        raise WriteFailed(f"could not write {path}: {failure_reason(err)}") from err
     try:
         start = os.fstat(fd).st_size
         try:
@@ -210,7 +210,7 @@ def append_line(path: str | Path, line: str) -> None:
             except OSError:
                 pass  # the reader skips a line that does not parse
             if isinstance(err, (NotWritten, OSError)):
-                raise WriteFailed(f"could not write {path}: {_reason(err)}") from err
+                raise WriteFailed(f"could not write {path}: {failure_reason(err)}") from err
             raise
     finally:
         os.close(fd)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from unison.engine.build import check_batch_output
+from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, recomputed, resume
 from unison.engine.worker import Progress

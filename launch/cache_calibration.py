@@ -115,17 +115,22 @@ def _link_experts(engine):
     return phase
 
 
-def run(config: RunConfig, out: str | Path, env) -> int:
+def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None = None) -> int:
     from unison.engine.build import plan_run
     from unison.engine.render import Engine
+    from unison.engine.targets import check_landings, check_writable
     from unison.engine.writes import commit, text_write
 
     kind = config.cache.kind
     measuring = calibration_config(config, kind)
-    plan = plan_run(measuring, world_size=env.world_size, local_rank=env.local_rank)
+    plan = plan_run(measuring, world_size=env.world_size, local_rank=env.local_rank, reads=reads)
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; give the recipe's file name")
+    check_writable(out, what="--out")
+    pictures = {f"sampling.{name}": getattr(config.sampling, name) for name in ("image", "last_image")
+                if getattr(config.sampling, name)}
+    check_landings({"--out": str(out)}, model_path=plan.config.model.path, reads={**(reads or {}), **pictures})
     steps = plan.config.sampling.steps
     if kind == "teacache" and steps < DEGREE + 2:  # before anything loads
         raise UserError(f"calibrate --cache teacache needs at least {DEGREE + 2} steps ({DEGREE + 1} changes of "

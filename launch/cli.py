@@ -83,6 +83,11 @@ def _find_config(name: str) -> Path:
     raise UserError(f"config file not found: {name} (nor under {configs_dir()})")
 
 
+def input_files(args: argparse.Namespace) -> dict[str, str]:
+    """Files the command reads that its config does not name (the recipe): no output may replace them."""
+    return {"--config": str(_find_config(args.config))} if getattr(args, "config", None) else {}
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Defaults <- YAML (--config, else the embedded default unless --model is given) <- flags <- --set."""
     if args.config:
@@ -292,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                dry_run=args.dry_run)
     env = DistEnv.detect()
     config = resolve_auto(build_config(args), world_size=env.world_size, rank=env.rank)
-    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
+    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank, reads=input_files(args))
     if args.dry_run:
         if env.rank == 0:
             from unison.engine.build import parallel_dims
@@ -323,7 +328,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.ray:
         raise UserError("calibrate runs in one process or under torchrun, not --ray")
-    return run(build_config(args), args.out, DistEnv.detect())
+    return run(build_config(args), args.out, DistEnv.detect(), reads=input_files(args))
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ import torch
 from multirank import run_ranks
 from test_caching import PAB, THRESHOLD, _cached
 from unison.engine.build import plan_run
-from unison.engine.checkpoint import Checkpoints, checkpoint_dir
+from unison.engine.checkpoint import Checkpoints
+from unison.engine.targets import checkpoint_folder as checkpoint_dir
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig
 from unison.engine.render import Engine
 from unison.errors import UserError
@@ -147,7 +148,8 @@ def test_other_run_is_refused_or_ignored_and_video_clears_the_folder(tmp_path, c
     with pytest.raises(Interrupted):
         engine.render(on_step=_stop_after(STOP))
     folder = checkpoint_dir(engine.plan.config.output)
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rank0.step2.pt", "rank0.step4.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rank0.step2.pt", "rank0.step4.pt",
+                                                        "unison-checkpoints.txt"]
 
     other = _config(tmp_path, CacheConfig(), seed=1, resume="require")  # another seed: another run
     with pytest.raises(UserError, match="output.resume=require: .*different run"):
@@ -166,6 +168,17 @@ def test_other_run_is_refused_or_ignored_and_video_clears_the_folder(tmp_path, c
         plan_run(_config(tmp_path, CacheConfig(), every=-1))
     # Removing is safe when another rank has already removed the folder.
     Checkpoints.create(_config(tmp_path / "gone", CacheConfig()), rank=1, world_size=2, group=None).remove()
+
+    # Someone's file in unison's folder: the render resumes, and removes only its own files.
+    kept = _config(tmp_path / "kept", CacheConfig())
+    with pytest.raises(Interrupted):
+        engine.render(kept, on_step=_stop_after(STOP))
+    folder = checkpoint_dir(kept.output)
+    (folder / "notes.txt").write_text("mine")
+    done = engine.render(dataclasses.replace(kept, output=dataclasses.replace(kept.output, decode=True)))
+    assert done.video_path.is_file() and [p.name for p in folder.iterdir()] == ["notes.txt"]
+    with pytest.raises(UserError, match="holds files unison did not write"):  # now a folder of someone's
+        plan_run(kept)
 
 
 def test_wan22_resumes_before_at_and_after_the_expert_switch(tmp_path):

@@ -222,6 +222,35 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         (["--set", "parallel.attention_backend=flashattn"], "parallel.attention_backend: expected"),
         (["--set", "model.compile=max"], "model.compile: expected"),
         (["--set", "output.fps=1180591620717411303424"], "output.fps must be at most 1000"),
+        *_not_ours(tmp, wan_folder),
+    ]
+
+
+def _not_ours(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
+    """Files that are not unison's are never written over or removed: a user's folder as the
+    checkpoint folder, a checkpoint folder on the video, inside the model folder or on a file,
+    the input recipe replaced by the resolved config or a calibrated recipe, a recipe written
+    into the model folder."""
+    (tmp / "mine").mkdir(exist_ok=True)
+    (tmp / "mine" / "manifest.json").write_text('{"my": "own manifest"}\n')
+    (tmp / "recipe.yaml").write_text("# my comments\nmodel:\n  family: wan\n")
+    (tmp / "beside.yaml").write_text(f"model:\n  family: wan\noutput:\n  path: {tmp / 'beside.mp4'}\n")
+    calibrate = ["calibrate", "--cache", "magcache", "--steps", "2"]
+    return [
+        (["--set", f"output.checkpoint_dir={tmp / 'mine'}"], f"output.checkpoint_dir {tmp / 'mine'} holds files "
+                                                             f"unison did not write"),
+        (["--set", f"output.checkpoint_dir={tmp / 'a-file'}"], "is a file, not a folder"),
+        (["--output", str(tmp / "v.mp4"), "--set", f"output.checkpoint_dir={tmp / 'v.mp4'}"],
+         "output.checkpoint_dir (" + str(tmp / "v.mp4") + ") is the same path as output.path"),
+        (["--model", wan_folder, "--config", "tiny-wan.yaml", "--set", f"output.checkpoint_dir={wan_folder}/ckpt"],
+         "output.checkpoint_dir (" + f"{wan_folder}/ckpt) is inside the model folder"),
+        (["--config", str(tmp / "recipe.yaml"), "--output", str(tmp / "recipe.mp4")],
+         "the config written beside output.path (" + str(tmp / "recipe.yaml") + ") would overwrite --config"),
+        (["--config", str(tmp / "beside.yaml")], "would overwrite --config (" + str(tmp / "beside.yaml")),
+        ([*calibrate, "--model", wan_folder, "--config", "tiny-wan.yaml", "--out", f"{wan_folder}/model_index.json"],
+         "--out (" + f"{wan_folder}/model_index.json) is inside the model folder"),
+        ([*calibrate, "--config", str(tmp / "recipe.yaml"), "--out", str(tmp / "recipe.yaml")],
+         "--out (" + str(tmp / "recipe.yaml") + ") would overwrite --config"),
     ]
 
 

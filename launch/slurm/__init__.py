@@ -19,7 +19,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from unison.engine.build import check_batch_output, plan_run
+from unison.engine.build import plan_run
+from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
 from unison.errors import UserError
 
