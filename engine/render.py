@@ -23,6 +23,7 @@ from unison.engine.config import RunConfig, dump_yaml
 from unison.engine import schedulers
 from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
+from unison.engine.same_settings import check_same_settings
 from unison.engine.stop import StopRequest
 from unison.engine.video import mp4_write, to_uint8_frames
 from unison.engine.writes import commit, text_write, torch_write
@@ -108,6 +109,8 @@ class Engine:
     def __init__(self, plan: Plan):
         self.plan = plan
         started = time.perf_counter()
+        if plan.world_size > 1 and dist.is_initialized():  # before anything loads
+            check_same_settings(plan.config, world_size=plan.world_size)
         self.pipe = load_pipeline(plan)
         self.offloader = offloader_for(plan, self.pipe)
         use_attention_backend(self.pipe, plan)
@@ -191,6 +194,8 @@ class Engine:
             raise ValueError("this engine holds a different model; build another Engine for it")
         if plan.config.parallel != self.plan.config.parallel:
             raise ValueError("this engine was parallelized with other parallel settings; build another Engine")
+        if config is not None and plan.world_size > 1 and dist.is_initialized():  # a batch job's own settings
+            check_same_settings(plan.config, world_size=plan.world_size)
         cfg, device = plan.config, plan.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
