@@ -43,7 +43,9 @@ def check_images(sampling, *, family: str, takes_image: bool, needs_image: bool,
         raise UserError(f"sampling.image_resize must be one of {', '.join(RESIZE_MODES)}, got {sampling.image_resize!r}")
     for name, path in (("image", image), ("last_image", last)):
         if path is not None:
-            read(path, f"sampling.{name}")
+            picture = read(path, f"sampling.{name}")
+            check_resize(picture.size, height=sampling.height, width=sampling.width, mode=sampling.image_resize,
+                         what=f"sampling.{name}", path=path)
 
 
 def sha256(path: str) -> str:
@@ -72,19 +74,72 @@ def with_hashes(sampling):
     return dataclasses.replace(sampling, **found) if found else sampling
 
 
+MAX_SIDE = 16384
+MAX_PIXELS = 40_000_000
+"""The largest picture read (an 8K frame is 33 MP): a conditioning frame is resized to the video's
+few hundred thousand pixels anyway, and a larger one only costs memory before it is (or a
+decompression bomb's header claims it)."""
+
+
 def read(path: str, what: str = "sampling.image"):
-    """The picture at `path` as an RGB PIL image; UserError naming `what` if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """The picture at `path` as an RGB PIL image, as diffusers' `load_image` sees it (EXIF
+    orientation applied) with every mode converted by its meaning: 16- and 32-bit grayscale scaled
+    to 8 bits (not clipped), transparency composited over white, palette, CMYK and the rest
+    through PIL's own conversion. UserError naming `what` for a file that is missing, not a
+    picture, or larger than MAX_SIDE / MAX_PIXELS (checked from the header, before decoding)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{what}: no such file: {path}")
     try:
         with Image.open(file) as opened:
+            width, height = opened.size
+            if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+                raise UserError(f"{what}: {path} is {width}x{height} pixels; at most {MAX_SIDE} on a side and "
+                                f"{MAX_PIXELS // 1_000_000} megapixels (resize it first)")
             opened.load()
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{what}: {path} is not a readable image ({str(err).splitlines()[0]})") from None
+            return _to_rgb(ImageOps.exif_transpose(opened))
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{what}: {path} is not a readable image ({reason})") from None
+
+
+def _to_rgb(image):
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit files open as I;16 (or I holding 0..65535); F as PIL leaves it (0..1 or 0..255).
+        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0 if image.mode == "F" else \
+            65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_resize(size: tuple[int, int], *, height: int, width: int, mode: str, what: str, path: str) -> None:
+    """The sizes diffusers' VaeImageProcessor resizes a `size` picture to for `mode` (crop:
+    cover then cut; pad: fit inside then fill) must be at least one pixel and bounded."""
+    w, h = size
+    if mode == "stretch":
+        return
+    ratio, picture = width / height, w / h
+    wide = ratio > picture if mode == "crop" else ratio < picture  # diffusers' own comparisons
+    scaled = (width, h * width // w) if wide else (w * height // h, height)
+    if min(scaled) < 1 or scaled[0] * scaled[1] > MAX_PIXELS:
+        raise UserError(f"{what}: {path} ({w}x{h}) cannot be resized to {width}x{height} with image_resize={mode} "
+                        f"(it would be {scaled[0]}x{scaled[1]} before the {'cut' if mode == 'crop' else 'fill'}); "
+                        f"use image_resize=stretch or a picture closer to the video's shape")
 
 
 def for_vae(processor, image, *, height: int, width: int, mode: str):

@@ -15,6 +15,7 @@ from unison.engine.build import plan_run
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
 from unison.errors import UserError
+from unison.launch.cli import main
 
 
 def _picture(path, seed: int, size=(80, 56)) -> str:
@@ -356,3 +357,65 @@ def test_wan_i2v_bfloat16_equals_diffusers_on_one_rank_and_ulysses(tiny_folder, 
     parallel = dataclasses.replace(config, parallel=ParallelConfig(ulysses=2, timeout_s=60))
     for latents, _ in (r[0] for r in run_ranks(2, render_each, [parallel])):
         assert torch.equal(latents, ours)
+
+
+# ---- pictures as users have them: huge, lying headers, 16-bit, alpha, palette, CMYK, EXIF -----
+
+def _png_header(path, width: int, height: int) -> str:
+    """A PNG whose header claims width x height and holds no pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return str(path)
+
+
+@pytest.mark.parametrize("make, resize, message", [
+    (lambda d: _png_header(d / "bomb.png", 100000, 100000), "stretch", "is not a readable image ("),
+    (lambda d: _png_header(d / "big.png", 15000, 15000), "stretch", "is not a readable image ("),
+    (lambda d: _png_header(d / "wide.png", 12000, 4000), "stretch", "is 12000x4000 pixels; at most 16384 on a "
+                                                                     "side and 40 megapixels"),
+    (lambda d: _picture(d / "thin.png", 3, size=(1, 4000)), "pad", "(1x4000) cannot be resized to 64x64 with "
+                                                                   "image_resize=pad (it would be 0x64"),
+    (lambda d: _picture(d / "line.png", 3, size=(1, 16000)), "crop", "(1x16000) cannot be resized to 64x64 with "
+                                                                     "image_resize=crop (it would be 64x1024000"),
+], ids=["bomb-header", "15000-square", "60-megapixels", "pad-thin", "crop-line"])
+def test_pictures_past_the_bounds_are_one_line_before_anything_loads(tmp_path, make, resize, message, capsys):
+    """Also under --dry-run, where PIL's decompression-bomb error escaped as a traceback."""
+    path = make(tmp_path)
+    with pytest.raises(UserError) as err:
+        plan_run(RunConfig(model=ModelConfig(family="wan2.2-i2v"),
+                           sampling=_sampling("wan2.2-i2v", path, image_resize=resize)))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert main(["--set", "model.family=wan2.2-i2v", "--image", path, "--height", "64", "--width", "64",
+                 "--set", f"sampling.image_resize={resize}", "--dry-run"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_every_picture_mode_is_read_by_its_meaning(tmp_path):
+    from unison.engine.images import read
+
+    gray16 = Image.fromarray(np.full((4, 6), 32768, dtype=np.uint16))
+    gray16.save(tmp_path / "gray16.png")
+    assert np.asarray(read(str(tmp_path / "gray16.png"))).tolist() == [[[128] * 3] * 6] * 4  # not clipped to 255
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)
+    rgba[:, :3] = (200, 10, 10, 255)  # the left half opaque red, the right half transparent black
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    pixels = np.asarray(read(str(tmp_path / "alpha.png")))
+    assert pixels[0, 0].tolist() == [200, 10, 10] and pixels[0, 5].tolist() == [255, 255, 255]
+    palette = Image.fromarray(rgba, mode="RGBA").convert("P")
+    palette.info["transparency"] = palette.getpixel((5, 0))
+    palette.save(tmp_path / "palette.png", transparency=palette.getpixel((5, 0)))
+    assert np.asarray(read(str(tmp_path / "palette.png")))[0, 5].tolist() == [255, 255, 255]
+    Image.new("CMYK", (6, 4), (255, 0, 0, 0)).save(tmp_path / "cyan.jpg", quality=100)
+    cyan = np.asarray(read(str(tmp_path / "cyan.jpg")))[0, 0].tolist()
+    assert cyan[0] < 10 and cyan[1] > 245 and cyan[2] > 245, cyan
+    # A phone photo stored sideways (EXIF orientation 6: rotate 90 degrees clockwise to view).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 4), (0, 128, 0)).save(tmp_path / "phone.jpg", exif=exif)
+    assert read(str(tmp_path / "phone.jpg")).size == (4, 8)
