@@ -155,9 +155,14 @@ def _commit(writes: tuple[Write, ...], guard: _SigtermGuard) -> None:
                 stale.unlink(missing_ok=True)
             fd, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}",
                                         dir=target.parent)
-            os.close(fd)
             temps.append(Path(name))
-            write.produce(temps[-1])
+            os.close(fd)
+            try:
+                write.produce(temps[-1])
+            except (NotWritten, OSError):
+                raise
+            except Exception as err:  # torch.save reports a full disk as a RuntimeError
+                raise NotWritten(failure_reason(err)) from err
             try:
                 write.check(temps[-1])
             except (NotWritten, OSError):
@@ -177,6 +182,11 @@ def _commit(writes: tuple[Write, ...], guard: _SigtermGuard) -> None:
         guard.hold()  # a SIGTERM now waits until the cleanup is done
         for path in (*temps, *renamed):
             path.unlink(missing_ok=True)
+        # A Ctrl-C between mkstemp and the line that records its name leaves a temporary no list
+        # holds: the commit's own targets' temporaries all go.
+        for write in writes:
+            for stale in stale_parts(Path(write.path)):
+                stale.unlink(missing_ok=True)
         if isinstance(err, (NotWritten, OSError)):
             raise WriteFailed(f"could not write {target}: {failure_reason(err)}") from err
         raise

@@ -27,6 +27,7 @@ from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
 from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, recomputed, resume
 from unison.engine.worker import Progress
+from unison.engine.writes import failure_reason
 from unison.caching.agree import CacheDisagreement
 from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
@@ -110,8 +111,13 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as err:  # a full disk: we hold the lock, so the file is ours to remove
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise WriteFailed(f"could not write {self.path}: {failure_reason(err)}") from None
         self._fd = fd
         return self
 

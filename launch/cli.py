@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from unison.caching import registry
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
 from unison.engine.stop import EXIT_PREEMPTED
+from unison.engine.writes import failure_reason
 from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
 EXIT_USAGE = 2
@@ -407,7 +409,13 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module) and name != "vae":
                 cast_component(component, DTYPES[args.dtype])
-    pipe.save_pretrained(out)
+    existed = out.exists()
+    try:
+        pipe.save_pretrained(out)
+    except OSError as err:  # a read-only filesystem, a full disk: what this command made goes
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise WriteFailed(f"could not write {out}: {failure_reason(err)}") from None
     print(f"wrote a tiny {args.family} pipeline ({args.dtype}) to {out}")
     return 0
 

@@ -210,3 +210,68 @@ def test_batch_write_failure_is_not_done_and_a_rerun_renders_it(tmp_path, monkey
     assert video.check_mp4(out / "second.mp4", frames=9, height=64, width=64) is None
     assert _leftovers(out) == ["first.mp4", "first.yaml", "manifest.jsonl", "second.mp4", "second.yaml",
                                "third.mp4", "third.yaml"]
+
+
+# -- every write failure is one line and exit 74, with nothing left --------------------------------
+
+def test_saved_latents_on_a_full_disk_are_a_write_failure(tmp_path):
+    """torch.save reports the disk's refusal as a RuntimeError: it is `could not write`, exit 74."""
+    out = tmp_path / "out"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "unison", "--steps", "1", "--set", "output.decode=false",
+                           "--save-latents", str(out / "z.pt")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env, preexec_fn=lambda: _limit_file_size(600))
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"unison: error: could not write {out / 'z.pt'}: ")
+    assert _leftovers(out) == []
+
+
+def test_ctrl_c_right_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The window between mkstemp and recording its name: the commit's cleanup still finds it."""
+    closes = []
+    real = os.close
+
+    def interrupted_close(fd):
+        real(fd)
+        closes.append(fd)
+        if len(closes) == 2:  # the second file's temporary exists and is not yet recorded
+            raise KeyboardInterrupt
+
+    fake = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    fake.close = interrupted_close
+    monkeypatch.setattr(writes, "os", fake)
+    with pytest.raises(KeyboardInterrupt):
+        writes.commit(writes.text_write(tmp_path / "a.yaml", "a: 1\n"), writes.text_write(tmp_path / "b.yaml", "b\n"))
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_while_taking_the_batch_lock_is_a_write_failure(tmp_path, monkeypatch):
+    import unison.launch.batch as batch
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fake = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    fake.pwrite = full
+    monkeypatch.setattr(batch, "os", fake)
+    with pytest.raises(WriteFailed, match=r"could not write .*\.unison\.lock: No space left on device$"):
+        batch.OutputLock(tmp_path / "out").__enter__()
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_make_tiny_on_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch, capsys):
+    from diffusers import DiffusionPipeline
+
+    from unison.launch.cli import main
+
+    def read_only(self, folder, **kw):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model_index.json").write_text("{")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", read_only)
+    assert main(["make-tiny", "--family", "wan", "--out", str(tmp_path / "tiny")]) == 74
+    err = capsys.readouterr().err
+    assert err == f"unison: error: could not write {tmp_path / 'tiny'}: Read-only file system\n"
+    assert not (tmp_path / "tiny").exists()
