@@ -67,11 +67,12 @@ def config_reader(model: ModelConfig, spec: ModelSpec):
     return read
 
 
-def check_limits(s: SamplingConfig, spec: ModelSpec, model: ModelConfig) -> None:
+def check_limits(s: SamplingConfig, spec: ModelSpec, model: ModelConfig, *, read=None) -> None:
     """Size, frames, text length and steps against the model's own limits, read from its config
     files (RoPE table, text encoder, scheduler), so that --dry-run refuses what would otherwise
-    fail only after loading, or try to allocate tens of GB."""
-    read = config_reader(model, spec)
+    fail only after loading, or try to allocate tens of GB. `read` (default: the folder's or the
+    tiny preset's files) gives the configs another way (`unison plan`'s published models)."""
+    read = read or config_reader(model, spec)
     try:
         limits = spec.limits(read) if spec.limits is not None else Limits()
         train_steps = int(read("scheduler/scheduler_config.json").get("num_train_timesteps", 1000))

@@ -151,9 +151,11 @@ class CountCache:
         self.data: dict[str, dict] = {}
         if path is not None and path.is_file():
             try:
-                self.data = json.loads(path.read_text())
+                data = json.loads(path.read_text())
             except (OSError, ValueError):
-                self.data = {}  # a damaged cache is only a slower plan
+                data = {}  # a damaged cache is only a slower plan
+            # Anything but an object of objects (a list, a number) is damaged too.
+            self.data = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -167,12 +169,12 @@ class CountCache:
         if key not in self.data:
             self.data[key] = compute()
             if self.path is not None:
-                try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self.path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(self.data))
-                    tmp.replace(self.path)
-                except OSError:
+                from unison.engine.writes import commit, text_write
+                from unison.errors import WriteFailed
+
+                try:  # the verified write: its temporary goes whatever happens
+                    commit(text_write(self.path, json.dumps(self.data)))
+                except WriteFailed:
                     pass  # a read-only home: count again next time
         return self.data[key]
 

@@ -132,6 +132,9 @@ def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None
                 if getattr(config.sampling, name)}
     check_landings({"--out": str(out)}, model_path=plan.config.model.path, reads={**(reads or {}), **pictures})
     steps = plan.config.sampling.steps
+    if kind == "magcache" and steps < 2:  # a ratio table has a first and a last step
+        raise UserError(f"calibrate --cache magcache needs at least 2 steps (a ratio per step, first and last), "
+                        f"got {steps}")
     if kind == "teacache" and steps < DEGREE + 2:  # before anything loads
         raise UserError(f"calibrate --cache teacache needs at least {DEGREE + 2} steps ({DEGREE + 1} changes of "
                         f"the indicator for a degree-{DEGREE} fit), got {steps}")

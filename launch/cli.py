@@ -375,8 +375,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = apply_overrides(config, args.set or [])
     if args.family:  # a published model, whatever folder the recipe names
         config = config_from_dict({"model": {"path": None}}, base=config)
+    if args.skip_share is not None and config.cache.kind == "none":
+        raise UserError("--skip-share is the share of steps a cache skips: give --cache KIND with it")
     only = {axis: v for axis, v in (("ulysses", args.ulysses), ("ring", args.ring), ("cfg", args.cfg_parallel),
                                     ("patch", args.patch)) if v is not None}
+    # Degrees the config fixes (a recipe's or --set parallel.X=N) constrain the layouts too.
+    for axis in plan.FILTERS:
+        fixed = getattr(config.parallel, axis)
+        if fixed > 1 and only.setdefault(axis, fixed) != fixed:
+            raise UserError(f"--{'cfg-parallel' if axis == 'cfg' else axis} {only[axis]} and parallel.{axis}={fixed} "
+                            f"disagree; give one")
+    if args.counts_cache:
+        from unison.engine.targets import check_landings, check_writable
+
+        check_writable(args.counts_cache, what="--counts-cache")
+        check_landings({"--counts-cache": args.counts_cache}, model_path=config.model.path,
+                       reads=input_files(args))
     request = plan.Request(gpus=args.gpus, nodes=args.nodes, gpu=args.gpu.lower(), interconnect=args.interconnect,
                            family=args.family, skip_share=args.skip_share, only=only,
                            **({"counts_cache": Path(args.counts_cache)} if args.counts_cache else {}))

@@ -223,6 +223,8 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         (["--set", "model.compile=max"], "model.compile: expected"),
         (["--set", "output.fps=1180591620717411303424"], "output.fps must be at most 1000"),
         *_not_ours(tmp, wan_folder),
+        (["calibrate", "--cache", "magcache", "--steps", "1", "--out", str(tmp / "m.yaml")],
+         "calibrate --cache magcache needs at least 2 steps"),
     ]
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +206,17 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         (["plan", "--model", folder, "--gpus", "2"], "sampling.width=832 runs past the position table of Wan 2.1 T2V"),
         (["plan", "--family", "hunyuanvideo", "--gpus", "1", "--gpu", "l20", "--frames", "253"],
          "1280x720, 253 frames does not fit any layout on 1 x L20 48GB: the smallest needs"),
+        # A published model's own position table bounds the video as a folder's does.
+        (["plan", "--family", "wan2.1-14b", "--gpus", "8", "--frames", "100001"],
+         "sampling.frames=100001 runs past the position table of Wan 2.1 T2V (1.3B, 14B): at most 4093"),
+        (["plan", "--family", "hunyuanvideo", "--gpus", "8", "--height", "100000"],
+         "1280x100000, 129 frames is 16,500,000 video tokens; at most 4,194,304"),
+        # Settings that would be ignored: a skip share with no cache; a config's fixed degree.
+        ([*tiny, "--gpus", "2", "--skip-share", "0.5"], "--skip-share is the share of steps a cache skips: give "
+                                                         "--cache KIND with it"),
+        ([*tiny, "--gpus", "4", "--ulysses", "2", "--set", "parallel.ulysses=4"],
+         "--ulysses 2 and parallel.ulysses=4 disagree; give one"),
+        ([*tiny, "--gpus", "6", "--set", "parallel.ulysses=4"], "no layout uses 6 GPUs with ulysses 4"),
     ]
 
 
@@ -262,7 +275,8 @@ def test_every_cache_kind_is_planned_by_what_it_skips(counts, capsys):
     project less than pab (attention only) and no cache; each kind's state is in the memory column."""
     def video_seconds(kind: str) -> float:
         capsys.readouterr()
-        assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "1", "--cache", kind, "--skip-share", "0.5",
+        share = ["--skip-share", "0.5"] if kind != "none" else []  # no cache skips nothing (refused)
+        assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "1", "--cache", kind, *share,
                      "--counts-cache", counts]) == 0
         best = next(line for line in capsys.readouterr().out.splitlines() if line[5:6] == "*")
         return float(best.split()[-2].replace(",", ""))
@@ -352,3 +366,36 @@ def test_image_to_video_plans_the_condition_encode(counts, capsys, tmp_path):
         vae_gib("--family", "wan2.2-ti2v-5b", "--set", f"sampling.image={picture}")
     assert i2v > t2v + 1.0, (i2v, t2v)
     assert ti2v_image >= ti2v_text, (ti2v_image, ti2v_text)
+
+
+def test_a_fixed_degree_in_the_config_constrains_the_layouts(tiny_folder, counts, capsys):
+    assert main(["plan", "--model", tiny_folder("wan"), *SIZE, "--gpus", "4", "--set", "parallel.ulysses=2",
+                 "--counts-cache", counts]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"  [ \d]{2}\d[* ][a-z]", line)]
+    assert rows and all(line[6:].startswith("ulysses 2 ") for line in rows), rows
+
+
+def test_image_to_video_plans_without_a_picture(counts, capsys):
+    """The condition's VAE encode depends on the size alone: a stand-in picture, counted."""
+    assert main(["plan", "--family", "wan2.1-i2v-14b", "--gpus", "8", "--counts-cache", counts]) == 0
+    out = capsys.readouterr().out
+    assert "unison plan: Wan 2.1 I2V" in out and "832x480, 81 frames" in out
+
+
+def test_the_counts_cache_is_checked_and_a_damaged_one_is_rewritten(tiny_folder, tmp_path, capsys):
+    folder = tiny_folder("wan")
+    tiny = ["plan", "--model", folder, *SIZE, "--gpus", "2"]
+    damaged = tmp_path / "list.json"
+    damaged.write_text("[1, 2]")
+    assert main([*tiny, "--counts-cache", str(damaged)]) == 0  # a list is a damaged cache: counted again
+    assert isinstance(json.loads(damaged.read_text()), dict)
+    (tmp_path / "dir.json").mkdir()
+    for where, message in ((tmp_path / "dir.json", "--counts-cache is a folder, not a file"),
+                           (Path(folder) / "counts.json", "--counts-cache (" + folder + "/counts.json) is inside the "
+                                                                                       "model folder")):
+        capsys.readouterr()
+        assert main([*tiny, "--counts-cache", str(where)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "list.json"]  # no temporary left
+    assert list((tmp_path / "dir.json").iterdir()) == []

@@ -129,6 +129,8 @@ class ModelSpec:
     """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
     joint_text: bool = False
     """Self-attention is joint video + text attention with padded text masked (HunyuanVideo)."""
+    needs_image: bool = False
+    """Image-to-video only: a render needs sampling.image (`unison plan` plans with a stand-in)."""
     parallel_vae: bool = False
     """Whether its VAE's tiled decode can be spread over the ranks (parallel/vae.py knows its VAE);
     checked at plan time against output.parallel_decode."""

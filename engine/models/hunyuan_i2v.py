@@ -199,6 +199,7 @@ HUNYUAN_VIDEO_I2V = ModelSpec(
     pipeline_class="HunyuanVideoImageToVideoPipeline", transformer_class="HunyuanVideoTransformer3DModel",
     experts=("transformer",), text_encoders=("text_encoder", "text_encoder_2"), fps=24,
     size_multiple=16, temporal_factor=4, embedded_guidance=True, joint_text=True, block_lists=BLOCK_LISTS,
+    needs_image=True,
     # diffusers' __call__ defaults (guidance_scale 1.0; its example uses 6.0 for HunyuanVideo-I2V).
     defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=1.0, true_cfg_scale=1.0,
                               max_sequence_length=256),

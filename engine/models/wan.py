@@ -114,8 +114,12 @@ def _tiny_pipeline(seed: int, *, variant: str):
     return WanImageToVideoPipeline(image_encoder=encoder, image_processor=processor, **common)
 
 
+I2V_FAMILIES = ("wan-i2v", "wan2.2-i2v")
+"""The Wan variants that need a picture."""
+
+
 def _check_sampling(family: str):
-    i2v = family in ("wan-i2v", "wan2.2-i2v")
+    i2v = family in I2V_FAMILIES
 
     def check(sampling) -> None:
         images.check_images(sampling, family=family, takes_image=i2v or family == "wan2.2-ti2v", needs_image=i2v,
@@ -335,7 +339,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, size_mul
         timestep_input=_timestep_input, expert_boundary=_expert_boundary, decode=_decode,
         initial_latents=_initial_latents, model_input=_model_input, finish=_finish,
         sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
-        parallel_vae=True,
+        parallel_vae=True, needs_image=family in I2V_FAMILIES,
         attention_modules=_attention_modules, limits=_limits, tiny_configs=_tiny_configs(family),
         notes=notes,
     )
