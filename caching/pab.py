@@ -44,6 +44,8 @@ class PyramidAttentionBroadcastConfig(CacheConfig):
             skip, lo, hi = self.rule(kind)
             if skip is not None and skip < 1:
                 raise ValueError(f"{kind}_skip_range must be at least 1 (or null), got {skip}")
+            if lo < 0:  # timesteps run from about 1000 down to 0
+                raise ValueError(f"{kind}_timestep_min must be at least 0, got {lo}")
             if lo >= hi:
                 raise ValueError(f"{kind}_timestep_min ({lo}) must be below {kind}_timestep_max ({hi})")
 

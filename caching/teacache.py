@@ -137,6 +137,7 @@ class TeaCacheConfig(CacheConfig):
         if self.coefficients is not None and len(self.coefficients) - 1 not in DEGREES:
             raise ValueError(f"coefficients needs 5 values (a 4th-degree polynomial, highest power first) or 6 "
                              f"(5th degree), got {len(self.coefficients)}")
+        self.at_least(threshold=0.0)  # a negative threshold would never skip, without a word
         self.at_least(warmup_steps=0, max_consecutive_skips=1, nullable=True)
 
     def check_complete(self) -> None:

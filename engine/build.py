@@ -225,6 +225,9 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
         raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
     if p.pipefusion_patches is not None and p.pipefusion_patches < 1:
         raise UserError(f"parallel.pipefusion_patches must be at least 1 (or null), got {p.pipefusion_patches}")
+    if p.patch_mode == "pipefusion" and p.patch == 1 and not p.auto:
+        raise UserError("parallel.patch_mode=pipefusion (--pipefusion) needs patch parallelism: give parallel.patch "
+                        "(--patch N) above 1, or leave --pipefusion out")
     if p.patch > 1 and p.ring > 1:
         raise UserError(f"patch parallelism does not combine with ring (got patch {p.patch}, ring {p.ring}): "
                         f"ring exists to not hold the whole sequence's K/V, and the stale K/V buffers hold it "

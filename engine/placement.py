@@ -125,3 +125,9 @@ def check_compile(mode: str, device: torch.device) -> None:
     elif not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         raise UserError("model.compile=blocks on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
                         "use model.compile=none")
+    from unison.engine.compile_probe import probe
+
+    reason = probe(device.type)  # a compiler that is there but does not work (cached per machine)
+    if reason is not None:
+        raise UserError(f"model.compile=blocks: torch.compile does not work on this machine's {device.type} "
+                        f"toolchain (a tiny program failed: {reason}); fix the compiler or use model.compile=none")

@@ -312,7 +312,8 @@ def auto_layout(config: RunConfig, *, world_size: int, nodes: int = 1) -> tuple[
     layout = best.layout
     chosen = config_from_dict({
         "parallel": dict(auto=False, ulysses=layout.ulysses, ring=layout.ring, cfg=layout.cfg, patch=layout.patch,
-                         patch_mode="pipefusion" if layout.pipefusion else p.patch_mode,
+                         patch_mode="pipefusion" if layout.pipefusion else p.patch_mode if layout.patch > 1
+                         else "displaced",
                          shard_weights=layout.shard_weights),
         "model": {"offload": layout.offload or config.model.offload},
         "output": {"vae_tiling": layout.vae_tiling or config.output.vae_tiling}}, base=config)

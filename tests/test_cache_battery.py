@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,3 +343,31 @@ def test_lockstep_every_kind_every_layout(world, one_rank, tmp_path):
                     assert mine.get("all_gather", 0) < none.get("all_gather", 0), kind
                 else:
                     assert mine.get("all_reduce", 0) > none.get("all_reduce", 0), kind
+
+
+def _numeric_fields(kind: str) -> list[tuple[str, bool]]:
+    """(field, takes floats) for every scalar number in the kind's config (not flags, not lists)."""
+    hints = typing.get_type_hints(registry.KINDS[kind].config)
+    found = []
+    for f in dataclasses.fields(registry.KINDS[kind].config):
+        types_ = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if bool not in types_ and (int in types_ or float in types_):
+            found.append((f.name, float in types_))
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_refuses_the_same_classes_of_values(kind):
+    """Every numeric field of every kind: a negative value, and for real numbers NaN and infinity,
+    are one line naming the field, before loading (a negative TeaCache threshold never skipped)."""
+    never = SETTINGS[kind].never
+    base = {f.name: getattr(never, f.name) for f in dataclasses.fields(never) if getattr(never, f.name) is not None}
+    fields = _numeric_fields(kind)
+    assert fields, kind
+    for name, real in fields:
+        for bad in (-1, *((math.nan, math.inf) if real else ())):
+            with pytest.raises(UserError) as err:
+                plan_run(config_from_dict({"model": {"family": "wan"}, "cache": {**base, name: bad}}))
+            message = str(err.value)
+            assert f"cache.{name}" in message or (f"cache." in message and name in message), (kind, name, bad, message)
+            assert "\n" not in message

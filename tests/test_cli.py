@@ -225,6 +225,7 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         *_not_ours(tmp, wan_folder),
         (["calibrate", "--cache", "magcache", "--steps", "1", "--out", str(tmp / "m.yaml")],
          "calibrate --cache magcache needs at least 2 steps"),
+        (["--pipefusion"], "parallel.patch_mode=pipefusion (--pipefusion) needs patch parallelism"),
     ]
 
 
@@ -375,3 +376,26 @@ def test_mp4_without_imageio_ffmpeg_is_refused_before_loading(tmp_path, monkeypa
     assert "needs the 'imageio-ffmpeg' package" in err and err.count("\n") == 1
     assert main(["--set", "output.decode=false", "--save-latents", "z.pt", "--steps", "1"]) == 0
     assert (tmp_path / "z.pt").is_file() and not (tmp_path / "unison.mp4").exists()
+
+
+def test_a_compiler_that_does_not_work_is_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    """A C++ compiler on PATH that fails: a tiny program compiled in a child process says so before
+    anything loads; the answer is remembered per machine and toolchain."""
+    import subprocess
+
+    from unison.engine import compile_probe
+
+    broken = tmp_path / "broken-g++"
+    broken.write_text("#!/bin/sh\necho 'fatal error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(broken))
+    assert main(["--compile", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unison: error: model.compile=blocks: torch.compile does not work on this machine's cpu "
+                          "toolchain (a tiny program failed: ") and "C++ compiler" in err and err.count("\n") == 1
+    assert json.loads(compile_probe.cache_file().read_text())[compile_probe.key("cpu")]["works"] is False
+    # Remembered: no child process the second time.
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("probed again"))
+    assert main(["--compile", "--dry-run"]) == 2 and "does not work" in capsys.readouterr().err
+    monkeypatch.undo()
