@@ -147,3 +147,23 @@ def for_vae(processor, image, *, height: int, width: int, mode: str):
     import torch
 
     return processor.preprocess(image, height=height, width=width, resize_mode=RESIZE_MODES[mode]).to(torch.float32)
+
+
+def stand_in_picture(sampling, spec):
+    """`sampling` with a gray 64 x 64 picture standing in for a model that needs one and has none:
+    for planning what does not depend on the picture (`unison plan` counts the condition's encode
+    by the video's size; a batch's engine is planned before its jobs bring their pictures). The
+    file is removed when the process ends."""
+    if not spec.needs_image or sampling.image is not None:
+        return sampling
+    import atexit
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    folder = tempfile.mkdtemp(prefix="unison-stand-in-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "stand-in.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(path)
+    return dataclasses.replace(sampling, image=str(path))

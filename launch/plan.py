@@ -12,6 +12,7 @@ from pathlib import Path
 
 from unison.engine import plan_model
 from unison.engine.config import RunConfig, config_from_dict
+from unison.engine.images import stand_in_picture
 from unison.engine.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import get_spec
@@ -63,7 +64,7 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
         parts = plan_model.from_folder(path, spec, index)
     else:
         raise UserError(f"plan needs --family (one of {', '.join(plan_model.PUBLISHED)}) or --model DIR")
-    sampling = _stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False), spec)
+    sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False), spec)
     check_sampling(sampling, spec)
     # A folder's own position table and text length bound the video; a published model's, its
     # published configs.
@@ -83,24 +84,6 @@ def _published_reader(parts: dict):
         return dict(parts[part][2]) if file == "config.json" and part in parts else {}
 
     return read
-
-
-def _stand_in_picture(sampling, spec):
-    """An image-to-video plan needs no real picture: a gray one stands in (what the plan counts,
-    the condition's VAE encode, depends on the video's size alone). Removed when the process ends."""
-    if not spec.needs_image or sampling.image is not None:
-        return sampling
-    import atexit
-    import shutil
-    import tempfile
-
-    from PIL import Image
-
-    folder = tempfile.mkdtemp(prefix="unison-plan-")
-    atexit.register(shutil.rmtree, folder, True)
-    path = Path(folder) / "stand-in.png"
-    Image.new("RGB", (sampling.width, sampling.height), (128, 128, 128)).save(path)
-    return dataclasses.replace(sampling, image=str(path))
 
 
 def branches(spec, sampling) -> int:
@@ -329,7 +312,7 @@ def _tiny_model(config: RunConfig, request: Request):
 
     spec = get_spec(_resolve_family(config.model)[0])
     parts = plan_model.from_pipeline(spec.build_tiny(config.model.tiny_seed), spec)
-    sampling = _stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=True), spec)
+    sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=True), spec)
     check_sampling(sampling, spec)
     latent = plan_model.latent_shape(spec, parts, height=sampling.height, width=sampling.width, frames=sampling.frames)
     return plan_model.RealModel(spec, parts, latent, sampling.max_sequence_length,

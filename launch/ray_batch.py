@@ -66,7 +66,9 @@ class RankActor:
         if threads is not None:  # CPU bundles: as many threads as the bundle has cores
             torch.set_num_threads(threads)
         # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), hence local_rank 0.
-        plan = plan_run(config, world_size=world_size, local_rank=0)
+        from unison.launch.runs import engine_config
+
+        plan = plan_run(engine_config(config), world_size=world_size, local_rank=0)
         DistEnv(rank=rank, world_size=world_size, local_rank=0, master_addr=address, master_port=port,
                 source="ray").init(timeout_s=config.parallel.timeout_s, placement=plan.placement)
         self.worker = Worker(plan)

@@ -6,6 +6,8 @@ read) before any process group forms or any model loads.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
     from unison.parallel.failure import FailureWatch
 
     env = env or DistEnv.detect()
-    plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank)
+    plan = plan_run(engine_config(config), world_size=env.world_size, local_rank=env.local_rank)
     timeout_s = plan.config.parallel.timeout_s
     with env.joined(timeout_s=timeout_s, placement=plan.placement), contextlib.ExitStack() as owned:
         if env.world_size == 1:
@@ -81,7 +83,18 @@ def _engine_plan(config: RunConfig, ranks_per_engine: int | None):
     """One engine's plan; its world size is --ranks-per-engine or the product of the degrees
     (which must multiply to it)."""
     p = config.parallel
-    return plan_run(config, world_size=ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch)
+    return plan_run(engine_config(config), world_size=ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch)
+
+
+def engine_config(config: RunConfig) -> RunConfig:
+    """The config a batch's engine is planned with: an image-to-video batch's jobs bring their own
+    pictures (each job is checked with its own), so a picture stands in for the command line's."""
+    from unison.engine.build import _resolve_family
+    from unison.engine.images import stand_in_picture
+    from unison.engine.models import get_spec
+
+    spec = get_spec(_resolve_family(config.model)[0])
+    return dataclasses.replace(config, sampling=stand_in_picture(config.sampling, spec))
 
 
 def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engines: int | None,
