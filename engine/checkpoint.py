@@ -269,6 +269,11 @@ class Checkpoints:
             if step not in self.written[-KEEP:]:
                 self._path(step).unlink(missing_ok=True)
 
+    def wait_for_all(self) -> None:
+        """Every rank has committed its checkpoint (a barrier over the engine's ranks)."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
     def remove(self) -> None:
         """The render's results are written: this rank's checkpoints go (and temporaries a killed
         writer left), and the folder once empty."""

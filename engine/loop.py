@@ -272,6 +272,7 @@ def denoise(
                     on_phase("checkpointing", i + 1, len(timesteps))
                 checkpoints.save(i, latents, pipe.scheduler, caches)
                 if preempted:
+                    checkpoints.wait_for_all()  # no rank leaves (and is reaped) before every checkpoint is in
                     raise Preempted(i + 1, len(timesteps), str(checkpoints.folder))
             if on_step is not None:
                 on_step(record)

@@ -5,14 +5,18 @@ The handler only sets a flag (`StopRequest.signalled`); the loop asks `StopReque
 at every step boundary. On one process the flag is the answer. With several ranks, only the rank
 (or ranks) signalled know: the first to see its flag publishes `stop_at` in the rendezvous store
 (compare_set, so the first value wins) and every rank reads the key at each boundary, one TCP
-round trip on the host, no collective and no GPU synchronisation. A second signal takes the
-default action (the process ends at once): the handler gives the signals back to SIG_DFL.
+round trip on the host, no collective and no GPU synchronisation. A second signal ends the process
+at once with 143. Every rank waits for the others' checkpoints before leaving the render, so a
+launcher that signals the remaining ranks once one has exited never cuts a checkpoint short; and
+the CLI keeps 143 for a signal that arrives after the render (signals_exit_143).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -28,6 +32,54 @@ rank publishes at boundary `done`, the others have finished at most `done + 1` s
 patches wait for an exchange a step later, which loosens the coupling by up to one step more
 in the worst case, hence 2 and not 1). `done + 2` is therefore still ahead of every rank, and each
 reads the key before reaching it."""
+
+
+def exit_preempted(signum, frame) -> None:
+    """End the process at once with 143 ("preempted, resumable"), not by the signal: a launcher
+    (torchrun's agent, Slurm) reads a signal death as a crash. Whatever was committed is on disk;
+    a commit under way removes its temporaries first (engine/writes.py takes the signal over)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_PREEMPTED)
+
+
+def exit_143_until_the_end() -> None:
+    """The CLI's entry point: SIGTERM and SIGUSR1 end this process with 143 from now until it exits
+    (a render installs its own handlers meanwhile and gives these back)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, exit_preempted)
+
+
+def ignore_signals_while_exiting() -> None:
+    """The command is done and its exit code set: SIGTERM and SIGUSR1 are ignored from here. (Python's
+    finalization puts Python-level handlers back to the default action, and a torch process can take
+    a while to finalize: a launcher's signal landing then would read as a crash.)"""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def signals_exit_143() -> Iterator[None]:
+    """For a command's whole life (the CLI's): SIGTERM and SIGUSR1 outside a render end the process
+    with 143 too, so that every rank of a preempted torchrun job exits 143 whether the launcher's
+    signal finds it inside its render (a clean stop) or past it (on its way out). Main thread only;
+    the previous handlers come back on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, exit_preempted)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class StopRequest:
@@ -73,8 +125,8 @@ class StopRequest:
 
         def handle(signum, frame) -> None:
             self.signalled = True
-            for sig in SIGNALS:  # a second signal: the default action, the process ends at once
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in SIGNALS:  # a second signal ends the process at once, with 143
+                signal.signal(sig, exit_preempted)
 
         handle.deferred_stop = True  # engine/writes.py lets a commit under way finish
         for sig in SIGNALS:

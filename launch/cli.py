@@ -20,7 +20,8 @@ from pathlib import Path
 
 from unison.caching import registry
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.engine.stop import EXIT_PREEMPTED
+from unison.engine.stop import (EXIT_PREEMPTED, exit_143_until_the_end, ignore_signals_while_exiting,
+                                signals_exit_143)
 from unison.engine.writes import failure_reason
 from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
@@ -434,6 +435,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `unison` command and `python -m unison`: main(), with 143 kept for a SIGTERM or SIGUSR1
+    that arrives after the command's work, while the process ends (engine/stop.py)."""
+    exit_143_until_the_end()
+    code = main()
+    ignore_signals_while_exiting()
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -443,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "batch": cmd_batch, "slurm": cmd_slurm,
                 "plan": cmd_plan, "make-tiny": cmd_make_tiny}
     try:
-        return commands[args.command](args)
+        with signals_exit_143():
+            return commands[args.command](args)
     except UserError as err:
         print(f"unison: error: {err}", file=sys.stderr)
         return EXIT_USAGE

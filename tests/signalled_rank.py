@@ -24,6 +24,7 @@ def signal_on_call(module, args):
 if __name__ == "__main__":
     if os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
         torch.nn.modules.module.register_module_forward_pre_hook(signal_on_call)
-    from unison.launch.cli import main
+    from unison.launch.cli import entry
 
-    sys.exit(main(sys.argv[1:]))
+    sys.argv[0] = "unison"
+    entry()  # as the `unison` command does

@@ -167,3 +167,57 @@ def test_stop_request_agrees_through_the_store():
     assert not alone.should_stop(1)
     alone.signalled = True
     assert alone.should_stop(1)
+
+
+def test_every_rank_exits_143_when_a_launcher_signals_it_on_its_way_out(tmp_path):
+    """torchrun's agent SIGTERMs the remaining ranks once one has exited: a rank that is past its
+    render by then must still exit 143, not die of the signal (the launcher would report a crash).
+    Here the harness plays the agent: rank 1 is signalled mid-step; once rank 0 has printed its
+    preempted line (its render is over), it gets SIGTERM too. Several tries, each a new race."""
+    import signal
+    import time
+
+    env = dict(_base_env(), MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", WORLD_SIZE="2",
+               SIGNAL="TERM", SIGNAL_RANK="1", SIGNAL_AT=str(2 * CALLS_PER_STEP + 1))
+    for attempt in range(3):
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        args = _args(folder, "video", "--ulysses", "2", "--set", "output.decode=false")
+        port = str(free_port())
+        procs, logs = [], []
+        for rank in range(2):
+            logs.append(folder / f"rank{rank}.err")
+            with open(logs[-1], "w") as err:
+                procs.append(subprocess.Popen([sys.executable, str(HELPER), *args], stdout=subprocess.DEVNULL,
+                                              stderr=err, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
+                                                                   MASTER_PORT=port)))
+        deadline = time.monotonic() + 180
+        while "unison: preempted at step" not in logs[0].read_text() and time.monotonic() < deadline \
+                and procs[0].poll() is None:
+            time.sleep(0.01)
+        procs[0].send_signal(signal.SIGTERM)  # the agent's signal, after rank 0's render
+        codes = [p.wait(timeout=120) for p in procs]
+        assert codes == [143, 143], (attempt, codes, logs[0].read_text()[-1500:], logs[1].read_text()[-1500:])
+        steps = {_preempted_step(143, log.read_text().strip().splitlines()[-1]) for log in logs}
+        assert steps == {5}  # both stopped where rank 1 published (step 3 + 2), checkpoints in place
+        assert all((folder / "video.mp4.ckpt" / f"rank{r}.step5.pt").is_file() for r in range(2))
+
+
+def test_under_torchrun_every_rank_exits_143(tmp_path):
+    """SIGTERM to one rank of `torchrun --nproc-per-node 2`: the agent's own SIGTERM to the other
+    rank lands past its render (often during the interpreter's finalization, where Python puts its
+    handlers back to the default): torchrun's report must show 143 for both, never a signal death.
+    (torchrun itself exits 1 whenever a worker exits non-zero.) Three tries, each a new race."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    for attempt in range(3):
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        env = dict(_base_env(), MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", SIGNAL="TERM",
+                   SIGNAL_RANK=str(attempt % 2), SIGNAL_AT=str(2 * CALLS_PER_STEP + 1))
+        run = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                              str(free_port()), str(HELPER), *_args(folder, "video", "--ulysses", "2",
+                                                                     "--set", "output.decode=false")],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=folder)
+        codes = re.findall(r"^\s+exitcode\s+: (-?\d+)", run.stderr, re.M)  # the report's rows, one per rank
+        assert codes == ["143", "143"], (attempt, codes, run.stderr[-3000:])
+        assert run.stderr.count("unison: preempted at step 5 of 8;") == 2

@@ -1,6 +1,6 @@
-"""`python -m unison ...` (and `torchrun -m unison ...`) runs the CLI."""
+"""`python -m unison ...` (and `torchrun -m unison ...`) runs the CLI, as the `unison` command does."""
 
-from unison.launch.cli import main
+from unison.launch.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
