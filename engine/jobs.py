@@ -126,9 +126,10 @@ IMAGE_KEYS = ("image", "last_image")
 
 
 def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_size: int,
-               folder: Path | None = None) -> Job:
+               folder: Path | None = None, reads: dict[str, str] | None = None) -> Job:
     """One line -> a validated Job, or UserError saying what is wrong with it. `folder`: the jobs
-    file's, against which relative picture paths are resolved (None: the working directory)."""
+    file's, against which relative picture paths are resolved (None: the working directory);
+    `reads`: the command's input files (the recipe, the jobs file), which no job's output may replace."""
     try:
         obj = json.loads(text, parse_constant=_not_json)
     except UserError:
@@ -158,13 +159,14 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
         if value is not None and folder is not None and not Path(value).is_absolute():
             obj = {**obj, key: str(folder / value)}
     config = job_config(obj, base=base, out_dir=out_dir, job_id=job_id)
-    config = plan_run(config, world_size=world_size).config
+    config = plan_run(config, world_size=world_size, reads=reads).config
     return Job(id=job_id, line=number, config=config)
 
 
-def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path,
-              world_size: int = 1) -> tuple[list[Job], list[Problem]]:
-    """Every valid job of the file, in order, and a Problem for every line skipped."""
+def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path, world_size: int = 1,
+              reads: dict[str, str] | None = None) -> tuple[list[Job], list[Problem]]:
+    """Every valid job of the file, in order, and a Problem for every line skipped (a job whose
+    video or YAML would replace the jobs file or a file in `reads` among them)."""
     path, out_dir = Path(path), Path(out_dir)
     if path.is_dir():
         raise UserError(f"jobs file is a folder: {path}")
@@ -193,6 +195,7 @@ def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path,
             continue
         try:
             job = parse_line(text, number, base=base, out_dir=out_dir, world_size=world_size,
+                             reads={**(reads or {}), "the jobs file": str(path)},
                              folder=path.resolve().parent)
         except UserError as err:
             problems.append(Problem(number, _shorten(str(err))))

@@ -48,13 +48,13 @@ class Batch:
 
 
 def prepare(jobs_path: str | Path, out_dir: str | Path, *, base: RunConfig, world_size: int,
-            lock: contextlib.ExitStack | None = None) -> Batch:
+            lock: contextlib.ExitStack | None = None, reads: dict[str, str] | None = None) -> Batch:
     """Read and validate the jobs, report bad lines on stderr, remove a killed run's temporary
     files, and resume from the manifest. With `lock`, the folder's OutputLock is taken into it
     once the input has been checked (a refused run writes nothing) and before the first write."""
     out_dir = Path(out_dir).resolve()  # Ray actors and other nodes see the same absolute paths
     check_batch_output(out_dir, base)
-    jobs, problems = read_jobs(jobs_path, base=base, out_dir=out_dir, world_size=world_size)
+    jobs, problems = read_jobs(jobs_path, base=base, out_dir=out_dir, world_size=world_size, reads=reads)
     if lock is not None and jobs:
         Manifest(out_dir).records()  # a manifest that is not one is refused before the lock file is made
         lock.enter_context(OutputLock(out_dir))

@@ -344,13 +344,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.ray:
         return batch_on_ray(config, jobs=args.jobs, out=args.out, address=args.ray, engines=args.engines,
                             ranks_per_engine=args.ranks_per_engine, max_retries=args.max_retries,
-                            progress=args.progress)
+                            progress=args.progress, reads=input_files(args))
     from unison.launch.dist import DistEnv
 
     env = DistEnv.detect()
     config = resolve_auto(config, world_size=env.world_size, rank=env.rank)
     return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress,
-                       env=env)
+                       env=env, reads=input_files(args))
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:

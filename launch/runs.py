@@ -24,7 +24,7 @@ def _exit_code(ledger: Ledger) -> int:
 
 
 def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, progress: bool,
-                env: DistEnv | None = None) -> int:
+                env: DistEnv | None = None, reads: dict[str, str] | None = None) -> int:
     """A single process, or every rank of a torchrun / srun job as one engine. Rank 0 locks the
     folder, reads the jobs and the manifest and hands the list of jobs still to render to the
     other ranks."""
@@ -38,12 +38,12 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
     timeout_s = plan.config.parallel.timeout_s
     with env.joined(timeout_s=timeout_s, placement=plan.placement), contextlib.ExitStack() as owned:
         if env.world_size == 1:
-            batch = prepare(jobs, out, base=config, world_size=1, lock=owned)
+            batch = prepare(jobs, out, base=config, world_size=1, lock=owned, reads=reads)
         else:
             payload: list = [None]
             if env.rank == 0:
                 try:
-                    payload = [prepare(jobs, out, base=config, world_size=env.world_size, lock=owned)]
+                    payload = [prepare(jobs, out, base=config, world_size=env.world_size, lock=owned, reads=reads)]
                 except UserError as err:
                     payload = [str(err)]
             dist.broadcast_object_list(payload, src=0)
@@ -98,12 +98,13 @@ def engine_config(config: RunConfig) -> RunConfig:
 
 
 def batch_on_ray(config: RunConfig, *, jobs: str, out: str, address: str, engines: int | None,
-                 ranks_per_engine: int | None, max_retries: int, progress: bool) -> int:
+                 ranks_per_engine: int | None, max_retries: int, progress: bool,
+                 reads: dict[str, str] | None = None) -> int:
     """The driver locks the folder and reads the batch before Ray starts: a finished batch
     returns at once, connecting to nothing."""
     ranks = _engine_plan(config, ranks_per_engine).world_size
     with contextlib.ExitStack() as owned:
-        batch = prepare(jobs, out, base=config, world_size=ranks, lock=owned)
+        batch = prepare(jobs, out, base=config, world_size=ranks, lock=owned, reads=reads)
         ledger = Ledger(Manifest(out), batch, max_retries=max_retries, progress=progress)
         try:
             if batch.todo:

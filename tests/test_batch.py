@@ -507,3 +507,20 @@ def test_ray_interrupt_stops_every_engine_and_the_batch_resumes(ray_local, singl
     assert _batch(jobs, out) == 0  # resume in one process
     assert _done_ids(out) == [f"j{i}" for i in range(6)] and len(_records(out)) == 6
     _assert_same_videos(out, reference, ["j3"])
+
+
+def test_a_job_whose_outputs_would_replace_an_input_is_refused(tmp_path, capsys):
+    """Job "recipe" would write recipe.yaml over the --config it was started with, job "jobs" its
+    YAML over the jobs file itself: both lines are refused, nothing is written or changed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = out / "recipe.yaml"
+    recipe.write_text("# mine\nmodel:\n  family: wan\n")
+    jobs = out / "jobs.yaml"
+    jobs.write_text('{"id": "recipe", "prompt": "a cat"}\n{"id": "jobs", "prompt": "a dog"}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["batch", str(jobs), "--out", str(out), "--config", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"line 1: the config written beside output.path ({out / 'recipe.yaml'}) would overwrite --config" in err
+    assert f"line 2: the config written beside output.path ({out / 'jobs.yaml'}) would overwrite the jobs file" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
