@@ -53,21 +53,31 @@ def test_smoke_run_completes_every_section(tmp_path):
         assert f"## {title}" in text
 
 
-def test_a_simulated_rank_computes_one_ranks_share(monkeypatch):
-    """Ulysses N on one device: the blocks see 1/N of the tokens, self-attention sees every token
-    with 1/N of the heads (the shapes one rank of N computes)."""
-    case = gpu_suite.smoke_cases()[0]
+def _built(index: int):
+    """A smoke case's transformer on the CPU in float32, and its inputs."""
+    case = gpu_suite.smoke_cases()[index]
     transformer = gpu_suite.build_transformer(case, torch.device("cpu"), torch.float32)
-    kwargs = gpu_suite.inputs(case, transformer, torch.device("cpu"), torch.float32)
-    seen = []
+    return case, transformer, gpu_suite.inputs(case, transformer, torch.device("cpu"), torch.float32)
+
+
+def _spy_attention(monkeypatch, record) -> None:
+    """record(query, key, keywords) for every scaled_dot_product_attention call."""
     sdpa = F.scaled_dot_product_attention
 
     def spy(*args, **kw):
-        q, k = (args[:2] if len(args) >= 2 else (kw["query"], kw["key"]))
-        seen.append(("attention", tuple(q.shape), tuple(k.shape)))
+        q, k = args[:2] if len(args) >= 2 else (kw["query"], kw["key"])
+        record(q, k, kw)
         return sdpa(*args, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+
+def test_a_simulated_rank_computes_one_ranks_share(monkeypatch):
+    """Ulysses N on one device: the blocks see 1/N of the tokens, self-attention sees every token
+    with 1/N of the heads (the shapes one rank of N computes)."""
+    case, transformer, kwargs = _built(0)
+    seen = []
+    _spy_attention(monkeypatch, lambda q, k, kw: seen.append(("attention", tuple(q.shape), tuple(k.shape))))
     block = transformer.blocks[0]
     tokens, heads = 3 * 4 * 4, transformer.config.num_attention_heads
     for n in (1, 2, 4):
@@ -87,19 +97,11 @@ def test_the_one_rank_row_uses_the_shares_attention_kernel(monkeypatch):
     """HunyuanVideo: diffusers' own processor passes a mask (torch's memory-efficient kernel on a
     GPU), the shares run the engine's unmasked attention (the flash kernel): the one-rank row must
     run the shares' processors, or its row is not comparable with theirs."""
-    case = gpu_suite.smoke_cases()[1]
-    transformer = gpu_suite.build_transformer(case, torch.device("cpu"), torch.float32)
-    kwargs = gpu_suite.inputs(case, transformer, torch.device("cpu"), torch.float32)
+    case, transformer, kwargs = _built(1)
     masks = []
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(*args, **kw):
-        q = args[0] if args else kw["query"]
-        if q.shape[-2] > case.text_tokens:  # the video attention (the text refiner attends to text alone)
-            masks.append(kw.get("attn_mask"))
-        return sdpa(*args, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    # The video attention (the text refiner attends to text alone, masked either way).
+    _spy_attention(monkeypatch, lambda q, k, kw: masks.append(kw.get("attn_mask"))
+                   if q.shape[-2] > case.text_tokens else None)
     with torch.no_grad():
         plain = transformer(**kwargs)[0]
         assert masks and all(m is not None for m in masks)  # diffusers' processor masks
