@@ -395,15 +395,27 @@ def caches(ctx: Context, limit: float) -> Iterator[dict]:
 def vae(ctx: Context, limit: float) -> Iterator[dict]:
     from diffusers import AutoencoderKLWan
 
+    held: dict = {}
+
+    def build() -> dict:
+        if ctx.smoke:
+            held["vae"] = get_spec("wan").build_tiny(0).vae
+        else:
+            with torch.device(ctx.device):
+                held["vae"] = AutoencoderKLWan()  # the Wan 2.1 VAE's configuration
+        held["vae"] = held["vae"].to(device=ctx.device, dtype=torch.float32).eval()
+        return {}
+
     if ctx.smoke:
-        model = get_spec("wan").build_tiny(0).vae
         sizes = [("tiny 64x64x9", (1, 16, 3, 8, 8), False)]
     else:
-        with torch.device(ctx.device):
-            model = AutoencoderKLWan()  # the Wan 2.1 VAE's configuration
         sizes = [("480x832x81", (1, 16, 21, 60, 104), False), ("480x832x81", (1, 16, 21, 60, 104), True),
                  ("720x1280x81", (1, 16, 21, 90, 160), True)]
-    model = model.to(device=ctx.device, dtype=torch.float32).eval()
+    failed = _row(build)
+    if failed:
+        yield {"video": "all", **failed}
+        return
+    model = held["vae"]
     for name, shape, tiled in sizes:
         def measure(shape=shape, tiled=tiled) -> dict:
             model.enable_tiling() if tiled else model.disable_tiling()
@@ -413,7 +425,7 @@ def vae(ctx: Context, limit: float) -> Iterator[dict]:
                 seconds = ctx.timer(lambda: model.decode(z, return_dict=False), repeat=1)
             return {"seconds": seconds, "peak_gib": peak_gib(ctx.device)}
         yield {"video": name, "tiled": tiled, **_row(measure)}
-    del model
+    held.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,6 +587,10 @@ def run_suite(*, smoke: bool, out: str | Path | None = None, skip_tests: bool = 
             rows.close()
             free_memory()
             results.add(section.title, {"error": f"section stopped at its limit of {limit:.0f} s"})
+        except Exception as err:  # noqa: BLE001 - a section that fails outside its rows is a row too
+            traceback.print_exc()
+            free_memory()
+            results.add(section.title, {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"})
         results.notes[section.title] = f"{time.perf_counter() - t0:.1f} s."
     total = time.perf_counter() - started
     results.header[2] += f" Total {total:.0f} s."

@@ -57,7 +57,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from unison.engine.config import OutputConfig, RunConfig
+from unison.engine.config import RunConfig
 from unison.engine.targets import CHECKPOINT_MARKER, checkpoint_folder
 from unison.engine.writes import commit, failure_reason, text_write, torch_write
 from unison.errors import UserError, WriteFailed

@@ -369,5 +369,5 @@ def test_every_kind_refuses_the_same_classes_of_values(kind):
             with pytest.raises(UserError) as err:
                 plan_run(config_from_dict({"model": {"family": "wan"}, "cache": {**base, name: bad}}))
             message = str(err.value)
-            assert f"cache.{name}" in message or (f"cache." in message and name in message), (kind, name, bad, message)
+            assert f"cache.{name}" in message or ("cache." in message and name in message), (kind, name, bad, message)
             assert "\n" not in message

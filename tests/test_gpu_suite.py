@@ -180,6 +180,18 @@ def test_a_section_past_its_limit_keeps_its_rows_and_the_suite_goes_on(tmp_path,
     assert "VAE decode, float32" in rows  # recorded: run, or skipped for the budget
 
 
+def test_a_section_that_fails_outside_its_rows_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
+    def broken(ctx, limit):
+        raise torch.OutOfMemoryError("CUDA out of memory while building the VAE")
+        yield  # a generator, as every section is
+
+    monkeypatch.setattr(gpu_suite, "SECTIONS", [gpu_suite.Section("broken", "broken", broken, 1, 1),
+                                                *gpu_suite.SECTIONS[-1:]])
+    _, rows = gpu_suite.run_suite(smoke=True, out=tmp_path)
+    assert rows["broken"] == [{"error": "OutOfMemoryError: CUDA out of memory while building the VAE"}]
+    assert "seconds" in rows["VAE decode, float32"][0]
+
+
 def test_smoke_writes_into_a_temporary_folder_not_the_checkout(capsys):
     results = SUITE.parent / "results"
     before = set(results.iterdir())
