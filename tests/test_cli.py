@@ -365,10 +365,10 @@ def test_cuda_requested_without_gpu(capsys):
 def test_mp4_without_imageio_ffmpeg_is_refused_before_loading(tmp_path, monkeypatch, capsys):
     """imageio-ffmpeg (68 MB, the ffmpeg binary inside) is needed only to write the mp4: without it
     a video is one line and exit 2 before loading; latents alone still render."""
-    import unison.engine.build as build
+    import unison.engine.targets as targets
 
-    real = build.importlib.util.find_spec
-    monkeypatch.setattr(build.importlib.util, "find_spec",
+    real = targets.importlib.util.find_spec
+    monkeypatch.setattr(targets.importlib.util, "find_spec",
                         lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
     monkeypatch.chdir(tmp_path)
     assert main(["--dry-run"]) == 2
