@@ -19,7 +19,7 @@ from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, ch
 from unison.engine.offload import Offloader
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
 from unison.engine.precision import cast_component, class_has_fp32_islands
-from unison.engine.targets import check_output
+from unison.engine.targets import check_output, picture_reads
 from unison.parallel.attention import check_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -327,9 +327,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                         "only: patch parallelism keeps its own K/V buffers and HunyuanVideo's joint attention "
                         "masks padded text, which xfuser's layer cannot; use flash-attn or sdpa")
     check_compile(config.model.compile, device)
-    pictures = {f"sampling.{name}": getattr(config.sampling, name) for name in ("image", "last_image")
-                if getattr(config.sampling, name)}
-    check_output(config.output, model_path=config.model.path, reads={**(reads or {}), **pictures})
+    check_output(config.output, model_path=config.model.path,
+                 reads={**(reads or {}), **picture_reads(config.sampling)})
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
     resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output, cache=cache, cache_2=cache_2)
     return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size,

@@ -113,9 +113,12 @@ def _to_rgb(image):
 
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
+        brightest = values.max(initial=0)
         # 16-bit files open as I;16 (or I holding 0..65535); F as PIL leaves it (0..1 or 0..255).
-        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0 if image.mode == "F" else \
-            65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            top = 1.0 if brightest <= 1.0 else 255.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or brightest > 255 else 255.0
         gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

@@ -73,8 +73,7 @@ def signals_exit_143() -> Iterator[None]:
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig in SIGNALS:
-        signal.signal(sig, exit_preempted)
+    exit_143_until_the_end()
     try:
         yield
     finally:

@@ -43,6 +43,12 @@ def is_ours(folder: Path) -> bool:
     return all(CHECKPOINT_NAMES.fullmatch(n) for n in names) and any(n.startswith("rank") for n in names)
 
 
+def picture_reads(sampling) -> dict[str, str]:
+    """The pictures a run reads (sampling.image, sampling.last_image), as `reads` for check_landings."""
+    return {f"sampling.{name}": getattr(sampling, name) for name in ("image", "last_image")
+            if getattr(sampling, name)}
+
+
 def check_writable(path: str | Path, *, what: str, suffix: str | None = None) -> None:
     target = Path(path)
     if suffix and target.suffix.lower() != suffix:

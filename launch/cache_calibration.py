@@ -118,7 +118,7 @@ def _link_experts(engine):
 def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None = None) -> int:
     from unison.engine.build import plan_run
     from unison.engine.render import Engine
-    from unison.engine.targets import check_landings, check_writable
+    from unison.engine.targets import check_landings, check_writable, picture_reads
     from unison.engine.writes import commit, text_write
 
     kind = config.cache.kind
@@ -128,9 +128,8 @@ def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; give the recipe's file name")
     check_writable(out, what="--out")
-    pictures = {f"sampling.{name}": getattr(config.sampling, name) for name in ("image", "last_image")
-                if getattr(config.sampling, name)}
-    check_landings({"--out": str(out)}, model_path=plan.config.model.path, reads={**(reads or {}), **pictures})
+    check_landings({"--out": str(out)}, model_path=plan.config.model.path,
+                   reads={**(reads or {}), **picture_reads(config.sampling)})
     steps = plan.config.sampling.steps
     if kind == "magcache" and steps < 2:  # a ratio table has a first and a last step
         raise UserError(f"calibrate --cache magcache needs at least 2 steps (a ratio per step, first and last), "
