@@ -376,7 +376,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = apply_overrides(config, args.set or [])
     if args.family:  # a published model, whatever folder the recipe names
         config = config_from_dict({"model": {"path": None}}, base=config)
-    if args.skip_share is not None and config.cache.kind == "none":
+    if args.skip_share is not None and config.cache.kind == registry.NONE:
         raise UserError("--skip-share is the share of steps a cache skips: give --cache KIND with it")
     only = {axis: v for axis, v in (("ulysses", args.ulysses), ("ring", args.ring), ("cfg", args.cfg_parallel),
                                     ("patch", args.patch)) if v is not None}
