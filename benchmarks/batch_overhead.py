@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from unison.engine.config import load_yaml
-from unison.engine.jobs import Manifest
+from unison.launch.jobs import Manifest
 from unison.engine.render import Engine
 from unison.launch.batch import Ledger, prepare
 from unison.launch.cli import default_config_path, main

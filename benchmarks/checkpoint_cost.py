@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from multirank import run_ranks  # noqa: E402
 
-from unison.engine.checkpoint import Checkpoints, checkpoint_dir  # noqa: E402
+from unison.engine.io.checkpoint import Checkpoints, checkpoint_dir  # noqa: E402
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig  # noqa: E402
 from unison.engine.render import Engine  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from unison.engine import meta_model
+from unison.engine.planner import meta as meta_model
 
 MEASURE = """
 import ctypes, json, sys

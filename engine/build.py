@@ -11,7 +11,7 @@ import torch
 
 from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, ParallelConfig, RunConfig, SamplingConfig
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.engine import images
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset

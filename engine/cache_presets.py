@@ -21,7 +21,7 @@ from unison.caching import magcache_presets, teacache
 from unison.caching.base import CacheConfig
 from unison.engine.config import ModelConfig, SamplingConfig
 from unison.engine.models import ModelSpec
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 KINDS = {"magcache": ("MagCache", magcache_presets.PRESETS), "teacache": ("TeaCache", teacache.PRESETS)}
 """The cache kinds with published presets: (title, their presets by name)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from unison.caching import Cache, registry
 from unison.caching.base import CacheConfig, Site
 from unison.engine.models import ModelSpec
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 
 def _site(transformer, spec: ModelSpec, name: str, runtime) -> Site:

@@ -76,8 +76,8 @@ def probe(device_type: str) -> str | None:
         reason = None if proc.returncode == 0 else _reason(proc.stderr, proc.returncode)
     except subprocess.TimeoutExpired:
         reason = f"compiling a tiny program took over {TIMEOUT_S} s"
-    from unison.engine.writes import commit, text_write
-    from unison.errors import WriteFailed
+    from unison.engine.io.writes import commit, text_write
+    from unison.engine.errors import WriteFailed
 
     data = {**_read(), key(device_type): {"works": reason is None, "reason": reason}}
     try:

@@ -19,7 +19,7 @@ import yaml
 
 from unison.caching import registry
 from unison.caching.base import CacheConfig
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)

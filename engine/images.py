@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 RESIZE_MODES = {"stretch": "default", "crop": "crop", "pad": "fill"}
 """sampling.image_resize -> diffusers' VaeImageProcessor resize_mode."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from unison.engine.config import ModelConfig, RunConfig, SamplingConfig
 from unison.engine.models import ModelSpec, read_json
 from unison.engine.models.base import Limits
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 SEED_RANGE = (-2**63, 2**64 - 1)
 """What torch.Generator.manual_seed takes (a negative seed s draws as 2**64 + s)."""

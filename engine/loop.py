@@ -16,12 +16,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from unison.engine.checkpoint import Checkpoints
+from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.config import SamplingConfig
 from unison.engine.models import Conditioning, ModelSpec
 from unison.engine.offload import Offloader
-from unison.engine.stop import StopRequest
-from unison.errors import NonFiniteLatents, Preempted
+from unison.engine.io.stop import StopRequest
+from unison.engine.errors import NonFiniteLatents, Preempted
 from unison.parallel.comm import all_gather
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 
 @dataclass(frozen=True)

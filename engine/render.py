@@ -17,16 +17,16 @@ from tqdm import tqdm
 from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
 from unison.engine.caches import apply_caches
 from unison.engine.caches import describe as describe_caches
-from unison.engine import faults
-from unison.engine.checkpoint import Checkpoints
+from unison.engine.io import faults
+from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine import schedulers
 from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
 from unison.engine.same_settings import check_same_settings
-from unison.engine.stop import StopRequest
-from unison.engine.video import mp4_write, to_uint8_frames
-from unison.engine.writes import commit, text_write, torch_write
+from unison.engine.io.stop import StopRequest
+from unison.engine.io.video import mp4_write, to_uint8_frames
+from unison.engine.io.writes import commit, text_write, torch_write
 
 log = logging.getLogger("unison")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from unison.engine.config import RunConfig
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 PER_RANK = frozenset({"model.path", "model.device", "output.progress", "sampling.image", "sampling.last_image"})
 """Fields that may differ from rank to rank (the folder and the pictures are compared by content)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 FLOW = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
 SCHEDULERS: dict[str, tuple[str, dict]] = {

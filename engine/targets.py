@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from unison.engine.config import OutputConfig, RunConfig
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 MAX_FPS = 1000
 """Frame rates above this are no video anyone plays (and 2**70 made the encoder write nothing)."""

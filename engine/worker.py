@@ -16,8 +16,16 @@ from typing import Callable
 
 from unison.engine.build import Plan, plan_run
 from unison.engine.config import RunConfig
-from unison.engine.jobs import Job
 from unison.engine.render import Engine
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    line: int
+    """1-based line number in the jobs file."""
+    config: RunConfig
+    """The whole resolved config for this job; output.path is DIR/<id>.mp4."""
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
-from unison.engine.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, recomputed, resume
+from unison.launch.jobs import Job, Manifest, Problem, Record, clean_partial_files, read_jobs, recomputed, resume
 from unison.engine.worker import Progress
-from unison.engine.writes import failure_reason
+from unison.engine.io.writes import failure_reason
 from unison.caching.agree import CacheDisagreement
-from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
+from unison.engine.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
 log = logging.getLogger("unison")
 

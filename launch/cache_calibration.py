@@ -39,7 +39,7 @@ from pathlib import Path
 from unison.caching.magcache import MagCacheConfig
 from unison.caching.teacache import TeaCacheConfig
 from unison.engine.config import RunConfig, dump_yaml
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 DIGITS = 8
 """Significant digits written per ratio (float64 sums on N ranks differ from one rank's only far below)."""
@@ -119,7 +119,7 @@ def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None
     from unison.engine.build import plan_run
     from unison.engine.render import Engine
     from unison.engine.targets import check_landings, check_writable, picture_reads
-    from unison.engine.writes import commit, text_write
+    from unison.engine.io.writes import commit, text_write
 
     kind = config.cache.kind
     measuring = calibration_config(config, kind)

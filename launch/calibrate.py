@@ -13,9 +13,9 @@ import re
 import statistics
 from pathlib import Path
 
-from unison.engine import plan_model
-from unison.engine.hardware import GPUS, Calibration, suite_forward_rows
-from unison.engine.plan_model import ceil_div
+from unison.engine.planner import model as plan_model
+from unison.engine.planner.hardware import GPUS, Calibration, suite_forward_rows
+from unison.engine.planner.model import ceil_div
 
 SUITE_CASES = {"Wan 2.1 1.3B": "wan2.1-1.3b", "Wan 2.1 14B": "wan2.1-14b", "HunyuanVideo": "hunyuanvideo"}
 """The suite's case names (benchmarks/gpu_suite.py real_cases) and the published model of each."""
@@ -40,7 +40,7 @@ def efficiency_from_suite(path: Path, gpu_key: str) -> Calibration:
         count = model.flops_at(ceil_div(model.video_tokens, ranks))
         ratios.append((count.linear + count.attention / ranks + count.other) / seconds / peak)
     if not ratios:
-        from unison.engine.hardware import EFFICIENCY
+        from unison.engine.planner.hardware import EFFICIENCY
 
         return Calibration(EFFICIENCY, f"uncalibrated: {path.name} has no per-rank forward rows to read; "
                            f"{EFFICIENCY:.0%} of the dense bf16 peak assumed")

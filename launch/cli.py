@@ -20,10 +20,10 @@ from pathlib import Path
 
 from unison.caching import registry
 from unison.engine.config import RunConfig, apply_overrides, config_from_dict, load_yaml
-from unison.engine.stop import (EXIT_PREEMPTED, exit_143_until_the_end, ignore_signals_while_exiting,
+from unison.engine.io.stop import (EXIT_PREEMPTED, exit_143_until_the_end, ignore_signals_while_exiting,
                                 signals_exit_143)
-from unison.engine.writes import failure_reason
-from unison.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
+from unison.engine.io.writes import failure_reason
+from unison.engine.errors import PeerFailed, Preempted, RenderFailed, UserError, WriteFailed
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -312,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for note in plan.notes:  # what the plan decided for the user (a detected cache preset)
             print(f"unison: {note}", file=sys.stderr)
     from unison.engine.render import Engine
-    from unison.parallel.failure import FailureWatch
+    from unison.launch.failure import FailureWatch
 
     timeout_s = plan.config.parallel.timeout_s
     with env.joined(timeout_s=timeout_s, placement=plan.placement), \

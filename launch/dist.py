@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from unison.engine.placement import Placement
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 DEFAULT_PORT = 29500
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from unison.engine import plan_model
+from unison.engine.planner import model as plan_model
 from unison.engine.config import RunConfig, config_from_dict
 from unison.engine.images import stand_in_picture
-from unison.engine.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
+from unison.engine.planner.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import get_spec
-from unison.engine.planner import (Layout, Row, Setting, explain, rank, taylorseer_skip_share,
+from unison.engine.planner.layouts import (Layout, Row, Setting, explain, rank, taylorseer_skip_share,
                                    taylorseer_states)
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 COUNTS_CACHE = Path.home() / ".cache" / "unison" / "plan-counts.json"
 HUB_IDS = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
@@ -204,7 +204,7 @@ def _nearest_usable(model, sampling, config, request: Request) -> int | None:
         for n in (request.gpus - delta, request.gpus + delta):
             if n >= 1 and n % request.nodes == 0:
                 setting = make_setting(model, sampling, config, request, n)
-                from unison.engine.planner import layouts
+                from unison.engine.planner.layouts import layouts
 
                 if any(_matches(l, request.only) for l in layouts(model, setting)[0]):
                     return n

@@ -25,12 +25,12 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from unison.engine import faults
+from unison.engine.io import faults
 from unison.engine.config import RunConfig
-from unison.engine.jobs import Job
-from unison.engine.stop import StopRequest
+from unison.launch.jobs import Job
+from unison.engine.io.stop import StopRequest
 from unison.engine.worker import Progress
-from unison.errors import BatchPreempted, Preempted, UserError, WriteFailed
+from unison.engine.errors import BatchPreempted, Preempted, UserError, WriteFailed
 from unison.launch.batch import Ledger, error_text, retryable
 
 log = logging.getLogger("unison")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from unison.engine.build import plan_run
 from unison.engine.config import RunConfig
-from unison.engine.jobs import Job, Manifest
-from unison.errors import Preempted, UserError
+from unison.launch.jobs import Job, Manifest
+from unison.engine.errors import Preempted, UserError
 from unison.launch.batch import Batch, Ledger, prepare, run_local
 from unison.launch.dist import DistEnv
 
@@ -31,7 +31,7 @@ def batch_local(config: RunConfig, *, jobs: str, out: str, max_retries: int, pro
     import torch.distributed as dist
 
     from unison.engine.worker import Worker
-    from unison.parallel.failure import FailureWatch
+    from unison.launch.failure import FailureWatch
 
     env = env or DistEnv.detect()
     plan = plan_run(engine_config(config), world_size=env.world_size, local_rank=env.local_rank)

@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as F
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.parallel.comm import CommStats, all_gather, all_to_all, ring_exchange
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 AXES = ("cfg", "patch", "ring", "ulysses")
 """Mesh axes, outermost first."""

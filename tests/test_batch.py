@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from unison.engine.config import ParallelConfig, RunConfig, SamplingConfig, load_yaml
-from unison.engine.jobs import Manifest, parse_line
-from unison.errors import UserError
+from unison.launch.jobs import Manifest, parse_line
+from unison.engine.errors import UserError
 from unison.launch.cli import default_config_path, main
 
 BASE = load_yaml(default_config_path())
@@ -96,7 +96,7 @@ def test_bad_job_lines_are_explained(tmp_path, text, message):
 def test_odd_jobs_files(tmp_path):
     """A bad line (not UTF-8, nested past the stack) is reported and skipped; the others still
     count, numbered as an editor numbers them. A file that is not text at all is one error."""
-    from unison.engine.jobs import read_jobs
+    from unison.launch.jobs import read_jobs
 
     path = tmp_path / "jobs.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"id": "one", "prompt": "a cat"}\n'
@@ -258,7 +258,7 @@ def test_failed_jobs_are_retried_then_marked_failed(tmp_path, monkeypatch):
 
 def _finished_batch(root: Path) -> tuple[Path, Path]:
     """Two jobs already done (records, and stand-in videos on disk): a rerun renders nothing."""
-    from unison.engine.jobs import Record
+    from unison.launch.jobs import Record
 
     jobs = _write_jobs(root / "jobs.jsonl", ['{"id": "a", "prompt": "a cat"}', '{"id": "b", "prompt": "a dog"}'])
     out = root / "out"
@@ -366,7 +366,7 @@ def ray_local():
 
 
 def _ray_batch(jobs: Path, out: Path, *, on_start=None, max_retries: int = 2):
-    from unison.engine.jobs import Manifest
+    from unison.launch.jobs import Manifest
     from unison.launch.batch import Ledger, prepare
     from unison.launch.ray_batch import RayBatch, options_for_cluster
 

@@ -36,10 +36,10 @@ from test_parallel_engine import _config
 from unison.caching import registry
 from unison.engine.build import plan_run
 from unison.engine.caches import apply_caches
-from unison.engine.checkpoint import fingerprint
+from unison.engine.io.checkpoint import fingerprint
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig, config_from_dict, dump_yaml, load_yaml
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 FAMILIES = ("wan", "hunyuanvideo")
 

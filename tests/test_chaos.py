@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from multirank import free_port
-from unison.engine.faults import draw, steps_computed
-from unison.engine.jobs import Manifest, recomputed
+from unison.engine.io.faults import draw, steps_computed
+from unison.launch.jobs import Manifest, recomputed
 from unison.launch.cli import main
 
 STEPS = 6

@@ -18,11 +18,11 @@ import torch
 from multirank import run_ranks
 from test_caching import PAB, THRESHOLD, _cached
 from unison.engine.build import plan_run
-from unison.engine.checkpoint import Checkpoints
+from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.targets import checkpoint_folder as checkpoint_dir
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 STEPS, EVERY, STOP = 6, 2, 4
 """6 steps, a checkpoint after steps 2 and 4 (indices 1 and 3); the render stops after index 4,

@@ -11,7 +11,7 @@ import pytest
 
 from unison.engine.config import (ModelConfig, RunConfig, SamplingConfig, apply_overrides, config_from_dict,
                                   dump_yaml, load_yaml)
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.launch.cli import build_config, parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,8 +170,8 @@ def test_cache_2_in_batch_jobs_and_the_checkpoint_identity(tmp_path):
     differs is another run's, while cache_2 unset or equal to cache is the same run."""
     import json
 
-    from unison.engine.checkpoint import fingerprint
-    from unison.engine.jobs import parse_line
+    from unison.engine.io.checkpoint import fingerprint
+    from unison.launch.jobs import parse_line
 
     base = config_from_dict({"model": {"family": "wan2.2"}, "cache": {"kind": "dbcache", "warmup_steps": 4},
                              "sampling": {"steps": 4}})

@@ -42,7 +42,7 @@ def test_failed_rank_is_named_and_nobody_hangs(tmp_path, fail_rank):
 
 STUCK = """
 import time, torch.distributed as dist
-from unison.parallel.failure import FailureWatch
+from unison.launch.failure import FailureWatch
 store = dist.HashStore()
 with FailureWatch(store, rank=0, world_size=2, poll_s=0.05, grace_s=0.5):
     store.set("message", "rank 1 failed: RuntimeError: boom")
@@ -81,7 +81,7 @@ def test_rank_killed_outright_is_named_by_the_survivor(tmp_path):
 
 SILENT = """
 import time, torch.distributed as dist
-from unison.parallel.failure import FailureWatch
+from unison.launch.failure import FailureWatch
 store = dist.HashStore()
 store.add("beat/1", 1)  # rank 1 beat once, then went silent (killed)
 store.add("beat/2", 1)

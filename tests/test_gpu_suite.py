@@ -115,7 +115,7 @@ def test_the_one_rank_row_uses_the_shares_attention_kernel(monkeypatch):
 def test_a_killed_suite_leaves_its_finished_rows_on_disk(tmp_path):
     """SIGKILL once two forward rows are reported: both result files hold them, readable (the
     markdown by the planner's own reader)."""
-    from unison.engine.hardware import suite_forward_rows
+    from unison.engine.planner.hardware import suite_forward_rows
 
     proc = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--skip-tests", "--sections",
                              "forward,compile,caches,vae", "--out", str(tmp_path)],

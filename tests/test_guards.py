@@ -20,7 +20,7 @@ from unison.engine.limits import config_reader
 from unison.engine.config import ModelConfig
 from unison.engine.loop import FiniteCheck
 from unison.engine.models import get_spec
-from unison.errors import NonFiniteLatents, PeerFailed, UserError, WriteFailed
+from unison.engine.errors import NonFiniteLatents, PeerFailed, UserError, WriteFailed
 from unison.launch.batch import retryable
 from unison.launch.cli import main
 

@@ -16,7 +16,7 @@ from test_i2v import _picture
 from unison.engine.build import plan_run
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 CONDITIONS = ("latent_concat", "token_replace")
 
@@ -96,7 +96,7 @@ def test_decoded_frames_match_diffusers(folders, pictures, condition):
     diffusers does; decoding the result latents alone would give other first frames."""
     from diffusers import HunyuanVideoImageToVideoPipeline
 
-    from unison.engine.video import to_uint8_frames
+    from unison.engine.io.video import to_uint8_frames
 
     sampling = _sampling(pictures[0])
     engine = Engine.from_config(RunConfig(model=ModelConfig(path=folders[condition]), sampling=sampling,

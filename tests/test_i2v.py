@@ -14,7 +14,7 @@ from PIL import Image
 from unison.engine.build import plan_run
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.launch.cli import main
 
 
@@ -233,7 +233,7 @@ def test_the_resolved_config_records_the_pictures_hash_and_a_changed_picture_is_
     import hashlib
     import shutil
 
-    from unison.engine.checkpoint import fingerprint
+    from unison.engine.io.checkpoint import fingerprint
     from unison.engine.config import config_from_dict, dump_yaml, load_yaml
 
     first = tmp_path / "first.png"

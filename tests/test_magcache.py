@@ -20,7 +20,7 @@ from unison.engine.build import plan_run
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
                                   config_from_dict, load_yaml)
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -475,7 +475,7 @@ def test_plan_names_the_published_preset_of_the_folder(tmp_path, name, video, pr
     names the preset MagCache's authors published for it (and for the video's resolution, or
     image), the plan says what was detected from what, and it is the config (so the checkpoint
     fingerprint) that naming the preset gives."""
-    from unison.engine.checkpoint import fingerprint
+    from unison.engine.io.checkpoint import fingerprint
     from unison.engine.config import dump_yaml
 
     folder, video = published_folder(tmp_path, name), dict(video)

@@ -7,7 +7,7 @@ import pytest
 from unison.engine.build import plan_run
 from unison.engine.config import ModelConfig, ParallelConfig, RunConfig
 from unison.engine.models import SPECS
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.launch.cli import main
 from unison.parallel.attention import check_heads
 from unison.parallel.dims import ParallelDims

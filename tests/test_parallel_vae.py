@@ -177,7 +177,7 @@ def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
     from unison.engine.config import OutputConfig, ParallelConfig, RunConfig
     from unison.engine.config import ModelConfig as Model
     from unison.engine.models import SPECS, get_spec
-    from unison.errors import UserError
+    from unison.engine.errors import UserError
     from unison.parallel.vae import plan_tiles
 
     for family, spec in SPECS.items():

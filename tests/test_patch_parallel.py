@@ -15,7 +15,7 @@ from test_parallel_engine import _config
 from unison.engine.build import plan_run
 from unison.engine.config import CacheConfig, ParallelConfig
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 STEPS = 4  # the tiny Wan configs of test_parallel_engine: 3 blocks, two guidance branches, 4 steps
 BLOCKS, BRANCHES = 3, 2

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from unison.engine.build import plan_run
 from unison.engine.config import ModelConfig, ParallelConfig, RunConfig
 from unison.engine.placement import Placement, place
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.launch.dist import DistEnv
 
 from multirank import free_port

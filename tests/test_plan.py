@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from unison.engine import meta_model, plan_model
-from unison.engine.hardware import Gpu
+from unison.engine.planner import meta as meta_model
+from unison.engine.planner import model as plan_model
+from unison.engine.planner.hardware import Gpu
 from unison.engine.models import get_spec
-from unison.engine.planner import Layout, Setting, layouts, rank
+from unison.engine.planner.layouts import Layout, Setting, layouts, rank
 from unison.launch.cli import main
 
 # A small Wan: hidden 2 x 64 = 128, MLP 512, text 32 wide; patch 1x2x2.
@@ -233,7 +234,7 @@ def test_bad_input(tiny_folder, counts, capsys):
 def test_parallel_auto_records_the_recommended_degrees():
     from unison.engine.build import plan_run
     from unison.engine.config import config_from_dict, load_yaml
-    from unison.errors import UserError
+    from unison.engine.errors import UserError
     from unison.launch.cli import default_config_path
     from unison.launch.plan import auto_layout
 
@@ -253,7 +254,7 @@ def test_parallel_auto_records_the_recommended_degrees():
 def test_a_gpu_suite_result_calibrates_the_projection(tmp_path):
     """A result file of benchmarks/gpu_suite.py for the GPU: the planner counts each measured
     forward's FLOPs and projects at the median achieved share of the peak."""
-    from unison.engine.hardware import GPUS, FORWARD_SECTION
+    from unison.engine.planner.hardware import GPUS, FORWARD_SECTION
     from unison.launch.plan import Request, calibrated
 
     spec, parts = plan_model.published("wan2.1-1.3b")
@@ -322,7 +323,7 @@ def test_image_to_video_is_planned_with_its_encoder_and_channels(counts, capsys,
     T2V 14B plan."""
     from PIL import Image
 
-    from unison.engine import plan_model
+    from unison.engine.planner import model as plan_model
 
     picture = tmp_path / "p.png"
     Image.new("RGB", (64, 48)).save(picture)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from unison.engine.config import OutputConfig, RunConfig, SamplingConfig, load_yaml
-from unison.engine.jobs import Job
+from unison.launch.jobs import Job
 from unison.engine.worker import Progress, Worker
 from unison.launch.cli import default_config_path
 

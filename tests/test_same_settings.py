@@ -13,7 +13,7 @@ from PIL import Image
 from multirank import run_ranks
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.same_settings import first_difference
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 BASE = RunConfig(model=ModelConfig(family="wan"),
                  sampling=SamplingConfig(prompt="a cat", height=32, width=32, frames=5, steps=2,

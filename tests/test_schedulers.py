@@ -9,7 +9,7 @@ import torch
 from unison.engine.build import plan_run
 from unison.engine.config import ModelConfig, OutputConfig, RunConfig, SamplingConfig, config_from_dict
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 FLOW = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
 

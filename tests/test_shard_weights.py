@@ -15,7 +15,7 @@ from test_parallel_engine import _config
 from unison.engine.build import plan_run
 from unison.engine.config import CacheConfig, ParallelConfig
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 # Tiny Wan at 48 px, 4 steps: first-block changes ~0.09-0.12, so this threshold mixes skips and computes.
 FBCACHE = CacheConfig(kind="fbcache", threshold=0.105, verify=True)

@@ -152,7 +152,7 @@ def test_stop_request_agrees_through_the_store():
     """The signalled rank publishes its boundary + AHEAD; the first value wins; every rank stops there."""
     import torch.distributed as dist
 
-    from unison.engine.stop import AHEAD, StopRequest
+    from unison.engine.io.stop import AHEAD, StopRequest
 
     store = dist.HashStore()
     signalled, other, late = StopRequest(store, key="k"), StopRequest(store, key="k"), StopRequest(store, key="k")

@@ -15,7 +15,7 @@ from unison.caching import taylorseer
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig,
                                   cache_from_dict)
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 WAN_MODULES = (r"blocks\.\d+\.(attn1|attn2|ffn)",)
 """What diffusers must be told on Wan: its default identifiers match no Wan module (re.fullmatch

@@ -19,7 +19,7 @@ from unison.engine.build import plan_run
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
                                   config_from_dict, load_yaml)
 from unison.engine.render import Engine
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from unison.engine import video, writes
-from unison.engine.jobs import Manifest, Record
-from unison.errors import WriteFailed
+from unison.engine.io import video
+from unison.engine.io import writes
+from unison.launch.jobs import Manifest, Record
+from unison.engine.errors import WriteFailed
 
 LIMIT = 1664
 """Bytes: above the embedded default's YAML (about 1.0 KB) and the manifest, below its mp4 (about 2.2 KB)."""
@@ -132,7 +133,7 @@ def test_interrupted_write_leaves_no_part(tmp_path, monkeypatch):
 
     # SIGTERM, in a fresh process (the default handler ends it): first the temporary goes.
     script = ("import os, signal, sys, time, numpy as np\n"
-              "import unison.engine.video as video\n"
+              "import unison.engine.io.video as video\n"
               "def term(tmp, **kw):\n"
               "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
               "video.check_mp4 = term\n"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.engine.models import hunyuan_i2v, hunyuan_video, wan
 from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
 

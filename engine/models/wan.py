@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from unison.engine import images, schedulers
-from unison.errors import UserError
+from unison.engine.errors import UserError
 from unison.engine.models.wan_parallel import pipefusion_plan, sequence_parallel_plan
 from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
 from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer

@@ -22,7 +22,7 @@ from pathlib import Path
 from unison.engine.build import plan_run
 from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parent
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")

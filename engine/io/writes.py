@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from unison.errors import WriteFailed
+from unison.engine.errors import WriteFailed
 
 
 class NotWritten(Exception):

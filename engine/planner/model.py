@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from unison.engine import meta_model
+from unison.engine.planner import meta as meta_model
 from unison.engine.models import ModelSpec, get_spec, read_json
-from unison.errors import UserError
+from unison.engine.errors import UserError
 
 Component = tuple[str, str, dict]
 """(library, class name, config) of one pipeline component."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unison.engine.writes import NotWritten, Write, commit, one_line
+from unison.engine.io.writes import NotWritten, Write, commit, one_line
 
 CRF = 25
 """x264 quality (lower is better), what imageio's writer used at its default quality of 5."""

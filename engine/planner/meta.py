@@ -169,8 +169,8 @@ class CountCache:
         if key not in self.data:
             self.data[key] = compute()
             if self.path is not None:
-                from unison.engine.writes import commit, text_write
-                from unison.errors import WriteFailed
+                from unison.engine.io.writes import commit, text_write
+                from unison.engine.errors import WriteFailed
 
                 try:  # the verified write: its temporary goes whatever happens
                     commit(text_write(self.path, json.dumps(self.data)))

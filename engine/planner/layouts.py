@@ -30,8 +30,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from unison.engine.hardware import EFFICIENCY, IB_GBPS, USABLE_MEMORY, Gpu, link_gbps
-from unison.engine.plan_model import RealModel, ceil_div, gib
+from unison.engine.planner.hardware import EFFICIENCY, IB_GBPS, USABLE_MEMORY, Gpu, link_gbps
+from unison.engine.planner.model import RealModel, ceil_div, gib
 from unison.parallel.cost import TransformerShape, bytes_per_step, pipefusion_bytes_per_step, stale_kv_bytes
 
 BF16 = 2

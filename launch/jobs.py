@@ -37,22 +37,14 @@ from typing import Any, Iterable
 from unison.caching import registry
 from unison.engine.build import plan_run
 from unison.engine.config import SamplingConfig, RunConfig, config_from_dict
-from unison.engine.writes import append_line
-from unison.errors import UserError
+from unison.engine.worker import Job
+from unison.engine.io.writes import append_line
+from unison.engine.errors import UserError
 
 MANIFEST = "manifest.jsonl"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 """Per-job keys that override the sampling section (prompt included)."""
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    line: int
-    """1-based line number in the jobs file."""
-    config: RunConfig
-    """The whole resolved config for this job; output.path is DIR/<id>.mp4."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import time
 
 import torch.distributed as dist
 
-from unison.errors import PeerFailed, Preempted
+from unison.engine.errors import PeerFailed, Preempted
 
 
 class FailureWatch:

@@ -59,8 +59,8 @@ import torch.distributed as dist
 
 from unison.engine.config import RunConfig
 from unison.engine.targets import CHECKPOINT_MARKER, checkpoint_folder
-from unison.engine.writes import commit, failure_reason, text_write, torch_write
-from unison.errors import UserError, WriteFailed
+from unison.engine.io.writes import commit, failure_reason, text_write, torch_write
+from unison.engine.errors import UserError, WriteFailed
 
 log = logging.getLogger("unison")
 
