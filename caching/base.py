@@ -84,6 +84,21 @@ class NoCacheConfig(CacheConfig):
     """none."""
 
 
+@dataclass(frozen=True)
+class CacheHints:
+    """What the caches need to know of a model family's blocks, declared by the family
+    (engine/models/<family>/) so that no cache names a model."""
+
+    indicator: Callable[[torch.nn.Module, tuple, dict], tuple[torch.Tensor, bool]] | None = None
+    """TeaCache's indicator: (first block, its args, its kwargs) -> (the tensor whose relative
+    change TeaCache accumulates, whether it is per token, so split with the tokens)."""
+    blocks_return_text: bool = False
+    """The blocks return (hidden, text) rather than hidden alone (the text stream beside the video)."""
+    predicted_modules: tuple[str, ...] = ()
+    """TaylorSeer's full form: regular expressions (re.fullmatch on the module names in the
+    transformer) of the modules it predicts by default."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Site:
     """Where a cache goes: one transformer as the engine sees it, and the ranks that share it."""
@@ -103,6 +118,8 @@ class Site:
     branch takes for both."""
     stats: Any = None
     """parallel.comm.CommStats counting this rank's collectives (None: not counted)."""
+    hints: CacheHints = field(default_factory=CacheHints)
+    """The model family's hints (TeaCache's indicator, TaylorSeer's modules)."""
 
 
 class Cache:

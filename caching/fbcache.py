@@ -28,13 +28,21 @@ Decisions: data-dependent (the first block's residual), agreed by sums over the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache, CacheConfig, Kind, Site
-from unison.parallel.pipefusion import StageRunner
+
+
+class GateHost(Protocol):
+    """What stands in for the blocks under PipeFusion (parallel/pipefusion.py's StageRunner): it
+    counts the blocks of every stage and asks its `gate` (this cache) at the first block. Named
+    by shape, so caching/ imports nothing of parallel/ but the collectives."""
+
+    total_blocks: int
+    gate: object
 
 LEADER = "cond"
 """The cache context whose change decides for both branches under joint_cfg."""
@@ -91,7 +99,7 @@ class FirstBlockCache(Cache):
     state_type = _State
 
     def __init__(self, transformer, config: FirstBlockCacheConfig, *, blocks: list[torch.nn.Module] | None = None,
-                 pipeline: StageRunner | None = None, agreement: Agreement, valid_tokens: Callable[[], int | None],
+                 pipeline: "GateHost | None" = None, agreement: Agreement, valid_tokens: Callable[[], int | None],
                  front: int = 1, back: int = 0):
         """`front` blocks always run and the last of them decides (First-Block Cache: 1); `back`
         blocks always run after the cached middle (0). DBCache (caching/dbcache.py) sets both."""
@@ -257,7 +265,7 @@ class FirstBlockCache(Cache):
 
 
 def apply_first_block_cache(transformer, config: FirstBlockCacheConfig, *, group=None,
-                            blocks: list[torch.nn.Module] | None = None, pipeline: StageRunner | None = None,
+                            blocks: list[torch.nn.Module] | None = None, pipeline: "GateHost | None" = None,
                             valid_tokens: Callable[[], int | None] = lambda: None, stats=None) -> FirstBlockCache:
     """Apply First-Block Cache to `transformer`'s `blocks` (in execution order), or to the
     PipeFusion `pipeline` that stands in for them (as its gate). `group`: the ranks that share

@@ -49,12 +49,6 @@ from unison.caching.base import Cache, CacheConfig, Kind, Site
 
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-DEFAULT_MODULES: dict[str, tuple[str, ...]] = {
-    "WanTransformer3DModel": (r"blocks\.\d+\.(attn1|attn2|ffn)",),
-    "HunyuanVideoTransformer3DModel": (r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
-                                       r"single_transformer_blocks\.\d+"),
-}
-"""Full form: the modules predicted per transformer class, where `modules` is not given."""
 LITE_MODULE = "proj_out"
 
 
@@ -77,7 +71,7 @@ class TaylorSeerConfig(CacheConfig):
     """Predict the final projection only and pass over the blocks (TaylorSeer-Lite)."""
     modules: tuple[str, ...] | None = None
     """Full form: regular expressions (re.fullmatch on the module's name in the transformer) of the
-    modules to predict (None: the model's, see DEFAULT_MODULES)."""
+    modules to predict (None: the model family's, its CacheHints.predicted_modules)."""
 
     def __post_init__(self):
         if self.modules is not None:  # a list from YAML or Python: frozen, comparable
@@ -156,7 +150,7 @@ class TaylorSeer(Cache):
     state_type = _State
 
     def __init__(self, transformer, config: TaylorSeerConfig, *, blocks: list[torch.nn.Module],
-                 agreement: Agreement):
+                 agreement: Agreement, default_modules: tuple[str, ...] = ()):
         super().__init__(transformer)
         self.config, self.agreement = config, agreement
         self.dtype = FACTOR_DTYPES[config.factors_dtype]
@@ -174,8 +168,8 @@ class TaylorSeer(Cache):
             predicted = [named[LITE_MODULE]]
             self.saves = "block"
         else:
-            patterns = config.modules or DEFAULT_MODULES.get(type(transformer).__name__)
-            if patterns is None:
+            patterns = config.modules or default_modules
+            if not patterns:
                 self.remove()
                 raise ValueError(f"no default modules for {type(transformer).__name__}: give cache.modules "
                                  f"(regular expressions of the module names to predict)")
@@ -240,15 +234,17 @@ class TaylorSeer(Cache):
 
 
 def apply_taylorseer(transformer, config: TaylorSeerConfig, *, blocks: list[torch.nn.Module], group=None,
-                     stats=None) -> TaylorSeer:
+                     stats=None, default_modules: tuple[str, ...] = ()) -> TaylorSeer:
     """Apply TaylorSeer to `transformer` (`blocks`: its blocks in execution order, which the lite
-    form passes over). `group` is only used by verify mode (decisions need no agreement)."""
-    return TaylorSeer(transformer, config, blocks=blocks,
+    form passes over; `default_modules`: what the full form predicts when config.modules is not
+    given, the model family's). `group` is only used by verify mode (decisions need no agreement)."""
+    return TaylorSeer(transformer, config, blocks=blocks, default_modules=default_modules,
                       agreement=Agreement(group=group, stats=stats, verify=config.verify))
 
 
 def _attach(transformer, config: TaylorSeerConfig, site: Site) -> TaylorSeer:
-    return apply_taylorseer(transformer, config, blocks=site.blocks, group=site.group, stats=site.stats)
+    return apply_taylorseer(transformer, config, blocks=site.blocks, group=site.group, stats=site.stats,
+                            default_modules=site.hints.predicted_modules)
 
 
 KIND = Kind(name="taylorseer", title="TaylorSeer", config=TaylorSeerConfig, attach=_attach,

@@ -16,11 +16,11 @@ TeaCache's own Wan 2.1 and HunyuanVideo code (strict `<`, accumulator reset on c
 indicator compared with the previous call's, not the last computed one's); the published
 coefficients and boundary steps are the presets below.
 
-The indicator, per model (the first block's type decides; `_INDICATORS`):
-- Wan: the first block's timestep modulation input, diffusers' `timestep_proj` (TeaCache's Wan e0,
-  its "retention steps" mode, which the Wan presets' coefficients were fitted on).
-- HunyuanVideo: the first dual-stream block's modulated, normed image tokens,
-  norm1(x)·(1 + scale) + shift, computed once more before the block (as TeaCache does).
+The indicator is the model family's (its `CacheHints.indicator`, declared in
+engine/models/<family>/): Wan's is the first block's timestep modulation input (TeaCache's Wan e0,
+its "retention steps" mode, which the Wan presets' coefficients were fitted on); HunyuanVideo's
+the first dual-stream block's modulated, normed image tokens, computed once more before the block
+(as TeaCache does).
 
 Decisions:
 - schedule-only on Wan 2.1 and Wan 2.2 A14B: the modulation depends only on the timestep, so
@@ -59,7 +59,7 @@ from typing import Callable
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import CacheConfig, Kind, Site
+from unison.caching.base import CacheConfig, CacheHints, Kind, Site
 from unison.caching.stack import StackCache, StackState
 
 
@@ -164,37 +164,6 @@ def rescale(coefficients: tuple[float, ...], x: float) -> float:
     return value
 
 
-# -- the indicator per model --------------------------------------------------------------------
-Indicator = Callable[[torch.nn.Module, tuple, dict], tuple[torch.Tensor, bool]]
-"""(first block, its args, its kwargs) -> (indicator, whether it is split with the tokens)."""
-
-
-def _wan(block, args, kwargs):
-    modulation = kwargs["temb"] if "temb" in kwargs else args[2]
-    return modulation, modulation.ndim == 4  # (B, 6, D); TI2V-5B: (B, tokens, 6, D)
-
-
-def _hunyuan(block, args, kwargs):
-    temb = kwargs["temb"] if "temb" in kwargs else args[2]
-    return block.norm1(args[0], emb=temb)[0], True
-
-
-def _indicators() -> list[tuple[type, Indicator, bool]]:
-    """(diffusers block class, indicator, whether the block returns (hidden, text))."""
-    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformerBlock
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-    return [(WanTransformerBlock, _wan, False), (HunyuanVideoTransformerBlock, _hunyuan, True)]
-
-
-def indicator_for(block: torch.nn.Module) -> tuple[Indicator, bool]:
-    for cls, read, tuple_output in _indicators():
-        if isinstance(block, cls):  # compiled blocks are subclasses (engine/compile.py)
-            return read, tuple_output
-    raise ValueError(f"TeaCache has no indicator for {type(block).__name__} blocks (it knows Wan's and "
-                     f"HunyuanVideo's)")
-
-
 _LOCAL = Agreement()
 """This rank alone: the ratio of a whole (replicated) indicator, with no collective."""
 
@@ -220,10 +189,13 @@ class TeaCache(StackCache):
     state_type = _State
 
     def __init__(self, transformer, config: TeaCacheConfig, *, blocks: list[torch.nn.Module], agreement: Agreement,
-                 valid_tokens: Callable[[], int | None] = lambda: None):
+                 hints: CacheHints, valid_tokens: Callable[[], int | None] = lambda: None):
         if not blocks:
             raise ValueError("TeaCache needs the transformer's blocks")
-        indicator, tuple_output = indicator_for(blocks[0])
+        if hints.indicator is None:
+            raise ValueError(f"TeaCache has no indicator for {type(blocks[0]).__name__} blocks (the model family "
+                             f"declares none)")
+        indicator, tuple_output = hints.indicator, hints.blocks_return_text
         super().__init__(transformer, blocks=blocks, agreement=agreement)
         self.indicator, self._tuple_output = indicator, tuple_output
         self.head = blocks[0]
@@ -323,17 +295,19 @@ class TeaCache(StackCache):
 
 
 def apply_teacache(transformer, config: TeaCacheConfig, *, group=None, blocks: list[torch.nn.Module],
-                   valid_tokens: Callable[[], int | None] = lambda: None, stats=None) -> TeaCache:
-    """Apply TeaCache to `transformer`'s `blocks` (in execution order). `group`: the ranks that
-    share the blocks' collectives, over which a split indicator's sums are agreed (and verify
-    mode's cross-check); `valid_tokens()`: real tokens at the start of this rank's shard."""
-    return TeaCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens,
+                   hints: CacheHints, valid_tokens: Callable[[], int | None] = lambda: None,
+                   stats=None) -> TeaCache:
+    """Apply TeaCache to `transformer`'s `blocks` (in execution order), reading the indicator the
+    model family's `hints` name. `group`: the ranks that share the blocks' collectives, over which
+    a split indicator's sums are agreed (and verify mode's cross-check); `valid_tokens()`: real
+    tokens at the start of this rank's shard."""
+    return TeaCache(transformer, config, blocks=blocks, valid_tokens=valid_tokens, hints=hints,
                     agreement=Agreement(group=group, stats=stats, verify=config.verify))
 
 
 def _attach(transformer, config: TeaCacheConfig, site: Site) -> TeaCache:
     return apply_teacache(transformer, config, group=site.group, blocks=site.blocks, valid_tokens=site.valid_tokens,
-                          stats=site.stats)
+                          hints=site.hints, stats=site.stats)
 
 
 def _check_model(family: str, read) -> None:

@@ -202,7 +202,7 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
         raise UserError(f"sampling.guidance must be >= 0, got {s.guidance}")
     if s.max_sequence_length < 1:
         raise UserError(f"sampling.max_sequence_length must be at least 1, got {s.max_sequence_length}")
-    spec.check_sampling(s)
+    spec.hooks.check_sampling(s)
 
 
 def parallel_dims(p: ParallelConfig, *, world_size: int):

@@ -26,11 +26,12 @@ def _site(transformer, spec: ModelSpec, name: str, runtime) -> Site:
         groups = dict(group=runtime.groups.get("tokens"), stats=runtime.stats,
                       cfg_group=runtime.groups.get("cfg_tokens") if runtime.dims.cfg > 1 else None)
     if runner is not None:
-        return Site(pipeline=runner, **groups)
+        return Site(pipeline=runner, hints=spec.cache_hints, **groups)
     shard = runtime.shards.get(name) if runtime is not None else None
     return Site(blocks=[block for attr in spec.block_lists for block in getattr(transformer, attr)],
                 attentions=spec.attention_modules(transformer) if spec.attention_modules is not None else {},
-                valid_tokens=shard.local_valid if shard is not None else (lambda: None), **groups)
+                valid_tokens=shard.local_valid if shard is not None else (lambda: None), hints=spec.cache_hints,
+                **groups)
 
 
 def expert_caches(spec: ModelSpec, cache: CacheConfig,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from unison.engine.config import ModelConfig, RunConfig, SamplingConfig
 from unison.engine.models import ModelSpec, read_json
-from unison.engine.models.base import Limits
+from unison.engine.models.spec import Limits
 from unison.engine.errors import UserError
 
 SEED_RANGE = (-2**63, 2**64 - 1)

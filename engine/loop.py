@@ -61,13 +61,8 @@ def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: tor
     device and every rank, so ranks never need to broadcast it (then the family's
     prepare_latents, if any)."""
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    if spec.initial_latents is not None:
-        latents = spec.initial_latents(pipe, sampling, device, generator)
-    else:
-        denoiser = getattr(pipe, spec.experts[0])
-        latents = pipe.prepare_latents(1, denoiser.config.in_channels, sampling.height, sampling.width,
-                                       sampling.frames, torch.float32, device, generator)
-    return latents if spec.prepare_latents is None else spec.prepare_latents(pipe, latents, conditioning)
+    noise = spec.hooks.initial_latents(pipe, sampling, device, generator, denoiser=getattr(pipe, spec.experts[0]))
+    return spec.hooks.prepare_latents(pipe, noise, conditioning)
 
 
 class StepTimer:
@@ -198,11 +193,11 @@ def denoise(
     if on_phase is not None:
         on_phase("encoding", 0, sampling.steps)
     with torch.no_grad(), offload.encoding() if offload is not None else contextlib.nullcontext():
-        conditioning: Conditioning = spec.encode(pipe, sampling, device)
+        conditioning: Conditioning = spec.hooks.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
-    timesteps = spec.set_timesteps(pipe, sampling.steps, device)
+    timesteps = spec.hooks.set_timesteps(pipe, sampling.steps, device)
     experts = [getattr(pipe, name) for name in spec.experts]
-    boundary = spec.expert_boundary(pipe)
+    boundary = spec.hooks.expert_boundary(pipe)
     latents = initial_latents(pipe, spec, sampling, device, conditioning)
     start = 0
     if checkpoints is not None:  # after set_timesteps and the caches' reset: the saved state replaces theirs
@@ -232,8 +227,8 @@ def denoise(
                 offload.use_expert(spec.experts[which])
             model, scale = experts[which], conditioning.scales[which]
             cache = caches.get(spec.experts[which])
-            x = (latents if spec.model_input is None else spec.model_input(pipe, latents, conditioning)).to(model.dtype)
-            timestep = spec.timestep_input(pipe, t, latents, conditioning)
+            x = spec.hooks.model_input(pipe, latents, conditioning).to(model.dtype)
+            timestep = spec.hooks.timestep_input(pipe, t, latents, conditioning)
 
             def predict(context: str, branch: dict) -> torch.Tensor:
                 if cache is not None:
@@ -255,10 +250,7 @@ def denoise(
             if cfg_group is None and conditioning.uncond is not None:
                 noise_uncond = predict("uncond", conditioning.uncond)
                 noise = noise_uncond + scale * (noise - noise_uncond)
-            if spec.scheduler_step is None:
-                latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-            else:
-                latents = spec.scheduler_step(pipe, noise, t, latents, conditioning)
+            latents = spec.hooks.scheduler_step(pipe, noise, t, latents, conditioning)
             finite.after_step(i, latents, spec.experts[which])
             timer.stop(step_start)
             # Progress sees the host's time; the records get the device's (below).
@@ -277,9 +269,8 @@ def denoise(
             if on_step is not None:
                 on_step(record)
     finite.finish()
-    decode = spec.decode_input(pipe, latents, conditioning) if spec.decode_input is not None else None
-    if spec.finish is not None:
-        latents = spec.finish(pipe, latents, conditioning)
+    decode = spec.hooks.decode_input(pipe, latents, conditioning)
+    latents = spec.hooks.finish(pipe, latents, conditioning)
     records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
     return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds,
                       resumed_from_step=start if start else None, decode=decode)

@@ -304,23 +304,21 @@ class Engine:
         share of the VAE's tiles, and rank 0 gets the frames (the others None)."""
         pipe, output = self.pipe, output or self.plan.config.output
         if self.runtime is not None and output.parallel_decode:
-            from types import SimpleNamespace
-
             from unison.parallel.vae import ParallelVAE
 
             # The whole engine's group: every rank takes part, whatever the denoising layout. The
-            # family's decode reads only pipe.vae, so its latent scaling runs unchanged. No byte
+            # family's decode takes the stand-in VAE, so its latent scaling runs unchanged. No byte
             # counts: the runtime's counters are reported per denoising step.
-            vae = ParallelVAE(pipe.vae, group=self.runtime.groups.get("cfg_tokens"))
+            vae = ParallelVAE(pipe.vae, tiling=self.plan.spec.vae_tiling, group=self.runtime.groups.get("cfg_tokens"))
             with torch.no_grad():
-                video = self.plan.spec.decode(SimpleNamespace(vae=vae), latents)
+                video = self.plan.spec.hooks.decode(vae, latents)
             if video is None:
                 return None
         else:
             if output.vae_tiling:
                 pipe.vae.enable_tiling()
             with torch.no_grad():
-                video = self.plan.spec.decode(pipe, latents)
+                video = self.plan.spec.hooks.decode(pipe.vae, latents)
         frames = pipe.video_processor.postprocess_video(video[:, :, drop:], output_type="np")[0]
         return to_uint8_frames(frames)
 

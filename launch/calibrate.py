@@ -17,16 +17,17 @@ from unison.engine.planner import model as plan_model
 from unison.engine.planner.hardware import GPUS, Calibration, suite_forward_rows
 from unison.engine.planner.model import ceil_div
 
-SUITE_CASES = {"Wan 2.1 1.3B": "wan2.1-1.3b", "Wan 2.1 14B": "wan2.1-14b", "HunyuanVideo": "hunyuanvideo"}
-"""The suite's case names (benchmarks/gpu_suite.py real_cases) and the published model of each."""
+from unison.engine.models import checkpoints
 
 
 def efficiency_from_suite(path: Path, gpu_key: str) -> Calibration:
     peak = GPUS[gpu_key].bf16_tflops * 1e12
+    # The suite's case names (benchmarks/gpu_suite.py real_cases) and the published checkpoint of each.
+    suite_cases = {c.suite_case: c.name for _, c in checkpoints().values() if c.suite_case}
     ratios = []
     for row in suite_forward_rows(path):
         match = re.match(r"(.+?) (\d+)x(\d+)x(\d+)$", row.get("case", ""))
-        name = SUITE_CASES.get(match.group(1)) if match else None
+        name = suite_cases.get(match.group(1)) if match else None
         try:
             seconds, ranks = float(row["seconds"]), int(row["ranks"])
         except (KeyError, ValueError):

@@ -15,16 +15,12 @@ from unison.engine.config import RunConfig, config_from_dict
 from unison.engine.images import stand_in_picture
 from unison.engine.planner.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
-from unison.engine.models import get_spec
+from unison.engine.models import checkpoints, get_spec
 from unison.engine.planner.layouts import (Layout, Row, Setting, explain, rank, taylorseer_skip_share,
                                    taylorseer_states)
 from unison.engine.errors import UserError
 
 COUNTS_CACHE = Path.home() / ".cache" / "unison" / "plan-counts.json"
-HUB_IDS = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
-           "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-ti2v-5b",
-           "hunyuanvideo-community/HunyuanVideo": "hunyuanvideo"}
-"""The bundled recipes name these Hub ids; with no local copy, plan uses the published configs."""
 FILTERS = ("ulysses", "ring", "cfg", "patch")
 MAX_GPUS = 4096
 """One engine over more GPUs than this is no plan anyone runs (and the search would be slow)."""
@@ -52,10 +48,11 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
     from unison.engine.limits import check_limits
 
     path = config.model.path
-    name = request.family or (HUB_IDS.get(path) if path and not Path(path).exists() else None)
-    if name is None and path is None:
-        name = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b", "wan-i2v": "wan2.1-i2v-14b",
-                "wan2.2-i2v": "wan2.2-i2v-a14b", "hunyuanvideo": "hunyuanvideo"}.get(config.model.family)
+    # A recipe may name a Hub id: with no local copy, plan uses that checkpoint's published configs.
+    hub_ids = {hub: c.name for _, c in checkpoints().values() for hub in c.hub_ids}
+    name = request.family or (hub_ids.get(path) if path and not Path(path).exists() else None)
+    if name is None and path is None and plan_model.published_name(config.model.family) in checkpoints():
+        name = config.model.family  # a family that names one published checkpoint
     if name is not None:
         spec, parts = plan_model.published(name)
     elif path is not None:
@@ -63,7 +60,7 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
         spec = get_spec(family)
         parts = plan_model.from_folder(path, spec, index)
     else:
-        raise UserError(f"plan needs --family (one of {', '.join(plan_model.PUBLISHED)}) or --model DIR")
+        raise UserError(f"plan needs --family (one of {', '.join(checkpoints())}) or --model DIR")
     sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False), spec)
     check_sampling(sampling, spec)
     # A folder's own position table and text length bound the video; a published model's, its
@@ -73,7 +70,7 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
                                      frames=sampling.frames)
     cache = plan_model.meta_model.CountCache(request.counts_cache)
     model = plan_model.RealModel(spec, parts, latent, sampling.max_sequence_length, cache=cache,
-                                 name=plan_model.ALIASES.get(name, name) if name else path)
+                                 name=plan_model.published_name(name) if name else path)
     return model, sampling
 
 
@@ -87,9 +84,7 @@ def _published_reader(parts: dict):
 
 
 def branches(spec, sampling) -> int:
-    if spec.embedded_guidance:
-        return 2 if (sampling.true_cfg_scale or 1.0) > 1 and sampling.negative_prompt is not None else 1
-    return 2 if sampling.guidance > 1 else 1
+    return spec.hooks.branches(sampling)
 
 
 def check_request(request: Request) -> None:
@@ -116,11 +111,8 @@ easycache: its README's Wan 1.3B run is 2.54x faster, about 60% of the forwards 
 
 
 def condition_frames(spec, sampling) -> int:
-    """Pixel frames the engine VAE-encodes for image-to-video (engine/models/wan.py): the whole
-    condition video for Wan I2V, the picture alone for TI2V-5B; 0 without a picture."""
-    if sampling.image is None:
-        return 0
-    return 1 if spec.family == "wan2.2-ti2v" else sampling.frames
+    """Pixel frames the engine VAE-encodes for image-to-video (the family's hooks say)."""
+    return spec.hooks.condition_frames(sampling)
 
 
 def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int) -> Setting:

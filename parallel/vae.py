@@ -32,14 +32,31 @@ must be in place on every rank (no CPU-offload hooks: the decoder is called dire
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
 from unison.parallel.comm import CommStats
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """What parallel decode needs to know of a model family's VAE, declared by the family
+    (engine/models/<family>/vae.py): how diffusers' tiled decode cuts its latents, decodes one
+    tile and finishes the blended video."""
+
+    name: str
+    """The VAE as its family calls it (for messages)."""
+    decode_tile: Callable[[torch.nn.Module, torch.Tensor, bool], torch.Tensor]
+    """(vae, a tile's latents, whether the frame is tiled) -> the tile decoded."""
+    pixel_patch: Callable[[torch.nn.Module], int] = lambda vae: 1
+    """The pixel patch the decoder's output is folded by (unfolded by `finish`); 1: none."""
+    framewise: Callable[[torch.nn.Module], bool] = lambda vae: False
+    """Whether the VAE also decodes long latents in overlapping temporal chunks
+    (`tile_sample_*_num_frames`)."""
+    finish: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda vae, video: video
+    """(vae, the blended video) -> the video as the VAE's own decode returns it."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ class Tile:
 class TilePlan:
     """Where diffusers' tiled decode cuts a latent video, and how it blends the pieces back."""
 
-    family: Literal["wan", "hunyuan_video"]
+    tiling: VaeTiling
     tiles: tuple[Tile, ...]
     """In blending order: chunk, then row, then column."""
     grid: tuple[int, int]
@@ -95,29 +112,19 @@ class TilePlan:
         return out
 
 
-def _family(vae) -> Literal["wan", "hunyuan_video"]:
-    if isinstance(vae, AutoencoderKLWan):
-        return "wan"
-    if isinstance(vae, AutoencoderKLHunyuanVideo):
-        return "hunyuan_video"
-    raise ValueError(f"parallel VAE decode supports AutoencoderKLWan and AutoencoderKLHunyuanVideo, "
-                     f"not {type(vae).__name__}")
-
-
 def _starts(length: int, tile: int, stride: int, tiled: bool) -> list[tuple[int, int]]:
     if not tiled:
         return [(0, length)]
     return [(s, min(s + tile, length)) for s in range(0, length, stride)]
 
 
-def plan_tiles(vae, shape: tuple[int, ...]) -> TilePlan:
+def plan_tiles(vae, shape: tuple[int, ...], tiling: VaeTiling) -> TilePlan:
     """The tiles of a latent video of `shape` (B, C, F, H, W), as the VAE's tiled decode cuts it."""
-    family = _family(vae)
     if len(shape) != 5:
         raise ValueError(f"expected latents (batch, channels, frames, height, width), got shape {tuple(shape)}")
     _, _, frames, height, width = shape
     ratio = vae.spatial_compression_ratio
-    patch = (vae.config.patch_size or 1) if family == "wan" else 1
+    patch = tiling.pixel_patch(vae)
     tile_h, tile_w = vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
     spatial = height > tile_h or width > tile_w
     stride = (vae.tile_sample_stride_height // patch, vae.tile_sample_stride_width // patch)
@@ -126,7 +133,7 @@ def plan_tiles(vae, shape: tuple[int, ...]) -> TilePlan:
     cols = _starts(width, tile_w, vae.tile_sample_stride_width // ratio, spatial)
     temporal = {}
     chunks = [(0, frames)]
-    if family == "hunyuan_video" and vae.use_framewise_decoding:
+    if tiling.framewise(vae):
         t_ratio = vae.temporal_compression_ratio
         t_tile, t_stride = vae.tile_sample_min_num_frames // t_ratio, vae.tile_sample_stride_num_frames // t_ratio
         if frames > t_tile:
@@ -136,7 +143,7 @@ def plan_tiles(vae, shape: tuple[int, ...]) -> TilePlan:
                             stride_frames=vae.tile_sample_stride_num_frames, frames=(frames - 1) * t_ratio + 1)
     tiles = tuple(Tile(chunk=c, row=i, col=j, frames=f, rows=r, cols=k) for c, f in enumerate(chunks)
                   for i, r in enumerate(rows) for j, k in enumerate(cols))
-    return TilePlan(family=family, tiles=tiles, grid=(len(rows), len(cols)), spatial=spatial, blend=blend,
+    return TilePlan(tiling=tiling, tiles=tiles, grid=(len(rows), len(cols)), spatial=spatial, blend=blend,
                     stride=stride, size=(height * ratio // patch, width * ratio // patch), chunks=len(chunks),
                     **temporal)
 
@@ -217,25 +224,17 @@ class _Canvas:
 
 def _decode_tile(vae, plan: TilePlan, latents: torch.Tensor, tile: Tile) -> torch.Tensor:
     z = latents[:, :, slice(*tile.frames), slice(*tile.rows), slice(*tile.cols)]
-    if plan.family == "hunyuan_video":
-        return vae.decoder(vae.post_quant_conv(z))
-    # Wan: all frames in order through the causal decoder, with a cache of its own for this tile.
-    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    whole = vae.post_quant_conv(z) if not plan.spatial else None  # the untiled path convolves once
-    out = []
-    for k in range(z.shape[2]):
-        frame = whole[:, :, k:k + 1] if whole is not None else vae.post_quant_conv(z[:, :, k:k + 1])
-        out.append(vae.decoder(frame, feat_cache=cache, feat_idx=[0], first_chunk=k == 0))
-    return torch.cat(out, dim=2)
+    return plan.tiling.decode_tile(vae, z, plan.spatial)
 
 
 @torch.no_grad()
-def parallel_decode(vae, latents: torch.Tensor, *, group, stats: CommStats | None = None) -> torch.Tensor | None:
+def parallel_decode(vae, latents: torch.Tensor, *, tiling: VaeTiling, group,
+                    stats: CommStats | None = None) -> torch.Tensor | None:
     """Decode `latents` (as `vae.decode` receives them, already scaled) with the VAE's tiled decode,
     its tiles spread over `group`. Every rank of the group calls this with the same latents and VAE
     weights; group rank 0 gets the video (B, C, frames, H, W), the others None. `group=None` decodes
     every tile here. Always tiles (whatever `vae.use_tiling` says); `stats` counts the bytes sent."""
-    plan = plan_tiles(vae, tuple(latents.shape))
+    plan = plan_tiles(vae, tuple(latents.shape), tiling)
     n, me = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
     owners = plan.owners(n)
     if me != 0:  # decode every owned tile, then send them in order (rank 0 is busy until then)
@@ -262,12 +261,7 @@ def parallel_decode(vae, latents: torch.Tensor, *, group, stats: CommStats | Non
             dist.recv(x, src, group=group)
         canvas.add(tile, x)
         del x
-    video = canvas.result()
-    if plan.family == "wan":
-        if vae.config.patch_size:
-            video = unpatchify(video, patch_size=vae.config.patch_size)
-        video = video.clamp_(-1.0, 1.0)
-    return video
+    return tiling.finish(vae, canvas.result())
 
 
 class ParallelVAE:
@@ -275,15 +269,14 @@ class ParallelVAE:
     VAE's, so that a model family's own decode step (latent scaling, then `vae.decode`) runs
     unchanged. Collective: every rank of the group calls `decode`; ranks other than 0 get None."""
 
-    def __init__(self, vae, *, group, stats: CommStats | None = None):
-        _family(vae)
-        self._vae, self._group, self._stats = vae, group, stats
+    def __init__(self, vae, *, tiling: VaeTiling, group, stats: CommStats | None = None):
+        self._vae, self._tiling, self._group, self._stats = vae, tiling, group, stats
 
     def __getattr__(self, name: str):
         return getattr(self._vae, name)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True):
-        video = parallel_decode(self._vae, z, group=self._group, stats=self._stats)
+        video = parallel_decode(self._vae, z, tiling=self._tiling, group=self._group, stats=self._stats)
         if return_dict:
             from diffusers.models.autoencoders.vae import DecoderOutput
 

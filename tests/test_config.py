@@ -82,15 +82,24 @@ def test_every_bundled_config_loads():
 
 
 def test_package_dir_lists_every_package():
-    """Every folder with an __init__.py is a listed subpackage of `unison` (DESIGN.md, Layout)."""
+    """Every folder with an __init__.py is a listed subpackage of `unison` (DESIGN.md, Layout): the
+    top-level folders are mapped in package-dir, a folder inside one is named after it (a family
+    folder engine/models/wan is unison.engine.models.wan)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    mapped = {Path(folder) for folder in project["package-dir"].values()}
+    roots = {Path(folder): name for name, folder in project["package-dir"].items()}
     skip = {"tests", ".venv", "build", "benchmarks"}
     found = {p.parent.relative_to(ROOT) for p in ROOT.rglob("__init__.py")
              if not (set(p.relative_to(ROOT).parts) & skip) and ".egg-info" not in str(p)
              and not p.relative_to(ROOT).parts[0].startswith(".")}  # .venv-compat, .rehearsal, ...
-    assert found == mapped
-    assert set(project["packages"]) == set(project["package-dir"])
+
+    def dotted(folder: Path) -> str:
+        for parent in (folder, *folder.parents):
+            if parent in roots:
+                return ".".join([roots[parent], *folder.relative_to(parent).parts])
+        raise AssertionError(f"{folder} is in no mapped folder")
+
+    assert {dotted(folder) for folder in found} == set(project["packages"])
+    assert set(roots) <= found
 
 
 def test_cache_section_is_a_kind_and_its_own_fields(tmp_path):

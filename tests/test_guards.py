@@ -74,7 +74,7 @@ def test_wan_position_table_is_the_real_limit():
 def test_hunyuan_prompt_template_length():
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    from unison.engine.models.hunyuan_video import PROMPT_TEMPLATE_TOKENS
+    from unison.engine.models.hunyuan_video.t2v import PROMPT_TEMPLATE_TOKENS
 
     assert DEFAULT_PROMPT_TEMPLATE["crop_start"] == PROMPT_TEMPLATE_TOKENS
 

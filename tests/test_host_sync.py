@@ -10,7 +10,7 @@ decision needs the agreed ratio on the host once per step and branch (caching/ag
 `Agreement`, called by First-Block Cache between the first block and the others, outside the
 compiled block forwards).
 The text length HunyuanVideo's joint attention slices by is read in a pre-hook of the whole
-transformer, once per prompt mask (engine/models/hunyuan_parallel.py TextLengths), outside the blocks.
+transformer, once per prompt mask (engine/models/hunyuan_video/parallel.py TextLengths), outside the blocks.
 
 A control in the same run puts an `.item()` into Wan's sequence-parallel processor and checks
 that the guard sees it."""
@@ -132,7 +132,7 @@ def _watched_renders(rank: int, world: int) -> dict:
 
 
 def _renders(world: int, syncs: HostSyncs) -> dict:
-    from unison.engine.models.wan_parallel import WanSelfAttention
+    from unison.engine.models.wan.parallel import WanSelfAttention
     from unison.engine.render import Engine
 
     found, skipped = {}, {}
@@ -178,7 +178,7 @@ def test_no_host_sync_inside_blocks():
 def test_text_length_read_once_per_mask(monkeypatch):
     """HunyuanVideo's text length reaches the host once per prompt mask (the loop passes the same
     mask to every step of a branch), again only if the mask is a new tensor or changed in place."""
-    from unison.engine.models.hunyuan_parallel import TextLengths
+    from unison.engine.models.hunyuan_video.parallel import TextLengths
 
     reads, tolist = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))

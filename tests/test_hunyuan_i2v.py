@@ -30,7 +30,7 @@ def pictures(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folders(tiny_folder, tmp_path_factory) -> dict[str, str]:
     """{condition type: tiny folder}: make-tiny's (latent_concat) and a token_replace one."""
-    from unison.engine.models.hunyuan_i2v import tiny_pipeline
+    from unison.engine.models.hunyuan_video.i2v import tiny_pipeline
 
     token_replace = tmp_path_factory.mktemp("tiny-hunyuanvideo-i2v-token-replace")
     tiny_pipeline(0, condition="token_replace").save_pretrained(token_replace)

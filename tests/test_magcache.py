@@ -501,10 +501,11 @@ def test_plan_names_the_published_preset_of_the_folder(tmp_path, name, video, pr
 
 def test_every_published_shape_names_existing_presets():
     from unison.caching.teacache import PRESETS as TEACACHE
-    from unison.engine.cache_presets import PUBLISHED
+    from unison.engine.models import checkpoints
 
     presets = {"magcache": PRESETS, "teacache": TEACACHE}
-    named = {kind: {pick.preset for model in PUBLISHED for pick in model.presets.get(kind, ())} for kind in presets}
+    named = {kind: {pick.preset for _, model in checkpoints().values() for pick in model.presets.get(kind, ())}
+             for kind in presets}
     assert named["magcache"] == set(PRESETS)  # every published table has its model's shape
     assert named["teacache"] == set(TEACACHE)
 

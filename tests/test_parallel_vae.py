@@ -35,7 +35,7 @@ def _vae(case: str):
                                temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
                                out_channels=12, patch_size=2, scale_factor_spatial=16,
                                latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-    else:  # the tiny HunyuanVideo VAE of engine/models/hunyuan_video.py
+    else:  # the tiny HunyuanVideo VAE of engine/models/hunyuan_video/t2v.py
         vae = AutoencoderKLHunyuanVideo(
             in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
             up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -44,6 +44,13 @@ def _vae(case: str):
     vae.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64,
                       tile_sample_stride_height=48, tile_sample_stride_width=48)
     return vae.eval()
+
+
+def _tiling(case: str):
+    """The family's declared tiling of the VAE `_vae(case)` builds."""
+    from unison.engine.models import get_spec
+
+    return get_spec({"wan": "wan", "wan2.2": "wan2.2-ti2v", "hunyuan": "hunyuanvideo"}[case]).vae_tiling
 
 
 def _latents(case: str) -> torch.Tensor:
@@ -60,8 +67,8 @@ def _decode_cases(rank: int, world: int, cases: list[str]):
     for case in cases:
         vae, z = _vae(case), _latents(case)
         stats = CommStats()
-        video = parallel_decode(vae, z, group=torch.distributed.group.WORLD, stats=stats)
-        plan = plan_tiles(vae, z.shape)
+        video = parallel_decode(vae, z, tiling=_tiling(case), group=torch.distributed.group.WORLD, stats=stats)
+        plan = plan_tiles(vae, z.shape, _tiling(case))
         mine = [i for i, o in enumerate(plan.owners(world)) if o == rank]
         if rank != 0:
             out[case] = (video, stats.bytes_sent["vae_gather"], stats.calls["vae_gather"], mine)
@@ -76,7 +83,7 @@ def _decode_cases(rank: int, world: int, cases: list[str]):
 def test_parallel_decode_equals_one_rank_tiled_decode(world, cases):
     results = run_ranks(world, _decode_cases, cases)
     for case in cases:
-        plan = plan_tiles(_vae(case), SHAPES[case])
+        plan = plan_tiles(_vae(case), SHAPES[case], _tiling(case))
         assert plan.spatial and plan.grid[0] > 1 and plan.grid[1] > 1, plan.grid
         error, equal, same_shape, _ = results[0][case]
         assert same_shape and error <= TOLERANCE, (case, error)
@@ -87,7 +94,7 @@ def test_parallel_decode_equals_one_rank_tiled_decode(world, cases):
         for r in range(1, world):
             video, nbytes, calls, mine = results[r][case]
             assert video is None and calls == len(mine) and nbytes > 0
-    assert plan_tiles(_vae("hunyuan"), SHAPES["hunyuan"]).chunks == 2
+    assert plan_tiles(_vae("hunyuan"), SHAPES["hunyuan"], _tiling("hunyuan")).chunks == 2
     if world == 3:  # an uneven split: 6 Wan tiles as 1 + 2 + 3 by latent volume
         assert [len(results[r]["wan"][-1]) for r in range(3)] == [1, 2, 3]
 
@@ -101,37 +108,30 @@ def test_one_rank_without_group_equals_tiled_decode():
             z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
             with torch.no_grad():
                 reference = vae.decode(z).sample
-            video = ParallelVAE(vae, group=None).decode(z, return_dict=False)[0]
+            video = ParallelVAE(vae, tiling=_tiling(case), group=None).decode(z, return_dict=False)[0]
             assert _rel(video, reference) <= TOLERANCE and torch.equal(video, reference), case
         # Those cover the patchified grid, temporal chunks of whole frames (no spatial tiling),
         # and a Wan frame small enough for one tile (diffusers' untiled path).
-        assert plan_tiles(_vae("hunyuan"), (1, 4, 7, 6, 7)).chunks == 3
-        assert not plan_tiles(_vae("wan"), (1, 16, 2, 6, 7)).spatial
+        assert plan_tiles(_vae("hunyuan"), (1, 4, 7, 6, 7), _tiling("hunyuan")).chunks == 3
+        assert not plan_tiles(_vae("wan"), (1, 16, 2, 6, 7), _tiling("wan")).spatial
     finally:
         torch.set_num_threads(threads)
 
 
 def test_tile_owners_are_contiguous_and_cover_every_tile():
-    plan = plan_tiles(_vae("hunyuan"), (1, 4, 6, 40, 40))  # 7x7 tiles x 2 chunks
+    plan = plan_tiles(_vae("hunyuan"), (1, 4, 6, 40, 40), _tiling("hunyuan"))  # 7x7 tiles x 2 chunks
     for n in (1, 2, 3, 4, 8):
         owners = plan.owners(n)
         assert owners == sorted(owners) and set(owners) == set(range(n))
         load = [sum(t.cost for t, o in zip(plan.tiles, owners) if o == r) for r in range(n)]
         assert max(load) <= sum(load) / n + max(t.cost for t in plan.tiles)
     assert plan.owners(200) == sorted(plan.owners(200))  # fewer tiles than ranks: some ranks idle
-    assert plan_tiles(_vae("wan"), (1, 16, 2, 6, 7)).owners(4) == [0]  # one tile: rank 0, no transfer
+    assert plan_tiles(_vae("wan"), (1, 16, 2, 6, 7), _tiling("wan")).owners(4) == [0]  # one tile: rank 0, no transfer
 
 
-def test_unsupported_vae_is_a_clear_error():
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    with pytest.raises(ValueError, match="AutoencoderKLWan and AutoencoderKLHunyuanVideo, not AutoencoderKL"):
-        parallel_decode(vae, torch.zeros(1, 4, 1, 8, 8), group=None)
-    with pytest.raises(ValueError, match="not AutoencoderKL"):
-        ParallelVAE(vae, group=None)
+def test_latents_of_the_wrong_rank_are_a_clear_error():
     with pytest.raises(ValueError, match="expected latents"):
-        plan_tiles(_vae("wan"), (1, 16, 8, 8))
+        plan_tiles(_vae("wan"), (1, 16, 8, 8), _tiling("wan"))
 
 
 def _engine_decode(rank: int, world: int, video_path: str):
@@ -161,16 +161,17 @@ def test_engine_decodes_on_every_rank_and_writes_on_rank_0(tmp_path):
                                                  output=OutputConfig(vae_tiling=True, progress=False)))
     one.pipe.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
                                tile_sample_stride_height=24, tile_sample_stride_width=24)
-    assert plan_tiles(one.pipe.vae, latents.shape).grid == (3, 3)
+    assert plan_tiles(one.pipe.vae, latents.shape, _tiling("wan")).grid == (3, 3)
     reference = one.decode(latents)
     assert frames.dtype == reference.dtype == np.uint8 and frames.shape == reference.shape == (9, 64, 64, 3)
     assert (frames == reference).all()
 
 
 def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
-    """Every family that declares it (ModelSpec.parallel_vae) has a VAE the tile planner takes;
-    a family that does not is refused at plan time under output.parallel_decode, not after its
-    denoising, and plans with parallel_decode off."""
+    """Every family that declares it (ModelSpec.vae_tiling) decodes its tiny VAE's latents through
+    its own decode hook, tiles spread by parallel decode (one rank here), exactly as the VAE's own
+    tiled decode; a family that does not is refused at plan time under output.parallel_decode,
+    not after its denoising, and plans with parallel_decode off."""
     import dataclasses
 
     from unison.engine import build
@@ -178,12 +179,21 @@ def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
     from unison.engine.config import ModelConfig as Model
     from unison.engine.models import SPECS, get_spec
     from unison.engine.errors import UserError
-    from unison.parallel.vae import plan_tiles
+    from unison.parallel.vae import ParallelVAE
 
     for family, spec in SPECS.items():
-        if spec.parallel_vae:
-            plan_tiles(spec.build_tiny(0).vae, (1, 16, 3, 8, 8))  # raises for a VAE it does not know
-    undeclared = dataclasses.replace(get_spec("wan"), parallel_vae=False)
+        if spec.vae_tiling is None:
+            continue
+        vae = spec.build_tiny(0).vae.eval()
+        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+                          tile_sample_stride_height=24, tile_sample_stride_width=24)
+        channels = getattr(vae.config, "z_dim", None) or vae.config.latent_channels
+        z = torch.randn(1, channels, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            reference = spec.hooks.decode(vae, z)
+            video = spec.hooks.decode(ParallelVAE(vae, tiling=spec.vae_tiling, group=None), z)
+        assert video.shape == reference.shape and torch.equal(video, reference), family
+    undeclared = dataclasses.replace(get_spec("wan"), vae_tiling=None)
     monkeypatch.setattr(build, "get_spec", lambda family: undeclared)
     config = RunConfig(model=Model(family="wan"), parallel=ParallelConfig(ulysses=2))
     with pytest.raises(UserError, match="output.parallel_decode: Wan 2.1 T2V .*VAE decode cannot be spread"):

@@ -203,7 +203,7 @@ def _bad(folder: str) -> list[tuple[list[str], str]]:
         ([*tiny, "--gpus", "2", "--gpu", "v100"], "unknown GPU 'v100'; known: h100, h200, a100, a800, h20, l40s, l20"),
         ([*tiny, "--gpus", "2", "--interconnect", "ethernet"], "unknown interconnect 'ethernet'; known: nvlink, pcie, ib"),
         ([*tiny, "--gpus", "2", "--gpu", "l20", "--interconnect", "nvlink"], "L20 48GB has no NVLink"),
-        (["plan", "--family", "wan", "--gpus", "2"], "Wan 2.1 comes in two sizes"),
+        (["plan", "--family", "wan", "--gpus", "2"], "'wan' is 2 checkpoints: name one of wan2.1-1.3b, wan2.1-14b"),
         (["plan", "--model", folder, "--gpus", "2"], "sampling.width=832 runs past the position table of Wan 2.1 T2V"),
         (["plan", "--family", "hunyuanvideo", "--gpus", "1", "--gpu", "l20", "--frames", "253"],
          "1280x720, 253 frames does not fit any layout on 1 x L20 48GB: the smallest needs"),

@@ -1,4 +1,10 @@
-"""Model families. A new family is one new module with a SPECS tuple, added to _MODULES."""
+"""Model families: one folder each (engine/models/<family>/, with its SPECS), listed once below.
+
+- spec: ModelSpec (a family's data), Hooks (the loop's calls into it), Checkpoint (a published
+  checkpoint), Limits, Conditioning
+- tiny: the offline tokenizers the tiny presets share
+- wan/, hunyuan_video/: the families
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from unison.engine.errors import UserError
-from unison.engine.models import hunyuan_i2v, hunyuan_video, wan
-from unison.engine.models.base import Conditioning, ModelSpec, SamplingDefaults
+from unison.engine.models import hunyuan_video, wan
+from unison.engine.models.spec import Checkpoint, Conditioning, Hooks, ModelSpec, SamplingDefaults
 
-_MODULES = (wan, hunyuan_video, hunyuan_i2v)
-SPECS: dict[str, ModelSpec] = {spec.family: spec for module in _MODULES for spec in module.SPECS}
+FAMILIES = (wan, hunyuan_video)
+"""The family folders: adding a family is its folder and one entry here."""
+SPECS: dict[str, ModelSpec] = {spec.family: spec for family in FAMILIES for spec in family.SPECS}
 
-__all__ = ["SPECS", "Conditioning", "ModelSpec", "SamplingDefaults", "get_spec", "read_model_index",
-           "read_json", "detect_family"]
+__all__ = ["SPECS", "Checkpoint", "Conditioning", "Hooks", "ModelSpec", "SamplingDefaults", "checkpoints", "get_spec",
+           "read_model_index", "read_json", "detect_family"]
 
 
 def get_spec(family: str) -> ModelSpec:
@@ -69,3 +76,8 @@ def detect_family(index: dict) -> str:
         f"unsupported pipeline '{index.get('_class_name')}'; supported: "
         + ", ".join(sorted({s.pipeline_class for s in SPECS.values()}))
     )
+
+
+def checkpoints() -> dict[str, tuple[ModelSpec, Checkpoint]]:
+    """Every family's published checkpoints by name (for `unison plan --family` and the presets)."""
+    return {c.name: (spec, c) for spec in SPECS.values() for c in spec.checkpoints}

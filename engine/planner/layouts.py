@@ -2,7 +2,7 @@
 bytes per step per rank, and projected time; ranked, the best that fits recommended.
 
 Memory per rank (bf16 weights and activations, float32 VAE):
-- weights: every expert's parameters, counted on the meta device (engine/plan_model.py); the
+- weights: every expert's parameters, counted on the meta device (engine/planner/model.py); the
   transformer blocks 1/N under shard_weights, ceil(layers/P)/layers of them on a PipeFusion
   stage; with offload only the expert in use (Wan 2.2 A14B) and no text encoder while denoising;
 - text encoders: resident, or (offload) on the GPU only while encoding: then what encoding needs

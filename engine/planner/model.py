@@ -1,12 +1,9 @@
 """A model at real size, for `unison plan`: its components' configs (published, or read from a
 diffusers folder), and what the planner needs counted from them on the meta device: parameters,
-FLOPs per forward, activation peaks, the VAE decode peak (engine/meta_model.py does the counting).
+FLOPs per forward, activation peaks, the VAE decode peak (meta.py does the counting).
 
 Published configs are the config.json files of the diffusers-format checkpoints on the Hugging
-Face Hub (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers, Wan2.2-T2V-A14B-Diffusers,
-Wan2.2-TI2V-5B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers, Wan2.2-I2V-A14B-Diffusers,
-hunyuanvideo-community/HunyuanVideo); where a value equals the diffusers class default it is left
-out.
+Face Hub, listed by each family (engine/models/<family>/, `Checkpoint.components`).
 """
 
 from __future__ import annotations
@@ -18,75 +15,30 @@ from typing import Any
 import torch
 
 from unison.engine.planner import meta as meta_model
-from unison.engine.models import ModelSpec, get_spec, read_json
+from unison.engine.models import ModelSpec, checkpoints, get_spec, read_json
+from unison.engine.models.spec import Component
 from unison.engine.errors import UserError
 
-Component = tuple[str, str, dict]
-"""(library, class name, config) of one pipeline component."""
-
-_WAN = dict(patch_size=[1, 2, 2], in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-_UMT5_XXL = ("transformers", "UMT5EncoderModel", dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu"))
-_WAN_VAE = ("diffusers", "AutoencoderKLWan", {})
-_WAN22_VAE = ("diffusers", "AutoencoderKLWan", dict(
-    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, is_residual=True,
-    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-    temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48))
-
-
-def _wan(**size) -> Component:
-    return ("diffusers", "WanTransformer3DModel", {**_WAN, **size})
-
-
-_WAN_14B = _wan(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
-_WAN_I2V_14B = _wan(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36)
-# Wan 2.1 I2V: open-clip ViT-H/14 as transformers' CLIPVisionModel (257 tokens of 1280).
-_CLIP_VIT_H = ("transformers", "CLIPVisionModel", dict(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
-    patch_size=14, projection_dim=1024, hidden_act="gelu"))
-
-PUBLISHED: dict[str, tuple[str, dict[str, Component]]] = {
-    "wan2.1-1.3b": ("wan", {"transformer": _wan(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                                num_layers=30),
-                            "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
-    "wan2.1-14b": ("wan", {"transformer": _WAN_14B, "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
-    "wan2.2-a14b": ("wan2.2", {"transformer": _WAN_14B, "transformer_2": _WAN_14B, "text_encoder": _UMT5_XXL,
-                               "vae": _WAN_VAE}),
-    "wan2.2-ti2v-5b": ("wan2.2-ti2v", {
-        "transformer": _wan(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30,
-                            in_channels=48, out_channels=48),
-        "text_encoder": _UMT5_XXL, "vae": _WAN22_VAE}),
-    "wan2.1-i2v-14b": ("wan-i2v", {
-        "transformer": ("diffusers", "WanTransformer3DModel",
-                        {**_WAN_I2V_14B[2], "image_dim": 1280, "added_kv_proj_dim": 5120}),
-        "text_encoder": _UMT5_XXL, "image_encoder": _CLIP_VIT_H, "vae": _WAN_VAE}),
-    "wan2.2-i2v-a14b": ("wan2.2-i2v", {"transformer": _WAN_I2V_14B, "transformer_2": _WAN_I2V_14B,
-                                       "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}),
-    "hunyuanvideo": ("hunyuanvideo", {
-        "transformer": ("diffusers", "HunyuanVideoTransformer3DModel", {}),
-        # llava-llama-3-8b's language model, the hidden states of which HunyuanVideo reads.
-        "text_encoder": ("transformers", "LlamaModel", dict(
-            vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)),
-        "text_encoder_2": ("transformers", "CLIPTextModel", dict(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768)),
-        "vae": ("diffusers", "AutoencoderKLHunyuanVideo", {})}),
-}
-ALIASES = {"wan2.2": "wan2.2-a14b", "wan2.2-ti2v": "wan2.2-ti2v-5b", "wan-i2v": "wan2.1-i2v-14b",
-           "wan2.2-i2v": "wan2.2-i2v-a14b"}
-"""Family names that name one published model (Wan 2.1 has two sizes: name one)."""
-
-
 def published(name: str) -> tuple[ModelSpec, dict[str, Component]]:
-    key = ALIASES.get(name, name)
-    if key not in PUBLISHED:
-        raise UserError(f"unknown model '{name}' for --family; known: {', '.join(PUBLISHED)}"
-                        + (" (Wan 2.1 comes in two sizes)" if name == "wan" else ""))
-    family, parts = PUBLISHED[key]
-    return get_spec(family), parts
+    """A published checkpoint by its name, or by its family's name where the family names one
+    (engine/models/<family>/: each family lists its checkpoints)."""
+    key = published_name(name)
+    known = checkpoints()
+    if key not in known:
+        sizes = [c.name for spec, c in known.values() if spec.family == name]
+        raise UserError(f"unknown model '{name}' for --family; known: {', '.join(known)}"
+                        + (f" ('{name}' is {len(sizes)} checkpoints: name one of {', '.join(sizes)})"
+                           if len(sizes) > 1 else ""))
+    spec, checkpoint = known[key]
+    return spec, checkpoint.components
+
+
+def published_name(name: str) -> str:
+    """The checkpoint a family's name stands for (its `default` checkpoint), else `name` itself."""
+    for spec, checkpoint in checkpoints().values():
+        if checkpoint.default and spec.family == name:
+            return checkpoint.name
+    return name
 
 
 def from_folder(path: str, spec: ModelSpec, index: dict) -> dict[str, Component]:
@@ -187,7 +139,7 @@ class RealModel:
         pt, ph, pw = self.patch
         tokens = (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
         # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
-        timestep = torch.empty(1, tokens, device=meta) if self.spec.family == "wan2.2-ti2v" else \
+        timestep = torch.empty(1, tokens, device=meta) if self.spec.per_token_timesteps else \
             torch.empty(1, device=meta)
         inputs = dict(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.empty(
             1, self.text_tokens, c.get("text_dim", 4096), device=meta, dtype=bf16), return_dict=False)
@@ -311,4 +263,4 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["PUBLISHED", "RealModel", "published", "from_folder", "latent_shape", "gib", "ceil_div"]
+__all__ = ["RealModel", "published", "published_name", "from_folder", "latent_shape", "gib", "ceil_div"]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from unison.engine import images, schedulers
 from unison.engine.errors import UserError
-from unison.engine.models.base import Conditioning, Limits, ModelSpec, SamplingDefaults
-from unison.engine.models.hunyuan_parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
-from unison.engine.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
+from unison.engine.models.spec import Conditioning, Hooks, Limits
+from unison.engine.models.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_VOCAB, tiny_tokenizer
 
 
 _TINY_IDS = dict(vocab_size=TINY_VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
@@ -47,7 +44,7 @@ def tiny_text_encoder_2():
                                         **_TINY_IDS))
 
 
-def _tiny_pipeline(seed: int):
+def tiny_pipeline(seed: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
     from transformers import LlamaModel
 
@@ -69,11 +66,6 @@ def _tiny_pipeline(seed: int):
     )
 
 
-def _check_sampling(sampling) -> None:
-    images.check_images(sampling, family="hunyuanvideo", takes_image=False, needs_image=False, takes_last=False)
-    check_guidance(sampling, family="hunyuanvideo")
-
-
 def check_guidance(sampling, *, family: str) -> None:
     """The scheduler and guidance settings HunyuanVideo (T2V and I2V) can take."""
     schedulers.check(sampling.scheduler, sampling.flow_shift, family=family, sigmas=True)
@@ -89,46 +81,56 @@ def check_guidance(sampling, *, family: str) -> None:
         )
 
 
-def _encode(pipe, sampling, device: torch.device) -> Conditioning:
-    dtype = pipe.transformer.dtype
+class HunyuanHooks(Hooks):
+    """HunyuanVideo text-to-video: embedded guidance on one branch, a second with true CFG."""
 
-    def branch(prompt: str) -> dict[str, torch.Tensor]:
-        embeds, pooled, mask = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, num_videos_per_prompt=1, device=device,
-            max_sequence_length=sampling.max_sequence_length,
+    family = "hunyuanvideo"
+
+    def check_sampling(self, sampling) -> None:
+        images.check_images(sampling, family=self.family, takes_image=False, needs_image=False, takes_last=False)
+        check_guidance(sampling, family=self.family)
+
+    def encode(self, pipe, sampling, device: torch.device) -> Conditioning:
+        dtype = pipe.transformer.dtype
+
+        def branch(prompt: str) -> dict[str, torch.Tensor]:
+            embeds, pooled, mask = pipe.encode_prompt(
+                prompt=prompt, prompt_2=None, num_videos_per_prompt=1, device=device,
+                max_sequence_length=sampling.max_sequence_length,
+            )
+            # Embedded guidance: the transformer takes the scale (x 1000) as an input on both branches.
+            guidance = torch.tensor([sampling.guidance], dtype=dtype, device=device) * 1000.0
+            return {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask.to(dtype),
+                    "pooled_projections": pooled.to(dtype), "guidance": guidance}
+
+        true_cfg = sampling.true_cfg_scale or 1.0
+        do_true_cfg = true_cfg > 1 and sampling.negative_prompt is not None
+        return Conditioning(
+            cond=branch(sampling.prompt),
+            uncond=branch(sampling.negative_prompt) if do_true_cfg else None,
+            scales=(true_cfg,),
         )
-        # Embedded guidance: the transformer takes the scale (× 1000) as an input on both branches.
-        guidance = torch.tensor([sampling.guidance], dtype=dtype, device=device) * 1000.0
-        return {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask.to(dtype),
-                "pooled_projections": pooled.to(dtype), "guidance": guidance}
 
-    true_cfg = sampling.true_cfg_scale or 1.0
-    do_true_cfg = true_cfg > 1 and sampling.negative_prompt is not None
-    return Conditioning(
-        cond=branch(sampling.prompt),
-        uncond=branch(sampling.negative_prompt) if do_true_cfg else None,
-        scales=(true_cfg,),
-    )
+    def set_timesteps(self, pipe, steps: int, device: torch.device) -> torch.Tensor:
+        # HunyuanVideoPipeline passes explicit sigmas 1 -> 1/steps; the scheduler shifts them.
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+        pipe.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        pipe.scheduler.set_begin_index(0)
+        return pipe.scheduler.timesteps
 
+    def timestep_input(self, pipe, t: torch.Tensor, latents: torch.Tensor, conditioning) -> torch.Tensor:
+        return t.expand(latents.shape[0]).to(latents.dtype)
 
-def _set_timesteps(pipe, steps: int, device: torch.device) -> torch.Tensor:
-    # HunyuanVideoPipeline passes explicit sigmas 1 → 1/steps; the scheduler shifts them.
-    sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
-    pipe.scheduler.set_timesteps(sigmas=sigmas, device=device)
-    pipe.scheduler.set_begin_index(0)
-    return pipe.scheduler.timesteps
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]
+
+    def branches(self, sampling) -> int:
+        """Embedded guidance is one branch; true CFG (scale > 1 and a negative prompt) adds one."""
+        return 2 if (sampling.true_cfg_scale or 1.0) > 1 and sampling.negative_prompt is not None else 1
 
 
-def _timestep_input(pipe, t: torch.Tensor, latents: torch.Tensor, conditioning) -> torch.Tensor:
-    return t.expand(latents.shape[0]).to(latents.dtype)
-
-
-def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    latents = latents.to(pipe.vae.device, dtype=pipe.vae.dtype) / pipe.vae.config.scaling_factor
-    return pipe.vae.decode(latents, return_dict=False)[0]
-
-
-def _attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
+def attention_modules(transformer) -> dict[str, list[torch.nn.Module]]:
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     return {"self": [b.attn for b in blocks]}
 
@@ -138,7 +140,7 @@ PROMPT_TEMPLATE_TOKENS = 95
 Llama output (diffusers' DEFAULT_PROMPT_TEMPLATE crop_start; a test checks it)."""
 
 
-def _limits(read) -> Limits:
+def limits(read) -> Limits:
     """No video limit: diffusers' HunyuanVideoRotaryPosEmbed computes positions for any grid.
     The text goes through Llama with the prompt template in front, max_sequence_length +
     PROMPT_TEMPLATE_TOKENS positions, which its max_position_embeddings bounds."""
@@ -154,29 +156,3 @@ def text_limits(positions, reserved: int, model: str, what: str) -> Limits:
         return Limits()
     return Limits(text_tokens=positions - reserved,
                   text_source=f"{model}'s max_position_embeddings {positions} less {what}")
-
-
-def _matches(index: dict[str, Any]) -> bool:
-    return index.get("_class_name") == "HunyuanVideoPipeline"
-
-
-HUNYUAN_VIDEO = ModelSpec(
-    family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
-    transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",),
-    text_encoders=("text_encoder", "text_encoder_2"), fps=24,
-    size_multiple=16, temporal_factor=4, embedded_guidance=True, joint_text=True,
-    block_lists=BLOCK_LISTS,
-    defaults=SamplingDefaults(height=720, width=1280, frames=129, steps=50, guidance=6.0,
-                              true_cfg_scale=1.0, max_sequence_length=256),
-    tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=6.0,
-                                   true_cfg_scale=1.0, max_sequence_length=32),
-    matches=_matches, build_tiny=_tiny_pipeline, check_sampling=_check_sampling, encode=_encode,
-    set_timesteps=_set_timesteps, timestep_input=_timestep_input, expert_boundary=lambda pipe: None,
-    decode=_decode, sequence_parallel_plan=sequence_parallel_plan, attention_modules=_attention_modules,
-    parallel_vae=True,
-    displaced_patches=True, pipefusion_plan=pipefusion_plan,
-    limits=_limits, tiny_configs={"text_encoder/config.json": {"max_position_embeddings": 1024}},
-    notes=("--guidance is embedded guidance; true CFG via sampling.true_cfg_scale and a negative prompt",),
-)
-
-SPECS = (HUNYUAN_VIDEO,)
