@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from unison.parallel.attention import KVSource
-from unison.parallel.comm import CommStats
+from unison.parallel.stale import StaleKV
 
 # all_gather_single is all_gather_into_tensor's name from torch 2.13 (the old one warns there).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -58,31 +58,16 @@ class _Buffer:
         return [t.flatten(1, 2) for t in self.tensors]
 
 
-@dataclass
-class DisplacedKV:
-    """Stale K/V per (branch, layer) for one transformer on one patch group."""
-
-    group: object
-    size: int
-    index: int
-    warmup_steps: int
-    stats: CommStats | None = None
-    step: int = 0
-    branch: str = "cond"
-    buffers: dict = field(default_factory=dict)
-
-    def begin_step(self, index: int) -> None:
-        self.step = index
+@dataclass(kw_only=True)
+class DisplacedKV(StaleKV):
+    """Stale K/V per (branch, layer) for one transformer on one patch group, exchanged by an
+    asynchronous all-gather a step ahead."""
 
     def reset(self) -> None:
         """A new video: finish pending transfers (every rank issued them) and free every buffer."""
         for buffer in self.buffers.values():
             buffer.wait()
-        self.buffers.clear()
-
-    @property
-    def synchronous(self) -> bool:
-        return self.step < self.warmup_steps
+        super().reset()
 
     def exchange(self, key, k: torch.Tensor, v: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor], T]) -> T:
         """`attend(keys, values)` over the whole sequence, (batch, tokens, heads, head_dim) with

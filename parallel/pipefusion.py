@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from unison.parallel.attention import AttentionGroups, KVSource
-from unison.parallel.comm import CommStats
+from unison.parallel.stale import StaleKV
 
 
 def stage_blocks(costs: list[float], stages: int, index: int) -> range:
@@ -56,19 +56,12 @@ def patch_ranges(length: int, patches: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-@dataclass
-class PipeStage:
+@dataclass(kw_only=True)
+class PipeStage(StaleKV):
     """This rank's stage of one transformer, and its stale K/V per (branch, layer)."""
 
-    group: object
-    size: int
-    index: int
-    warmup_steps: int
     patches: int
-    stats: CommStats | None = None
-    step: int = 0
-    branch: str = "cond"
-    buffers: dict = field(default_factory=dict)
+    """Patches per step after the warm-up."""
     filled: dict = field(default_factory=dict)
     """branch -> sequence length of its last whole-sequence (warm) pass: buffers are complete."""
     span: tuple[int, int, int] = (0, 0, 0)
@@ -78,11 +71,8 @@ class PipeStage:
     backend: str = "auto"
     """parallel.attention_backend: the local kernel."""
 
-    def begin_step(self, index: int) -> None:
-        self.step = index
-
     def reset(self) -> None:
-        self.buffers.clear()
+        super().reset()
         self.filled.clear()
 
     def held_bytes(self) -> int:
@@ -112,9 +102,6 @@ class PipeStage:
     def _peer(self, offset: int) -> int:
         return dist.get_global_rank(self.group, self.index + offset)
 
-    def _count(self, kind: str, t: torch.Tensor, copies: int = 1) -> None:
-        if self.stats is not None:
-            self.stats.add(kind, t.numel() * t.element_size() * copies)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unison.engine.planner import meta as meta_model
-from unison.engine.models import ModelSpec, checkpoints, get_spec, read_json
+from unison.engine.models import ModelSpec, checkpoints, read_json
 from unison.engine.models.spec import Component
 from unison.engine.errors import UserError
 
