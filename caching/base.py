@@ -18,9 +18,11 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
+
+from unison.caching.planning import ModelShape, Saves
 
 _MARK = "_unison_cache"
 
@@ -275,3 +277,26 @@ class Kind:
     check_model: Callable[[str, Callable[[str], dict]], None] | None = None
     """(family, read) -> ValueError (one line) for a model the kind cannot take, where `read(name)`
     gives one of the folder's config files as a dict ({} when absent): checked before loading."""
+    presets: Mapping[str, Any] | None = None
+    """Its published settings by name (`cache.preset` names one), for a kind whose numbers were
+    calibrated per checkpoint; engine/cache_presets.py picks one for a model folder. None: none."""
+
+    # What `unison plan` needs (caching/planning.py); every kind declares them.
+    saves: Saves
+    """What a skipped step does not run, for the projected time."""
+    state_per_token: Callable[[ModelShape, CacheConfig], float]
+    """(shape, config) -> hidden-size tensors per video token the cache keeps per cache context
+    (guidance branch and expert) at its largest; the planner multiplies it by the contexts, the
+    rank's tokens, the hidden size and the bytes per element."""
+    default_skip_share: float | None
+    """Share of the steps the planner assumes the kind skips when the user gives none; None for a
+    kind whose schedule says it exactly (`schedule_skip_share`)."""
+    schedule_skip_share: Callable[[CacheConfig, int], float] | None = None
+    """(config, steps) -> the share of steps a schedule-only kind skips, counted from its schedule;
+    None for a kind whose skips depend on the run (it declares `default_skip_share`)."""
+
+    def __post_init__(self):
+        if (self.default_skip_share is None) == (self.schedule_skip_share is None):
+            raise ValueError(f"kind {self.name}: give default_skip_share or schedule_skip_share, one of them")
+        if self.default_skip_share is not None and not 0 <= self.default_skip_share < 1:
+            raise ValueError(f"kind {self.name}: default_skip_share must be in [0, 1), got {self.default_skip_share}")

@@ -43,7 +43,9 @@ from typing import Literal
 
 from unison.caching import taylorseer
 from unison.caching.agree import Agreement
+from unison.caching import fbcache
 from unison.caching.base import Kind, Site
+from unison.caching.planning import Saves
 from unison.caching.fbcache import FirstBlockCache, FirstBlockCacheConfig
 
 
@@ -135,4 +137,7 @@ def _attach(transformer, config: DBCacheConfig, site: Site) -> DualBlockCache:
                          stats=site.stats)
 
 
-KIND = Kind(name="dbcache", title="DBCache", config=DBCacheConfig, attach=_attach, decides=DualBlockCache.decides)
+# Planned as First-Block Cache is, at its default F1B0 (the deciding block's residual and the
+# reused one's; every block but the first skipped), with its skip share assumed alike: 0.4.
+KIND = Kind(name="dbcache", title="DBCache", config=DBCacheConfig, attach=_attach, decides=DualBlockCache.decides,
+            saves=Saves.BLOCKS_AFTER_FIRST, state_per_token=fbcache.state_per_token, default_skip_share=0.4)

@@ -34,6 +34,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.planning import ModelShape, Saves
 
 
 class GateHost(Protocol):
@@ -287,5 +288,16 @@ def _attach(transformer, config: FirstBlockCacheConfig, site: Site) -> FirstBloc
                                    valid_tokens=site.valid_tokens)
 
 
+def state_per_token(shape: ModelShape, config: FirstBlockCacheConfig) -> float:
+    """Two hidden-size tensors per token and branch: the deciding block's residual at the last
+    computed step and the remaining blocks' residual it reuses (HunyuanVideo's text part of the
+    latter is left out, as the planner counts video tokens)."""
+    return 2
+
+
+# Skip share assumed: 0.4, about what the bundled thresholds skip over 50 steps (a guess, no
+# measurement at real size yet); ParaAttention's HunyuanVideo run at threshold 0.06 is 1.62x
+# faster on one L20 (../shared/cache-facts.md section 3.3), about 38% of the time saved.
 KIND = Kind(name="fbcache", title="First-Block Cache", config=FirstBlockCacheConfig, attach=_attach,
-            decides=FirstBlockCache.decides, pipefusion=True)
+            decides=FirstBlockCache.decides, pipefusion=True, saves=Saves.BLOCKS_AFTER_FIRST,
+            state_per_token=state_per_token, default_skip_share=0.4)

@@ -47,6 +47,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import CacheConfig, Kind, Site
+from unison.caching.planning import ModelShape, Saves
 from unison.caching.stack import StackCache, StackState
 from unison.caching.magcache_presets import PRESETS
 
@@ -233,4 +234,12 @@ def _attach(transformer, config: MagCacheConfig, site: Site) -> MagCache:
                            stats=site.stats)
 
 
-KIND = Kind(name="magcache", title="MagCache", config=MagCacheConfig, attach=_attach, decides=MagCache.decides)
+def state_per_token(shape: ModelShape, config: MagCacheConfig) -> float:
+    """One hidden-size tensor per token and branch: the block stack's residual."""
+    return 1
+
+
+# Skip share assumed: 0.5. MagCache's README (../shared/cache-facts.md section 3.2): Wan 2.1 1.3B
+# at E012K2R02 takes 87 s of the uncached 189 s on an A800, so about half the steps skip.
+KIND = Kind(name="magcache", title="MagCache", config=MagCacheConfig, attach=_attach, decides=MagCache.decides,
+            presets=PRESETS, saves=Saves.BLOCK_STACK, state_per_token=state_per_token, default_skip_share=0.5)

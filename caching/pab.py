@@ -18,6 +18,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.planning import ModelShape, Saves
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,5 +119,15 @@ def _attach(transformer, config: PyramidAttentionBroadcastConfig, site: Site) ->
                                              stats=site.stats)
 
 
+def state_per_token(shape: ModelShape, config: PyramidAttentionBroadcastConfig) -> float:
+    """One output per attention module and branch: Wan's self- and cross-attention of every block;
+    HunyuanVideo's one joint attention per block."""
+    return shape.blocks * (1 if shape.joint_text else 2)
+
+
+# Skip share assumed: 0.35. The bundled schedule recomputes self-attention every 2nd step in
+# timesteps 100..800, about 70% of the steps. (EasyCache's README, ../shared/cache-facts.md
+# section 3.7, measures PAB at 1.72x on Wan 2.1 1.3B and 1.17x on HunyuanVideo, with other settings.)
 KIND = Kind(name="pab", title="Pyramid Attention Broadcast", config=PyramidAttentionBroadcastConfig,
-            attach=_attach, decides=PyramidAttentionBroadcast.decides)
+            attach=_attach, decides=PyramidAttentionBroadcast.decides, saves=Saves.ATTENTION,
+            state_per_token=state_per_token, default_skip_share=0.35)

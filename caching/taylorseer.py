@@ -46,6 +46,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import Cache, CacheConfig, Kind, Site
+from unison.caching.planning import ModelShape, Saves
 
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -247,5 +248,26 @@ def _attach(transformer, config: TaylorSeerConfig, site: Site) -> TaylorSeer:
                             default_modules=site.hints.predicted_modules)
 
 
+def state_per_token(shape: ModelShape, config: TaylorSeerConfig) -> float:
+    """Its factors, in hidden-size tensors per token and branch: (max_order + 1) of every predicted
+    output. Full form at its default modules: Wan's self-attention, cross-attention and MLP outputs
+    per block; HunyuanVideo's dual-stream attention and MLP (image tokens) and each single-stream
+    block's output. Lite: the final projection's output (channels x patch volume wide)."""
+    orders = config.max_order + 1
+    if config.lite:
+        return orders * shape.out_per_token / shape.hidden
+    if shape.joint_text:
+        return orders * (2 * shape.dual_blocks + shape.single_blocks)
+    return orders * 3 * shape.blocks
+
+
+def schedule_skip_share(config: TaylorSeerConfig, steps: int) -> float:
+    """The share of `steps` it predicts: its schedule, exactly (the first step computes)."""
+    return sum(not (step == 0 or config.computes(step)) for step in range(steps)) / steps
+
+
 KIND = Kind(name="taylorseer", title="TaylorSeer", config=TaylorSeerConfig, attach=_attach,
-            decides=TaylorSeer.decides)
+            decides=TaylorSeer.decides, saves=Saves.BLOCK_STACK, state_per_token=state_per_token,
+            default_skip_share=None, schedule_skip_share=schedule_skip_share)
+"""A predicted step runs (nearly) no block: the full form still runs each block's norms and
+modulation, the lite form none."""

@@ -60,6 +60,7 @@ import torch
 
 from unison.caching.agree import Agreement
 from unison.caching.base import CacheConfig, CacheHints, Kind, Site
+from unison.caching.planning import ModelShape, Saves
 from unison.caching.stack import StackCache, StackState
 
 
@@ -318,7 +319,18 @@ def _check_model(family: str, read) -> None:
                          f"carry their own modulation); use another cache kind")
 
 
+def state_per_token(shape: ModelShape, config: TeaCacheConfig) -> float:
+    """Per token and branch: the block stack's residual, and with joint text (HunyuanVideo) the
+    indicator too (the first block's modulated image tokens); Wan's indicator is the timestep
+    modulation, nothing per token."""
+    return 2 if shape.joint_text else 1
+
+
+# Skip share assumed: 0.5. TeaCache's README (../shared/cache-facts.md section 3.1): Wan 2.1 1.3B at
+# threshold 0.08 takes 88 s of the uncached 175 s on an A800 (MagCache's README: 95 s of 189 s),
+# so about half the steps skip.
 KIND = Kind(name="teacache", title="TeaCache", config=TeaCacheConfig, attach=_attach, decides="data-dependent",
-            check_model=_check_model)
+            check_model=_check_model, presets=PRESETS, saves=Saves.BLOCK_STACK, state_per_token=state_per_token,
+            default_skip_share=0.5)
 """Data-dependent where the indicator is split with the tokens (HunyuanVideo, Wan 2.2 TI2V-5B);
 on Wan 2.1 and Wan 2.2 A14B each applied cache says schedule-only (`TeaCache.decides`)."""

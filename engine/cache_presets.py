@@ -17,15 +17,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from unison.caching import magcache_presets, teacache
+from unison.caching import registry
 from unison.caching.base import CacheConfig
 from unison.engine.config import ModelConfig, SamplingConfig
 from unison.engine.models import ModelSpec
 from unison.engine.models.spec import Checkpoint, Pick
 from unison.engine.errors import UserError
-
-KINDS = {"magcache": ("MagCache", magcache_presets.PRESETS), "teacache": ("TeaCache", teacache.PRESETS)}
-"""The cache kinds with published presets: (title, their presets by name)."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +57,15 @@ def resolve(cache: CacheConfig, *, spec: ModelSpec, model: ModelConfig, sampling
     and the one-line note saying what was detected from what (None when nothing was resolved).
     A folder that matches no published model keeps the kind's error, with the shapes looked for
     appended (UserError). `read(name)`: a config file of the folder as a dict ({} if absent)."""
-    if cache.kind not in KINDS or model.path is None:
-        return cache, None  # a tiny preset's error (check_cache) stays as it is
+    if cache.kind == registry.NONE or registry.get(cache.kind).presets is None or model.path is None:
+        return cache, None  # a kind without presets, or a tiny preset's error (check_cache), stays as it is
     try:
         cache.check_complete()
         return cache, None
     except ValueError as err:
         missing = err
-    title, presets = KINDS[cache.kind]
+    kind = registry.get(cache.kind)
+    title, presets = kind.title, kind.presets
     files = [f"{expert}/config.json" for expert in spec.experts]
     found = detect(cache.kind, spec=spec, configs=[read(name) for name in files], sampling=sampling)
     if found is None:

@@ -225,6 +225,15 @@ def _add_slurm(sub) -> None:
     p.add_argument("--job-name", dest="job_name", default="unison")
 
 
+def _skip_share_help() -> str:
+    """--skip-share's help, from what each cache kind declares (caching/planning.py)."""
+    assumed = ", ".join(f"{k.name} {k.default_skip_share:g}" for k in registry.KINDS.values()
+                        if k.default_skip_share is not None)
+    counted = ", ".join(k.name for k in registry.KINDS.values() if k.schedule_skip_share is not None)
+    return (f"share of steps the cache skips (default: {assumed}, all assumptions"
+            + (f"; {counted}: its schedule's)" if counted else ")"))
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="memory, FLOPs, bytes and projected time per rank of every layout over N GPUs",
                        description="For every parallel layout over --gpus N: memory per rank (from shapes), FLOPs "
@@ -239,9 +248,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--gpu", default="h100", help="h100, h200, a100, a800, h20, l40s or l20 (default h100)")
     p.add_argument("--interconnect", help="nvlink, pcie or ib inside a node (default: nvlink where the GPU has it)")
     p.add_argument("--cache", help=f"step cache: {', '.join(registry.names())}")
-    p.add_argument("--skip-share", dest="skip_share", type=float,
-                   help="share of steps the cache skips (default: fbcache and dbcache 0.4, pab 0.35, magcache and "
-                        "teacache 0.5, easycache 0.6, all assumptions; taylorseer: its schedule's)")
+    p.add_argument("--skip-share", dest="skip_share", type=float, help=_skip_share_help())
     for flag in ("height", "width", "frames", "steps"):
         p.add_argument(f"--{flag}", type=int)
     p.add_argument("--guidance", type=float)

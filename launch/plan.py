@@ -16,8 +16,7 @@ from unison.engine.images import stand_in_picture
 from unison.engine.planner.hardware import (EFFICIENCY, GPUS, INTERCONNECTS, USABLE_MEMORY, Calibration, calibration_file,
                                     link_gbps)
 from unison.engine.models import checkpoints, get_spec
-from unison.engine.planner.layouts import (Layout, Row, Setting, explain, rank, taylorseer_skip_share,
-                                   taylorseer_states)
+from unison.engine.planner.layouts import Layout, Row, Setting, cache_setting, explain, rank
 from unison.engine.errors import UserError
 
 COUNTS_CACHE = Path.home() / ".cache" / "unison" / "plan-counts.json"
@@ -100,16 +99,6 @@ def check_request(request: Request) -> None:
         raise UserError(f"--skip-share must be in [0, 1), got {request.skip_share}")
 
 
-DEFAULT_SKIP = {"fbcache": 0.4, "dbcache": 0.4, "pab": 0.35, "magcache": 0.5, "teacache": 0.5, "easycache": 0.6}
-"""Assumed share of steps a cache skips when --skip-share is not given. fbcache: about what the
-bundled thresholds skip over 50 steps (a guess, no measurement at real size yet), and dbcache at
-its bundled F1B0 setting alike; pab: the bundled schedule recomputes self-attention every 2nd step
-in timesteps 100..800, about 70% of the steps; magcache and teacache: their READMEs' Wan 2.1 1.3B
-runs at the bundled settings take about half the uncached time (189 s -> 87 s for MagCache
-E012K2R02, 95 s for TeaCache 0.08, ../shared/cache-facts.md), so about half the steps skipped;
-easycache: its README's Wan 1.3B run is 2.54x faster, about 60% of the forwards skipped."""
-
-
 def condition_frames(spec, sampling) -> int:
     """Pixel frames the engine VAE-encodes for image-to-video (the family's hooks say)."""
     return spec.hooks.condition_frames(sampling)
@@ -117,17 +106,12 @@ def condition_frames(spec, sampling) -> int:
 
 def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int) -> Setting:
     gpu = GPUS[request.gpu]
-    kind = config.cache.kind
-    share = request.skip_share if request.skip_share is not None else DEFAULT_SKIP.get(kind, 0.0)
-    states, source = 0.0, "assumed" if request.skip_share is None else "given"
-    if kind == "taylorseer":  # schedule-only: the share is its schedule's, not an assumption
-        if request.skip_share is None:
-            share, source = taylorseer_skip_share(config.cache, sampling.steps), "its schedule"
-        states = taylorseer_states(model, config.cache)
+    # The skip share (given, the kind's schedule's, or the share it assumes) and the state per
+    # token come from the cache kind's registry entry (caching/planning.py).
+    cache = cache_setting(model, config.cache, steps=sampling.steps, skip_share=request.skip_share)
     return Setting(gpu=gpu, gpus=gpus, nodes=request.nodes,
                    interconnect=request.interconnect or ("nvlink" if gpu.nvlink_gbps else "pcie"),
-                   steps=sampling.steps, branches=branches(model.spec, sampling), cache=kind,
-                   skip_share=share if kind != "none" else 0.0, skip_source=source, cache_states=states,
+                   steps=sampling.steps, branches=branches(model.spec, sampling), **cache,
                    encode_frames=condition_frames(model.spec, sampling),
                    patch_warmup_steps=config.parallel.patch_warmup_steps,
                    pipefusion_patches=config.parallel.pipefusion_patches, vae_tiling=config.output.vae_tiling,

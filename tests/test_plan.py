@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from unison.engine.planner import meta as meta_model
 from unison.engine.planner import model as plan_model
 from unison.engine.planner.hardware import Gpu
 from unison.engine.models import get_spec
@@ -271,23 +270,28 @@ def test_a_gpu_suite_result_calibrates_the_projection(tmp_path):
 
 
 def test_every_cache_kind_is_planned_by_what_it_skips(counts, capsys):
-    """At the same share of steps skipped, the kinds that skip the whole block stack (magcache,
-    teacache) project less time than those that run the first block (fbcache, dbcache), which
-    project less than pab (attention only) and no cache; each kind's state is in the memory column."""
+    """At the same share of steps skipped (every kind in the registry), what a kind's skip saves
+    orders the projected time: the whole transformer (embeddings and head too) at most the block
+    stack, which is less than every block but the first, less than attention alone, less than no
+    cache; kinds that save the same part project the same time."""
+    from unison.caching import registry
+
     def video_seconds(kind: str) -> float:
         capsys.readouterr()
-        share = ["--skip-share", "0.5"] if kind != "none" else []  # no cache skips nothing (refused)
+        share = ["--skip-share", "0.5"] if kind != registry.NONE else []  # no cache skips nothing (refused)
         assert main(["plan", "--family", "wan2.1-1.3b", "--gpus", "1", "--cache", kind, *share,
                      "--counts-cache", counts]) == 0
         best = next(line for line in capsys.readouterr().out.splitlines() if line[5:6] == "*")
         return float(best.split()[-2].replace(",", ""))
 
-    kinds = ("none", "pab", "fbcache", "dbcache", "magcache", "teacache", "easycache", "taylorseer")
-    seconds = {kind: video_seconds(kind) for kind in kinds}
-    # easycache skips the embeddings and head too: less than the printed second's worth more.
-    assert seconds["taylorseer"] == seconds["magcache"]  # a predicted step runs (nearly) no block either
-    assert seconds["easycache"] <= seconds["magcache"] == seconds["teacache"] < seconds["fbcache"] \
-        == seconds["dbcache"] < seconds["pab"] < seconds["none"], seconds
+    by_part: dict[str, set[float]] = {}
+    for name, kind in registry.KINDS.items():
+        by_part.setdefault(kind.saves.value, set()).add(video_seconds(name))
+    assert all(len(seconds) == 1 for seconds in by_part.values()), by_part
+    order = ["whole transformer", "block stack", "blocks after the first", "attention"]
+    seconds = [by_part[part].pop() for part in order if part in by_part] + [video_seconds(registry.NONE)]
+    # The whole transformer skips the embeddings and head too: less than the printed second's worth more.
+    assert seconds[0] <= seconds[1] and seconds[1:] == sorted(set(seconds[1:])), seconds
 
 
 def test_taylorseer_is_planned_from_its_schedule_and_its_factors(counts, capsys):

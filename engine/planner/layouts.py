@@ -11,8 +11,8 @@ Memory per rank (bf16 weights and activations, float32 VAE):
   plus the attention kernel's log-sum-exp (float32 per query and head) and the collective's
   staging (Ulysses: its send and receive buffers, q/k/v-sized; Ring: the next K/V chunk);
 - stale K/V buffers of patch parallelism (parallel/cost.stale_kv_bytes);
-- cache state: fbcache keeps two residuals of the rank's tokens (first block, remaining blocks)
-  per guidance branch and expert; pab one attention output per attention module, branch and expert;
+- cache state: what the cache kind says it keeps per token (its registry entry's
+  `state_per_token`, caching/planning.py), for the rank's tokens, per guidance branch and expert;
 - VAE decode peak (float32): whole when one rank decodes untiled, else one 256-pixel tile plus
   the decoded tiles and the blended video, traced on the meta device;
 - image-to-video: the VAE encode of the condition (Wan I2V: the picture and black frames, the
@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
+from unison.caching import registry
+from unison.caching.base import CacheConfig
+from unison.caching.planning import ModelShape, StepWork
 from unison.engine.planner.hardware import EFFICIENCY, IB_GBPS, USABLE_MEMORY, Gpu, link_gbps
 from unison.engine.planner.model import RealModel, ceil_div, gib
 from unison.parallel.cost import TransformerShape, bytes_per_step, pipefusion_bytes_per_step, stale_kv_bytes
@@ -78,20 +82,50 @@ class Setting:
     steps: int = 50
     branches: int = 2
     """Guidance branches per step (2 with CFG, 1 for HunyuanVideo's embedded guidance)."""
-    cache: str = "none"
+    cache: str = registry.NONE
+    """The cache kind (a name in caching/registry.py; an unknown one is refused)."""
     skip_share: float = 0.0
-    """Share of the steps a cache skips (fbcache: the blocks after the first; pab: attention)."""
+    """Share of the steps a cache skips (what a skip saves is the kind's `saves`)."""
     encode_frames: int = 0
     """Pixel frames the engine VAE-encodes before the loop (image-to-video's condition; 0: none)."""
     skip_source: str = "assumed"
     """Where skip_share comes from (assumed, given, its schedule)."""
     cache_states: float = 0.0
-    """Hidden-size tensors per token a cache keeps per branch and expert where its settings decide
-    how many (taylorseer: `taylorseer_states`)."""
+    """Hidden-size tensors per token the cache keeps per branch and expert (its kind's
+    `state_per_token` for the run's config: `cache_setting`)."""
     patch_warmup_steps: int = 4
     pipefusion_patches: int | None = None
     vae_tiling: bool = False
     efficiency: float = EFFICIENCY
+
+    def __post_init__(self):
+        if self.cache != registry.NONE:
+            registry.get(self.cache)  # ValueError naming the kinds
+
+
+def cache_shape(model: RealModel) -> ModelShape:
+    """The model's sizes as a cache kind reads them (caching/planning.py)."""
+    pt, ph, pw = model.patch
+    single = int(model.expert.get("num_single_layers", 40)) if model.spec.joint_text else 0
+    return ModelShape(joint_text=model.spec.joint_text, blocks=model.attentions, single_blocks=single,
+                      hidden=model.heads * model.head_dim,
+                      out_per_token=int(model.expert.get("out_channels", 16)) * pt * ph * pw)
+
+
+def cache_setting(model: RealModel, cache: CacheConfig, *, steps: int, skip_share: float | None) -> dict[str, Any]:
+    """The Setting fields for `cache` (cache, skip_share, skip_source, cache_states), from what its
+    kind declares: the share given, else the one its schedule says, else the share it assumes; its
+    state per token at this model's shape. An unknown kind is a ValueError naming the kinds."""
+    source = "assumed" if skip_share is None else "given"
+    if cache.kind == registry.NONE:
+        return dict(cache=cache.kind, skip_share=0.0, skip_source=source, cache_states=0)
+    kind = registry.get(cache.kind)
+    if skip_share is None and kind.schedule_skip_share is not None:
+        skip_share, source = kind.schedule_skip_share(cache, steps), "its schedule"
+    elif skip_share is None:
+        skip_share = kind.default_skip_share
+    return dict(cache=kind.name, skip_share=skip_share, skip_source=source,
+                cache_states=kind.state_per_token(cache_shape(model), cache))
 
 
 @dataclass
@@ -188,14 +222,7 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
         kv = stale_kv_bytes(_shape(model), mode="pipefusion" if layout.pipefusion else "displaced",
                             patch=layout.patch, ulysses=layout.ulysses, branches=forwards)
     contexts = forwards * len(spec.experts)
-    # fbcache and dbcache keep two residuals per branch (the deciding one's and the reused one's),
-    # magcache and teacache the stack's residual (teacache's HunyuanVideo indicator one more); pab
-    # Wan's self- and cross-attention outputs, HunyuanVideo's joint attention outputs; easycache
-    # latent-sized tensors only (nothing per token at the hidden size).
-    per_token_state = {"fbcache": 2, "dbcache": 2, "magcache": 1, "teacache": 2 if spec.joint_text else 1,
-                       "pab": model.attentions * (1 if spec.joint_text else 2),
-                       "taylorseer": setting.cache_states}.get(setting.cache, 0)
-    cache = per_token_state * contexts * tokens * hidden * BF16
+    cache = setting.cache_states * contexts * tokens * hidden * BF16
     denoise = model.activation_peak(tokens) + tokens * model.heads * 4 + staging
     vae_weights = sum(model.parameters("vae").values()) * 4
     untiled = layout.world == 1 and not (setting.vae_tiling or layout.vae_tiling)
@@ -265,39 +292,13 @@ def evaluate(model: RealModel, layout: Layout, setting: Setting) -> Row:
 
 
 def _skipped_share(model: RealModel, setting: Setting) -> float:
-    """Share of a step's work a cache skips, on average: fbcache and dbcache (at its default F1B0)
-    skip every block but the first on `skip_share` of the steps; magcache and teacache the whole
-    block stack; easycache the whole transformer; pab skips attention (here counted as the
-    attention FLOPs only)."""
-    if setting.cache == "none" or setting.skip_share <= 0:
+    """Share of a step's work a cache skips, on average: on `skip_share` of the steps, the part
+    of one forward its kind's `saves` names (caching/planning.py)."""
+    if setting.cache == registry.NONE or setting.skip_share <= 0:
         return 0.0
     whole = model.flops()
-    if setting.cache in ("fbcache", "dbcache"):
-        return setting.skip_share * whole.blocks * (model.attentions - 1) / model.attentions / whole.total
-    if setting.cache in ("magcache", "teacache", "taylorseer"):  # taylorseer: (nearly) all of every block
-        return setting.skip_share * whole.blocks / whole.total
-    if setting.cache == "easycache":  # the whole transformer
-        return setting.skip_share
-    return setting.skip_share * whole.attention / whole.total
-
-
-def taylorseer_states(model: RealModel, config) -> float:
-    """TaylorSeer's factors, in hidden-size tensors per token per branch: (max_order + 1) of every
-    predicted output. Full form at its default modules: Wan's self-attention, cross-attention and
-    MLP outputs per block; HunyuanVideo's dual-stream attention and MLP (image tokens) and each
-    single-stream block's output. Lite: the final projection's output (channels x patch volume)."""
-    orders = config.max_order + 1
-    if config.lite:
-        pt, ph, pw = model.patch
-        return orders * int(model.expert.get("out_channels", 16)) * pt * ph * pw / (model.heads * model.head_dim)
-    if model.spec.joint_text:
-        return orders * (2 * int(model.expert.get("num_layers", 20)) + int(model.expert.get("num_single_layers", 40)))
-    return orders * 3 * model.attentions
-
-
-def taylorseer_skip_share(config, steps: int) -> float:
-    """The share of steps TaylorSeer predicts: its schedule, exactly (the first step computes)."""
-    return sum(not (step == 0 or config.computes(step)) for step in range(steps)) / steps
+    work = StepWork(total=whole.total, blocks=whole.blocks, attention=whole.attention, block_count=model.attentions)
+    return registry.get(setting.cache).saves.skipped(work, steps=setting.skip_share)
 
 
 def rank(model: RealModel, setting: Setting) -> tuple[list[Row], list[tuple[Layout, str]]]:
