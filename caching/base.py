@@ -258,6 +258,25 @@ class Cache:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How `unison calibrate --cache KIND` measures a model for a kind: one render that never
+    skips, with every expert's cache in calibration mode, turned into the kind's config."""
+
+    min_steps: int
+    """Fewest denoising steps a measurement needs."""
+    why: str
+    """Why (for the error when a run has fewer)."""
+    config: Callable[[], CacheConfig]
+    """The config that measures (calibration mode: never skips)."""
+    result: Callable[[dict[str, Cache]], tuple[CacheConfig, CacheConfig | None, str, str]]
+    """(each expert's cache after the render, by name in the experts' order) -> (cache, cache_2
+    or None, the recipe's header, the line printed); ValueError (one line) for a measurement that
+    cannot give one."""
+    link: Callable[[list[Cache]], None] | None = None
+    """Before the render's first step: what each expert's cache learns of the one before it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Kind:
     """One registry entry (caching/registry.py): everything the engine knows about a cache kind."""
 
@@ -277,6 +296,8 @@ class Kind:
     check_model: Callable[[str, Callable[[str], dict]], None] | None = None
     """(family, read) -> ValueError (one line) for a model the kind cannot take, where `read(name)`
     gives one of the folder's config files as a dict ({} when absent): checked before loading."""
+    calibration: Calibration | None = None
+    """How `unison calibrate` measures it (None: it is not calibrated)."""
     presets: Mapping[str, Any] | None = None
     """Its published settings by name (`cache.preset` names one), for a kind whose numbers were
     calibrated per checkpoint; engine/cache_presets.py picks one for a model folder. None: none."""

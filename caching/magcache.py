@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import CacheConfig, Kind, Site
+from unison.caching.base import Calibration, CacheConfig, Kind, Site
 from unison.caching.planning import ModelShape, Saves
 from unison.caching.stack import StackCache, StackState
 from unison.caching.magcache_presets import PRESETS
@@ -241,5 +241,43 @@ def state_per_token(shape: ModelShape, config: MagCacheConfig) -> float:
 
 # Skip share assumed: 0.5. MagCache's README (../shared/cache-facts.md section 3.2): Wan 2.1 1.3B
 # at E012K2R02 takes 87 s of the uncached 189 s on an A800, so about half the steps skip.
+DIGITS = 8
+"""Significant digits a calibration writes per ratio (float64 sums on N ranks differ from one
+rank's only far below)."""
+
+
+def _link(caches: list) -> None:
+    """Each expert's cache after the first takes its first ratio per branch across the switch."""
+    for before, after in zip(caches, caches[1:]):
+        after.previous_expert = before
+
+
+def _run_table(caches: dict) -> dict[str, list[float]]:
+    """Per branch, one ratio per step of the run, each from the expert that ran the step."""
+    by_step: dict[str, dict[int, float]] = {}
+    for cache in caches.values():
+        for context, ratios in cache.measured.items():
+            steps = [d[0] for d in cache.decisions if d[1] == context]
+            by_step.setdefault(context, {}).update(zip(steps, ratios))
+    return {context: [ratios[s] for s in sorted(ratios)] for context, ratios in by_step.items()}
+
+
+def _calibrated(caches: dict):
+    """The measured ratios as the run's config (one run-wide table for both experts of Wan 2.2
+    A14B, each at the steps it ran; see launch/cache_calibration.py)."""
+    measured = _run_table(caches)
+    ratios = {branch: tuple(float(f"{r:.{DIGITS}g}") for r in values) for branch, values in measured.items()}
+    uncond = ratios.get("uncond")
+    cache = MagCacheConfig(mag_ratios=ratios["cond"],
+                           mag_ratios_uncond=uncond if uncond is not None and uncond != ratios["cond"] else None)
+    return (cache, None, "MagCache ratios measured by `unison calibrate` (one per step and branch)",
+            f"MagCache ratios for {len(measured['cond'])} steps, branches {', '.join(sorted(measured))}")
+
+
+CALIBRATION = Calibration(min_steps=2, why="a ratio per step, first and last",
+                          config=lambda: MagCacheConfig(calibrate=True), result=_calibrated, link=_link)
+
+
 KIND = Kind(name="magcache", title="MagCache", config=MagCacheConfig, attach=_attach, decides=MagCache.decides,
-            presets=PRESETS, saves=Saves.BLOCK_STACK, state_per_token=state_per_token, default_skip_share=0.5)
+            presets=PRESETS, saves=Saves.BLOCK_STACK, state_per_token=state_per_token, default_skip_share=0.5,
+            calibration=CALIBRATION)

@@ -59,7 +59,7 @@ from typing import Callable
 import torch
 
 from unison.caching.agree import Agreement
-from unison.caching.base import CacheConfig, CacheHints, Kind, Site
+from unison.caching.base import Calibration, CacheConfig, CacheHints, Kind, Site
 from unison.caching.planning import ModelShape, Saves
 from unison.caching.stack import StackCache, StackState
 
@@ -329,8 +329,44 @@ def state_per_token(shape: ModelShape, config: TeaCacheConfig) -> float:
 # Skip share assumed: 0.5. TeaCache's README (../shared/cache-facts.md section 3.1): Wan 2.1 1.3B at
 # threshold 0.08 takes 88 s of the uncached 175 s on an A800 (MagCache's README: 95 s of 189 s),
 # so about half the steps skip.
+DEGREE = 4
+"""Degree of the polynomial a calibration fits (TeaCache's published fits are 4th degree)."""
+COEFFICIENT_DIGITS = 10
+"""Significant digits a calibration writes per coefficient (TeaCache publishes 9)."""
+
+
+def fit(pairs: list[tuple[int, str, float, float]], *, expert: str) -> tuple[float, ...]:
+    """The degree-4 least-squares polynomial y ~ poly(x) over every (x, y) pair, highest power
+    first. ValueError when fewer than 5 distinct x were measured."""
+    import numpy as np
+
+    x = np.array([p[2] for p in pairs], dtype=np.float64)
+    y = np.array([p[3] for p in pairs], dtype=np.float64)
+    if len(set(x.tolist())) <= DEGREE:
+        raise ValueError(f"{expert} measured {len(set(x.tolist()))} distinct indicator changes; a "
+                         f"degree-{DEGREE} fit needs at least {DEGREE + 1}: give more --steps")
+    return tuple(float(c) for c in np.polyfit(x, y, DEGREE))
+
+
+def _calibrated(caches: dict):
+    """One polynomial per expert: the first as `cache`, a second (Wan 2.2 A14B's low-noise
+    expert) as `cache_2`."""
+    fits = [fit(cache.pairs, expert=name) for name, cache in caches.items()]
+    configs = [TeaCacheConfig(coefficients=tuple(float(f"{c:.{COEFFICIENT_DIGITS}g}") for c in coefficients))
+               for coefficients in fits]
+    pairs = ", ".join(f"{name} {len(cache.pairs)}" for name, cache in caches.items())
+    return (configs[0], configs[1] if len(configs) > 1 else None,
+            "TeaCache polynomial fitted by `unison calibrate` (output change against indicator change)",
+            f"TeaCache coefficients fitted on (x, y) pairs: {pairs}")
+
+
+CALIBRATION = Calibration(min_steps=DEGREE + 2,
+                          why=f"{DEGREE + 1} changes of the indicator for a degree-{DEGREE} fit",
+                          config=lambda: TeaCacheConfig(calibrate=True), result=_calibrated)
+
+
 KIND = Kind(name="teacache", title="TeaCache", config=TeaCacheConfig, attach=_attach, decides="data-dependent",
             check_model=_check_model, presets=PRESETS, saves=Saves.BLOCK_STACK, state_per_token=state_per_token,
-            default_skip_share=0.5)
+            default_skip_share=0.5, calibration=CALIBRATION)
 """Data-dependent where the indicator is split with the tokens (HunyuanVideo, Wan 2.2 TI2V-5B);
 on Wan 2.1 and Wan 2.2 A14B each applied cache says schedule-only (`TeaCache.decides`)."""
