@@ -22,7 +22,7 @@ from unison.engine.models import Conditioning, ModelSpec
 from unison.engine.offload import Offloader
 from unison.engine.io.stop import StopRequest
 from unison.engine.errors import NonFiniteLatents, Preempted
-from unison.parallel.comm import all_gather
+from unison.parallel.cfg import Guidance
 
 
 PHASES = ("encoding", "step", "checkpointing", "decoding", "writing")
@@ -150,6 +150,123 @@ class FiniteCheck:
             raise NonFiniteLatents(first_index + first, self.steps, self.experts[first_index + first])
 
 
+class Step:
+    """The step under way, as the step hooks hear of it."""
+
+    __slots__ = ("index", "total", "timestep", "expert")
+
+    def __init__(self, index: int, total: int, timestep: float, expert: str):
+        self.index, self.total, self.timestep, self.expert = index, total, timestep, expert
+
+
+class StepHook:
+    """What the loop tells about each step, in the order of its hooks list: `before` as a step
+    starts, `after` with the step's latents, `end` after the last step. Defaults do nothing."""
+
+    def before(self, step: Step) -> None:
+        pass
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class Phases(StepHook):
+    """on_phase("step", ...) as each step begins (a host-side call: no sync)."""
+
+    def __init__(self, on_phase: OnPhase):
+        self.on_phase = on_phase
+
+    def before(self, step: Step) -> None:
+        self.on_phase("step", step.index + 1, step.total)
+
+
+class Timing(StepHook):
+    """Per-step records: the host's time for progress as each step ends, the device's at the end."""
+
+    def __init__(self, device: torch.device):
+        self.timer, self.records, self._started = StepTimer(device), [], None
+
+    def before(self, step: Step) -> None:
+        self._started = self.timer.start()
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        self.timer.stop(self._started)
+        self.records.append(StepRecord(index=step.index, timestep=step.timestep, expert=step.expert,
+                                       seconds=self.timer.wall()))
+
+    def end(self) -> None:
+        self.records = [dataclasses.replace(r, seconds=s) for r, s in zip(self.records, self.timer.seconds())]
+
+
+class Offloading(StepHook):
+    """model.offload: only the step's expert on the device."""
+
+    def __init__(self, offload: Offloader):
+        self.offload = offload
+
+    def before(self, step: Step) -> None:
+        self.offload.use_expert(step.expert)
+
+
+class Finite(StepHook):
+    """FiniteCheck as a hook: every step's latents checked (read at once on the CPU, at the end on a GPU)."""
+
+    def __init__(self, check: FiniteCheck):
+        self.check = check
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        self.check.after_step(step.index, latents, step.expert)
+
+    def end(self) -> None:
+        self.check.finish()
+
+
+class Bar(StepHook):
+    """The progress bar (rank 0), advanced past the steps a resumed render skips."""
+
+    def __init__(self, bar, done: int):
+        self.bar = bar
+        bar.update(done) if done else None
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        self.bar.update(1)
+
+
+class Checkpointing(StepHook):
+    """A step checkpoint every N steps (output.checkpoint_every), and at a boundary every rank's
+    stop request agrees on: written there, then Preempted."""
+
+    def __init__(self, checkpoints: Checkpoints | None, stop: StopRequest | None, *, pipe, caches: dict,
+                 finite: FiniteCheck, on_phase: OnPhase | None):
+        self.checkpoints, self.stop, self.pipe, self.caches = checkpoints, stop, pipe, caches
+        self.finite, self.on_phase = finite, on_phase
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        i, total = step.index, step.total
+        preempted = self.stop is not None and i + 1 < total and self.stop.should_stop(i + 1)
+        if preempted or (self.checkpoints is not None and self.checkpoints.due(i, total)):
+            self.finite.finish()  # never a checkpoint of latents gone non-finite (a GPU's queued flags)
+            if self.on_phase is not None:
+                self.on_phase("checkpointing", i + 1, total)
+            self.checkpoints.save(i, latents, self.pipe.scheduler, self.caches)
+            if preempted:
+                self.checkpoints.wait_for_all()  # no rank leaves (and is reaped) before every checkpoint is in
+                raise Preempted(i + 1, total, str(self.checkpoints.folder))
+
+
+class Reports(StepHook):
+    """on_step(record) once the step is over (its checkpoint included)."""
+
+    def __init__(self, on_step: Callable[[StepRecord], None], timing: Timing):
+        self.on_step, self.timing = on_step, timing
+
+    def after(self, step: Step, latents: torch.Tensor) -> None:
+        self.on_step(self.timing.records[-1])
+
+
 def select_experts(boundary: float | None, timesteps: torch.Tensor) -> list[int]:
     """Index into spec.experts for every step: experts[0] for timesteps at or above the boundary
     (high noise). Compared as tensors, as diffusers compares them (in the timesteps' dtype), and
@@ -157,6 +274,25 @@ def select_experts(boundary: float | None, timesteps: torch.Tensor) -> list[int]
     if boundary is None:
         return [0] * len(timesteps)
     return [0 if high else 1 for high in (timesteps >= boundary).tolist()]
+
+
+def denoise_step(pipe, spec: ModelSpec, conditioning: Conditioning, latents: torch.Tensor, t: torch.Tensor,
+                 step: Step, *, model, scale: float, guidance: Guidance, watchers: list) -> torch.Tensor:
+    """One step: the model on each guidance branch this rank runs, guided, the scheduler stepped.
+    `watchers` (the expert's cache, the parallel runtime) hear the step and each branch first."""
+    x = spec.hooks.model_input(pipe, latents, conditioning).to(model.dtype)
+    timestep = spec.hooks.timestep_input(pipe, t, latents, conditioning)
+    for watcher in watchers:
+        watcher.begin_step(step.index, step.timestep)
+
+    def predict(context: str) -> torch.Tensor:
+        for watcher in watchers:
+            watcher.set_context(context)
+        branch = conditioning.cond if context == "cond" else conditioning.uncond
+        return model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
+
+    noise = guidance.noise(predict, two_branches=conditioning.uncond is not None, scale=scale)
+    return spec.hooks.scheduler_step(pipe, noise, t, latents, conditioning)
 
 
 def denoise(
@@ -169,26 +305,24 @@ def denoise(
     on_step: Callable[[StepRecord], None] | None = None,
     on_phase: OnPhase | None = None,
     runtime=None,
+    guidance: Guidance | None = None,
     caches: dict | None = None,
     offload: Offloader | None = None,
     checkpoints: Checkpoints | None = None,
     stop: StopRequest | None = None,
 ) -> LoopResult:
-    """Run the denoising loop. With a `runtime` whose cfg axis is 2, this rank computes one
-    guidance branch (cfg index 0: cond, 1: uncond) and the two predictions are exchanged once per
-    step; every rank then combines and steps the scheduler identically. `caches` (per expert
-    name) are told the step and the branch (cache context) before every forward. `offload`
+    """Run the denoising loop. `guidance` (parallel/cfg.py) says whether this rank computes one
+    guidance branch (CFG parallel) or both. `caches` (per expert name) and `runtime` (the parallel
+    state) are told the step and the branch (cache context) before every forward. `offload`
     (model.offload) brings the text encoders in to encode and keeps only the running expert on
     the device. `checkpoints` (output.checkpoint_every) resumes from the latest step checkpoint
-    of the same run, if any, and writes one every N steps (engine/checkpoint.py). `stop`
-    (engine/stop.py) is asked at every step boundary; when it says stop, a checkpoint is written
-    there (needs `checkpoints`, whatever its N) and Preempted is raised.
+    of the same run, if any, and writes one every N steps (engine/io/checkpoint.py). `stop`
+    (engine/io/stop.py) is asked at every step boundary; when it says stop, a checkpoint is
+    written there (needs `checkpoints`, whatever its N) and Preempted is raised.
     `on_phase` hears "encoding" and every "step" as it begins (see PHASES)."""
-    caches = caches or {}
-    for cache in caches.values():
-        cache.reset()
-    if runtime is not None:
-        runtime.begin_video()
+    caches, guidance = caches or {}, guidance or Guidance()
+    for watcher in [*caches.values(), *([runtime] if runtime is not None else [])]:
+        watcher.reset()
     started = time.perf_counter()
     if on_phase is not None:
         on_phase("encoding", 0, sampling.steps)
@@ -197,80 +331,38 @@ def denoise(
     encode_seconds = time.perf_counter() - started
     timesteps = spec.hooks.set_timesteps(pipe, sampling.steps, device)
     experts = [getattr(pipe, name) for name in spec.experts]
-    boundary = spec.hooks.expert_boundary(pipe)
-    latents = initial_latents(pipe, spec, sampling, device, conditioning)
-    start = 0
+    latents, start = initial_latents(pipe, spec, sampling, device, conditioning), 0
     if checkpoints is not None:  # after set_timesteps and the caches' reset: the saved state replaces theirs
         resumed = checkpoints.restore(pipe.scheduler, caches, device)
         if resumed is not None:
             start, latents = resumed.step, resumed.latents
-    records: list[StepRecord] = []
-    cfg_group = runtime.groups.get("cfg") if runtime is not None else None
-    cfg_index = runtime.groups.index("cfg") if runtime is not None else 0
-    if cfg_group is not None and conditioning.uncond is None:
-        raise ValueError("CFG parallel needs two guidance branches, but this run has one")
-    bar = tqdm(total=len(timesteps), desc="denoise", unit="step", disable=not progress, leave=False)
-    timer = StepTimer(device)
-    finite = FiniteCheck(device, len(timesteps))
+    guidance.check(two_branches=conditioning.uncond is not None)
+    total, finite, timing = len(timesteps), FiniteCheck(device, len(timesteps)), Timing(device)
+    bar = tqdm(total=total, desc="denoise", unit="step", disable=not progress, leave=False)
+    # In this order: a step's progress phase is heard before its time starts, its latents are
+    # checked before its time ends, its checkpoint is written before on_step hears of it.
+    hooks: list[StepHook] = [*([Phases(on_phase)] if on_phase is not None else []), Finite(finite), timing,
+                             *([Offloading(offload)] if offload is not None else []), Bar(bar, start),
+                             Checkpointing(checkpoints, stop, pipe=pipe, caches=caches, finite=finite, on_phase=on_phase),
+                             *([Reports(on_step, timing)] if on_step is not None else [])]
     with torch.no_grad(), bar:
         # The timesteps read to the host once per video (the expert switch, caches and records
         # need them there), not once per step.
-        schedule = zip(timesteps, timesteps.tolist(), select_experts(boundary, timesteps))
+        schedule = zip(timesteps, timesteps.tolist(), select_experts(spec.hooks.expert_boundary(pipe), timesteps))
         for i, (t, host_t, which) in enumerate(schedule):
             if i < start:  # done before the checkpoint this render resumed from
-                bar.update(1)
                 continue
-            if on_phase is not None:  # a host-side call: no sync
-                on_phase("step", i + 1, len(timesteps))
-            step_start = timer.start()
-            if offload is not None:
-                offload.use_expert(spec.experts[which])
-            model, scale = experts[which], conditioning.scales[which]
-            cache = caches.get(spec.experts[which])
-            x = spec.hooks.model_input(pipe, latents, conditioning).to(model.dtype)
-            timestep = spec.hooks.timestep_input(pipe, t, latents, conditioning)
-
-            def predict(context: str, branch: dict) -> torch.Tensor:
-                if cache is not None:
-                    cache.set_context(context)
-                if runtime is not None:
-                    runtime.set_branch(context)
-                return model(hidden_states=x, timestep=timestep, return_dict=False, **branch)[0]
-
-            if cache is not None:
-                cache.begin_step(i, host_t)
-            if runtime is not None:
-                runtime.begin_step(i)
-            if cfg_group is not None:
-                mine = predict("cond", conditioning.cond) if cfg_index == 0 else predict("uncond", conditioning.uncond)
-                both = all_gather(mine.unsqueeze(0), dim=0, group=cfg_group, stats=runtime.stats)
-                noise = both[1] + scale * (both[0] - both[1])
-            else:
-                noise = predict("cond", conditioning.cond)
-            if cfg_group is None and conditioning.uncond is not None:
-                noise_uncond = predict("uncond", conditioning.uncond)
-                noise = noise_uncond + scale * (noise - noise_uncond)
-            latents = spec.hooks.scheduler_step(pipe, noise, t, latents, conditioning)
-            finite.after_step(i, latents, spec.experts[which])
-            timer.stop(step_start)
-            # Progress sees the host's time; the records get the device's (below).
-            record = StepRecord(index=i, timestep=host_t, expert=spec.experts[which], seconds=timer.wall())
-            records.append(record)
-            bar.update(1)
-            preempted = stop is not None and i + 1 < len(timesteps) and stop.should_stop(i + 1)
-            if preempted or (checkpoints is not None and checkpoints.due(i, len(timesteps))):
-                finite.finish()  # never a checkpoint of latents gone non-finite (a GPU's queued flags)
-                if on_phase is not None:
-                    on_phase("checkpointing", i + 1, len(timesteps))
-                checkpoints.save(i, latents, pipe.scheduler, caches)
-                if preempted:
-                    checkpoints.wait_for_all()  # no rank leaves (and is reaped) before every checkpoint is in
-                    raise Preempted(i + 1, len(timesteps), str(checkpoints.folder))
-            if on_step is not None:
-                on_step(record)
-    finite.finish()
+            step = Step(i, total, host_t, spec.experts[which])
+            for hook in hooks:
+                hook.before(step)
+            watchers = [w for w in (caches.get(step.expert), runtime) if w is not None]
+            latents = denoise_step(pipe, spec, conditioning, latents, t, step, model=experts[which],
+                                   scale=conditioning.scales[which], guidance=guidance, watchers=watchers)
+            for hook in hooks:
+                hook.after(step, latents)
+    for hook in hooks:
+        hook.end()
     decode = spec.hooks.decode_input(pipe, latents, conditioning)
     latents = spec.hooks.finish(pipe, latents, conditioning)
-    records = [dataclasses.replace(r, seconds=s) for r, s in zip(records, timer.seconds())]
-    return LoopResult(latents=latents, steps=records, encode_seconds=encode_seconds,
+    return LoopResult(latents=latents, steps=timing.records, encode_seconds=encode_seconds,
                       resumed_from_step=start if start else None, decode=decode)

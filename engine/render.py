@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
-from unison.engine.caches import apply_caches
+from unison.engine.assemble import assemble
 from unison.engine.caches import describe as describe_caches
 from unison.engine.io import faults
 from unison.engine.io.checkpoint import Checkpoints
@@ -114,15 +114,11 @@ class Engine:
         self.pipe = load_pipeline(plan)
         self.offloader = offloader_for(plan, self.pipe)
         use_attention_backend(self.pipe, plan)
-        self.runtime = None
-        self.caches = {}
-        self.cache_config = None
-        if plan.world_size > 1:
-            from unison.engine.parallelize import Runtime, parallelize
-
-            self.runtime = Runtime.create(plan.config.parallel, world_size=plan.world_size,
-                                          device_type=plan.device.type)
-            self.handles = parallelize(self.pipe, plan.spec, self.runtime, plan.config.parallel)
+        # Sharding, the token split and compilation, in that order (engine/assemble.py); the
+        # caches come with each render, the parallel VAE with each decode.
+        self.assembly = assemble(self.pipe, plan.spec, parallel=plan.config.parallel, world_size=plan.world_size,
+                                 device_type=plan.device.type, compile_blocks=plan.config.model.compile == "blocks",
+                                 announce=plan.world_size == 1 or dist.get_rank() == 0)
         self.renders = 0
         """Renders started (every rank counts alike: names each render's stop key)."""
         self.pending_stop = False
@@ -135,12 +131,21 @@ class Engine:
         the instance, and the instance), before any render's choice."""
         self.scheduler_choice = ("default", None)
         faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
-        self.compiled = {}
-        if plan.config.model.compile == "blocks":  # after parallelism: the blocks and processors it leaves
-            from unison.engine.compile import compile_experts
-
-            self.compiled = compile_experts(self.pipe, plan.spec, announce=self.is_writer)
         self.load_seconds = time.perf_counter() - started
+
+    @property
+    def runtime(self):
+        """The parallel runtime (None on one rank)."""
+        return self.assembly.runtime
+
+    @property
+    def caches(self) -> dict:
+        """The current render's caches, per expert."""
+        return self.assembly.caches
+
+    @property
+    def compiled(self) -> dict:
+        return self.assembly.compiled
 
     @property
     def rank(self) -> int:
@@ -203,7 +208,7 @@ class Engine:
         show = (cfg.output.progress if progress is None else progress) and self.is_writer
         if self.runtime is not None:
             self.runtime.stats.reset()
-        self._use_cache(cfg.cache, cfg.cache_2)
+        self.assembly.use_caches(cfg.cache, cfg.cache_2)
         self._use_scheduler(cfg.sampling.scheduler, cfg.sampling.flow_shift)
         steps = cfg.sampling.steps
         for cache in self.caches.values():
@@ -225,7 +230,7 @@ class Engine:
         checkpoints = Checkpoints.create(cfg, rank=self.rank,
                                          world_size=self.plan.world_size, group=everyone, on_stop=True)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
-                       caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
+                       guidance=self.assembly.guidance, caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
                        checkpoints=checkpoints, stop=stop)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
@@ -285,16 +290,6 @@ class Engine:
             faults.watch(self.pipe.scheduler, rank=self.rank, job=lambda: self._video)  # tests only
         self.scheduler_choice = (name, flow_shift)
 
-    def _use_cache(self, cache, cache_2=None) -> None:
-        """Apply the render's cache configs (`cache_2`: Wan 2.2's low-noise expert's), replacing
-        different ones from an earlier render."""
-        if (cache, cache_2) == self.cache_config:
-            return
-        for applied in self.caches.values():
-            applied.remove()
-        self.caches = apply_caches(self.pipe, self.plan.spec, cache, self.runtime, cache_2=cache_2)
-        self.cache_config = (cache, cache_2)
-
     def decode(self, latents: torch.Tensor, *, output=None, drop: int = 0):
         """Latents -> uint8 frames (F, H, W, 3) of the first video in the batch, less the first
         `drop` frames (ModelSpec.decode_input).
@@ -303,22 +298,10 @@ class Engine:
         `output.parallel_decode`, this is collective: every rank must call it, each decodes its
         share of the VAE's tiles, and rank 0 gets the frames (the others None)."""
         pipe, output = self.pipe, output or self.plan.config.output
-        if self.runtime is not None and output.parallel_decode:
-            from unison.parallel.vae import ParallelVAE
-
-            # The whole engine's group: every rank takes part, whatever the denoising layout. The
-            # family's decode takes the stand-in VAE, so its latent scaling runs unchanged. No byte
-            # counts: the runtime's counters are reported per denoising step.
-            vae = ParallelVAE(pipe.vae, tiling=self.plan.spec.vae_tiling, group=self.runtime.groups.get("cfg_tokens"))
-            with torch.no_grad():
-                video = self.plan.spec.hooks.decode(vae, latents)
-            if video is None:
-                return None
-        else:
-            if output.vae_tiling:
-                pipe.vae.enable_tiling()
-            with torch.no_grad():
-                video = self.plan.spec.hooks.decode(pipe.vae, latents)
+        with torch.no_grad():
+            video = self.plan.spec.hooks.decode(self.assembly.vae(output), latents)
+        if video is None:  # parallel decode: a rank other than 0
+            return None
         frames = pipe.video_processor.postprocess_video(video[:, :, drop:], output_type="np")[0]
         return to_uint8_frames(frames)
 

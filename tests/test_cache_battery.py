@@ -226,7 +226,7 @@ def test_battery(kind, family, reference, tmp_path):
     engine.caches["transformer"].remove()
     assert not [m for m in transformer.modules() if "forward" in vars(m)]
     assert {name: type(m).forward for name, m in transformer.named_modules()} == forwards
-    engine.caches, engine.cache_config = {}, None
+    engine.assembly.caches, engine.assembly.cache_config = {}, None
     assert torch.equal(engine.render(_cached(family, CacheConfig())).latents, expected)
 
 
