@@ -96,13 +96,12 @@ class Runtime:
         return self.groups.rank
 
     @classmethod
-    def create(cls, parallel: ParallelConfig, *, world_size: int, device_type: str = "cpu") -> "Runtime":
-        from unison.engine.build import parallel_dims
+    def create(cls, parallel: ParallelConfig, *, world_size: int) -> "Runtime":
+        from unison.engine.plan import parallel_dims
 
         dims = parallel_dims(parallel, world_size=world_size)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s,
-                                                  device_type=device_type))
+        return cls(dims=dims, groups=build_groups(dims, rank=rank, timeout_s=parallel.timeout_s))
 
 
 @dataclass
@@ -144,14 +143,14 @@ class Assembly:
         return self.pipe.vae
 
 
-def assemble(pipe, spec: ModelSpec, *, parallel: ParallelConfig, world_size: int, device_type: str,
-             compile_blocks: bool, announce: bool) -> Assembly:
+def assemble(pipe, spec: ModelSpec, *, parallel: ParallelConfig, world_size: int, compile_blocks: bool,
+             announce: bool) -> Assembly:
     """Steps 1 to 3 on a loaded pipeline, in order (the caches come with each render,
     `Assembly.use_caches`; the VAE with each decode, `Assembly.vae`). `announce`: log what was
     applied (rank 0)."""
     runtime = None
     if world_size > 1:
-        runtime = Runtime.create(parallel, world_size=world_size, device_type=device_type)
+        runtime = Runtime.create(parallel, world_size=world_size)
         if parallel.shard_weights:  # 1
             for name in spec.experts:
                 runtime.sharded[name] = apply_weight_sharding(

@@ -76,3 +76,9 @@ class Offloader:
                 torch.cuda.empty_cache()
         self._move(name, self.device)
         self.active = name
+
+
+def offloader_for(plan, pipe) -> Offloader:
+    """The run's offloader (a no-op unless model.offload); experts stay put under shard_weights."""
+    return Offloader(pipe, plan.spec.experts, plan.spec.text_encoders, plan.device,
+                     enabled=plan.config.model.offload, experts_too=not plan.config.parallel.shard_weights)

@@ -24,6 +24,17 @@ from typing import Any
 import torch
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, *, fallback: str | None = None) -> str:
+    if name == "auto":
+        if fallback is not None:
+            return fallback
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
 def _is_transformers_model(cls: type) -> bool:
     from transformers import PreTrainedModel
 

@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from unison.engine.build import Plan, load_pipeline, offloader_for, plan_run, use_attention_backend
+from unison.engine.plan import Plan, plan_run
+from unison.engine import load
+from unison.engine.offload import offloader_for
 from unison.engine.assemble import assemble
 from unison.engine.caches import describe as describe_caches
 from unison.engine.io import faults
@@ -111,13 +113,13 @@ class Engine:
         started = time.perf_counter()
         if plan.world_size > 1 and dist.is_initialized():  # before anything loads
             check_same_settings(plan.config, world_size=plan.world_size)
-        self.pipe = load_pipeline(plan)
+        self.pipe = load.load_pipeline(plan)  # through the module: a test may stand in for it
         self.offloader = offloader_for(plan, self.pipe)
-        use_attention_backend(self.pipe, plan)
+        load.use_attention_backend(self.pipe, plan)
         # Sharding, the token split and compilation, in that order (engine/assemble.py); the
         # caches come with each render, the parallel VAE with each decode.
         self.assembly = assemble(self.pipe, plan.spec, parallel=plan.config.parallel, world_size=plan.world_size,
-                                 device_type=plan.device.type, compile_blocks=plan.config.model.compile == "blocks",
+                                 compile_blocks=plan.config.model.compile == "blocks",
                                  announce=plan.world_size == 1 or dist.get_rank() == 0)
         self.renders = 0
         """Renders started (every rank counts alike: names each render's stop key)."""
@@ -304,8 +306,3 @@ class Engine:
             return None
         frames = pipe.video_processor.postprocess_video(video[:, :, drop:], output_type="np")[0]
         return to_uint8_frames(frames)
-
-
-def generate(config: RunConfig, *, progress: bool | None = None) -> RenderResult:
-    """Plan, load and render one video (the `unison generate` path on one device)."""
-    return Engine.from_config(config).render(progress=progress)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from unison.engine.build import Plan, plan_run
+from unison.engine.plan import Plan, plan_run
 from unison.engine.config import RunConfig
 from unison.engine.render import Engine
 
@@ -39,6 +39,8 @@ class Outcome:
     """The video this rank wrote (rank 0), else None."""
     resumed_from_step: int = 0
     """The step this attempt started from (0, or the step checkpoint's)."""
+    summary: str = ""
+    """The render's summary (time, memory, cache, parallel, what was written), as rank 0 prints it."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,11 @@ class Worker:
             if progress.job is not None:
                 self._attempt = progress
 
-    def run(self, job: Job, *, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
-        """Render `job`; `on_progress` is also told every phase and step (the local driver's bar)."""
+    def run(self, job: Job, *, on_progress: Callable[[Progress], None] | None = None,
+            progress: bool | None = False) -> Outcome:
+        """Render `job`; `on_progress` is also told every phase and step (the local driver's bar);
+        `progress`: the render's own bar and phase lines (rank 0; None: as output.progress says,
+        `unison generate`). A job of the engine's own config renders the engine's plan as it is."""
         started = time.perf_counter()
 
         first = None
@@ -123,11 +128,12 @@ class Worker:
 
         self._set(Progress(job=job.id, step=0, steps=job.config.sampling.steps, phase="starting"))
         try:
-            result = self.engine.render(job.config, progress=False, on_phase=phase)
+            own = job.config == self.engine.plan.config  # planned and checked across ranks already
+            result = self.engine.render(None if own else job.config, progress=progress, on_phase=phase)
         finally:
             self._set(Progress(job=None, step=0, steps=0))
         times = [r.seconds for r in result.loop.steps]
         return Outcome(id=job.id, seconds=time.perf_counter() - started, steps=len(times),
                        step_seconds=statistics.median(times) if times else 0.0,
                        video=str(result.video_path) if result.video_path else None,
-                       resumed_from_step=result.loop.resumed_from_step or 0)
+                       resumed_from_step=result.loop.resumed_from_step or 0, summary=result.summary())

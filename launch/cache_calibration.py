@@ -71,7 +71,7 @@ def _link_experts(engine, link):
 
 
 def run(config: RunConfig, out: str | Path, env, *, reads: dict[str, str] | None = None) -> int:
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
     from unison.engine.render import Engine
     from unison.engine.targets import check_landings, check_writable, picture_reads
     from unison.engine.io.writes import commit, text_write

@@ -295,7 +295,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
 
     from unison.launch.dist import DistEnv
 
@@ -310,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     plan = plan_run(config, world_size=env.world_size, local_rank=env.local_rank, reads=input_files(args))
     if args.dry_run:
         if env.rank == 0:
-            from unison.engine.build import parallel_dims
+            from unison.engine.plan import parallel_dims
 
             dims = parallel_dims(plan.config.parallel, world_size=env.world_size)
             print("\n".join(plan.describe() + dims.describe()))
@@ -318,17 +318,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if env.rank == 0:
         for note in plan.notes:  # what the plan decided for the user (a detected cache preset)
             print(f"unison: {note}", file=sys.stderr)
-    from unison.engine.render import Engine
+    from unison.engine.worker import Job, Worker
     from unison.launch.failure import FailureWatch
 
     timeout_s = plan.config.parallel.timeout_s
+    show = env.rank == 0 and plan.config.output.progress
+
+    def loading(progress) -> None:
+        if show:
+            print("unison: loading", file=sys.stderr)  # the render prints its own phases
+
+    # The same worker batch and Ray drive: one job, the render's own progress shown.
     with env.joined(timeout_s=timeout_s, placement=plan.placement), \
             FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
-        if env.rank == 0 and plan.config.output.progress:
-            print("unison: loading", file=sys.stderr)  # the render prints its own phases
-        result = Engine(plan).render()
+        worker = Worker(plan, on_progress=loading)
+        outcome = worker.run(Job(id=Path(plan.config.output.path).stem, line=0, config=plan.config), progress=None)
     if env.rank == 0:
-        print(result.summary())
+        print(outcome.summary)
     return 0
 
 
@@ -423,7 +429,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     if args.dtype != "float32":
         import torch
 
-        from unison.engine.build import DTYPES
+        from unison.engine.precision import DTYPES
         from unison.engine.precision import cast_component
 
         # Stored as a real checkpoint in that dtype would be; the VAE stays float32, as diffusers'

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from unison.caching import registry
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import SamplingConfig, RunConfig, config_from_dict
 from unison.engine.worker import Job
 from unison.engine.io.writes import append_line

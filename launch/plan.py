@@ -43,7 +43,7 @@ class Request:
 
 def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealModel, object]:
     """The model at the requested size, and the resolved sampling settings."""
-    from unison.engine.build import _resolve_family, _resolve_sampling, check_sampling
+    from unison.engine.plan import _resolve_family, _resolve_sampling, check_sampling
     from unison.engine.limits import check_limits
 
     path = config.model.path
@@ -82,10 +82,6 @@ def _published_reader(parts: dict):
     return read
 
 
-def branches(spec, sampling) -> int:
-    return spec.hooks.branches(sampling)
-
-
 def check_request(request: Request) -> None:
     if request.gpu not in GPUS:
         raise UserError(f"unknown GPU '{request.gpu}'; known: {', '.join(GPUS)}")
@@ -99,11 +95,6 @@ def check_request(request: Request) -> None:
         raise UserError(f"--skip-share must be in [0, 1), got {request.skip_share}")
 
 
-def condition_frames(spec, sampling) -> int:
-    """Pixel frames the engine VAE-encodes for image-to-video (the family's hooks say)."""
-    return spec.hooks.condition_frames(sampling)
-
-
 def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int) -> Setting:
     gpu = GPUS[request.gpu]
     # The skip share (given, the kind's schedule's, or the share it assumes) and the state per
@@ -111,8 +102,8 @@ def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int
     cache = cache_setting(model, config.cache, steps=sampling.steps, skip_share=request.skip_share)
     return Setting(gpu=gpu, gpus=gpus, nodes=request.nodes,
                    interconnect=request.interconnect or ("nvlink" if gpu.nvlink_gbps else "pcie"),
-                   steps=sampling.steps, branches=branches(model.spec, sampling), **cache,
-                   encode_frames=condition_frames(model.spec, sampling),
+                   steps=sampling.steps, branches=model.spec.hooks.branches(sampling), **cache,
+                   encode_frames=model.spec.hooks.condition_frames(sampling),
                    patch_warmup_steps=config.parallel.patch_warmup_steps,
                    pipefusion_patches=config.parallel.pipefusion_patches, vae_tiling=config.output.vae_tiling,
                    efficiency=calibrated(request).efficiency)
@@ -284,7 +275,7 @@ def auto_layout(config: RunConfig, *, world_size: int, nodes: int = 1) -> tuple[
 
 
 def _tiny_model(config: RunConfig, request: Request):
-    from unison.engine.build import _resolve_family, _resolve_sampling, check_sampling
+    from unison.engine.plan import _resolve_family, _resolve_sampling, check_sampling
 
     spec = get_spec(_resolve_family(config.model)[0])
     parts = plan_model.from_pipeline(spec.build_tiny(config.model.tiny_seed), spec)

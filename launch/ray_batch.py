@@ -58,7 +58,7 @@ class RankActor:
               env: dict[str, str], threads: int | None) -> bool:
         import torch
 
-        from unison.engine.build import plan_run
+        from unison.engine.plan import plan_run
         from unison.engine.worker import Worker
         from unison.launch.dist import DistEnv
 

@@ -11,7 +11,7 @@ import dataclasses
 import contextlib
 from pathlib import Path
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import RunConfig
 from unison.launch.jobs import Job, Manifest
 from unison.engine.errors import Preempted, UserError
@@ -89,7 +89,7 @@ def _engine_plan(config: RunConfig, ranks_per_engine: int | None):
 def engine_config(config: RunConfig) -> RunConfig:
     """The config a batch's engine is planned with: an image-to-video batch's jobs bring their own
     pictures (each job is checked with its own), so a picture stands in for the command line's."""
-    from unison.engine.build import _resolve_family
+    from unison.engine.plan import _resolve_family
     from unison.engine.images import stand_in_picture
     from unison.engine.models import get_spec
 

@@ -11,7 +11,6 @@ import datetime
 import itertools
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 
 from unison.engine.errors import UserError
@@ -101,9 +100,6 @@ class Groups:
     rank: int
     groups: dict[str, object] = field(default_factory=dict)
     ranks: dict[str, list[int]] = field(default_factory=dict)
-    mesh: object | None = None
-    """A named torch DeviceMesh over the axes larger than one (None on one rank), built from
-    these groups so that its groups carry our timeout: for libraries that take a mesh."""
 
     def get(self, name: str):
         return self.groups.get(name)
@@ -115,9 +111,9 @@ class Groups:
         return self.ranks.get(name, [self.rank]).index(self.rank)
 
 
-def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float, device_type: str = "cpu") -> Groups:
-    """Create every group of the mesh (all ranks call this in the same order); `device_type` is
-    the engine's device type (the plan's placement), which the DeviceMesh records."""
+def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float) -> Groups:
+    """Create every group of the layout (all ranks call this in the same order). A library that
+    takes a mesh gets one built from a group (parallel/shard.py), so its groups carry our timeout."""
     out = Groups(dims=dims, rank=rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     for name, axes in GROUP_AXES.items():
@@ -127,11 +123,4 @@ def build_groups(dims: ParallelDims, *, rank: int, timeout_s: float, device_type
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 out.groups[name], out.ranks[name] = group, ranks
-    active = [a for a in AXES if getattr(dims, a) > 1]
-    if active:
-        from torch.distributed.device_mesh import DeviceMesh
-
-        layout = torch.arange(dims.world_size).reshape([getattr(dims, a) for a in active])
-        out.mesh = DeviceMesh.from_group([out.groups[a] for a in active], device_type, mesh=layout,
-                                         mesh_dim_names=tuple(active))
     return out

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from unison.engine.build import load_pipeline, plan_run
+from unison.engine.load import load_pipeline
+from unison.engine.plan import plan_run
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.precision import describe_components
 from unison.engine.render import Engine

@@ -34,7 +34,7 @@ import torch
 from multirank import run_ranks
 from test_parallel_engine import _config
 from unison.caching import registry
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.caches import apply_caches
 from unison.engine.io.checkpoint import fingerprint
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig, config_from_dict, dump_yaml, load_yaml

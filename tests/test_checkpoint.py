@@ -17,7 +17,7 @@ import torch
 
 from multirank import run_ranks
 from test_caching import PAB, THRESHOLD, _cached
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.targets import checkpoint_folder as checkpoint_dir
 from unison.engine.config import CacheConfig, ParallelConfig, RunConfig

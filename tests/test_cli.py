@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import load_yaml
 from unison.launch.cli import main
 
@@ -45,7 +45,7 @@ def test_save_latents_and_rerun_from_saved_config(tmp_path, monkeypatch):
 
 
 def test_dry_run_loads_nothing(tmp_path, monkeypatch, capsys):
-    import unison.engine.build as build
+    import unison.engine.load as build
 
     monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("dry run loaded weights"))
     assert main(["generate", "--dry-run", "--output", str(tmp_path / "x.mp4")]) == 0
@@ -310,7 +310,7 @@ def _bad_cases_two_ranks() -> list[tuple[list[str], str]]:
 
 def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
     """Each bad input: exit 2, one line on stderr naming the problem, and no weights loaded."""
-    import unison.engine.build as build
+    import unison.engine.load as build
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("weights loaded before the error"))
@@ -332,7 +332,7 @@ def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
 
 def test_bad_input_table_two_ranks(tmp_path, monkeypatch, capsys):
     """The same contract under a launcher's environment: refused before any process group forms."""
-    import unison.engine.build as build
+    import unison.engine.load as build
     import unison.launch.dist as dist_module
 
     monkeypatch.chdir(tmp_path)

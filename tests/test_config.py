@@ -167,7 +167,7 @@ def test_cache_2_is_read_like_cache_and_starts_from_it(tmp_path):
     ({"model": {"family": "wan2.2"}, "cache_2": 3}, "cache_2: expected a mapping of keys, got int"),
 ])
 def test_cache_2_bad_input_is_one_line_before_anything_loads(data, message):
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
 
     with pytest.raises(UserError, match=re.escape(message)) as err:
         plan_run(config_from_dict(data))

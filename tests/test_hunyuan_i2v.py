@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from test_i2v import _picture
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
 from unison.engine.errors import UserError

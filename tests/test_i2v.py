@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.render import Engine
 from unison.engine.errors import UserError

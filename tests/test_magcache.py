@@ -16,7 +16,7 @@ from test_cache_battery import refused_before_loading
 from test_parallel_engine import _config
 from unison.caching.magcache import MagCacheConfig, resample, retention_step
 from unison.caching.magcache_presets import PRESETS
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
                                   config_from_dict, load_yaml)
 from unison.engine.render import Engine
@@ -542,7 +542,7 @@ def test_given_ratios_or_calibration_detect_nothing(tmp_path):
 
 
 def test_dry_run_prints_the_detected_preset(tmp_path, capsys, monkeypatch):
-    import unison.engine.build as build
+    import unison.engine.load as build
     from unison.launch.cli import main
 
     monkeypatch.setattr(build, "load_pipeline", lambda plan: pytest.fail("dry run loaded weights"))

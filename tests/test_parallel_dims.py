@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import ModelConfig, ParallelConfig, RunConfig
 from unison.engine.models import SPECS
 from unison.engine.errors import UserError

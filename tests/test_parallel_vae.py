@@ -174,7 +174,7 @@ def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
     not after its denoising, and plans with parallel_decode off."""
     import dataclasses
 
-    from unison.engine import build
+    from unison.engine import plan as build
     from unison.engine.config import OutputConfig, ParallelConfig, RunConfig
     from unison.engine.config import ModelConfig as Model
     from unison.engine.models import SPECS, get_spec

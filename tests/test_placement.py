@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import ModelConfig, ParallelConfig, RunConfig
 from unison.engine.placement import Placement, place
 from unison.engine.errors import UserError

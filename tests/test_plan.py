@@ -231,7 +231,7 @@ def test_bad_input(tiny_folder, counts, capsys):
 
 
 def test_parallel_auto_records_the_recommended_degrees():
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
     from unison.engine.config import config_from_dict, load_yaml
     from unison.engine.errors import UserError
     from unison.launch.cli import default_config_path

@@ -24,7 +24,7 @@ BASE = RunConfig(model=ModelConfig(family="wan"),
 def _start(rank: int, world: int, configs: list[RunConfig]):
     """Build an engine from this rank's config; the error's text, and whether weights loaded."""
     import unison.engine.render as render
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
 
     loaded = []
     real = render.load_pipeline

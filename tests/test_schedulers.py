@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import ModelConfig, OutputConfig, RunConfig, SamplingConfig, config_from_dict
 from unison.engine.render import Engine
 from unison.engine.errors import UserError

@@ -12,7 +12,7 @@ import torch
 
 from multirank import run_ranks
 from test_parallel_engine import _config
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import CacheConfig, ParallelConfig
 from unison.engine.render import Engine
 from unison.engine.errors import UserError

@@ -15,7 +15,7 @@ import torch
 from multirank import run_ranks
 from test_cache_battery import refused_before_loading
 from unison.caching.teacache import PRESETS
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig,
                                   config_from_dict, load_yaml)
 from unison.engine.render import Engine

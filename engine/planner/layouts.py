@@ -63,6 +63,11 @@ class Layout:
     def tokens_split(self) -> int:
         return self.ulysses * self.ring * (1 if self.pipefusion else self.patch)
 
+    @property
+    def patch_mode(self) -> str:
+        """As parallel.patch_mode says it (for the engine's layout rules)."""
+        return "pipefusion" if self.pipefusion else "displaced"
+
     def name(self) -> str:
         parts = [f"{axis} {getattr(self, axis)}" for axis in ("ulysses", "ring", "cfg") if getattr(self, axis) > 1]
         if self.patch > 1:
@@ -148,36 +153,36 @@ class Row:
 
 
 def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tuple[Layout, str]]]:
-    """Every layout the engine takes on `setting.gpus` ranks, and those it refuses with why."""
+    """Every layout the engine takes on `setting.gpus` ranks, and those it refuses for this model
+    with why. The engine's own rules decide (engine/plan.py's structure_problem and
+    heads_problem, which plan_run raises): a layout that breaks a rule of structure (patch with
+    ring, ...) is no candidate at all; one this model's size rules out is listed as refused."""
+    from unison.engine.plan import heads_problem, structure_problem
+
     n, spec = setting.gpus, model.spec
-    two = setting.branches == 2
     out, refused = [], []
     divisors = [d for d in range(1, n + 1) if n % d == 0]
-    for cfg, patch in itertools.product((1, 2) if two else (1,), divisors):
-        if n % (cfg * patch):
+    degrees = [(cfg, patch, u, n // (cfg * patch * u)) for cfg in (1, 2) for patch in divisors for u in divisors
+               if n % (cfg * patch * u) == 0]
+    for (cfg, patch, ulysses, ring), pipefusion, shard, offload, tiling in itertools.product(
+            degrees, (False, True), (False, True), (False, True), (False, True)):
+        layout = Layout(cfg=cfg, patch=patch, ulysses=ulysses, ring=ring, pipefusion=pipefusion,
+                        shard_weights=shard, offload=offload, vae_tiling=tiling)
+        if shard and layout.world == 1:
+            continue  # nothing to shard (the engine takes the flag and changes nothing)
+        if tiling and (layout.world > 1 or setting.vae_tiling):
+            continue  # tiled anyway
+        if structure_problem(layout, spec=spec, branches=setting.branches) is not None:
             continue
-        rest = n // (cfg * patch)
-        shapes = []
-        if patch == 1:
-            shapes = [dict(ulysses=u, ring=rest // u) for u in divisors if rest % u == 0]
+        why = heads_problem(layout.ulysses, [model.heads])
+        if why is None and layout.pipefusion and layout.patch > model.attentions:
+            why = f"PipeFusion needs a block per stage: {model.attentions} blocks"
+        if why is None and layout.tokens_split > model.video_tokens:
+            why = f"more ranks than the {model.video_tokens} video tokens"
+        if why is None:
+            out.append(layout)
         else:
-            shapes.append(dict(ulysses=rest, patch=patch))
-            if rest == 1 and spec.pipefusion_plan is not None:
-                shapes.append(dict(patch=patch, pipefusion=True))
-        for shape, shard, offload, tiling in itertools.product(shapes, (False, True), (False, True), (False, True)):
-            layout = Layout(cfg=cfg, shard_weights=shard, offload=offload, vae_tiling=tiling, **shape)
-            if shard and (layout.world == 1 or layout.patch > 1):
-                continue  # nothing to shard; patch parallelism keeps whole blocks (engine refuses)
-            if tiling and (layout.world > 1 or setting.vae_tiling):
-                continue  # tiled anyway
-            if model.heads % layout.ulysses:
-                refused.append((layout, f"heads not divisible: {model.heads} heads, ulysses {layout.ulysses}"))
-            elif layout.pipefusion and layout.patch > model.attentions:
-                refused.append((layout, f"PipeFusion needs a block per stage: {model.attentions} blocks"))
-            elif layout.tokens_split > model.video_tokens:
-                refused.append((layout, f"more ranks than the {model.video_tokens} video tokens"))
-            else:
-                out.append(layout)
+            refused.append((layout, why))
     return out, refused
 
 
@@ -204,7 +209,7 @@ def memory(model: RealModel, layout: Layout, setting: Setting) -> dict[str, int]
     elif layout.pipefusion:
         blocks = blocks * ceil_div(model.attentions, layout.patch) // model.attentions
     weights = (blocks + sum(p["other"] for p in resident)) * BF16
-    # The text encoders in bfloat16; Wan 2.1 I2V's CLIP image encoder in float32 (engine/build.py).
+    # The text encoders in bfloat16; Wan 2.1 I2V's CLIP image encoder in float32 (engine/load.py).
     encoders = sum(sum(model.parameters(t).values()) * (4 if t == "image_encoder" else BF16)
                    for t in spec.text_encoders if t in model.parts)
     tokens = ceil_div(model.video_tokens, layout.tokens_split)

@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from unison.engine.build import plan_run
+from unison.engine.plan import plan_run
 from unison.engine.targets import check_batch_output
 from unison.engine.config import RunConfig
 from unison.engine.errors import UserError

@@ -128,7 +128,7 @@ class HunyuanImageHooks(HunyuanHooks):
             return out if guidance is None else {**out, "guidance": guidance}
 
         true_cfg = sampling.true_cfg_scale or 1.0
-        do_true_cfg = true_cfg > 1 and sampling.negative_prompt is not None
+        do_true_cfg = self.branches(sampling) == 2
         cond = branch(sampling.prompt, picture, image_embed_interleave=2 if condition == "latent_concat" else 4)
         # The negative branch sees a black picture at the video's size, at the pipeline's default interleave.
         black = Image.new("RGB", (sampling.width, sampling.height), 0)

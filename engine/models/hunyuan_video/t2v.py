@@ -104,7 +104,7 @@ class HunyuanHooks(Hooks):
                     "pooled_projections": pooled.to(dtype), "guidance": guidance}
 
         true_cfg = sampling.true_cfg_scale or 1.0
-        do_true_cfg = true_cfg > 1 and sampling.negative_prompt is not None
+        do_true_cfg = self.branches(sampling) == 2
         return Conditioning(
             cond=branch(sampling.prompt),
             uncond=branch(sampling.negative_prompt) if do_true_cfg else None,

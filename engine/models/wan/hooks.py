@@ -114,7 +114,7 @@ class WanHooks(Hooks):
             )
 
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:
-        do_cfg = sampling.guidance > 1.0
+        do_cfg = self.branches(sampling) == 2
         cond, uncond = pipe.encode_prompt(
             prompt=sampling.prompt, negative_prompt=sampling.negative_prompt,
             do_classifier_free_guidance=do_cfg, num_videos_per_prompt=1,

@@ -1,4 +1,6 @@
-"""Plan a run (validate everything, resolve defaults, no weights) and build its pipeline."""
+"""Plan a run: validate everything, resolve defaults, read no weights (`plan_run`), with the
+engine's layout rules in one place (`structure_problem`, `heads_problem`), which `unison plan`
+applies too. Loading is engine/load.py's."""
 
 from __future__ import annotations
 
@@ -16,22 +18,11 @@ from unison.engine import images
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
-from unison.engine.offload import Offloader
+from unison.engine.offload import Offloader, offloader_for
 from unison.engine.placement import Placement, check_attention_backend, check_compile, place, visible_gpus
-from unison.engine.precision import cast_component, class_has_fp32_islands
+from unison.engine.precision import DTYPES, class_has_fp32_islands, resolve_dtype
 from unison.engine.targets import check_output, picture_reads
 from unison.parallel.attention import check_heads
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device, *, fallback: str | None = None) -> str:
-    if name == "auto":
-        if fallback is not None:
-            return fallback
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return name
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -138,11 +129,11 @@ def _shard_text(p: ParallelConfig, world_size: int) -> str:
 
 
 def _guidance_text(spec: ModelSpec, s: SamplingConfig) -> str:
+    two = spec.hooks.branches(s) == 2
     if spec.embedded_guidance:
-        cfg = s.true_cfg_scale or 1.0
-        true = f", true CFG {cfg}" if cfg > 1 and s.negative_prompt is not None else ", no true CFG"
+        true = f", true CFG {s.true_cfg_scale or 1.0}" if two else ", no true CFG"
         return f"embedded {s.guidance}{true}"
-    text = f"CFG {s.guidance}" if s.guidance > 1 else f"none (guidance {s.guidance} <= 1)"
+    text = f"CFG {s.guidance}" if two else f"none (guidance {s.guidance} <= 1)"
     if spec.two_experts:
         text += f"; low-noise expert {s.guidance_2}"
     return text
@@ -223,16 +214,49 @@ def check_parallel(p: ParallelConfig, *, world_size: int) -> None:
         raise UserError(f"parallel.patch_warmup_steps must be at least 0, got {p.patch_warmup_steps}")
     if p.pipefusion_patches is not None and p.pipefusion_patches < 1:
         raise UserError(f"parallel.pipefusion_patches must be at least 1 (or null), got {p.pipefusion_patches}")
-    if p.patch_mode == "pipefusion" and p.patch == 1 and not p.auto:
-        raise UserError("parallel.patch_mode=pipefusion (--pipefusion) needs patch parallelism: give parallel.patch "
-                        "(--patch N) above 1, or leave --pipefusion out")
+
+
+def structure_problem(p, *, spec: ModelSpec, branches: int, guidance: float | None = None) -> str | None:
+    """The first of the engine's layout rules that do not depend on the model's size which `p`
+    breaks, as one line (None: none). `p` is a ParallelConfig or the planner's Layout (ulysses,
+    ring, cfg, patch, patch_mode, shard_weights): plan_run raises it, `unison plan` never offers
+    such a layout. `branches`: guidance branches per step (`guidance`, if known, for the message)."""
+    if p.patch_mode == "pipefusion" and p.patch == 1:
+        return ("parallel.patch_mode=pipefusion (--pipefusion) needs patch parallelism: give parallel.patch "
+                "(--patch N) above 1, or leave --pipefusion out")
     if p.patch > 1 and p.ring > 1:
-        raise UserError(f"patch parallelism does not combine with ring (got patch {p.patch}, ring {p.ring}): "
-                        f"ring exists to not hold the whole sequence's K/V, and the stale K/V buffers hold it "
-                        f"anyway; use ulysses inside the patch")
+        return (f"patch parallelism does not combine with ring (got patch {p.patch}, ring {p.ring}): "
+                f"ring exists to not hold the whole sequence's K/V, and the stale K/V buffers hold it "
+                f"anyway; use ulysses inside the patch")
     if p.patch > 1 and p.patch_mode == "pipefusion" and p.ulysses > 1:
-        raise UserError(f"PipeFusion combines with cfg parallel only (got patch {p.patch}, ulysses {p.ulysses}): "
-                        f"use parallel.patch_mode=displaced to combine patches with ulysses")
+        return (f"PipeFusion combines with cfg parallel only (got patch {p.patch}, ulysses {p.ulysses}): "
+                f"use parallel.patch_mode=displaced to combine patches with ulysses")
+    if (p.ulysses > 1 or p.ring > 1) and spec.sequence_parallel_plan is None:
+        return f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet"
+    if p.cfg > 1 and branches < 2:
+        if spec.embedded_guidance:
+            return (f"CFG parallel needs two guidance branches; {spec.title} uses embedded guidance (one branch) "
+                    "unless sampling.true_cfg_scale > 1 with a negative prompt")
+        return "CFG parallel needs classifier-free guidance (guidance > 1)" + \
+            (f", got {guidance}" if guidance is not None else "")
+    if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
+                            else spec.displaced_patches):
+        return f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}"
+    if p.shard_weights and p.patch > 1:
+        return (f"parallel.shard_weights does not combine with patch parallelism (patch {p.patch}): "
+                f"displaced patches keep whole blocks per rank and PipeFusion already splits the blocks "
+                f"into stages; use shard_weights with ulysses, ring or cfg")
+    return None
+
+
+def heads_problem(ulysses: int, heads: list[int]) -> str | None:
+    """Ulysses splits the heads: its degree must divide every expert's head count."""
+    for count in heads:
+        try:
+            check_heads(count, ulysses)
+        except UserError as err:
+            return str(err)
+    return None
 
 
 def check_cache(c: CacheConfig, p: ParallelConfig, *, steps: int, prefix: str = "cache", family: str = "",
@@ -293,13 +317,10 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     if world_size > 1 and config.output.decode and config.output.parallel_decode and not spec.parallel_vae:
         raise UserError(f"output.parallel_decode: {spec.title}'s VAE decode cannot be spread over the ranks; set "
                         "output.parallel_decode=false (rank 0 decodes alone)")
-    if (config.parallel.ulysses > 1 or config.parallel.ring > 1) and spec.sequence_parallel_plan is None:
-        raise UserError(f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet")
-    _check_cfg_parallel(config.parallel, spec, sampling)
     p = config.parallel
-    if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
-                            else spec.displaced_patches):
-        raise UserError(f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}")
+    problem = structure_problem(p, spec=spec, branches=spec.hooks.branches(sampling), guidance=sampling.guidance)
+    if problem is not None:
+        raise UserError(problem)
     # A MagCache or TeaCache that names no preset and no numbers of its own gets the preset
     # published for the folder's model (engine/cache_presets.py), named in the resolved config.
     read, notes = config_reader(config.model, spec), []
@@ -315,12 +336,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                                        prefix="cache_2")
         notes += [note] if note else []
         check_cache(cache_2, p, steps=sampling.steps, prefix="cache_2", family=spec.family, read=read)
-    for heads in _attention_heads(config.model, spec):
-        check_heads(heads, config.parallel.ulysses)
-    if p.shard_weights and p.patch > 1:
-        raise UserError(f"parallel.shard_weights does not combine with patch parallelism (patch {p.patch}): "
-                        f"displaced patches keep whole blocks per rank and PipeFusion already splits the blocks "
-                        f"into stages; use shard_weights with ulysses, ring or cfg")
+    problem = heads_problem(p.ulysses, _attention_heads(config.model, spec))
+    if problem is not None:
+        raise UserError(problem)
     check_attention_backend(p.attention_backend, device, ring=p.ring)
     if p.attention_backend == "xfuser" and (p.patch > 1 or spec.joint_text):
         raise UserError("parallel.attention_backend=xfuser runs exact sequence parallelism (ulysses/ring) for Wan "
@@ -349,72 +367,3 @@ def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{config_file}: cannot read num_attention_heads ({err})") from None
     return heads
-
-
-def _check_cfg_parallel(p: ParallelConfig, spec: ModelSpec, s: SamplingConfig) -> None:
-    if p.cfg == 1:
-        return
-    if spec.embedded_guidance:
-        two = (s.true_cfg_scale or 1.0) > 1 and s.negative_prompt is not None
-        if not two:
-            raise UserError(
-                f"CFG parallel needs two guidance branches; {spec.title} uses embedded guidance (one branch) "
-                "unless sampling.true_cfg_scale > 1 with a negative prompt"
-            )
-    elif s.guidance <= 1:
-        raise UserError(f"CFG parallel needs classifier-free guidance (guidance > 1), got {s.guidance}")
-
-
-
-def offloader_for(plan: Plan, pipe) -> Offloader:
-    """The run's offloader (a no-op unless model.offload); experts stay put under shard_weights."""
-    return Offloader(pipe, plan.spec.experts, plan.spec.text_encoders, plan.device,
-                     enabled=plan.config.model.offload, experts_too=not plan.config.parallel.shard_weights)
-
-
-def use_attention_backend(pipe, plan: Plan) -> None:
-    """parallel.attention_backend for the attention diffusers' own processors run (all of it on
-    one rank; cross-attention under sequence parallelism, whose processors take the backend from
-    the engine's AttentionGroups)."""
-    from unison.parallel.attention import diffusers_backend
-
-    name = diffusers_backend(plan.config.parallel.attention_backend, device=plan.device,
-                             dtype=DTYPES[plan.config.model.dtype])
-    if name is not None:
-        for expert in plan.spec.experts:
-            getattr(pipe, expert).set_attention_backend(name)
-
-
-def load_pipeline(plan: Plan):
-    """Build the diffusers pipeline: the tiny preset in-process, or a local folder."""
-    import diffusers
-
-    model = plan.config.model
-    dtype, vae_dtype = DTYPES[model.dtype], DTYPES[model.vae_dtype]
-    if plan.is_tiny:
-        pipe = plan.spec.build_tiny(model.tiny_seed)
-        for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module):
-                cast_component(component, torch.float32 if name == "image_encoder" else
-                               vae_dtype if name == "vae" else dtype)
-    else:
-        cls = getattr(diffusers, plan.spec.pipeline_class)
-        try:
-            # Wan 2.1 I2V's CLIP image encoder in float32, as diffusers' example loads it.
-            pipe = cls.from_pretrained(model.path, dtype={"default": dtype, "vae": vae_dtype,
-                                                          "image_encoder": torch.float32})
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load {model.path}: {str(err).splitlines()[0]}") from None
-    # With model.offload the idle modules stay on the CPU (engine/offload.py moves them in when needed).
-    offloader = offloader_for(plan, pipe)
-    idle = offloader.idle()
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            component.eval()  # modules built in-process start in training mode (dropout on)
-            # Inference only. Beyond memory: with parameters that require grad, a forward outside
-            # torch.no_grad (prompt encoding) records a graph, and sdpa then picks another kernel
-            # than diffusers' no_grad __call__ does, which shows in bfloat16.
-            component.requires_grad_(False)
-            component.to(offloader.park if name in idle else plan.device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
