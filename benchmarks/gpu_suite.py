@@ -69,7 +69,7 @@ from unison.parallel import attention as attention_module
 from unison.parallel import sequence as sequence_module
 from unison.parallel.attention import AttentionGroups
 from unison.parallel.cost import TransformerShape, bytes_per_step
-from unison.parallel.sequence import Handle, SequenceShard
+from unison.parallel.sequence import SequenceShard, apply_sequence_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,8 +164,7 @@ def simulated_rank(transformer, family: str, ranks: int):
         setattr(module, name, {"all_to_all": all_to_all, "all_gather": all_gather}[name])
     groups = AttentionGroups(ulysses=stand_in, ulysses_size=ranks)
     shard = SequenceShard(attention=groups, group=stand_in, size=ranks, index=0)
-    handle = Handle()
-    get_spec(family).sequence_parallel_plan(transformer, shard, handle)
+    handle = apply_sequence_parallel(transformer, get_spec(family).token_plan, shard)
     try:
         yield
     finally:

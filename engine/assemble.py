@@ -41,7 +41,7 @@ from unison.parallel.cfg import Guidance
 from unison.parallel.comm import CommStats
 from unison.parallel.dims import Groups, ParallelDims, build_groups
 from unison.parallel.patch import DisplacedKV
-from unison.parallel.pipefusion import PipeStage, StageRunner
+from unison.parallel.pipefusion import PipeStage, StageRunner, apply_pipefusion
 from unison.parallel.sequence import SequenceShard, apply_sequence_parallel
 from unison.parallel.shard import ShardedWeights, apply_weight_sharding
 from unison.parallel.stale import StaleKV
@@ -183,7 +183,7 @@ def _split_tokens(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelCon
                               warmup_steps=parallel.patch_warmup_steps,
                               patches=parallel.pipefusion_patches or dims.patch,
                               stats=runtime.stats, backend=parallel.attention_backend)
-            runtime.runners[name] = spec.pipefusion_plan(getattr(pipe, name), stage)
+            runtime.runners[name] = apply_pipefusion(getattr(pipe, name), spec.token_plan, stage)
             runtime.stale[name] = stage
     elif dims.patch > 1 or dims.sp > 1:
         # Displaced patches exchange stale K/V over the patch group, after Ulysses has traded
@@ -200,5 +200,5 @@ def _split_tokens(pipe, spec: ModelSpec, runtime: Runtime, parallel: ParallelCon
                                               index=groups.index("patch"), warmup_steps=parallel.patch_warmup_steps,
                                               stats=runtime.stats)
                 runtime.stale[name] = shard.displaced
-            apply_sequence_parallel(getattr(pipe, name), spec.sequence_parallel_plan, shard)
+            apply_sequence_parallel(getattr(pipe, name), spec.token_plan, shard)
             runtime.shards[name] = shard

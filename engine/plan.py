@@ -231,7 +231,7 @@ def structure_problem(p, *, spec: ModelSpec, branches: int, guidance: float | No
     if p.patch > 1 and p.patch_mode == "pipefusion" and p.ulysses > 1:
         return (f"PipeFusion combines with cfg parallel only (got patch {p.patch}, ulysses {p.ulysses}): "
                 f"use parallel.patch_mode=displaced to combine patches with ulysses")
-    if (p.ulysses > 1 or p.ring > 1) and spec.sequence_parallel_plan is None:
+    if (p.ulysses > 1 or p.ring > 1) and spec.token_plan is None:
         return f"sequence parallelism (ulysses/ring) is not supported for {spec.title} yet"
     if p.cfg > 1 and branches < 2:
         if spec.embedded_guidance:
@@ -239,8 +239,7 @@ def structure_problem(p, *, spec: ModelSpec, branches: int, guidance: float | No
                     "unless sampling.true_cfg_scale > 1 with a negative prompt")
         return "CFG parallel needs classifier-free guidance (guidance > 1)" + \
             (f", got {guidance}" if guidance is not None else "")
-    if p.patch > 1 and not (spec.pipefusion_plan is not None if p.patch_mode == "pipefusion"
-                            else spec.displaced_patches):
+    if p.patch > 1 and not (spec.pipefusion if p.patch_mode == "pipefusion" else spec.displaced_patches):
         return f"patch parallelism (mode {p.patch_mode}) is not supported for {spec.title}"
     if p.shard_weights and p.patch > 1:
         return (f"parallel.shard_weights does not combine with patch parallelism (patch {p.patch}): "

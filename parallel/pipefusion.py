@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from unison.parallel.attention import AttentionGroups, KVSource
+from unison.parallel.sequence import TokenPlan
 from unison.parallel.stale import StaleKV
 
 
@@ -207,15 +208,47 @@ class StageRunner(torch.nn.Module):
         return calls.finish(full, args)
 
 
-def apply_pipefusion(transformer: torch.nn.Module, *, attrs: tuple[str, ...], stage: PipeStage, calls: BlockCalls,
-                     install_attention: Callable[[list[torch.nn.Module], PipeStage], None]) -> StageRunner:
-    """Keep this stage's blocks of the block lists `transformer.<attrs>` (concatenated in
-    execution order; the rest are dropped, freeing their weights) behind one StageRunner, which
-    takes the first list's place (the others become empty); `install_attention` sets the stage's
-    self-attention processors. Not undoable: the dropped blocks are gone."""
+def block_calls(plan: TokenPlan) -> BlockCalls:
+    """How the StageRunner calls the blocks of a family, from its TokenPlan: the token stream is
+    argument 0 and streamed in patches, the `carried` streams go whole with every patch and come
+    back from each block after the tokens, the `splits` are sliced to the patch's tokens."""
+
+    def prepare(args: tuple):
+        return args[0], tuple(args[i] for i in plan.carried), tuple(args)
+
+    def call(block, x, carried, rest):
+        args = list(rest)
+        args[0] = x
+        for i, value in zip(plan.carried, carried):
+            args[i] = value
+        out = block(*args)
+        return (out[0], tuple(out[1:])) if plan.carried else (out, ())
+
+    def slice_rest(rest: tuple, start: int, end: int) -> tuple:
+        args = list(rest)
+        for i, rule in plan.splits.items():
+            args[i] = rule.apply(args[i], lambda t, dim: t.narrow(dim, start, end - start))
+        if plan.adjust is not None:
+            plan.adjust(args, start, end)
+        return tuple(args)
+
+    def finish(hidden, args):
+        # A carried stream after the last block is unused by the transformer's head (HunyuanVideo's
+        # text): its input stands in.
+        return (hidden, *(args[i] for i in plan.carried)) if plan.carried else hidden
+
+    return BlockCalls(prepare=prepare, call=call, slice_rest=slice_rest, finish=finish)
+
+
+def apply_pipefusion(transformer: torch.nn.Module, plan: TokenPlan, stage: PipeStage) -> StageRunner:
+    """Keep this stage's blocks of `plan`'s block lists (concatenated in execution order; the rest
+    are dropped, freeing their weights) behind one StageRunner, which takes the first list's place
+    (the others become empty), with the plan's stage processors. Not undoable: the dropped blocks
+    are gone (nor is the plan's `watch` hook removed)."""
     if getattr(transformer, "_unison_pipefusion", False):
         raise RuntimeError("PipeFusion is already applied to this transformer")
-    blocks = [block for attr in attrs for block in getattr(transformer, attr)]
+    attrs = plan.blocks
+    blocks = plan.block_list(transformer)
     if len(blocks) < stage.size:
         raise ValueError(f"PipeFusion needs at least one block per stage: {len(blocks)} blocks, {stage.size} stages")
     # Equal cost per block, not parameters: at the sequence lengths PipeFusion is for, attention
@@ -223,9 +256,12 @@ def apply_pipefusion(transformer: torch.nn.Module, *, attrs: tuple[str, ...], st
     # parameters of its single-stream ones but cost about 1.2x at 720p, and equal counts also
     # give every stage the same K/V buffers.
     mine = [blocks[i] for i in stage_blocks([1.0] * len(blocks), stage.size, stage.index)]
-    install_attention(mine, stage)
-    runner = StageRunner(mine, stage, calls, total_blocks=len(blocks))
+    for block in mine:
+        getattr(block, plan.attention).set_processor(plan.staged(stage))
+    runner = StageRunner(mine, stage, block_calls(plan), total_blocks=len(blocks))
     for i, attr in enumerate(attrs):
         setattr(transformer, attr, torch.nn.ModuleList([runner] if i == 0 else []))
     transformer._unison_pipefusion = True
+    if plan.watch is not None:
+        plan.watch(transformer, stage.cache)
     return runner

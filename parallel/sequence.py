@@ -1,8 +1,11 @@
 """Splitting a transformer's token sequence across ranks and gathering it back.
 
-A model family says where to split and gather (its plan installs the hooks); this module owns
-the mechanics: pad to a multiple of the degree, take this rank's chunk, remember the real
-length so attention never sees padding, gather and trim at the end.
+A model family says where to split and gather as data (`TokenPlan`, in the spirit of diffusers'
+`_cp_plan`): which block lists, which of the blocks' positional arguments are split with the
+tokens and along which dimension, which stream the blocks carry beside the tokens, and the
+attention processors (code, where data cannot say it). This module owns the mechanics: pad to a
+multiple of the degree, take this rank's chunk, remember the real length so attention never sees
+padding, gather and trim at the end. PipeFusion (parallel/pipefusion.py) reads the same plan.
 """
 
 from __future__ import annotations
@@ -55,6 +58,55 @@ class SequenceShard:
         return full.narrow(dim, 0, self.valid_len)
 
 
+@dataclass(frozen=True)
+class Split:
+    """One positional block argument split with the tokens."""
+
+    dim: int
+    """The token dimension."""
+    each: bool = False
+    """The argument is a tuple of tensors (rotary tables), each split."""
+    when: Callable[[torch.Tensor], bool] | None = None
+    """Split only where this says the tensor is per token (else it is the same for every token)."""
+
+    def apply(self, value, cut: Callable[[torch.Tensor, int], torch.Tensor]):
+        if self.each:
+            return tuple(cut(t, self.dim) for t in value)
+        if self.when is not None and not self.when(value):
+            return value
+        return cut(value, self.dim)
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Where a family's sequence is split and gathered: at the first block's input, after the
+    last block's output, so that everything outside the blocks (embeddings, RoPE tables, the
+    output head) sees what it sees on one rank. Argument 0 of every block is the token stream."""
+
+    blocks: tuple[str, ...]
+    """Transformer attributes holding the block lists, in execution order."""
+    attention: str
+    """Each block's self-attention (or joint attention) module, whose processor is replaced."""
+    exact: Callable[["SequenceShard"], object]
+    """The processor under sequence parallelism or displaced patches, for a shard."""
+    staged: Callable[[object], object] | None = None
+    """The processor of a PipeFusion stage's blocks, for a PipeStage (None: no PipeFusion)."""
+    splits: dict[int, Split] = field(default_factory=dict)
+    """Other arguments split with the tokens, by position."""
+    reused: tuple[int, ...] = ()
+    """Arguments split (or adjusted) once at the first block and handed to the others as they are."""
+    carried: tuple[int, ...] = ()
+    """Streams the blocks update beside the tokens and return after them (never split)."""
+    adjust: Callable[[list, int, int], None] | None = None
+    """(args, start, end): what data cannot say about a block's arguments for tokens start:end."""
+    watch: Callable[[torch.nn.Module, dict], object] | None = None
+    """(transformer, per-forward cache) -> a removable pre-hook that records what the processors
+    read per forward (HunyuanVideo's real text length)."""
+
+    def block_list(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block for attr in self.blocks for block in getattr(transformer, attr)]
+
+
 @dataclass
 class Handle:
     """Undo for an applied transformation."""
@@ -90,13 +142,40 @@ def install_split_gather(handle: Handle, blocks: list[torch.nn.Module], *, split
 _MARK = "_unison_sequence_parallel"
 
 
-def apply_sequence_parallel(transformer: torch.nn.Module, plan: Callable[[torch.nn.Module, SequenceShard, Handle],
-                            None], shard: SequenceShard) -> Handle:
-    """Install `plan`'s hooks on `transformer`; applying twice is an error; Handle.remove() undoes."""
+def apply_sequence_parallel(transformer: torch.nn.Module, plan: TokenPlan, shard: SequenceShard) -> Handle:
+    """Install `plan`'s split and gather on `transformer` for `shard`; applying twice is an
+    error; Handle.remove() undoes."""
     if getattr(transformer, _MARK, False):
         raise RuntimeError("sequence parallelism is already applied to this transformer")
     handle = Handle()
-    plan(transformer, shard, handle)
+    if plan.watch is not None:
+        handle.undo.append(plan.watch(transformer, shard.cache).remove)
+
+    def split_inputs(module, args):
+        args = list(args)
+        args[0] = shard.split(args[0], dim=1, record=True)
+        for i, rule in plan.splits.items():
+            args[i] = rule.apply(args[i], lambda t, dim: shard.split(t, dim=dim))
+        if plan.adjust is not None:
+            chunk = args[0].shape[1]
+            plan.adjust(args, shard.index * chunk, (shard.index + 1) * chunk)
+        shard.cache["reused"] = {i: args[i] for i in plan.reused if i < len(args)}
+        return tuple(args)
+
+    def reuse_inputs(module, args):
+        args = list(args)
+        for i, value in shard.cache["reused"].items():
+            args[i] = value
+        return tuple(args)
+
+    def gather_output(module, args, output):
+        shard.cache.clear()
+        if plan.carried:
+            return (shard.gather(output[0], dim=1), *output[1:])
+        return shard.gather(output, dim=1)
+
+    install_split_gather(handle, plan.block_list(transformer), split=split_inputs, reuse=reuse_inputs,
+                         gather=gather_output, attention=plan.attention, processor=plan.exact(shard))
     setattr(transformer, _MARK, True)
     handle.undo.insert(0, lambda: setattr(transformer, _MARK, False))
     return handle

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from unison.caching.base import CacheHints
+from unison.parallel.sequence import TokenPlan
 from unison.parallel.vae import VaeTiling
 
 Component = tuple[str, str, dict]
@@ -226,8 +227,9 @@ class ModelSpec:
     cache_hints: CacheHints = field(default_factory=CacheHints)
     """What the caches need to know of its blocks (caching/base.py): TeaCache's indicator,
     TaylorSeer's modules."""
-    sequence_parallel_plan: Callable[..., None] | None = None
-    """Installs the split/gather hooks and parallel self-attention (None: not supported yet)."""
+    token_plan: TokenPlan | None = None
+    """Where the sequence is split and gathered, as data, and the parallel attention processors
+    (parallel/sequence.py; None: no sequence, patch or PipeFusion parallelism)."""
     joint_text: bool = False
     """Self-attention is joint video + text attention with padded text masked (HunyuanVideo)."""
     needs_image: bool = False
@@ -242,8 +244,6 @@ class ModelSpec:
     """Its published checkpoints (for `unison plan` and the cache presets)."""
     displaced_patches: bool = False
     """Whether the plan's self-attention supports displaced patch parallelism (shard.displaced)."""
-    pipefusion_plan: Callable[..., Any] | None = None
-    """(transformer, PipeStage) -> keeps the stage's blocks behind a StageRunner (None: no PipeFusion)."""
     limits: Callable[[Callable[[str], dict]], Limits] | None = None
     """(read) -> the model's Limits, where read("transformer/config.json") gives that file of
     the folder as a dict ({} when absent); for the tiny preset, its entry of `tiny_configs`."""
@@ -254,6 +254,11 @@ class ModelSpec:
     @property
     def two_experts(self) -> bool:
         return len(self.experts) > 1
+
+    @property
+    def pipefusion(self) -> bool:
+        """Whether its blocks can be split into PipeFusion stages."""
+        return self.token_plan is not None and self.token_plan.staged is not None
 
     @property
     def parallel_vae(self) -> bool:

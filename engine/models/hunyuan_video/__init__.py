@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from unison.caching.base import CacheHints
 from unison.engine.models.hunyuan_video import i2v, t2v
-from unison.engine.models.hunyuan_video.parallel import BLOCK_LISTS, pipefusion_plan, sequence_parallel_plan
+from unison.engine.models.hunyuan_video.parallel import BLOCK_LISTS, TOKEN_PLAN
 from unison.engine.models.hunyuan_video.vae import HUNYUAN_VAE
 from unison.engine.models.spec import Checkpoint, ModelSpec, Pick, SamplingDefaults
 
@@ -55,8 +55,8 @@ HUNYUAN_T2V = Checkpoint(
 _COMMON = dict(transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",),
                text_encoders=("text_encoder", "text_encoder_2"), fps=24, size_multiple=16, temporal_factor=4,
                embedded_guidance=True, joint_text=True, block_lists=BLOCK_LISTS,
-               sequence_parallel_plan=sequence_parallel_plan, attention_modules=t2v.attention_modules,
-               vae_tiling=HUNYUAN_VAE, displaced_patches=True, pipefusion_plan=pipefusion_plan,
+               token_plan=TOKEN_PLAN, attention_modules=t2v.attention_modules,
+               vae_tiling=HUNYUAN_VAE, displaced_patches=True,
                cache_hints=CACHE_HINTS)
 
 HUNYUAN_VIDEO = ModelSpec(

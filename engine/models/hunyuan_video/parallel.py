@@ -25,8 +25,8 @@ import weakref
 import torch
 
 from unison.parallel.attention import sequence_attention
-from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
-from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
+from unison.parallel.pipefusion import PipeStage
+from unison.parallel.sequence import SequenceShard, Split, TokenPlan
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -150,59 +150,16 @@ def _first_frame_tokens(first: int, *, start: int, end: int) -> int:
     return max(0, min(end, first) - start)
 
 
-def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) -> None:
-    blocks = [block for attr in BLOCK_LISTS for block in getattr(transformer, attr)]
-    handle.undo.append(_record_text_length(transformer, shard.cache).remove)
-
-    def split_inputs(module, args):
-        hidden, text, temb, mask, rope, *rest = args
-        hidden = shard.split(hidden, dim=1, record=True)
-        rope = tuple(shard.split(t, dim=0) for t in rope)
-        shard.cache["rope"] = rope
-        if len(rest) == 2 and rest[0] is not None:  # token_replace (I2V): the first frame's tokens on this rank
-            chunk = hidden.shape[1]
-            rest = [rest[0], _first_frame_tokens(rest[1], start=shard.index * chunk, end=(shard.index + 1) * chunk)]
-        shard.cache["rest"] = tuple(rest)
-        return (hidden, text, temb, mask, rope, *rest)
-
-    def reuse_inputs(module, args):
-        hidden, text, temb, mask, *_ = args
-        return (hidden, text, temb, mask, shard.cache["rope"], *shard.cache["rest"])
-
-    def gather_output(module, args, output):
-        shard.cache.clear()
-        hidden, text = output
-        return shard.gather(hidden, dim=1), text
-
-    install_split_gather(handle, blocks, split=split_inputs, reuse=reuse_inputs, gather=gather_output,
-                         attention="attn", processor=HunyuanJointAttention(shard))
+def _token_replace(args: list, start: int, end: int) -> None:
+    """image_condition_type token_replace (I2V): the first frame's tokens among start:end."""
+    if len(args) == 7 and args[5] is not None:
+        args[6] = _first_frame_tokens(args[6], start=start, end=end)
 
 
-def pipefusion_plan(transformer, stage: PipeStage):
-    """Both block lists form one pipeline (dual-stream blocks first); the text stream is carried
-    with every patch. The blocks' arguments: (hidden, text, temb, mask, rope, token_replace_emb,
-    first_frame_num_tokens); rope tables are (tokens, dim)."""
-
-    def prepare(args):
-        hidden, text, *rest = args
-        return hidden, (text,), tuple(rest)
-
-    def call(block, x, carried, rest):
-        x, text = block(x, carried[0], *rest)
-        return x, (text,)
-
-    def slice_rest(rest, start, end):
-        temb, mask, rope, *more = rest
-        if len(more) == 2 and more[0] is not None:  # token_replace: the first frame's tokens in this patch
-            more = [more[0], _first_frame_tokens(more[1], start=start, end=end)]
-        return (temb, mask, tuple(t[start:end] for t in rope), *more)
-
-    def install(blocks, stage):
-        for block in blocks:
-            block.attn.set_processor(HunyuanStageAttention(stage))
-
-    # The text after the last block is unused by the transformer's head: the input text stands in.
-    calls = BlockCalls(prepare=prepare, call=call, slice_rest=slice_rest, finish=lambda hidden, args: (hidden, args[1]))
-    runner = apply_pipefusion(transformer, attrs=BLOCK_LISTS, stage=stage, calls=calls, install_attention=install)
-    _record_text_length(transformer, stage.cache)  # PipeFusion is not undoable: nor is its hook
-    return runner
+TOKEN_PLAN = TokenPlan(
+    blocks=BLOCK_LISTS, attention="attn", exact=HunyuanJointAttention, staged=HunyuanStageAttention,
+    # The blocks take (hidden, text, temb, mask, rope, token_replace_emb, first_frame_num_tokens) and
+    # return (hidden, text); the rotary tables are (tokens, dim).
+    splits={4: Split(dim=0, each=True)}, reused=(4, 5, 6), carried=(1,), adjust=_token_replace,
+    watch=_record_text_length)
+"""Both block lists in one sequence (dual-stream blocks first), the text stream carried whole."""

@@ -16,7 +16,7 @@ from unison.caching.base import CacheHints
 from unison.engine.models.spec import ModelSpec, SamplingDefaults
 from unison.engine.models.wan import published
 from unison.engine.models.wan.hooks import WanHooks, WanImageHooks, attention_modules, limits
-from unison.engine.models.wan.parallel import pipefusion_plan, sequence_parallel_plan
+from unison.engine.models.wan.parallel import TOKEN_PLAN
 from unison.engine.models.wan.tiny import tiny_configs, tiny_pipeline
 from unison.engine.models.wan.vae import WAN_VAE
 
@@ -56,7 +56,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, checkpoi
         block_lists=("blocks",), defaults=defaults, tiny_defaults=tiny_defaults,
         matches=lambda index: _variant(index) == family,
         build_tiny=lambda seed: tiny_pipeline(seed, variant=family), hooks=hooks(family),
-        sequence_parallel_plan=sequence_parallel_plan, displaced_patches=True, pipefusion_plan=pipefusion_plan,
+        token_plan=TOKEN_PLAN, displaced_patches=True,
         vae_tiling=WAN_VAE, needs_image=hooks.i2v, per_token_timesteps=family == "wan2.2-ti2v",
         attention_modules=attention_modules, limits=limits, tiny_configs=tiny_configs(family),
         cache_hints=CACHE_HINTS, checkpoints=checkpoints,

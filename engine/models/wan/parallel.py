@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from unison.parallel.attention import sequence_attention
-from unison.parallel.pipefusion import BlockCalls, PipeStage, apply_pipefusion
-from unison.parallel.sequence import Handle, SequenceShard, install_split_gather
+from unison.parallel.pipefusion import PipeStage
+from unison.parallel.sequence import SequenceShard, Split, TokenPlan
 
 
 def _qkv(attn, hidden_states, rotary_emb):
@@ -56,29 +56,6 @@ class WanSelfAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def sequence_parallel_plan(transformer, shard: SequenceShard, handle: Handle) -> None:
-    blocks = transformer.blocks
-
-    def split_inputs(module, args):
-        hidden, text, modulation, rope = args
-        hidden = shard.split(hidden, dim=1, record=True)
-        if modulation.ndim == 4:  # TI2V-5B: one modulation per token
-            modulation = shard.split(modulation, dim=1)
-        rope = tuple(shard.split(t, dim=1) for t in rope)
-        shard.cache.update(modulation=modulation, rope=rope)
-        return hidden, text, modulation, rope
-
-    def reuse_inputs(module, args):
-        return args[0], args[1], shard.cache["modulation"], shard.cache["rope"]
-
-    def gather_output(module, args, output):
-        shard.cache.clear()
-        return shard.gather(output, dim=1)
-
-    install_split_gather(handle, blocks, split=split_inputs, reuse=reuse_inputs, gather=gather_output,
-                         attention="attn1", processor=WanSelfAttention(shard))
-
-
 class WanStageAttention:
     """Processor for attn1 of a PipeFusion stage's blocks: the current patch's queries against
     the layer's full-sequence K/V buffer (this patch fresh, the rest as the stage last saw it)."""
@@ -99,25 +76,10 @@ def _attend_stage(stage: PipeStage, attn, q, k, v) -> torch.Tensor:
     return sequence_attention(q, k, v, groups=stage.attention(), valid_len=stage.span[2], kv=stage.source(id(attn)))
 
 
-def _patch_args(rest: tuple, start: int, end: int) -> tuple:
-    """A block's other inputs for tokens [start, end): text whole, per-token modulation (TI2V-5B)
-    and the rotary tables sliced."""
-    text, modulation, rope = rest
-    if modulation.ndim == 4:
-        modulation = modulation[:, start:end]
-    return text, modulation, tuple(t[:, start:end] for t in rope)
-
-
-BLOCK_CALLS = BlockCalls(prepare=lambda args: (args[0], (), args[1:]),
-                         call=lambda block, x, carried, rest: (block(x, *rest), carried),
-                         slice_rest=_patch_args, finish=lambda hidden, args: hidden)
-"""Wan's blocks take (hidden, text, modulation, rope) and return hidden; text is cross-attended
-and never updated, so nothing is carried."""
-
-
-def pipefusion_plan(transformer, stage: PipeStage):
-    def install(blocks, stage):
-        for block in blocks:
-            block.attn1.set_processor(WanStageAttention(stage))
-
-    return apply_pipefusion(transformer, attrs=("blocks",), stage=stage, calls=BLOCK_CALLS, install_attention=install)
+TOKEN_PLAN = TokenPlan(
+    blocks=("blocks",), attention="attn1", exact=WanSelfAttention, staged=WanStageAttention,
+    # Wan's blocks take (hidden, text, modulation, rope): the text is cross-attended whole on every
+    # rank; TI2V-5B's modulation is per token (B, tokens, 6, D); the rotary tables (1, tokens, 1, dim).
+    splits={2: Split(dim=1, when=lambda modulation: modulation.ndim == 4), 3: Split(dim=1, each=True)},
+    reused=(2, 3))
+"""Split at the first block's input, gathered after the last block's output."""
