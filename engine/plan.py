@@ -248,6 +248,13 @@ def structure_problem(p, *, spec: ModelSpec, branches: int, guidance: float | No
     return None
 
 
+def blocks_problem(p, blocks: list[int]) -> str | None:
+    """PipeFusion needs a block per stage, on every expert."""
+    if p.patch > 1 and p.patch_mode == "pipefusion" and blocks and p.patch > min(blocks):
+        return f"PipeFusion needs a block per stage: {min(blocks)} blocks, {p.patch} stages"
+    return None
+
+
 def heads_problem(ulysses: int, heads: list[int]) -> str | None:
     """Ulysses splits the heads: its degree must divide every expert's head count."""
     for count in heads:
@@ -335,7 +342,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                                        prefix="cache_2")
         notes += [note] if note else []
         check_cache(cache_2, p, steps=sampling.steps, prefix="cache_2", family=spec.family, read=read)
-    problem = heads_problem(p.ulysses, _attention_heads(config.model, spec))
+    problem = heads_problem(p.ulysses, _attention_heads(config.model, spec)) or \
+        blocks_problem(p, [spec.block_count(read(f"{expert}/config.json")) for expert in spec.experts])
     if problem is not None:
         raise UserError(problem)
     check_attention_backend(p.attention_backend, device, ring=p.ring)

@@ -49,6 +49,19 @@ def test_tiny_limits_match_the_built_model(family):
     assert pipe.scheduler.config.num_train_timesteps == 1000  # the plan's default when tiny_configs has none
 
 
+def test_every_tiny_preset_declares_the_blocks_it_builds():
+    """The block count a plan reads (ModelSpec.block_count over tiny_configs) is the built model's,
+    counted from its block lists, on every expert of every family."""
+    from unison.engine.models import SPECS
+
+    for family, spec in SPECS.items():
+        pipe = spec.build_tiny(0)
+        tiny = config_reader(ModelConfig(family=family), spec)
+        for expert in spec.experts:
+            built = sum(len(getattr(getattr(pipe, expert), attr)) for attr in spec.block_lists)
+            assert spec.block_count(tiny(f"{expert}/config.json")) == built > 0, (family, expert)
+
+
 def test_wan_position_table_is_the_real_limit():
     """Tiny Wan: 512 pixels (32 latent patches) and 125 frames (32 latent frames) run; one patch
     or one latent frame more fails inside diffusers' RoPE: the plan's limit is exactly the model's."""

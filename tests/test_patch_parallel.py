@@ -163,6 +163,9 @@ def test_ulysses_inside_patches(family):
     ("wan", dict(patch=2, ulysses=2, patch_mode="pipefusion"), "PipeFusion combines with cfg parallel only"),
     ("hunyuanvideo", dict(patch=2, ulysses=3), "Ulysses degree 3 does not divide"),
     ("wan", dict(patch=2, patch_warmup_steps=-1), "parallel.patch_warmup_steps must be at least 0"),
+    # tiny Wan has 3 blocks, tiny HunyuanVideo 2 + 2: a stage without a block is refused before loading
+    ("wan", dict(patch=4, patch_mode="pipefusion"), "PipeFusion needs a block per stage: 3 blocks, 4 stages"),
+    ("hunyuanvideo", dict(patch=8, patch_mode="pipefusion"), "PipeFusion needs a block per stage: 4 blocks, 8 stages"),
 ])
 def test_patch_bad_layouts(family, layout, message):
     world = layout.get("patch", 1) * layout.get("ulysses", 1) * layout.get("ring", 1)

@@ -227,6 +227,9 @@ class ModelSpec:
     cache_hints: CacheHints = field(default_factory=CacheHints)
     """What the caches need to know of its blocks (caching/base.py): TeaCache's indicator,
     TaylorSeer's modules."""
+    block_count: Callable[[dict], int] = lambda config: 0
+    """(a transformer's config.json as a dict) -> its blocks, all block lists together (PipeFusion
+    needs one per stage: checked at plan time)."""
     token_plan: TokenPlan | None = None
     """Where the sequence is split and gathered, as data, and the parallel attention processors
     (parallel/sequence.py; None: no sequence, patch or PipeFusion parallelism)."""

@@ -154,10 +154,10 @@ class Row:
 
 def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tuple[Layout, str]]]:
     """Every layout the engine takes on `setting.gpus` ranks, and those it refuses for this model
-    with why. The engine's own rules decide (engine/plan.py's structure_problem and
-    heads_problem, which plan_run raises): a layout that breaks a rule of structure (patch with
+    with why. The engine's own rules decide (engine/plan.py's structure_problem, heads_problem and
+    blocks_problem, which plan_run raises): a layout that breaks a rule of structure (patch with
     ring, ...) is no candidate at all; one this model's size rules out is listed as refused."""
-    from unison.engine.plan import heads_problem, structure_problem
+    from unison.engine.plan import blocks_problem, heads_problem, structure_problem
 
     n, spec = setting.gpus, model.spec
     out, refused = [], []
@@ -174,9 +174,7 @@ def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tupl
             continue  # tiled anyway
         if structure_problem(layout, spec=spec, branches=setting.branches) is not None:
             continue
-        why = heads_problem(layout.ulysses, [model.heads])
-        if why is None and layout.pipefusion and layout.patch > model.attentions:
-            why = f"PipeFusion needs a block per stage: {model.attentions} blocks"
+        why = heads_problem(layout.ulysses, [model.heads]) or blocks_problem(layout, [model.attentions])
         if why is None and layout.tokens_split > model.video_tokens:
             why = f"more ranks than the {model.video_tokens} video tokens"
         if why is None:

@@ -57,7 +57,9 @@ _COMMON = dict(transformer_class="HunyuanVideoTransformer3DModel", experts=("tra
                embedded_guidance=True, joint_text=True, block_lists=BLOCK_LISTS,
                token_plan=TOKEN_PLAN, attention_modules=t2v.attention_modules,
                vae_tiling=HUNYUAN_VAE, displaced_patches=True,
-               cache_hints=CACHE_HINTS)
+               cache_hints=CACHE_HINTS,
+               # diffusers' defaults: 20 dual-stream and 40 single-stream blocks
+               block_count=lambda config: int(config.get("num_layers", 20)) + int(config.get("num_single_layers", 40)))
 
 HUNYUAN_VIDEO = ModelSpec(
     family="hunyuanvideo", title="HunyuanVideo T2V", pipeline_class="HunyuanVideoPipeline",
@@ -67,7 +69,8 @@ HUNYUAN_VIDEO = ModelSpec(
                                    true_cfg_scale=1.0, max_sequence_length=32),
     matches=lambda index: index.get("_class_name") == "HunyuanVideoPipeline", build_tiny=t2v.tiny_pipeline,
     hooks=t2v.HunyuanHooks(), limits=t2v.limits,
-    tiny_configs={"text_encoder/config.json": {"max_position_embeddings": 1024}},
+    tiny_configs={"text_encoder/config.json": {"max_position_embeddings": 1024},
+                  "transformer/config.json": {"num_layers": 2, "num_single_layers": 2}},
     checkpoints=(HUNYUAN_T2V,), **_COMMON,
 )
 
@@ -81,7 +84,8 @@ HUNYUAN_VIDEO_I2V = ModelSpec(
                                    max_sequence_length=32),
     matches=lambda index: index.get("_class_name") == "HunyuanVideoImageToVideoPipeline",
     build_tiny=i2v.tiny_pipeline, hooks=i2v.HunyuanImageHooks(), limits=i2v.limits,
-    tiny_configs={"text_encoder/config.json": {"text_config": {"max_position_embeddings": 1024}}},
+    tiny_configs={"text_encoder/config.json": {"text_config": {"max_position_embeddings": 1024}},
+                  "transformer/config.json": {"num_layers": 2, "num_single_layers": 2}},
     **_COMMON,
 )
 

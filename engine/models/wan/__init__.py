@@ -60,6 +60,7 @@ def _spec(family: str, title: str, *, experts, defaults, tiny_defaults, checkpoi
         vae_tiling=WAN_VAE, needs_image=hooks.i2v, per_token_timesteps=family == "wan2.2-ti2v",
         attention_modules=attention_modules, limits=limits, tiny_configs=tiny_configs(family),
         cache_hints=CACHE_HINTS, checkpoints=checkpoints,
+        block_count=lambda config: int(config.get("num_layers", 40)),  # diffusers' default
     )
 
 

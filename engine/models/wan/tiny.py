@@ -81,7 +81,7 @@ def tiny_pipeline(seed: int, *, variant: str):
 def tiny_configs(family: str) -> dict[str, dict]:
     """The tiny preset's config values that _limits reads (as tiny_pipeline builds them)."""
     spatial = 16 if family == "wan2.2-ti2v" else 8
-    transformer = {"rope_max_seq_len": 32, "patch_size": [1, 2, 2]}
+    transformer = {"rope_max_seq_len": 32, "patch_size": [1, 2, 2], "num_layers": 3}
     if family == "wan-i2v":
         transformer.update(image_dim=TINY_IMAGE, pos_embed_seq_len=None)
     configs = {"transformer/config.json": transformer,
