@@ -1,5 +1,13 @@
-"""Step caches whose decisions ranks agree on: First-Block Cache, Pyramid Attention Broadcast,
-MagCache, TeaCache. Each kind is one module; caching/registry.py is where the engine finds them."""
+"""Step caches whose decisions every rank takes alike.
+
+- base: CacheConfig, Cache, Site (where a cache goes), CacheHints (what a model family tells the
+  caches), Calibration, and Kind: everything the engine and the planner know of a kind
+- agree: the agreement primitive (sums and counts over exactly the ranks that share the work)
+- registry: the kinds, the only place they are looked up
+- planning: what the planner hands a kind (ModelShape, StepWork, Saves)
+- one module per kind: fbcache, pab, magcache (with magcache_presets), teacache, dbcache,
+  easycache, taylorseer; stack: the whole-stack reuse several share
+Nothing outside caching/ tests a kind's name; caching/ uses parallel/ for its collectives only."""
 
 from unison.caching.agree import Agreement, CacheDisagreement
 from unison.caching.base import Cache, CacheConfig, Kind, NoCacheConfig, Site
