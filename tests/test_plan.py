@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from unison.engine.planner import meta as meta_model
 from unison.engine.planner import model as plan_model
 from unison.engine.planner.hardware import Gpu
 from unison.engine.models import get_spec

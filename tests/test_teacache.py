@@ -6,6 +6,8 @@ Wan its decisions issue no collective under Ulysses 2.)"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,6 @@ from unison.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The published coefficients (cache-facts.md §3.1), typed here rather than read from the module.
-WAN13 = (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02)
-HUNYUAN = (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02)
 # A polynomial near the identity for the tiny Wan, whose timestep modulation changes by 0.41-0.46
 # per step: poly(0.45) ~ 0.38, so at 0.7 it skips, computes, skips, computes.
 TINY_POLY = (2.0, -1.0, 0.5, 0.6, 0.02)
@@ -108,7 +107,9 @@ def test_decisions_are_the_rule_computed_by_hand(family, index, one_rank):
     result, changes, seen, _ = one_rank[family, index]
     decisions = result.cache_decisions["transformer"]
     assert len(seen) == len(decisions) == 12  # 6 steps x 2 branches
-    coefficients = fields.get("coefficients") or {"wan2.1-t2v-1.3b": WAN13, "hunyuanvideo": HUNYUAN}[fields["preset"]]
+    # The rule by hand with the coefficients the cache was given (test_presets_are_the_published_
+    # coefficients checks the presets against their source).
+    coefficients = fields.get("coefficients") or PRESETS[fields["preset"]].coefficients
     expected = _rule([(d[0], d[1], m) for d, m in zip(decisions, seen)], coefficients=coefficients,
                      threshold=fields["threshold"], steps=6, **published)
     assert [d[-1] for d in decisions] == expected
@@ -122,13 +123,42 @@ def test_decisions_are_the_rule_computed_by_hand(family, index, one_rank):
         assert change == pytest.approx(np.abs(m - prev).mean() / np.abs(prev).mean(), rel=1e-6)
 
 
+# Each preset's row in the table of published TeaCache hyperparameters (published.py): the model
+# and the mode whose indicator unison reads (Wan: use_ret_steps, the timestep projection e0).
+SOURCE_ROWS = {"wan2.1-t2v-1.3b": ("Wan2.1 T2V 1.3B", "`use_ret_steps` (e0)"),
+               "wan2.1-t2v-14b": ("Wan2.1 T2V 14B", "ret (e0)"),
+               "wan2.1-i2v-14b-480p": ("Wan2.1 I2V 480P", "ret"),
+               "wan2.1-i2v-14b-720p": ("Wan2.1 I2V 720P", "ret"),
+               "hunyuanvideo": ("HunyuanVideo", "modulated img input")}
+
+
 def test_presets_are_the_published_coefficients():
-    assert set(PRESETS) == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
-                            "hunyuanvideo"}
-    assert PRESETS["wan2.1-t2v-1.3b"].coefficients == WAN13 and PRESETS["hunyuanvideo"].coefficients == HUNYUAN
-    assert PRESETS["wan2.1-t2v-14b"].coefficients[0] == -3.03318725e+05
-    assert PRESETS["wan2.1-i2v-14b-720p"].coefficients[-1] == -4.17769401e-02
-    assert [(p.warmup_steps, p.compute_last) for p in PRESETS.values()] == [(5, False)] * 4 + [(1, True)]
+    """Every preset is its source's row: the coefficients as published, and the boundary steps its
+    code uses (ret_steps counts cond and uncond calls, so 5*2 is 5 steps; a cutoff of steps*2
+    leaves the last step to the rule, steps*2−2 or "first and last step compute" computes it)."""
+    from published import teacache_table
+
+    table = teacache_table()
+    assert set(SOURCE_ROWS) == set(PRESETS)
+    for name, row in SOURCE_ROWS.items():
+        coefficients, boundary = table[row]
+        preset = PRESETS[name]
+        assert preset.coefficients == coefficients, name
+        if boundary == "first and last step compute":
+            assert (preset.warmup_steps, preset.compute_last) == (1, True), name
+            continue
+        calls = re.match(r"(?:ret=)?(\d+)\*2", boundary)
+        assert calls and preset.warmup_steps == int(calls.group(1)), (name, boundary)
+        if "steps*2" in boundary:  # the cutoff is stated
+            assert preset.compute_last == ("steps*2−2" in boundary), (name, boundary)
+
+
+def test_presets_are_fourth_degree_and_the_recipes_name_them():
+    """Properties that hold whatever the source: TeaCache's published fits are 4th degree, finite;
+    a preset computes its first step (no previous indicator); and the bundled recipes name a preset."""
+    for name, preset in PRESETS.items():
+        assert len(preset.coefficients) == 5 and all(math.isfinite(c) for c in preset.coefficients), name
+        assert preset.warmup_steps >= 1 and preset.source, name
     recipes = sorted((ROOT / "configs").glob("*/teacache.yaml"))
     assert {p.parent.name for p in recipes} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo"}
     for path in recipes:
