@@ -6,6 +6,7 @@ its lockstep under every layout.)"""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,11 +142,24 @@ def test_cfg_parallel_takes_the_one_rank_decisions_and_ulysses_adds_no_collectiv
 
 
 def test_presets_are_the_published_settings():
-    wan = load_yaml(ROOT / "configs/wan2.1-t2v-1.3b/easycache.yaml").cache
-    hunyuan = load_yaml(ROOT / "configs/hunyuanvideo/easycache.yaml").cache
-    assert (wan.kind, wan.threshold, wan.warmup_steps, wan.compute_last) == ("easycache", 0.05, 10, True)
-    assert (hunyuan.kind, hunyuan.threshold, hunyuan.warmup_steps, hunyuan.compute_last) == ("easycache", 0.025, 5,
-                                                                                             True)
+    """The bundled recipes against their source (../shared/cache-facts.md §3.7, the authors'
+    scripts): Wan's --thresh default and ret_steps (counted in calls, two a step), HunyuanVideo's
+    thresh and ret_steps (one call a step); the last step always computes in both."""
+    from published import facts
+
+    section = facts().split("### 3.7 EasyCache")[1].split("\n### ")[0]
+    wan_threshold = float(re.search(r"Wan `--thresh` default ([\d.]+)", section).group(1))
+    wan_calls, per_step = map(int, re.search(r"`ret_steps = (\d+)\*(\d+)` calls", section).groups())
+    hunyuan_threshold, hunyuan_steps = re.search(r"`thresh = ([\d.]+)` and `ret_steps = (\d+)`", section).groups()
+    assert "the last step always computes" in section
+    published = {"wan2.1-t2v-1.3b": (wan_threshold, wan_calls * per_step // 2),
+                 "hunyuanvideo": (float(hunyuan_threshold), int(hunyuan_steps))}
+    for model, (threshold, warmup) in published.items():
+        recipe = load_yaml(ROOT / "configs" / model / "easycache.yaml")
+        cache = recipe.cache
+        assert (cache.kind, cache.threshold, cache.warmup_steps, cache.compute_last) == ("easycache", threshold,
+                                                                                         warmup, True), model
+        assert cache.warmup_steps < recipe.sampling.steps, model  # the rule decides some steps
 
 
 @pytest.mark.parametrize("cache, message", [

@@ -43,27 +43,51 @@ def test_resampling_is_diffusers_nearest_interp():
         == [1, 3, 6, 0]
 
 
-def test_presets_are_the_published_ratios_per_branch():
-    assert set(PRESETS) == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
-                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "wan2.2-ti2v-5b-i2v",
-                            "hunyuanvideo-720p", "hunyuanvideo-544p"}
+# Each preset's array in the published ratios (published.py, Appendix A of the team's copy).
+SOURCE_ARRAYS = {"wan2.1-t2v-14b": "Wan2.1-T2V-14B", "wan2.1-t2v-1.3b": "Wan2.1-T2V-1.3B",
+                 "wan2.1-i2v-14b-480p": "Wan2.1-I2V-14B-480P", "wan2.1-i2v-14b-720p": "Wan2.1-I2V-14B-720P",
+                 "hunyuanvideo-720p": "HunyuanVideo 720p", "hunyuanvideo-544p": "HunyuanVideo 544p/540p",
+                 "wan2.2-t2v-a14b": "Wan2.2-T2V-A14B", "wan2.2-ti2v-5b": "Wan2.2-TI2V-5B t2v",
+                 "wan2.2-ti2v-5b-i2v": "Wan2.2-TI2V-5B i2v", "wan2.2-i2v-a14b": "Wan2.2-I2V-A14B"}
+
+
+def test_presets_are_the_published_ratios():
+    """Every preset holds its source's array as the authors' code reads it (their prepended 1.0s,
+    then the published values), and splits Wan's interleaved calls into branches: even calls cond,
+    odd uncond; HunyuanVideo's one branch serves both."""
+    from published import magcache_arrays
+
+    arrays = magcache_arrays()
+    assert set(SOURCE_ARRAYS) == set(PRESETS)
+    for name, heading in SOURCE_ARRAYS.items():
+        published = arrays[heading]
+        assert PRESETS[name].values == published, name
+        cond, uncond = PRESETS[name].branches()
+        if name.startswith("hunyuanvideo"):
+            assert cond == uncond == published, name
+        else:
+            assert cond == published[0::2] and uncond == published[1::2], name
+
+
+def test_presets_have_a_ratio_per_published_step_and_resample_to_the_run():
+    """Properties whatever the source: one ratio per step and branch at the step count each was
+    calibrated at (50; Wan 2.1 I2V and Wan 2.2 A14B 40), the first 1.0 (no residual before it), each
+    a magnitude ratio near 1 (0.5-1.5); at any step count the resampled table keeps the first and
+    last ratios and is diffusers' own nearest_interp."""
+    from diffusers.hooks.mag_cache import nearest_interp
+
     steps = {"wan2.1-i2v-14b-480p": 40, "wan2.1-i2v-14b-720p": 40, "wan2.2-t2v-a14b": 40, "wan2.2-i2v-a14b": 40}
     for name, published in PRESETS.items():
         cond, uncond = published.branches()
         assert len(cond) == len(uncond) == steps.get(name, 50), name
-        assert cond[0] == uncond[0] == 1.0 and min(cond + uncond) > 0
-    cond, uncond = PRESETS["wan2.1-t2v-1.3b"].branches()  # interleaved: even calls cond, odd uncond
-    assert (cond[1], uncond[1], cond[-1], uncond[-1]) == (1.0124, 1.02213, 0.81838, 0.81939)
-    cond, uncond = PRESETS["hunyuanvideo-720p"].branches()  # one branch, for both
-    assert cond == uncond and cond[1:3] == (1.0754, 1.27807)
-    # A 30-step run of Wan 1.3B reads each branch resampled from 50 to 30.
+        assert cond[0] == uncond[0] == 1.0 and all(0.5 < r < 1.5 for r in cond + uncond), name
     config = MagCacheConfig(preset="wan2.1-t2v-1.3b")
-    assert resample(config.branch_ratios()["uncond"], 30)[1] == uncond_at(1, 30)
-
-
-def uncond_at(step: int, steps: int) -> float:
-    uncond = PRESETS["wan2.1-t2v-1.3b"].branches()[1]
-    return uncond[round(step * (len(uncond) - 1) / (steps - 1))]
+    for context, ratios in config.branch_ratios().items():
+        for run in (2, 7, 30, 100):
+            resampled = resample(ratios, run)
+            assert len(resampled) == run and (resampled[0], resampled[-1]) == (ratios[0], ratios[-1]), (context, run)
+            assert resampled == pytest.approx(nearest_interp(torch.tensor(ratios), run).tolist(), rel=1e-7, abs=0)
+    assert config.branch_ratios()["uncond"] == PRESETS["wan2.1-t2v-1.3b"].branches()[1]
 
 
 def test_bundled_recipes_name_a_preset():

@@ -49,7 +49,15 @@ def test_plan_checks_heads_before_loading(tiny_folder):
         with pytest.raises(UserError, match="Ulysses degree 3 does not divide the model's 4 attention heads; "
                                             "valid Ulysses degrees: 1, 2, 4"):
             plan_run(config, world_size=3)
-        assert plan_run(RunConfig(model=model, parallel=ParallelConfig(ring=3)), world_size=3)
+        # Ring splits the tokens, not the heads: ring 3 is planned as given.
+        plan = plan_run(RunConfig(model=model, parallel=ParallelConfig(ring=3)), world_size=3)
+        p = plan.config.parallel
+        assert (p.ulysses, p.ring, p.cfg, p.patch, plan.world_size) == (1, 3, 1, 1, 3)
+        assert "parallel   ulysses 1 x ring 3 x cfg 1 x patch 1" in plan.describe()
+        # And every Ulysses degree the message calls valid is planned.
+        for degree in (1, 2, 4):
+            plan = plan_run(RunConfig(model=model, parallel=ParallelConfig(ulysses=degree)), world_size=degree)
+            assert (plan.config.parallel.ulysses, plan.world_size) == (degree, degree)
 
 
 def test_heads_not_divisible_names_valid_degrees():

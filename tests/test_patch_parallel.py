@@ -26,11 +26,21 @@ def _render(rank, world, config):
     return result.latents, dict(result.comm_calls), result.cache_decisions, result.parallel_lines
 
 
+def _storage_bytes(tensors) -> int:
+    """Bytes of the memory behind `tensors`, each storage counted once (views of one buffer add nothing)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def _render_held(rank, world, config):
-    """Also the bytes of stale K/V buffers this rank holds at the end."""
+    """Also what this rank's displaced K/V buffers hold at the end, read off the tensors themselves:
+    (number of buffers, their shapes and dtypes, the bytes of their storage)."""
     engine = Engine.from_config(config, world_size=world)
     result = engine.render()
-    return result.latents, dict(result.comm_calls), engine.runtime.stale["transformer"].held_bytes()
+    tensors = [t for buffer in engine.runtime.stale["transformer"].buffers.values() for t in buffer.tensors]
+    held = (len(engine.runtime.stale["transformer"].buffers), sorted({(tuple(t.shape), t.dtype) for t in tensors}),
+            _storage_bytes(tensors))
+    return result.latents, dict(result.comm_calls), held
 
 
 def _patch(height: int, warmup: int, *, family: str = "wan", cache: CacheConfig = CacheConfig(), **layout):
@@ -70,22 +80,36 @@ def test_warmup_covering_every_step_is_exact(family, height, layout):
         assert lines and "stale K/V buffers" in lines[0]
 
 
+# The tiny Wan at 64 x 64, 9 frames (test_parallel_engine._config), counted by hand: the VAE
+# shrinks 8x in space and 4x in time, so the latents are 16 x 3 x 8 x 8; patches of 1 x 2 x 2 make
+# 3 x 4 x 4 = 48 video tokens; attention has 4 heads of 12, so one layer's K (or V) over the
+# whole sequence is 48 x 4 x 12 float32 = 9216 bytes. Patch 2 splits the 48 tokens 24 + 24.
+WAN64_TOKENS, WAN64_KV_BYTES = 48, 48 * 4 * 12 * 4
+
+
 def test_displaced_steps_are_counted_measured_and_bounded():
     """Warm-up 1 of 4 steps: step 0 gathers K and V of every block and branch synchronously, the
     next three start one asynchronous all-gather per K and V instead (3 x 3 blocks x 2 branches x
-    2 = 36); every step also gathers the output once per branch (8)."""
-    from test_parallel_engine import _tiny_shape
-    from unison.parallel.cost import stale_kv_bytes
-
+    2 = 36); every step also gathers the output once per branch (8). Each rank holds, per block
+    and branch, the whole sequence's K and V (its two 24-token chunks): 6 buffers, 12 tensors."""
     exact_engine = Engine.from_config(_config("wan", 64, ParallelConfig()))
     exact = exact_engine.render().latents
     outs = run_ranks(2, _render_held, _patch(64, 1))
-    held = stale_kv_bytes(_tiny_shape("wan", exact), mode="displaced", patch=2, branches=BRANCHES, element_bytes=4)
-    for latents, calls, buffers in outs:
+    for latents, calls, (buffers, shapes, held) in outs:
         assert calls == {"all_gather": BLOCKS * BRANCHES * 2 + STEPS * BRANCHES,
                          "all_gather_async": (STEPS - 1) * BLOCKS * BRANCHES * 2}
-        assert torch.equal(latents, outs[0][0])  # both ranks hold the same gathered result
-        assert buffers == held  # every layer's whole-sequence K and V, per branch
+        assert buffers == BLOCKS * BRANCHES
+        assert shapes == [((1, 2, WAN64_TOKENS // 2, 4, 12), torch.float32)]  # (batch, ranks, chunk, heads, dim)
+        assert held == BLOCKS * BRANCHES * 2 * WAN64_KV_BYTES == 110592
+    # The planner's model of those buffers (parallel/cost.py) counts what was held.
+    from test_parallel_engine import _tiny_shape
+    from unison.parallel.cost import stale_kv_bytes
+
+    assert stale_kv_bytes(_tiny_shape("wan", exact), mode="displaced", patch=2, branches=BRANCHES,
+                          element_bytes=4) == 110592
+    # The two ranks gathered one result (rank 1's against rank 0's), and it is the exact one's
+    # approximation measured below.
+    assert torch.equal(outs[1][0], outs[0][0])
     error = _rel(outs[0][0], exact)
     frames, reference = exact_engine.decode(outs[0][0]), exact_engine.decode(exact)
     psnr = _psnr(frames, reference)
@@ -195,11 +219,14 @@ def test_exchange_bytes_match_the_analytic_count():
 # PipeFusion: stages of blocks across the patch group, patches streaming through them.
 
 def _render_stage(rank, world, config):
+    """Also this stage's block parameters and the bytes of the K/V buffers it holds at the end (read
+    off the tensors themselves)."""
     engine = Engine.from_config(config, world_size=world)
     result = engine.render()
     runner = getattr(engine.pipe.transformer, engine.plan.spec.block_lists[0])[0]
     block_params = sum(p.numel() for block in runner.local for p in block.parameters())
-    return result.latents, dict(result.comm_calls), result.parallel_lines, block_params, runner.stage.held_bytes()
+    held = _storage_bytes([t for kv in runner.stage.buffers.values() for t in kv])
+    return result.latents, dict(result.comm_calls), result.parallel_lines, block_params, held
 
 
 def _pipefusion(height: int, warmup: int, *, family: str = "wan", patches: int | None = None, **layout):
@@ -233,11 +260,14 @@ def test_pipefusion_splits_the_weights_and_measures_its_error():
     per_block = sum(p.numel() for p in engine.pipe.transformer.blocks[0].parameters())
     outs = run_ranks(2, _render_stage, _pipefusion(64, 1, patches=3))
     assert [o[3] for o in outs] == [per_block, 2 * per_block]  # about 1/N of the blocks each
+    # Only a stage's own layers keep K/V: per layer and branch the whole sequence's K and V.
+    assert [o[4] for o in outs] == [n * BRANCHES * 2 * WAN64_KV_BYTES for n in (1, 2)] == [36864, 73728]
     from test_parallel_engine import _tiny_shape
     from unison.parallel.cost import stale_kv_bytes
 
-    busiest = stale_kv_bytes(_tiny_shape("wan", exact), mode="pipefusion", patch=2, branches=BRANCHES, element_bytes=4)
-    assert [o[4] for o in outs] == [busiest // 2, busiest]  # only a stage's own layers (1 and 2) keep K/V
+    # The planner's model counts the busiest stage's (parallel/cost.py).
+    assert stale_kv_bytes(_tiny_shape("wan", exact), mode="pipefusion", patch=2, branches=BRANCHES,
+                          element_bytes=4) == 73728
     assert outs[0][1] == {"p2p": 2 + 18} and outs[1][1] == {"broadcast": STEPS * BRANCHES}
     assert torch.equal(outs[0][0], outs[1][0])
     error = _rel(outs[0][0], exact)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import json
 import re
 import subprocess
@@ -145,15 +146,80 @@ def test_ranking_says_why_layouts_lose():
     assert rank(model, nvlink)[0][0].video_s < best.video_s
 
 
-def test_layouts_follow_the_engine_rules():
-    model = small_model()
-    valid, _ = layouts(model, Setting(gpu=TOY_GPU, gpus=4))
-    assert Layout(ring=2, patch=2) not in valid  # patch does not combine with ring
-    assert Layout(ulysses=2, patch=2, pipefusion=True) not in valid  # PipeFusion combines with cfg only
-    assert Layout(patch=4, shard_weights=True) not in valid
-    assert Layout(cfg=2, patch=2, pipefusion=True) in valid and Layout(ulysses=2, ring=2, shard_weights=True) in valid
-    one_branch = Setting(gpu=TOY_GPU, gpus=4, branches=1)
-    assert all(l.cfg == 1 for l in layouts(model, one_branch)[0])
+def _parallel_run(folder: str, layout: Layout, **sampling):
+    """The run config that asks the engine for `layout` (what `parallel.auto` would record)."""
+    from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
+
+    parallel = ParallelConfig(ulysses=layout.ulysses, ring=layout.ring, cfg=layout.cfg, patch=layout.patch,
+                              patch_mode="pipefusion" if layout.pipefusion else "displaced",
+                              shard_weights=layout.shard_weights)
+    return RunConfig(model=ModelConfig(path=folder, device="cpu", offload=layout.offload), parallel=parallel,
+                     sampling=SamplingConfig(height=64, width=64, frames=9, steps=6, **sampling),
+                     output=OutputConfig(decode=False, vae_tiling=layout.vae_tiling))
+
+
+def _engine_takes(folder: str, layout: Layout, world: int, **sampling) -> bool:
+    from unison.engine.build import plan_run
+    from unison.engine.errors import UserError
+
+    try:
+        plan = plan_run(_parallel_run(folder, layout, **sampling), world_size=world)
+    except UserError:
+        return False
+    p = plan.config.parallel
+    assert (p.ulysses, p.ring, p.cfg, p.patch, p.shard_weights) == (layout.ulysses, layout.ring, layout.cfg,
+                                                                     layout.patch, layout.shard_weights)
+    return True
+
+
+def _candidates(world: int) -> list[Layout]:
+    """Every way to write `world` as ulysses x ring x cfg x patch, each patch split displaced or as
+    PipeFusion, with and without sharded weights: enumerated here, whatever either side allows."""
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    out = []
+    for ulysses, ring, cfg in itertools.product(divisors, repeat=3):
+        if world % (ulysses * ring * cfg):
+            continue
+        patch = world // (ulysses * ring * cfg)
+        for pipefusion in ((False, True) if patch > 1 else (False,)):
+            out += [Layout(ulysses=ulysses, ring=ring, cfg=cfg, patch=patch, pipefusion=pipefusion,
+                           shard_weights=shard) for shard in (False, True)]
+    return out
+
+
+def _degrees(layout: Layout) -> tuple:
+    return layout.ulysses, layout.ring, layout.cfg, layout.patch, layout.pipefusion
+
+
+@pytest.mark.parametrize("family, sampling", [("wan", {}), ("hunyuanvideo", {}),
+                                              ("hunyuanvideo", dict(true_cfg_scale=3.0, negative_prompt="blurred"))],
+                         ids=["wan", "hunyuanvideo", "hunyuanvideo-true-cfg"])
+def test_the_planner_proposes_only_what_plan_run_takes(tiny_folder, family, sampling):
+    """On 1 to 8 ranks of a tiny folder (Wan: 4 heads, 3 blocks; HunyuanVideo: 4 heads, 2 + 2
+    blocks, one guidance branch unless true CFG; 48 video tokens each), every layout the planner
+    proposes (`unison plan`, engine/planner/layouts.py), flags and all, is one plan_run accepts;
+    no layout plan_run refuses is proposed; and every split into degrees plan_run accepts is
+    either proposed or refused by the planner with its reason (the planner misses none). With one
+    guidance branch (HunyuanVideo without true CFG) plan_run refuses cfg 2, so no layout may split
+    branches."""
+    from unison.launch.plan import Request, make_setting, real_model
+
+    folder = tiny_folder(family)
+    request = Request(gpus=1, counts_cache=None)
+    model, resolved = real_model(_parallel_run(folder, Layout(), **sampling), request)
+    for world in range(1, 9):
+        setting = make_setting(model, resolved, _parallel_run(folder, Layout(), **sampling), request, world)
+        valid, refused = layouts(model, setting)
+        assert valid, world
+        for layout in valid:
+            assert layout.world == world and _engine_takes(folder, layout, world, **sampling), (world, layout)
+        taken = {layout for layout in _candidates(world) if _engine_takes(folder, layout, world, **sampling)}
+        assert taken, world
+        proposed = {dataclasses.replace(l, offload=False, vae_tiling=False) for l in valid}
+        assert proposed <= taken, (world, proposed - taken)
+        considered = {_degrees(l) for l in valid} | {_degrees(l) for l, _ in refused}
+        assert {_degrees(l) for l in taken} <= considered, (world, {_degrees(l) for l in taken} - considered)
+        assert all(why for _, why in refused)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ Wan its decisions issue no collective under Ulysses 2.)"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,6 @@ from unison.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The published coefficients (cache-facts.md §3.1), typed here rather than read from the module.
-WAN13 = (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02)
-HUNYUAN = (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02)
 # A polynomial near the identity for the tiny Wan, whose timestep modulation changes by 0.41-0.46
 # per step: poly(0.45) ~ 0.38, so at 0.7 it skips, computes, skips, computes.
 TINY_POLY = (2.0, -1.0, 0.5, 0.6, 0.02)
@@ -108,7 +107,9 @@ def test_decisions_are_the_rule_computed_by_hand(family, index, one_rank):
     result, changes, seen, _ = one_rank[family, index]
     decisions = result.cache_decisions["transformer"]
     assert len(seen) == len(decisions) == 12  # 6 steps x 2 branches
-    coefficients = fields.get("coefficients") or {"wan2.1-t2v-1.3b": WAN13, "hunyuanvideo": HUNYUAN}[fields["preset"]]
+    # The rule by hand with the coefficients the cache was given (test_presets_are_the_published_
+    # coefficients checks the presets against their source).
+    coefficients = fields.get("coefficients") or PRESETS[fields["preset"]].coefficients
     expected = _rule([(d[0], d[1], m) for d, m in zip(decisions, seen)], coefficients=coefficients,
                      threshold=fields["threshold"], steps=6, **published)
     assert [d[-1] for d in decisions] == expected
@@ -122,13 +123,42 @@ def test_decisions_are_the_rule_computed_by_hand(family, index, one_rank):
         assert change == pytest.approx(np.abs(m - prev).mean() / np.abs(prev).mean(), rel=1e-6)
 
 
+# Each preset's row in the table of published TeaCache hyperparameters (published.py): the model
+# and the mode whose indicator unison reads (Wan: use_ret_steps, the timestep projection e0).
+SOURCE_ROWS = {"wan2.1-t2v-1.3b": ("Wan2.1 T2V 1.3B", "`use_ret_steps` (e0)"),
+               "wan2.1-t2v-14b": ("Wan2.1 T2V 14B", "ret (e0)"),
+               "wan2.1-i2v-14b-480p": ("Wan2.1 I2V 480P", "ret"),
+               "wan2.1-i2v-14b-720p": ("Wan2.1 I2V 720P", "ret"),
+               "hunyuanvideo": ("HunyuanVideo", "modulated img input")}
+
+
 def test_presets_are_the_published_coefficients():
-    assert set(PRESETS) == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
-                            "hunyuanvideo"}
-    assert PRESETS["wan2.1-t2v-1.3b"].coefficients == WAN13 and PRESETS["hunyuanvideo"].coefficients == HUNYUAN
-    assert PRESETS["wan2.1-t2v-14b"].coefficients[0] == -3.03318725e+05
-    assert PRESETS["wan2.1-i2v-14b-720p"].coefficients[-1] == -4.17769401e-02
-    assert [(p.warmup_steps, p.compute_last) for p in PRESETS.values()] == [(5, False)] * 4 + [(1, True)]
+    """Every preset is its source's row: the coefficients as published, and the boundary steps its
+    code uses (ret_steps counts cond and uncond calls, so 5*2 is 5 steps; a cutoff of steps*2
+    leaves the last step to the rule, steps*2−2 or "first and last step compute" computes it)."""
+    from published import teacache_table
+
+    table = teacache_table()
+    assert set(SOURCE_ROWS) == set(PRESETS)
+    for name, row in SOURCE_ROWS.items():
+        coefficients, boundary = table[row]
+        preset = PRESETS[name]
+        assert preset.coefficients == coefficients, name
+        if boundary == "first and last step compute":
+            assert (preset.warmup_steps, preset.compute_last) == (1, True), name
+            continue
+        calls = re.match(r"(?:ret=)?(\d+)\*2", boundary)
+        assert calls and preset.warmup_steps == int(calls.group(1)), (name, boundary)
+        if "steps*2" in boundary:  # the cutoff is stated
+            assert preset.compute_last == ("steps*2−2" in boundary), (name, boundary)
+
+
+def test_presets_are_fourth_degree_and_the_recipes_name_them():
+    """Properties that hold whatever the source: TeaCache's published fits are 4th degree, finite;
+    a preset computes its first step (no previous indicator); and the bundled recipes name a preset."""
+    for name, preset in PRESETS.items():
+        assert len(preset.coefficients) == 5 and all(math.isfinite(c) for c in preset.coefficients), name
+        assert preset.warmup_steps >= 1 and preset.source, name
     recipes = sorted((ROOT / "configs").glob("*/teacache.yaml"))
     assert {p.parent.name for p in recipes} == {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo"}
     for path in recipes:
@@ -214,26 +244,75 @@ def test_bad_input_is_one_line_before_anything_loads(cache, message):
 # ---------------------------------------------------------------------------------------------
 # Calibration (`unison calibrate --cache teacache`): the polynomial fitted on a render's pairs.
 
-def _calibrate(rank, world, folder: str, out: str, extra: list[str]):
-    """The CLI's calibration run on this rank (the pool's group stands in for the launcher's)."""
-    from unison.launch.cache_calibration import run
+def _calibrate(rank, world, folder: str, out: str, extra: list[str]) -> dict[str, list[tuple]]:
+    """The CLI's calibration run on this rank (the pool's group stands in for the launcher's); per
+    expert, the (step, branch, x, y) pairs its fit was handed, recorded on their way into it."""
+    from unison.launch import cache_calibration
     from unison.launch.cli import build_config, parser
     from unison.launch.dist import DistEnv
 
     args = parser().parse_args(["calibrate", "--model", folder, "--cache", "teacache", "--steps", "20", "--height",
                                 "48", "--width", "64", "--frames", "9", "--seed", "1", "--negative-prompt", "blurred",
                                 "--out", out, "--set", "output.progress=false", *extra])
-    return run(build_config(args), out, DistEnv(rank=rank, world_size=world))
+    handed, fit = {}, cache_calibration.fit
+
+    def record(pairs, *, expert):
+        handed[expert] = [tuple(pair) for pair in pairs]
+        return fit(pairs, expert=expert)
+
+    cache_calibration.fit = record
+    try:
+        assert cache_calibration.run(build_config(args), out, DistEnv(rank=rank, world_size=world)) == 0
+    finally:
+        cache_calibration.fit = fit
+    return handed
+
+
+# How far two measurements of one pair may be apart. x and y are each R = Σ|a − b| / Σ|b|, float64
+# sums over float32 tensors (b the branch's previous one). Two runs of the same forward (diffusers'
+# pipeline and the engine; N ranks and one, whose reductions run in another order) give tensors
+# apart by δ with Σ|δa| ≤ ε Σ|a| and Σ|δb| ≤ ε Σ|b|. As Σ|a| ≤ Σ|a − b| + Σ|b| = (1 + R) Σ|b|, the
+# numerator moves by at most ε (2 + R) Σ|b| and the denominator by ε Σ|b|, so to first order
+# |δR| ≤ ε (2 + R) + ε R = 2 ε (1 + R): no cancellation is amplified (unlike the coefficients of a
+# degree-4 fit, whose Vandermonde matrix over HunyuanVideo's x in 0.03-0.12 has a condition number
+# of 1e7: relative 1.6e-7 on the pairs moved its coefficients by 7e-7 here and 1.2e-6 on another
+# machine). ε = 1e-6, sixteen float32 roundings (2^-24 each) of relative L1, is what the bound
+# allows; measured |δR|: 0 for the engine against diffusers on one rank, under 2e-8 for Ulysses 2
+# against one rank (HunyuanVideo; Wan's are equal).
+# A ratio of one rank's tokens alone (sums not agreed) measures another part of the video: far more.
+EPSILON = 1e-6
+
+
+def _same_measurement(got: list[float], expected: list[float], what: str) -> None:
+    assert len(got) == len(expected), what
+    for index, (mine, theirs) in enumerate(zip(got, expected)):
+        assert abs(mine - theirs) <= 2 * EPSILON * (1 + abs(theirs)), (what, index, mine, theirs)
+
+
+def _assert_fit_of(coefficients: tuple[float, ...], pairs: list[tuple]) -> None:
+    """`coefficients` (as the recipe writes them) are numpy.polyfit(x, y, 4) over `pairs`, compared
+    where a fit is well-conditioned: its values at the measured x. The recipe rounds each
+    coefficient to 10 significant digits (relative 5e-10), which moves poly(x) by at most
+    5e-10 Σ|c_i| |x|^i. The same pairs into the same numpy give the same fit; were the solver's
+    rounding to differ (another LAPACK), it would move the coefficients by ~1e-16 x cond(1e7) =
+    1e-9 relative at most. 2e-9 Σ|c_i| |x|^i bounds both."""
+    x = np.array([pair[2] for pair in pairs])
+    expected = np.polyfit(x, np.array([pair[3] for pair in pairs]), 4)
+    assert len(coefficients) == 5
+    got, want = np.polyval(coefficients, x), np.polyval(expected, x)
+    bound = 2e-9 * np.polyval(np.abs(expected), np.abs(x))
+    assert (np.abs(got - want) <= bound).all(), (got - want, bound)
 
 
 def _relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
     return ((now - before).abs().sum(dtype=torch.float64) / before.abs().sum(dtype=torch.float64)).item()
 
 
-def _pairs_by_hand(folder: str, sampling) -> dict[str, tuple[list[float], list[float]]]:
+def _pairs_by_hand(folder: str, sampling) -> dict[str, dict[tuple[int, str], tuple[float, float]]]:
     """diffusers' own WanPipeline (no cache) with plain hooks on each expert's first block (its
     timestep modulation input, TeaCache's Wan indicator) and last block (the stack's output): per
-    expert, the (x, y) pairs of consecutive forwards of the same branch (cond and uncond alternate)."""
+    expert, the (x, y) pairs of consecutive forwards of the same branch (cond and uncond alternate),
+    by step of the run and branch."""
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -252,50 +331,67 @@ def _pairs_by_hand(folder: str, sampling) -> dict[str, tuple[list[float], list[f
          guidance_scale=sampling.guidance, guidance_scale_2=sampling.guidance_2,
          max_sequence_length=sampling.max_sequence_length, generator=torch.Generator().manual_seed(sampling.seed),
          output_type="latent")
-    return {name: _consecutive_pairs(calls) for name, calls in seen.items()}
+    firsts = {"transformer": 0, "transformer_2": len(seen.get("transformer", [])) // 2}  # two forwards a step
+    return {name: _consecutive_pairs(calls, firsts[name]) for name, calls in seen.items()}
 
 
-def _consecutive_pairs(calls: list) -> tuple[list[float], list[float]]:
-    """(x, y) of consecutive forwards of each branch, from [indicator, output] per forward (cond
-    and uncond alternate)."""
-    xs, ys = [], []
-    for branch in (0, 1):
+def _consecutive_pairs(calls: list, first_step: int = 0) -> dict[tuple[int, str], tuple[float, float]]:
+    """(x, y) of consecutive forwards of each branch, by (step of the run, branch), from
+    [indicator, output] per forward of a transformer whose first step is `first_step` (cond and
+    uncond alternate, cond first)."""
+    pairs = {}
+    for branch, context in enumerate(("cond", "uncond")):
         forwards = calls[branch::2]
-        for (m0, o0), (m1, o1) in zip(forwards, forwards[1:]):
-            xs.append(_relative_l1(m1, m0))
-            ys.append(_relative_l1(o1, o0))
-    return xs, ys
+        for step, ((m0, o0), (m1, o1)) in enumerate(zip(forwards, forwards[1:]), start=first_step + 1):
+            pairs[step, context] = (_relative_l1(m1, m0), _relative_l1(o1, o0))
+    return pairs
+
+
+def _matches_by_hand(handed: list[tuple], by_hand: dict[tuple[int, str], tuple[float, float]], what: str) -> None:
+    """The pairs calibration measured are the ones computed by hand, branch and step alike."""
+    assert sorted(by_hand) == sorted((step, context) for step, context, *_ in handed), what
+    _same_measurement([v for pair in handed for v in pair[2:]],
+                      [v for step, context, *_ in handed for v in by_hand[step, context]], what)
+
+
+def _steps_of(handed: list[tuple]) -> list[int]:
+    return sorted({step for step, *_ in handed})
 
 
 def test_calibration_fits_numpy_polyfit_per_expert_and_n_ranks_fit_the_same(tiny_folder, tmp_path):
-    """Tiny Wan 2.2 A14B, 20 steps: the recipe's cache (high-noise expert) and cache_2 (low-noise)
-    hold numpy.polyfit(x, y, 4) over the pairs computed by hand from diffusers' pipeline for that
-    expert (both branches); under Ulysses 2 the same coefficients; and the recipe renders."""
+    """Tiny Wan 2.2 A14B, 20 steps: each expert's calibration measures the (x, y) pairs computed by
+    hand from diffusers' pipeline for that expert (both branches, every step after its first); the
+    recipe's cache (high-noise expert) and cache_2 (low-noise) hold numpy.polyfit(x, y, 4) over them;
+    under Ulysses 2 every rank measures the same pairs; and the recipe renders."""
     folder = tiny_folder("wan2.2")
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
-    assert _calibrate(0, 1, folder, str(one), []) == 0
+    handed = _calibrate(0, 1, folder, str(one), [])
     recipe = load_yaml(one)
-    pairs = _pairs_by_hand(folder, recipe.sampling)
-    steps = {name: len(xs) // 2 + 1 for name, (xs, _) in pairs.items()}
-    assert sum(steps.values()) == 20 and min(steps.values()) >= 6, steps
+    by_hand = _pairs_by_hand(folder, recipe.sampling)
+    assert sorted(handed) == sorted(by_hand) == ["transformer", "transformer_2"]
+    high, low = _steps_of(handed["transformer"]), _steps_of(handed["transformer_2"])
+    # The experts split the 20 steps; each gives a pair per branch from its own second step on.
+    assert high[0] == 1 and low[-1] == 19 and low[0] - high[-1] == 2 and len(high) >= 5 and len(low) >= 5, (high, low)
     for cache, name in ((recipe.cache, "transformer"), (recipe.cache_2, "transformer_2")):
-        xs, ys = pairs[name]
-        expected = np.polyfit(np.array(xs), np.array(ys), 4)
-        assert cache.kind == "teacache" and len(cache.coefficients) == 5
-        assert cache.coefficients == pytest.approx(expected.tolist(), rel=1e-6), name
+        _matches_by_hand(handed[name], by_hand[name], name)
+        assert cache.kind == "teacache"
+        _assert_fit_of(cache.coefficients, handed[name])
     assert recipe.cache.coefficients != pytest.approx(recipe.cache_2.coefficients, rel=1e-2)
 
-    run_ranks(2, _calibrate, folder, str(two), ["--ulysses", "2"])
+    ranks = run_ranks(2, _calibrate, folder, str(two), ["--ulysses", "2"])
+    assert ranks[0] == ranks[1]  # agreed sums: the ranks hold the same numbers
     other = load_yaml(two)
     assert other.parallel.ulysses == 2 and other.sampling == recipe.sampling
-    for mine, theirs in ((recipe.cache, other.cache), (recipe.cache_2, other.cache_2)):
-        assert theirs.coefficients == pytest.approx(mine.coefficients, rel=1e-6)
+    for cache, name in ((other.cache, "transformer"), (other.cache_2, "transformer_2")):
+        assert [p[:2] for p in ranks[0][name]] == [p[:2] for p in handed[name]]
+        _same_measurement([v for p in ranks[0][name] for v in p[2:]], [v for p in handed[name] for v in p[2:]], name)
+        _assert_fit_of(cache.coefficients, ranks[0][name])
 
     result = Engine.from_config(dataclasses.replace(recipe, output=OutputConfig(decode=False, progress=False))).render()
     assert set(result.cache_decisions) == {"transformer", "transformer_2"}
 
 
-def _hunyuan_pairs_by_hand(folder: str, sampling) -> tuple[list[float], list[float]]:
+def _hunyuan_pairs_by_hand(folder: str, sampling) -> dict[tuple[int, str], tuple[float, float]]:
     """diffusers' own HunyuanVideoPipeline (no cache, true CFG) with plain hooks: TeaCache's
     indicator computed by hand before the first dual-stream block (its layer norm modulated by its
     own shift and scale) and the last block's output hidden states; the (x, y) pairs of
@@ -324,19 +420,24 @@ def _hunyuan_pairs_by_hand(folder: str, sampling) -> tuple[list[float], list[flo
 def test_calibration_agrees_a_split_indicator_over_ranks(tiny_folder, tmp_path):
     """HunyuanVideo: the indicator (the first block's modulated input) is split with the tokens
     under Ulysses, so x's sums are agreed over the ranks, as the decision's are, and y's too. One
-    rank fits numpy.polyfit over the pairs computed by hand from diffusers' pipeline; Ulysses 2
-    (each rank holding half the tokens) the same."""
+    rank measures the pairs computed by hand from diffusers' pipeline and fits numpy.polyfit over
+    them; under Ulysses 2 (each rank holding half the tokens) both ranks measure those pairs too
+    (to the bound above: the coefficients themselves are ill-conditioned, see EPSILON)."""
     folder = tiny_folder("hunyuanvideo")
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
     small = ["--steps", "8", "--height", "48", "--width", "48", "--set", "sampling.true_cfg_scale=3.0",
              "--set", "sampling.max_sequence_length=128"]
-    assert _calibrate(0, 1, folder, str(one), small) == 0
+    handed = _calibrate(0, 1, folder, str(one), small)["transformer"]
     recipe = load_yaml(one)
-    xs, ys = _hunyuan_pairs_by_hand(folder, recipe.sampling)
-    assert len(xs) == 14 and len(set(xs)) == 14 and recipe.cache_2 is None
-    assert recipe.cache.coefficients == pytest.approx(np.polyfit(np.array(xs), np.array(ys), 4).tolist(), rel=1e-6)
-    run_ranks(2, _calibrate, folder, str(two), [*small, "--ulysses", "2"])
-    assert load_yaml(two).cache.coefficients == pytest.approx(recipe.cache.coefficients, rel=1e-6)
+    by_hand = _hunyuan_pairs_by_hand(folder, recipe.sampling)
+    assert len(by_hand) == 14 and len({x for x, _ in by_hand.values()}) == 14 and recipe.cache_2 is None
+    _matches_by_hand(handed, by_hand, "one rank")
+    _assert_fit_of(recipe.cache.coefficients, handed)
+
+    ranks = run_ranks(2, _calibrate, folder, str(two), [*small, "--ulysses", "2"])
+    assert ranks[0] == ranks[1]  # agreed sums: the ranks hold the same numbers
+    _matches_by_hand(ranks[0]["transformer"], by_hand, "Ulysses 2")
+    _assert_fit_of(load_yaml(two).cache.coefficients, ranks[0]["transformer"])
 
 
 @pytest.mark.parametrize("extra, message", [
