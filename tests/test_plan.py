@@ -159,7 +159,7 @@ def _parallel_run(folder: str, layout: Layout, **sampling):
 
 
 def _engine_takes(folder: str, layout: Layout, world: int, **sampling) -> bool:
-    from unison.engine.build import plan_run
+    from unison.engine.plan import plan_run
     from unison.engine.errors import UserError
 
     try:

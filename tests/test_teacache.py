@@ -247,6 +247,7 @@ def test_bad_input_is_one_line_before_anything_loads(cache, message):
 def _calibrate(rank, world, folder: str, out: str, extra: list[str]) -> dict[str, list[tuple]]:
     """The CLI's calibration run on this rank (the pool's group stands in for the launcher's); per
     expert, the (step, branch, x, y) pairs its fit was handed, recorded on their way into it."""
+    from unison.caching import teacache
     from unison.launch import cache_calibration
     from unison.launch.cli import build_config, parser
     from unison.launch.dist import DistEnv
@@ -254,17 +255,17 @@ def _calibrate(rank, world, folder: str, out: str, extra: list[str]) -> dict[str
     args = parser().parse_args(["calibrate", "--model", folder, "--cache", "teacache", "--steps", "20", "--height",
                                 "48", "--width", "64", "--frames", "9", "--seed", "1", "--negative-prompt", "blurred",
                                 "--out", out, "--set", "output.progress=false", *extra])
-    handed, fit = {}, cache_calibration.fit
+    handed, fit = {}, teacache.fit
 
     def record(pairs, *, expert):
         handed[expert] = [tuple(pair) for pair in pairs]
         return fit(pairs, expert=expert)
 
-    cache_calibration.fit = record
+    teacache.fit = record  # the kind's calibration fits through the module's `fit`
     try:
         assert cache_calibration.run(build_config(args), out, DistEnv(rank=rank, world_size=world)) == 0
     finally:
-        cache_calibration.fit = fit
+        teacache.fit = fit
     return handed
 
 
