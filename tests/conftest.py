@@ -8,8 +8,6 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo")
-
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):

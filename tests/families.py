@@ -1,6 +1,8 @@
 """One place that knows how to run each family's tiny model through diffusers' own pipeline with
-the settings unison renders: for the cache parity tests (First-Block Cache, MagCache, TaylorSeer),
-which compare decisions and latents family by family."""
+the settings unison renders: for the parity battery (tests/test_parity.py, every family of the
+registry) and the cache parity tests (First-Block Cache, MagCache, TaylorSeer), which compare
+decisions and latents family by family. What differs between families is read from their specs
+(the pipeline class, guidance, whether a picture is needed), so a new family needs no edit here."""
 
 from __future__ import annotations
 
@@ -11,9 +13,7 @@ import torch
 from PIL import Image
 
 from unison.engine.config import SamplingConfig
-
-I2V = ("wan-i2v", "wan2.2-i2v")
-"""Families that need a picture."""
+from unison.engine.models import get_spec
 
 
 def picture(folder: Path) -> str:
@@ -26,24 +26,25 @@ def picture(folder: Path) -> str:
 
 
 def sampling(family: str, *, steps: int, folder: Path | None = None, **overrides) -> SamplingConfig:
-    """Two guidance branches, a size the family takes, a picture for image-to-video (written in
-    `folder`), the text length Wan 2.1 I2V needs."""
-    hunyuan = family == "hunyuanvideo"
+    """Two guidance branches (true CFG where guidance is embedded), a size the family takes, a
+    picture where it needs one (written in `folder`), and a short text unless its tiny preset
+    needs its trained length (Wan 2.1 I2V: 512)."""
+    spec = get_spec(family)
+    embedded = spec.embedded_guidance
+    text = spec.tiny_defaults.max_sequence_length
     values = dict(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1, frames=9,
-                  steps=steps, height=64 if family == "wan2.2-ti2v" else 48, width=48 if hunyuan else 64,
-                  true_cfg_scale=3.0 if hunyuan else None,
-                  max_sequence_length=128 if hunyuan else 512 if family == "wan-i2v" else 16,
-                  image=picture(folder) if family in I2V else None)
+                  steps=steps, height=max(48, 2 * spec.size_multiple), width=48 if embedded else 64,
+                  true_cfg_scale=3.0 if embedded else None,
+                  max_sequence_length=128 if embedded else text if text >= 512 else 16,
+                  image=picture(folder) if spec.needs_image else None)
     return SamplingConfig(**{**values, **overrides})
 
 
 def pipeline(family: str, folder: str, *, dtype: torch.dtype = torch.float32):
     """diffusers' pipeline for the family's tiny folder, quiet."""
-    from diffusers import HunyuanVideoPipeline, WanImageToVideoPipeline, WanPipeline
+    import diffusers
 
-    cls = HunyuanVideoPipeline if family == "hunyuanvideo" else WanImageToVideoPipeline if family in I2V \
-        else WanPipeline
-    pipe = cls.from_pretrained(folder, dtype=dtype)
+    pipe = getattr(diffusers, get_spec(family).pipeline_class).from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,7 +54,7 @@ def run(pipe, family: str, s: SamplingConfig) -> torch.Tensor:
     kwargs = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
                   num_frames=s.frames, num_inference_steps=s.steps, max_sequence_length=s.max_sequence_length,
                   guidance_scale=s.guidance)
-    if family == "hunyuanvideo":
+    if get_spec(family).embedded_guidance:
         kwargs["true_cfg_scale"] = s.true_cfg_scale
     if s.guidance_2 is not None:
         kwargs["guidance_scale_2"] = s.guidance_2

@@ -19,7 +19,7 @@ from unison.caching.agree import CacheDisagreement
 from unison.engine.limits import config_reader
 from unison.engine.config import ModelConfig
 from unison.engine.loop import FiniteCheck
-from unison.engine.models import get_spec
+from unison.engine.models import SPECS, get_spec
 from unison.engine.errors import NonFiniteLatents, PeerFailed, UserError, WriteFailed
 from unison.launch.batch import retryable
 from unison.launch.cli import main
@@ -39,7 +39,7 @@ def _pipe_reader(pipe):
     return read
 
 
-@pytest.mark.parametrize("family", ["wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo", "hunyuanvideo-i2v"])
+@pytest.mark.parametrize("family", sorted(SPECS))
 def test_tiny_limits_match_the_built_model(family):
     """The limits a plan reads from a tiny spec's tiny_configs equal those of the model it builds."""
     spec = get_spec(family)
@@ -52,7 +52,6 @@ def test_tiny_limits_match_the_built_model(family):
 def test_every_tiny_preset_declares_the_blocks_it_builds():
     """The block count a plan reads (ModelSpec.block_count over tiny_configs) is the built model's,
     counted from its block lists, on every expert of every family."""
-    from unison.engine.models import SPECS
 
     for family, spec in SPECS.items():
         pipe = spec.build_tiny(0)

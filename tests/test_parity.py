@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import families
 from unison.engine.config import ModelConfig, OutputConfig, RunConfig, SamplingConfig
+from unison.engine.models import SPECS
 from unison.engine.render import Engine
 
 PROMPT = "A cat walks on the grass, realistic"
@@ -27,6 +29,21 @@ def diffusers_latents(cls, folder: str, seed: int, **kwargs) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return pipe(generator=generator, output_type="latent", return_dict=False, **kwargs)[0]
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_every_family_matches_diffusers(tiny_folder, tmp_path, family):
+    """The registry's battery: every family (a new one with no edit here) renders the latents its
+    diffusers pipeline gives with the same folder, prompt, seed and settings (two guidance branches,
+    a picture where it needs one; tests/families.py reads what differs from the spec)."""
+    folder = tiny_folder(family)
+    sampling = families.sampling(family, steps=3, folder=tmp_path)
+    config = RunConfig(model=ModelConfig(path=folder), sampling=sampling,
+                       output=OutputConfig(decode=False, progress=False))
+    ours = Engine.from_config(config).render().latents
+    theirs = families.run(families.pipeline(family, folder), family, sampling)
+    assert ours.shape == theirs.shape
+    assert rel_err(ours, theirs) <= 1e-5
 
 
 # (family, unison sampling, extra diffusers kwargs that name the same thing differently)
