@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +51,6 @@ def test_tiny_limits_match_the_built_model(family):
 def test_every_tiny_preset_declares_the_blocks_it_builds():
     """The block count a plan reads (ModelSpec.block_count over tiny_configs) is the built model's,
     counted from its block lists, on every expert of every family."""
-
     for family, spec in SPECS.items():
         pipe = spec.build_tiny(0)
         tiny = config_reader(ModelConfig(family=family), spec)
