@@ -23,19 +23,20 @@ BASE = RunConfig(model=ModelConfig(family="wan"),
 
 def _start(rank: int, world: int, configs: list[RunConfig]):
     """Build an engine from this rank's config; the error's text, and whether weights loaded."""
+    import unison.engine.load as load
     import unison.engine.render as render
     from unison.engine.plan import plan_run
 
     loaded = []
-    real = render.load_pipeline
-    render.load_pipeline = lambda plan: loaded.append(True) or real(plan)
+    real = load.load_pipeline
+    load.load_pipeline = lambda plan: loaded.append(True) or real(plan)
     try:
         render.Engine(plan_run(configs[rank], world_size=world))
         return None, bool(loaded)
     except UserError as err:
         return str(err), bool(loaded)
     finally:
-        render.load_pipeline = real
+        load.load_pipeline = real
 
 
 def _picture(path: Path, seed: int) -> str:
