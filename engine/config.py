@@ -25,7 +25,7 @@ from unison.engine.errors import UserError
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     family: str = "auto"
-    """Model family: wan, wan2.2, wan2.2-ti2v, hunyuanvideo, or auto (read from the folder)."""
+    """Model family (engine/models: `unison make-tiny --help` lists them), or auto (read from the folder)."""
     path: str | None = None
     """Local diffusers-format folder. None builds the family's tiny random-weight preset in-process."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -29,16 +29,15 @@ def check_images(sampling, *, family: str, takes_image: bool, needs_image: bool,
     for files that are missing or not pictures."""
     image, last = sampling.image, sampling.last_image
     if image is not None and not takes_image:
-        raise UserError(f"sampling.image: {family} is a text-to-video model; image-to-video needs wan-i2v (Wan 2.1 "
-                        "I2V), wan2.2-i2v (Wan 2.2 I2V A14B), wan2.2-ti2v (TI2V-5B) or hunyuanvideo-i2v "
-                        "(HunyuanVideo I2V)")
+        raise UserError(f"sampling.image: {family} is a text-to-video model; image-to-video needs "
+                        f"{_families_that('takes_image')}")
     if last is not None and image is None:
         raise UserError("sampling.last_image needs sampling.image (the first frame) too")
     if image is None and needs_image:
         raise UserError(f"sampling.image: {family} is an image-to-video model: give the first frame (--image PATH)")
     if last is not None and not takes_last:
-        raise UserError(f"sampling.last_image: {family} takes a first frame only (first-last-frame: wan-i2v with a "
-                        "FLF2V checkpoint, or wan2.2-i2v)")
+        raise UserError(f"sampling.last_image: {family} takes a first frame only (first-last-frame: "
+                        f"{_families_that('takes_last')})")
     if sampling.image_resize not in RESIZE_MODES:
         raise UserError(f"sampling.image_resize must be one of {', '.join(RESIZE_MODES)}, got {sampling.image_resize!r}")
     for name, path in (("image", image), ("last_image", last)):
@@ -46,6 +45,14 @@ def check_images(sampling, *, family: str, takes_image: bool, needs_image: bool,
             picture = read(path, f"sampling.{name}")
             check_resize(picture.size, height=sampling.height, width=sampling.width, mode=sampling.image_resize,
                          what=f"sampling.{name}", path=path)
+
+
+def _families_that(what: str) -> str:
+    """The families whose hooks say `what` (takes_image, takes_last), named with their titles."""
+    from unison.engine.models import SPECS
+
+    names = [f"{family} ({spec.title})" for family, spec in SPECS.items() if getattr(spec.hooks, what)]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def sha256(path: str) -> str:

@@ -235,12 +235,14 @@ def _skip_share_help() -> str:
 
 
 def _add_plan(sub) -> None:
+    from unison.engine.models import checkpoints
+
     p = sub.add_parser("plan", help="memory, FLOPs, bytes and projected time per rank of every layout over N GPUs",
                        description="For every parallel layout over --gpus N: memory per rank (from shapes), FLOPs "
                        "per step per rank (counted on the meta device), bytes per step per collective, and a "
                        "projected time; ranked, the best that fits marked. Loads no weights and needs no GPU.")
-    p.add_argument("--family", help="a published model: wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, wan2.2-ti2v-5b, "
-                   "hunyuanvideo (its config.json values are built in)")
+    p.add_argument("--family", help="a published checkpoint (its config.json values are built in): "
+                   + ", ".join(checkpoints()))
     p.add_argument("--model", help="local diffusers-format model folder (its config files are read, not its weights)")
     p.add_argument("--config", help="YAML run recipe (a path, or a name under configs/)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the engine")

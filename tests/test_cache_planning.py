@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from test_cache_battery import FAMILIES, KINDS, SETTINGS, _cached
+from test_cache_battery import FAMILIES, KINDS, SETTINGS, _cached, _tuned
 from unison.caching import registry
 from unison.caching.base import CacheConfig, Kind
 from unison.caching.planning import Saves
@@ -64,7 +64,7 @@ def test_the_planned_cache_state_is_what_the_cache_holds(kind, family):
     the video tokens are counted at 2 bytes an element. Text-token parts (HunyuanVideo's text
     residual, its attention's text outputs), Wan's timestep indicator (6 x hidden) and latent-sized
     tensors (EasyCache) are not per video token and the planner leaves them out, as the count here."""
-    config = _cached(family, SETTINGS[kind].mixed[family])
+    config = _cached(family, SETTINGS[kind].mixed[_tuned(family)])
     engine = Engine.from_config(config)
     engine.render()
     model, setting = _planned(engine, config)

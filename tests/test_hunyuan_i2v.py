@@ -143,8 +143,8 @@ def test_the_picture_changes_the_video(folders, pictures, condition):
     (dict(model="hunyuanvideo-i2v", image="first", last_image="last"), "sampling.last_image: hunyuanvideo-i2v takes "
                                                                        "a first frame only"),
     (dict(model="hunyuanvideo", image="first"), "sampling.image: hunyuanvideo is a text-to-video model; "
-                                                "image-to-video needs wan-i2v"),
-    (dict(model="hunyuanvideo", image="first"), "or hunyuanvideo-i2v (HunyuanVideo I2V)"),
+                                                "image-to-video needs wan2.2-ti2v"),
+    (dict(model="hunyuanvideo", image="first"), "hunyuanvideo-i2v (HunyuanVideo I2V (latent_concat, token_replace))"),
     (dict(model="hunyuanvideo-i2v", image="first", true_cfg_scale=2.0), "sampling.true_cfg_scale=2.0 needs a "
                                                                         "negative prompt"),
 ])

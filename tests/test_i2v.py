@@ -96,7 +96,7 @@ def test_the_picture_and_the_resize_mode_change_the_video(tiny_folder, pictures,
 
 
 @pytest.mark.parametrize("sampling, message", [
-    (dict(model="wan", image="first"), "sampling.image: wan is a text-to-video model; image-to-video needs wan-i2v"),
+    (dict(model="wan", image="first"), "sampling.image: wan is a text-to-video model; image-to-video needs wan2.2-ti2v"),
     (dict(model="hunyuanvideo", image="first"), "sampling.image: hunyuanvideo is a text-to-video model"),
     (dict(model="wan-i2v"), "sampling.image: wan-i2v is an image-to-video model: give the first frame (--image PATH)"),
     (dict(model="wan2.2-ti2v", image="first", last_image="last"), "sampling.last_image: wan2.2-ti2v takes a first "

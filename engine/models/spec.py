@@ -120,6 +120,11 @@ class Hooks:
     takes. A family subclasses it (image-to-video variants subclass their text-to-video hooks);
     the loop has no per-family branch."""
 
+    takes_image = False
+    """Whether it takes sampling.image (a first frame)."""
+    takes_last = False
+    """Whether it takes sampling.last_image (first-last-frame, where the checkpoint allows)."""
+
     def check_sampling(self, sampling) -> None:
         """Raise UserError for sampling settings the family cannot take (beyond size and frames)."""
 

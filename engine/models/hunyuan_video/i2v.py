@@ -100,6 +100,7 @@ class HunyuanImageHooks(HunyuanHooks):
     `image_condition_type` (see the module docstring)."""
 
     family = "hunyuanvideo-i2v"
+    takes_image = True
 
     def check_sampling(self, sampling) -> None:
         images.check_images(sampling, family=self.family, takes_image=True, needs_image=True, takes_last=False)

@@ -42,12 +42,11 @@ def _image_tokens(pipe, pictures: list, device: torch.device) -> torch.Tensor:
     return encoder(**pixels, output_hidden_states=True).hidden_states[-2].to(device)
 
 
-def _image_condition(pipe, sampling, first, last, device: torch.device) -> dict[str, torch.Tensor]:
+def _image_condition(pipe, sampling, first, last, device: torch.device, *, ti2v: bool) -> dict[str, torch.Tensor]:
     """{"latents": the encoded frames, "mask": which are given} (see the module docstring)."""
     vae = pipe.vae
     size = dict(height=sampling.height, width=sampling.width, mode=sampling.image_resize)
     frames = [images.for_vae(pipe.video_processor, first, **size).to(device)]
-    ti2v = pipe.config.expand_timesteps
     if not ti2v:
         blank = frames[0].new_zeros(1, 3, sampling.frames - (1 if last is None else 2), sampling.height,
                                     sampling.width)
@@ -89,25 +88,32 @@ class WanHooks(Hooks):
 
     i2v = False
 
-    def __init__(self, family: str):
-        self.family = family
+    def __init__(self, family: str, *, title: str = "Wan 2.1 I2V"):
+        self.family, self.title = family, title
+        self.takes_image = self.i2v or family == "wan2.2-ti2v"
+        """A picture is taken (image-to-video, or TI2V-5B's optional one)."""
+        self.takes_last = self.i2v
+        self.clip_tokens = family == "wan-i2v"
+        """CLIP image tokens join the text in cross-attention, which then needs the trained text length."""
+        self.two_experts = family in ("wan2.2", "wan2.2-i2v")
 
     def check_sampling(self, sampling) -> None:
         family, i2v = self.family, self.i2v
-        images.check_images(sampling, family=family, takes_image=i2v or family == "wan2.2-ti2v", needs_image=i2v,
-                            takes_last=i2v)
+        images.check_images(sampling, family=family, takes_image=self.takes_image, needs_image=i2v,
+                            takes_last=self.takes_last)
         schedulers.check(sampling.scheduler, sampling.flow_shift, family=family, sigmas=False)
-        if family == "wan-i2v" and sampling.max_sequence_length != WAN_TEXT_TOKENS:
+        if self.clip_tokens and sampling.max_sequence_length != WAN_TEXT_TOKENS:
             # diffusers' Wan attention tells the CLIP tokens from the text by counting 512 text
             # tokens from the end of the context: any other length mixes the two.
-            raise UserError(f"sampling.max_sequence_length must be {WAN_TEXT_TOKENS} for Wan 2.1 I2V (its cross-attention "
-                            f"takes the last {WAN_TEXT_TOKENS} context tokens as text), got {sampling.max_sequence_length}")
+            raise UserError(f"sampling.max_sequence_length must be {WAN_TEXT_TOKENS} for {self.title} (its "
+                            f"cross-attention takes the last {WAN_TEXT_TOKENS} context tokens as text), got "
+                            f"{sampling.max_sequence_length}")
         if sampling.true_cfg_scale is not None:
             raise UserError(
                 f"sampling.true_cfg_scale is HunyuanVideo's; {family} runs classifier-free guidance "
                 "with --guidance (CFG is on when it is > 1)"
             )
-        if sampling.guidance_2 is not None and family not in ("wan2.2", "wan2.2-i2v"):
+        if sampling.guidance_2 is not None and not self.two_experts:
             raise UserError(
                 f"--guidance-2 is the low-noise expert's guidance of Wan 2.2 A14B; {family} has one "
                 "transformer, so use --guidance alone"
@@ -123,7 +129,7 @@ class WanHooks(Hooks):
         model = pipe.transformer or pipe.transformer_2
         dtype = model.dtype
         scales = (sampling.guidance,)
-        if pipe.config.boundary_ratio is not None:
+        if self.boundary_ratio(pipe) is not None:
             scales += (sampling.guidance if sampling.guidance_2 is None else sampling.guidance_2,)
         conditioning = Conditioning(
             cond={"encoder_hidden_states": cond.to(dtype)},
@@ -133,7 +139,7 @@ class WanHooks(Hooks):
         if sampling.image is not None:
             first = images.read(sampling.image)
             last = images.read(sampling.last_image, "sampling.last_image") if sampling.last_image is not None else None
-            conditioning.video = _image_condition(pipe, sampling, first, last, device)
+            conditioning.video = _image_condition(pipe, sampling, first, last, device, ti2v=self.per_token(pipe))
             if model.config.image_dim is not None:  # Wan 2.1 I2V: CLIP tokens beside the text, both branches
                 tokens = _image_tokens(pipe, [first] if last is None else [first, last], device).to(dtype)
                 for branch in (conditioning.cond, conditioning.uncond):
@@ -158,7 +164,7 @@ class WanHooks(Hooks):
         return _with_picture(conditioning.video, latents) if "mask" in conditioning.video else latents
 
     def timestep_input(self, pipe, t: torch.Tensor, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        if pipe.config.expand_timesteps:
+        if self.per_token(pipe):
             # TI2V-5B: one timestep per latent token (all equal for text-to-video; 0 on the picture's
             # tokens for image-to-video), as diffusers builds it.
             mask = conditioning.video.get("mask")
@@ -169,9 +175,17 @@ class WanHooks(Hooks):
         return t.expand(latents.shape[0])
 
     def expert_boundary(self, pipe) -> float | None:
-        if pipe.config.boundary_ratio is None:
+        if self.boundary_ratio(pipe) is None:
             return None
-        return pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        return self.boundary_ratio(pipe) * pipe.scheduler.config.num_train_timesteps
+
+    def boundary_ratio(self, pipe) -> float | None:
+        """The folder's expert switch (Wan 2.2 A14B), as a share of the training timesteps."""
+        return pipe.config.boundary_ratio
+
+    def per_token(self, pipe) -> bool:
+        """One timestep per token and a picture in place of the first latent frame (TI2V-5B)."""
+        return bool(pipe.config.expand_timesteps)
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(vae.device, dtype=vae.dtype)

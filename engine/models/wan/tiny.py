@@ -12,11 +12,13 @@ TINY_IMAGE = 32
 """The tiny CLIP vision encoder's input size and width (Wan 2.1 I2V preset)."""
 
 
-def _tiny_transformer(seed: int, *, channels: int, in_channels: int | None = None, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
+def tiny_transformer(seed: int, *, channels: int, in_channels: int | None = None, image_dim: int | None = None,
+                     cls: str = "WanTransformer3DModel"):
+    """The tiny Wan-architecture transformer (`cls`: diffusers' class of that architecture)."""
+    import diffusers
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
+    return getattr(diffusers, cls)(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12,
         in_channels=in_channels or channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=64,
         num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
@@ -24,7 +26,7 @@ def _tiny_transformer(seed: int, *, channels: int, in_channels: int | None = Non
     )
 
 
-def _tiny_image_encoder(seed: int):
+def tiny_image_encoder(seed: int):
     """A small CLIP vision encoder (2 layers, 32 wide, 8-pixel patches of a 32-pixel input: 17
     tokens) and its processor, built offline."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -39,12 +41,32 @@ def _tiny_image_encoder(seed: int):
 
 
 def tiny_pipeline(seed: int, *, variant: str):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     ti2v = variant == "wan2.2-ti2v"
     i2v = variant in ("wan-i2v", "wan2.2-i2v")
     two = variant in ("wan2.2", "wan2.2-i2v")
+    vae, text_encoder, scheduler = tiny_parts(seed, ti2v=ti2v)
+    channels = 48 if ti2v else 16
+    # Image-to-video: 16 noisy + 4 mask + 16 image latent channels in; Wan 2.1 adds CLIP tokens.
+    shape = dict(channels=channels, in_channels=36 if i2v else None,
+                 image_dim=TINY_IMAGE if variant == "wan-i2v" else None)
+    transformer = tiny_transformer(seed + 1, **shape)
+    transformer_2 = tiny_transformer(seed + 2, **shape) if two else None
+    common = dict(tokenizer=tiny_tokenizer(bos=False, eos=True), text_encoder=text_encoder, vae=vae,
+                  scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+                  boundary_ratio=0.875 if two else None, expand_timesteps=ti2v)
+    if not i2v:
+        return WanPipeline(**common)
+    encoder, processor = tiny_image_encoder(seed + 3) if variant == "wan-i2v" else (None, None)
+    return WanImageToVideoPipeline(image_encoder=encoder, image_processor=processor, **common)
+
+
+def tiny_parts(seed: int, *, ti2v: bool = False):
+    """The tiny VAE, umT5 text encoder and scheduler, made in this order from `seed`."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
     torch.manual_seed(seed)
     if ti2v:
         # Wan 2.2's VAE: 48 latent channels, 2×2 patchified pixels, 16× spatial compression.
@@ -63,19 +85,7 @@ def tiny_pipeline(seed: int, *, variant: str):
     ))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
-    channels = 48 if ti2v else 16
-    # Image-to-video: 16 noisy + 4 mask + 16 image latent channels in; Wan 2.1 adds CLIP tokens.
-    shape = dict(channels=channels, in_channels=36 if i2v else None,
-                 image_dim=TINY_IMAGE if variant == "wan-i2v" else None)
-    transformer = _tiny_transformer(seed + 1, **shape)
-    transformer_2 = _tiny_transformer(seed + 2, **shape) if two else None
-    common = dict(tokenizer=tiny_tokenizer(bos=False, eos=True), text_encoder=text_encoder, vae=vae,
-                  scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
-                  boundary_ratio=0.875 if two else None, expand_timesteps=ti2v)
-    if not i2v:
-        return WanPipeline(**common)
-    encoder, processor = _tiny_image_encoder(seed + 3) if variant == "wan-i2v" else (None, None)
-    return WanImageToVideoPipeline(image_encoder=encoder, image_processor=processor, **common)
+    return vae, text_encoder, scheduler
 
 
 def tiny_configs(family: str) -> dict[str, dict]:
