@@ -253,11 +253,12 @@ def test_battery(kind, family, reference, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Lockstep: every kind, every layout, one pool call per world size.
 
-LAYOUTS = {2: [("wan", dict(ulysses=2)), ("wan", dict(ring=2)), ("wan", dict(cfg=2)),
+LAYOUTS = {2: [*[(family, dict(ulysses=2)) for family in FAMILIES], ("wan", dict(ring=2)), ("wan", dict(cfg=2)),
                ("wan", dict(patch=2, patch_warmup_steps=4))],
            4: [("wan", dict(ulysses=2, ring=2)), ("wan", dict(cfg=2, ulysses=2)),
                ("hunyuanvideo", dict(cfg=2, ulysses=2))]}
-"""Per world size: (family, layout), one engine each, rendering every kind's mixed setting."""
+"""Per world size: (family, layout), one engine each, rendering every kind's mixed setting: every
+representative family (one per split plan and cache hints) under Ulysses 2, Wan under the rest."""
 COUNTED = ("wan", dict(ulysses=2))
 """Where the collectives of each kind's decisions are counted (verify off)."""
 
