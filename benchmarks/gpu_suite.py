@@ -64,7 +64,7 @@ import torch
 from compile_blocks import timed  # noqa: E402 - benchmarks/ is on the path (script or test)
 from unison.engine.caches import apply_caches
 from unison.engine.config import CacheConfig
-from unison.engine.models import get_spec
+from unison.engine.models import SPECS, get_spec
 from unison.parallel import attention as attention_module
 from unison.parallel import sequence as sequence_module
 from unison.parallel.attention import AttentionGroups
@@ -103,7 +103,17 @@ def real_cases() -> list[Case]:
         Case("Wan 2.1 1.3B 480x832x81", "wan", {**WAN_COMMON, **WAN_1_3B}, (1, 16, 21, 60, 104), 512, (1,)),
         Case("Wan 2.1 14B 720x1280x81", "wan", {**WAN_COMMON, **WAN_14B}, (1, 16, 21, 90, 160), 512, (1, 2, 4, 8)),
         Case("HunyuanVideo 720x1280x129", "hunyuanvideo", {}, (1, 16, 33, 90, 160), 256, (1, 2, 4, 8)),
+        # Published shape (engine/models/skyreels_v2/published.py); 97 frames: 25 latent frames.
+        Case("SkyReels-V2 14B 720x1280x97", "skyreels-v2", _published("skyreels-v2-14b-720p"), (1, 16, 25, 90, 160),
+             512, (1, 2, 4, 8)),
     ]
+
+
+def _published(name: str) -> dict:
+    """A published checkpoint's transformer constructor arguments (its family folder lists them)."""
+    from unison.engine.models import checkpoints
+
+    return dict(checkpoints()[name][1].components["transformer"][2])
 
 
 def smoke_cases() -> list[Case]:
@@ -245,8 +255,8 @@ def gpu_tests(ctx: Context, limit: float) -> Iterator[dict]:
            "failed": "; ".join(failed), "log": log.name, "seconds": time.perf_counter() - t0}
 
 
-PARITY_FAMILIES = ("wan", "wan2.2", "wan2.2-ti2v", "hunyuanvideo")
-"""The text-to-video families (tests/families.py runs them through diffusers' pipelines)."""
+PARITY_FAMILIES = tuple(family for family, spec in SPECS.items() if not spec.needs_image)
+"""The text-to-video families of the registry (tests/families.py runs them through diffusers' pipelines)."""
 
 
 def parity(ctx: Context, limit: float) -> Iterator[dict]:
