@@ -23,6 +23,7 @@ from unison.engine.load import load_pipeline
 from unison.engine.plan import plan_run
 from unison.engine.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.precision import describe_components
+from unison.engine.models import SPECS
 from unison.engine.render import Engine
 from unison.launch.cli import main
 
@@ -181,3 +182,25 @@ def test_dry_run_names_component_dtypes(tiny_folder, capsys, tmp_path):
     assert components(["--model", tiny_folder("wan"), "--set", "model.dtype=float16", "--width", "64"]) == (
         "components transformer float16 (+float32 islands) on cpu, text_encoder float16 (+float32 islands) on cpu, "
         "vae float32 on cpu")
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_every_family_in_bfloat16_equals_diffusers(tiny_folder, tmp_path, family):
+    """The registry's bfloat16 battery: each family's bfloat16 folder, loaded as diffusers' examples
+    load it (the pipeline in bfloat16, the VAE and any CLIP image encoder in float32), gives the
+    engine's latents bitwise (the same calls in the same order, so the same roundings)."""
+    import families
+
+    folder = tiny_folder(family, "bfloat16")
+    sampling = families.sampling(family, steps=3, folder=tmp_path)
+    config = RunConfig(model=ModelConfig(path=folder, dtype="bfloat16"), sampling=sampling,
+                       output=OutputConfig(decode=False, progress=False))
+    ours = Engine.from_config(config).render().latents
+    import diffusers
+
+    pipe = getattr(diffusers, SPECS[family].pipeline_class).from_pretrained(
+        folder, dtype={"default": torch.bfloat16, "vae": torch.float32, "image_encoder": torch.float32})
+    pipe.set_progress_bar_config(disable=True)
+    theirs = families.run(pipe, family, sampling)
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs), rel_err(ours, theirs)
