@@ -1,4 +1,4 @@
-"""What a step checkpoint (engine/checkpoint.py) costs: bytes per rank at real shapes from shape
+"""What a step checkpoint (engine/io/checkpoint.py) costs: bytes per rank at real shapes from shape
 arithmetic, seconds to save and restore and the step-time overhead of `output.checkpoint_every`
 measured at tiny shapes on this machine, and a projection of seconds per checkpoint at real shapes.
 
@@ -6,7 +6,7 @@ A rank's file holds every cache's state for this rank's sequence shard, the RNG 
 metadata; rank 0's also the latents and the scheduler's state (the same on every rank: written
 once, broadcast on resume). The analytic count below is checked against the files the engine writes at
 tiny shapes (one rank, and Ulysses 2 for the per-shard cache state); the measured save includes
-engine/writes.py's read-back check and fsync.
+engine/io/writes.py's read-back check and fsync.
 
     python benchmarks/checkpoint_cost.py [--steps 20 --repeats 3] [--write benchmarks/results/DATE-checkpoint-cost-cpu.md]
 """
@@ -392,7 +392,7 @@ def report(args) -> str:
         "## Projection for real shapes: seconds per checkpoint per rank", "",
         "Projection, not measured: rank 0's bytes (first table; the largest file) over a stated write bandwidth per rank, "
         + " and ".join(f"{disk / GB:g} GB/s" for disk in DISKS) + ". Not counted: the copy from the GPU "
-        "(`_cpu`, at PCIe rate) and engine/writes.py's read-back check (torch.load of the file and a bitwise "
+        "(`_cpu`, at PCIe rate) and engine/io/writes.py's read-back check (torch.load of the file and a bitwise "
         "compare, from the page cache). While a save runs a rank holds about twice the file in host memory (the "
         "copy, and the copy read back). Ranks sharing one node's disk share its bandwidth: the node writes ranks "
         "x the bytes. With `checkpoint_every` N, a step pays 1/N of these seconds on average.", "",

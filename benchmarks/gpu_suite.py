@@ -82,7 +82,7 @@ WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_di
                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 
 FORWARD_TITLE = "one forward, per-rank share of Ulysses N (compute only)"
-"""engine/hardware.py reads this section's table to calibrate `unison plan`."""
+"""engine/planner/hardware.py reads this section's table to calibrate `unison plan`."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ projects the same work twice: in the layout the peer ran (the fastest row of `un
 that layout's degrees that fits) and in the layout the plan recommends. The ratio is published
 / projected (above 1: the projection is faster than the peer was). The projection counts
 denoising only (no text encoding, no VAE decode, no start-up), which the published times include,
-and computes at the uncalibrated efficiency of engine/hardware.py unless a GPU suite result for
+and computes at the uncalibrated efficiency of engine/planner/hardware.py unless a GPU suite result for
 that GPU is in benchmarks/results/; the implied efficiency is the one at which the projection
 would equal the published time (compute-only approximation).
 

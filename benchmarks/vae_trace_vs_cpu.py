@@ -1,4 +1,4 @@
-"""How far `unison plan`'s VAE figures (engine/plan_model.py: the peak of live tensors of one
+"""How far `unison plan`'s VAE figures (engine/planner/model.py: the peak of live tensors of one
 encode or decode, traced on the meta device) are from what a real encode or decode takes on
 this machine's CPU, for small random-weight Wan 2.1 VAEs at a few sizes.
 

@@ -191,7 +191,7 @@ class Cache:
         self._wrapped.clear()
         setattr(self.transformer, _MARK, None)
 
-    # -- step checkpoints (engine/checkpoint.py) ------------------------------------------------
+    # -- step checkpoints (engine/io/checkpoint.py) ------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything later decisions and outputs depend on: each context's state (tensors as they
         are; the checkpoint moves them) and the decision log. Taken at a step boundary."""

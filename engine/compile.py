@@ -18,7 +18,7 @@ What stays eager, and why it composes in any order:
 - the collectives of the parallel attention processors: each processor projects and rotates
   q, k, v (compiled) and hands them to one `torch.compiler.disable`d step that reads the
   per-forward state (valid length, text length, stale K/V keyed by layer, pipeline stage) and
-  communicates (`_attend_across` / `_attend_stage` in engine/models/*_parallel.py). Gloo's
+  communicates (`_attend_across` / `_attend_stage` in engine/models/<family>/parallel.py). Gloo's
   in-place collectives, asynchronous handles and ring P2P are not traceable (on NCCL, traced
   functional collectives would work but would not cover those), and per-forward state read in
   traced code would be guarded on: a recompilation per value, and per layer for `id(attn)`.

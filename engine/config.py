@@ -149,7 +149,7 @@ class OutputConfig:
     """Show a progress bar per step (rank 0 only)."""
     checkpoint_every: int = 0
     """Write a step checkpoint every this many denoising steps (0: never), so that a killed render
-    resumes where it stopped and loses at most this many steps (engine/checkpoint.py)."""
+    resumes where it stopped and loses at most this many steps (engine/io/checkpoint.py)."""
     checkpoint_dir: str | None = None
     """Folder of the step checkpoints. None: beside the video, `<path>.ckpt/`. Removed once the
     render's results are written."""

@@ -39,7 +39,7 @@ class NonFiniteLatents(RenderFailed):
 
 class Preempted(RuntimeError):
     """SIGTERM or SIGUSR1 reached a rank during a render: every rank finished the same step, wrote a
-    step checkpoint there and stopped (engine/stop.py). Not a failure: the CLI exits with 143
+    step checkpoint there and stopped (engine/io/stop.py). Not a failure: the CLI exits with 143
     (128 + SIGTERM), which batch drivers and Slurm's requeue read as "preempted, resumable", and the
     same command resumes from the checkpoint."""
 

@@ -2,7 +2,7 @@
 VAE the way diffusers' pipelines do it.
 
 `sampling.image` (and `sampling.last_image`, the last frame of first-last-frame models) is a
-path; a batch job's relative path is resolved against its JSONL file's folder (engine/jobs.py).
+path; a batch job's relative path is resolved against its JSONL file's folder (launch/jobs.py).
 `sampling.image_resize` says how the picture meets the video's height x width:
 - stretch (the default, what diffusers' Wan and HunyuanVideo image-to-video pipelines do: their
   VideoProcessor resizes to exactly height x width, whatever the aspect ratio);

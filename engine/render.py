@@ -179,7 +179,7 @@ class Engine:
         each phase begins (engine.loop.PHASES), for progress reports. With progress shown (rank
         0), every phase but the steps (they have their bar) is a line on stderr.
 
-        SIGTERM or SIGUSR1 during the render (main thread; engine/stop.py): every rank stops at the
+        SIGTERM or SIGUSR1 during the render (main thread; engine/io/stop.py): every rank stops at the
         same step, writes a checkpoint there and raises Preempted. One that comes after the last
         step lets this video be written; the engine's next render then stops at its first step."""
         stop = StopRequest.for_engine(world_size=self.plan.world_size, render=self.renders)

@@ -4,7 +4,7 @@ lands on no other output, on nothing the run reads (the model folder, the input 
 pictures) and inside no model folder; a checkpoint folder is new, empty or one unison made.
 
 unison removes only what it created and can recognise: a checkpoint folder it made carries a
-marker file (engine/checkpoint.py writes it before the first checkpoint), and its files have
+marker file (engine/io/checkpoint.py writes it before the first checkpoint), and its files have
 unison's names.
 """
 
@@ -26,7 +26,7 @@ CHECKPOINT_MARKER = "unison-checkpoints.txt"
 CHECKPOINT_NAMES = re.compile(r"rank\d+\.step\d+\.pt|manifest\.json|unison-checkpoints\.txt"
                               r"|\.(rank\d+\.step\d+|manifest|unison-checkpoints)\.[a-z0-9_]{8}\.part\.(pt|json|txt)")
 """Every name unison writes in a checkpoint folder (checkpoints, manifest, marker, and the
-temporaries engine/writes.py names `.<stem>.<random>.part<suffix>`)."""
+temporaries engine/io/writes.py names `.<stem>.<random>.part<suffix>`)."""
 
 
 def checkpoint_folder(output: OutputConfig) -> Path:

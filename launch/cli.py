@@ -452,7 +452,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def entry() -> None:
     """The `unison` command and `python -m unison`: main(), with 143 kept for a SIGTERM or SIGUSR1
-    that arrives after the command's work, while the process ends (engine/stop.py)."""
+    that arrives after the command's work, while the process ends (engine/io/stop.py)."""
     exit_143_until_the_end()
     code = main()
     ignore_signals_while_exiting()

@@ -17,7 +17,7 @@ passes; a peer that stayed silent is named, "rank R failed: no longer responding
 watcher names a peer silent for `stale_s` the same way (the only way out of an NCCL collective
 with a dead peer). A rank that ends its work normally sets "left/R" and is no longer watched. When
 the store itself is gone, its host (rank 0, unless torchrun's agent hosts it) is the one named.
-A preempted render (Preempted: every rank stopped at the same step, engine/stop.py) is no failure:
+A preempted render (Preempted: every rank stopped at the same step, engine/io/stop.py) is no failure:
 each rank leaves as after normal work and its own Preempted propagates.
 """
 

@@ -12,7 +12,7 @@ anything renders; a line that does not parse or validate is reported with its nu
 and the rest still render.
 
 Output per job: DIR/<id>.mp4 and DIR/<id>.yaml, each read back and then renamed into place
-(engine/writes.py). The manifest, DIR/manifest.jsonl, gets one JSON line per finished attempt, read
+(engine/io/writes.py). The manifest, DIR/manifest.jsonl, gets one JSON line per finished attempt, read
 back and fsynced: status "done", "retry" (this attempt
 failed; the job will run again) or "failed" (out of attempts, or at once for an error that the
 same input brings back: a late UserError, NonFiniteLatents), with attempts, seconds and error.

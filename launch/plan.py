@@ -1,6 +1,6 @@
 """`unison plan`: which layout for N GPUs, will it fit, how long will it take; printed as a table.
 
-The numbers come from engine/planner.py (memory, FLOPs, bytes and projected time per layout);
+The numbers come from engine/planner/layouts.py (memory, FLOPs, bytes and projected time per layout);
 this module turns command-line input into a model and a setting, refuses bad input with one line,
 and prints the ranking.
 """

@@ -1,4 +1,4 @@
-"""Issue 15, the chaos test: renders survive injected faults (engine/faults.py) on every launcher,
+"""Issue 15, the chaos test: renders survive injected faults (engine/io/faults.py) on every launcher,
 each video bit-identical to an uninterrupted single-process render, each job done exactly once,
 and no fault costing more than `checkpoint_every` recomputed steps.
 

@@ -1,4 +1,4 @@
-"""Step checkpoints (engine/checkpoint.py): a render interrupted after a checkpoint and rendered
+"""Step checkpoints (engine/io/checkpoint.py): a render interrupted after a checkpoint and rendered
 again continues from it, runs only the remaining steps and ends bit-identical to an uninterrupted
 render, on one rank and on two (Ulysses 2), with no cache, First-Block Cache and Pyramid Attention
 Broadcast (mixed skip schedules, which must match too); Wan 2.2's two experts resumed before, at

@@ -27,7 +27,7 @@ def _vae(case: str):
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 
     torch.manual_seed(0)
-    if case == "wan":  # the tiny Wan 2.1 VAE of engine/models/wan.py
+    if case == "wan":  # the tiny Wan 2.1 VAE of engine/models/wan/hooks.py
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
     elif case == "wan2.2":  # Wan 2.2 TI2V: 2x2 patchified pixels, 16x spatial compression

@@ -15,7 +15,7 @@ bit-identical to an uninterrupted render's:
   size, torch and diffusers versions. Output paths and progress are not in it.
 
 Who writes what: each rank writes only what it alone holds, in its own file `rank{r}.step{s}.pt`
-(torch.save, written and verified by engine/writes.py's commit): its caches' state (rank-local:
+(torch.save, written and verified by engine/io/writes.py's commit): its caches' state (rank-local:
 First-Block Cache's residuals are per sequence shard, a CFG half holds only its branch's context)
 and its RNG state. The latents and the scheduler's state are the same on every rank, so rank 0
 alone writes them, in its file; on resume rank 0 reads them and broadcasts them to the others
@@ -38,7 +38,7 @@ than the uninterrupted render's own difference from an exact one).
 Resume (`output.resume`): `auto` continues from a checkpoint whose fingerprint matches and ignores
 one that does not with a one-line warning; `require` refuses (UserError, one line) to run without a
 matching checkpoint; `never` starts afresh. Checkpoints are looked for only by renders that write
-them (`checkpoint_every > 0`, or a render that SIGTERM or SIGUSR1 may stop: engine/stop.py writes a
+them (`checkpoint_every > 0`, or a render that SIGTERM or SIGUSR1 may stop: engine/io/stop.py writes a
 checkpoint at the step where every rank stops, whatever N) or require them. The folder is removed
 once the render's results are written.
 """
@@ -165,7 +165,7 @@ class Checkpoints:
     def create(cls, config: RunConfig, *, rank: int, world_size: int, group,
                on_stop: bool = False) -> "Checkpoints | None":
         """None when the render neither writes nor requires checkpoints. `on_stop`: it may write one
-        when stopped by a signal (engine/stop.py), so it also looks for one to resume from."""
+        when stopped by a signal (engine/io/stop.py), so it also looks for one to resume from."""
         out = config.output
         if out.checkpoint_every < 0:
             raise UserError(f"output.checkpoint_every must be at least 0 (0: off), got {out.checkpoint_every}")

@@ -37,7 +37,7 @@ reads the key before reaching it."""
 def exit_preempted(signum, frame) -> None:
     """End the process at once with 143 ("preempted, resumable"), not by the signal: a launcher
     (torchrun's agent, Slurm) reads a signal death as a crash. Whatever was committed is on disk;
-    a commit under way removes its temporaries first (engine/writes.py takes the signal over)."""
+    a commit under way removes its temporaries first (engine/io/writes.py takes the signal over)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -127,7 +127,7 @@ class StopRequest:
             for sig in SIGNALS:  # a second signal ends the process at once, with 143
                 signal.signal(sig, exit_preempted)
 
-        handle.deferred_stop = True  # engine/writes.py lets a commit under way finish
+        handle.deferred_stop = True  # engine/io/writes.py lets a commit under way finish
         for sig in SIGNALS:
             signal.signal(sig, handle)
         try:

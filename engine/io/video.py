@@ -1,4 +1,4 @@
-"""Videos: uint8 frames to an H.264 mp4, written through `commit` (engine/writes.py) and checked by
+"""Videos: uint8 frames to an H.264 mp4, written through `commit` (engine/io/writes.py) and checked by
 decoding it back.
 
 The encoder is the ffmpeg that imageio-ffmpeg ships, driven directly rather than through imageio's

@@ -107,7 +107,7 @@ class _SigtermGuard:
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGTERM)
             # None: set outside Python; leave it alone. A handler that only notes the signal
-            # (engine/stop.py: stop after this step) lets the commit finish as it is.
+            # (engine/io/stop.py: stop after this step) lets the commit finish as it is.
             if previous not in (signal.SIG_IGN, None) and not getattr(previous, "deferred_stop", False):
                 self.previous = previous
                 signal.signal(signal.SIGTERM, self._handle)

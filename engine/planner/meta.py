@@ -1,7 +1,7 @@
 """Real-size models on the meta device: parameter counts, FLOPs per forward and peak activation
 bytes, from a component's config alone (no weights, no GPU, about 2 s per real-size forward).
 
-The planner (engine/planner.py) asks three questions of a component:
+The planner (engine/planner/layouts.py) asks three questions of a component:
 - `parameters`: its parameters by part (the transformer blocks, everything else), counted from
   the module diffusers or transformers build from the config.
 - `count_flops`: FLOPs of one transformer forward at a latent shape, counted by torch's
