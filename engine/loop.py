@@ -229,7 +229,8 @@ class Bar(StepHook):
 
     def __init__(self, bar, done: int):
         self.bar = bar
-        bar.update(done) if done else None
+        if done:
+            bar.update(done)
 
     def after(self, step: Step, latents: torch.Tensor) -> None:
         self.bar.update(1)
