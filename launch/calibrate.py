@@ -37,7 +37,7 @@ def efficiency_from_suite(path: Path, gpu_key: str) -> Calibration:
         height, width, frames = (int(g) for g in match.groups()[1:])
         spec, parts = plan_model.published(name)
         latent = plan_model.latent_shape(spec, parts, height=height, width=width, frames=frames)
-        model = plan_model.RealModel(spec, parts, latent, 256 if spec.joint_text else 512)
+        model = plan_model.RealModel(spec, parts, latent, spec.defaults.max_sequence_length)
         count = model.flops_at(ceil_div(model.video_tokens, ranks))
         ratios.append((count.linear + count.attention / ranks + count.other) / seconds / peak)
     if not ratios:

@@ -115,6 +115,24 @@ class Checkpoint:
         return ", ".join(f"{key} {'null' if value is None else value}" for key, value in self.shape)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MetaTransformer:
+    """What `unison plan` needs to build a family's transformer on the meta device from a config
+    (published, or a folder's config.json) and to run it there."""
+
+    default_heads: int = 40
+    """num_attention_heads where the config leaves it out (diffusers' class default)."""
+    one_block: dict = field(default_factory=lambda: {"num_layers": 1})
+    """Config values that leave one block (the activation peak of one block is measured)."""
+    single_blocks: Callable[[dict], int] = lambda config: 0
+    """(config) -> its single-stream blocks (the rest are dual-stream or plain): what TaylorSeer's
+    full form predicts differs between them."""
+    inputs: Callable[..., dict] | None = None
+    """(config, hidden_states, text_tokens, dtype) -> the forward's keyword arguments, on the meta
+    device; None: a cross-attention transformer's (hidden states, timestep, text, and any CLIP
+    image tokens), which the planner builds."""
+
+
 class Hooks:
     """The denoising loop's calls into a family, with the defaults a plain text-to-video family
     takes. A family subclasses it (image-to-video variants subclass their text-to-video hooks);
@@ -232,6 +250,8 @@ class ModelSpec:
     cache_hints: CacheHints = field(default_factory=CacheHints)
     """What the caches need to know of its blocks (caching/base.py): TeaCache's indicator,
     TaylorSeer's modules."""
+    meta: MetaTransformer = field(default_factory=MetaTransformer)
+    """How `unison plan` builds and runs its transformer on the meta device."""
     block_count: Callable[[dict], int] = lambda config: 0
     """(a transformer's config.json as a dict) -> its blocks, all block lists together (PipeFusion
     needs one per stage: checked at plan time)."""

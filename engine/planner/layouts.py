@@ -111,7 +111,7 @@ class Setting:
 def cache_shape(model: RealModel) -> ModelShape:
     """The model's sizes as a cache kind reads them (caching/planning.py)."""
     pt, ph, pw = model.patch
-    single = int(model.expert.get("num_single_layers", 40)) if model.spec.joint_text else 0
+    single = model.spec.meta.single_blocks(model.expert)
     return ModelShape(joint_text=model.spec.joint_text, blocks=model.attentions, single_blocks=single,
                       hidden=model.heads * model.head_dim,
                       out_per_token=int(model.expert.get("out_channels", 16)) * pt * ph * pw)

@@ -107,7 +107,7 @@ class RealModel:
 
     @property
     def heads(self) -> int:
-        return int(self.expert.get("num_attention_heads", 24 if self.spec.joint_text else 40))
+        return int(self.expert.get("num_attention_heads", self.spec.meta.default_heads))
 
     @property
     def head_dim(self) -> int:
@@ -115,10 +115,8 @@ class RealModel:
 
     @property
     def attentions(self) -> int:
-        """Sequence-parallel attentions per forward (Wan: blocks; HunyuanVideo: dual + single)."""
-        if self.spec.joint_text:
-            return int(self.expert.get("num_layers", 20)) + int(self.expert.get("num_single_layers", 40))
-        return int(self.expert.get("num_layers", 40))
+        """Sequence-parallel attentions per forward: one per block, every block list counted."""
+        return self.spec.block_count(self.expert)
 
     def parameters(self, name: str) -> dict[str, int]:
         key = self.cache.key("params", self.parts[name])
@@ -129,13 +127,8 @@ class RealModel:
         meta, bf16 = meta_model.META, self.dtype
         c = self.expert
         x = torch.empty(1, c.get("in_channels", 16), *latent[1:], device=meta, dtype=bf16)
-        if self.spec.joint_text:
-            return dict(hidden_states=x, timestep=torch.empty(1, device=meta),
-                        encoder_hidden_states=torch.empty(1, self.text_tokens, c.get("text_embed_dim", 4096),
-                                                          device=meta, dtype=bf16),
-                        encoder_attention_mask=torch.empty(1, self.text_tokens, device=meta, dtype=torch.bool),
-                        pooled_projections=torch.empty(1, c.get("pooled_projection_dim", 768), device=meta, dtype=bf16),
-                        guidance=torch.empty(1, device=meta), return_dict=False)
+        if self.spec.meta.inputs is not None:
+            return self.spec.meta.inputs(c, x, self.text_tokens, bf16)
         pt, ph, pw = self.patch
         tokens = (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
         # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
@@ -202,7 +195,7 @@ class RealModel:
         frames = ceil_div(rows, h // ph)
         latent = (c, frames * pt, ph * ceil_div(rows, frames), w)
         key = self.cache.key("activations", self.parts[self.spec.experts[0]], latent, self.text_tokens, str(self.dtype))
-        one_block = {"num_layers": 1, "num_single_layers": 1} if self.spec.joint_text else {"num_layers": 1}
+        one_block = self.spec.meta.one_block
 
         def trace() -> dict:
             module = self._module(self.spec.experts[0], **one_block)

@@ -13,7 +13,9 @@ from unison.caching.base import CacheHints
 from unison.engine.models.hunyuan_video import i2v, t2v
 from unison.engine.models.hunyuan_video.parallel import BLOCK_LISTS, TOKEN_PLAN
 from unison.engine.models.hunyuan_video.vae import HUNYUAN_VAE
-from unison.engine.models.spec import Checkpoint, ModelSpec, Pick, SamplingDefaults
+import torch
+
+from unison.engine.models.spec import Checkpoint, MetaTransformer, ModelSpec, Pick, SamplingDefaults
 
 
 def _teacache_indicator(block, args, kwargs):
@@ -52,12 +54,28 @@ HUNYUAN_T2V = Checkpoint(
              "teacache": (Pick("hunyuanvideo"),)},
     default=True, suite_case="HunyuanVideo")
 
+def _meta_inputs(config: dict, x: torch.Tensor, text_tokens: int, dtype: torch.dtype) -> dict:
+    """The forward's inputs on the meta device: the text with its mask, the pooled CLIP text and
+    the embedded guidance."""
+    meta = x.device
+    return dict(hidden_states=x, timestep=torch.empty(1, device=meta),
+                encoder_hidden_states=torch.empty(1, text_tokens, config.get("text_embed_dim", 4096), device=meta,
+                                                  dtype=dtype),
+                encoder_attention_mask=torch.empty(1, text_tokens, device=meta, dtype=torch.bool),
+                pooled_projections=torch.empty(1, config.get("pooled_projection_dim", 768), device=meta, dtype=dtype),
+                guidance=torch.empty(1, device=meta), return_dict=False)
+
+
+META = MetaTransformer(default_heads=24, one_block={"num_layers": 1, "num_single_layers": 1},
+                       single_blocks=lambda config: int(config.get("num_single_layers", 40)), inputs=_meta_inputs)
+"""diffusers' class defaults: 24 heads, 20 dual- and 40 single-stream blocks."""
+
 _COMMON = dict(transformer_class="HunyuanVideoTransformer3DModel", experts=("transformer",),
                text_encoders=("text_encoder", "text_encoder_2"), fps=24, size_multiple=16, temporal_factor=4,
                embedded_guidance=True, joint_text=True, block_lists=BLOCK_LISTS,
                token_plan=TOKEN_PLAN, attention_modules=t2v.attention_modules,
                vae_tiling=HUNYUAN_VAE, displaced_patches=True,
-               cache_hints=CACHE_HINTS,
+               cache_hints=CACHE_HINTS, meta=META,
                # diffusers' defaults: 20 dual-stream and 40 single-stream blocks
                block_count=lambda config: int(config.get("num_layers", 20)) + int(config.get("num_single_layers", 40)))
 
