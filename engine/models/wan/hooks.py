@@ -31,10 +31,6 @@ WAN_TEXT_TOKENS = 512
 text_len, diffusers' WanPipeline default max_sequence_length)."""
 
 
-I2V_FAMILIES = ("wan-i2v", "wan2.2-i2v")
-"""The Wan variants that need a picture."""
-
-
 def _image_tokens(pipe, pictures: list, device: torch.device) -> torch.Tensor:
     """The CLIP vision encoder's second-to-last hidden states (diffusers' encode_image)."""
     encoder = pipe.image_encoder
@@ -175,9 +171,8 @@ class WanHooks(Hooks):
         return t.expand(latents.shape[0])
 
     def expert_boundary(self, pipe) -> float | None:
-        if self.boundary_ratio(pipe) is None:
-            return None
-        return self.boundary_ratio(pipe) * pipe.scheduler.config.num_train_timesteps
+        ratio = self.boundary_ratio(pipe)
+        return None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
 
     def boundary_ratio(self, pipe) -> float | None:
         """The folder's expert switch (Wan 2.2 A14B), as a share of the training timesteps."""
