@@ -16,16 +16,21 @@ Sections, in order of value per second (`--sections` picks some, by key):
 2. `parity`: each text-to-video family's tiny model rendered by the engine and by diffusers'
    own pipeline in bfloat16 on the device, same weights and seed: the latents' relative error.
 3. `forward`: one transformer forward at real size with random weights in bf16: Wan 2.1 1.3B at
-   480x832x81; the per-rank share of Wan 14B at 720x1280x81 and HunyuanVideo at 720x1280x129 for
-   1, 2, 4 and 8 ranks. A rank's share is simulated on the one GPU by running the engine's own
-   Ulysses attention with its collectives replaced by shape-preserving stand-ins (the all-to-all
-   returns the rank's own chunk, the all-gather repeats it): every matmul and attention has the
-   exact shape one rank of N computes (its 1/N of the tokens in the projections and MLPs, all
-   tokens at 1/N of the heads in attention); only the communication is left out, and it is
-   printed beside as bytes (parallel/cost.py) and a projection at a stated link bandwidth. The
-   one-rank row runs through the same processors (a group of one), so every row of a model uses
-   the same attention kernel (diffusers' own HunyuanVideo processor passes a mask, which takes
-   torch's memory-efficient kernel instead of the flash kernel the shares use).
+   480x832x81; the per-rank share of Wan 14B at 720x1280x81, HunyuanVideo 1.5 at 720x1280x121,
+   HunyuanVideo at 720x1280x129 and SkyReels-V2 14B at 720x1280x97 for 1, 2, 4 and 8 ranks. In
+   that order: at the planner's assumed 45% of an H100's peak they need about 300 s, more than
+   the section's limit, and SkyReels-V2 (Wan 14B's blocks; `unison plan` calibrates from the
+   others) comes last. The inputs are those the family declares for the planner (text padded to
+   its full length, every text token valid), filled with noise on the device. A rank's share is
+   simulated on the one GPU by running the engine's own Ulysses attention with its collectives
+   replaced by shape-preserving stand-ins (the all-to-all returns the rank's own chunk, the
+   all-gather repeats it): every matmul and attention has the exact shape one rank of N computes
+   (its 1/N of the tokens in the projections and MLPs, all tokens at 1/N of the heads in
+   attention); only the communication is left out, and it is printed beside as bytes
+   (parallel/cost.py) and a projection at a stated link bandwidth. The one-rank row runs through
+   the same processors (a group of one), so every row of a model uses the same attention kernel
+   (diffusers' own HunyuanVideo processor passes a mask, which takes torch's memory-efficient
+   kernel instead of the flash kernel the shares use).
 4. `compile`: eager vs compiled (model.compile=blocks): compile time and step time, Wan 1.3B.
 5. `caches`: each cache's overhead with settings that never skip (First-Block Cache threshold 0,
    PAB without skip ranges), Wan 1.3B at 480p, against no cache.
@@ -65,6 +70,7 @@ from compile_blocks import timed  # noqa: E402 - benchmarks/ is on the path (scr
 from unison.engine.caches import apply_caches
 from unison.engine.config import CacheConfig
 from unison.engine.models import SPECS, get_spec
+from unison.engine.planner.model import forward_inputs, patch_size
 from unison.parallel import attention as attention_module
 from unison.parallel import sequence as sequence_module
 from unison.parallel.attention import AttentionGroups
@@ -102,6 +108,11 @@ def real_cases() -> list[Case]:
     return [
         Case("Wan 2.1 1.3B 480x832x81", "wan", {**WAN_COMMON, **WAN_1_3B}, (1, 16, 21, 60, 104), 512, (1,)),
         Case("Wan 2.1 14B 720x1280x81", "wan", {**WAN_COMMON, **WAN_14B}, (1, 16, 21, 90, 160), 512, (1, 2, 4, 8)),
+        # Published shape (engine/models/hunyuan_video15/published.py); its VAE compresses 16x in space
+        # and 4x in time: 121 frames are 31 latent frames. The Qwen prompt padded to 1000 tokens (its
+        # inputs add the glyph's 256 and the image's 729).
+        Case("HunyuanVideo 1.5 720x1280x121", "hunyuanvideo1.5", _published("hunyuanvideo1.5-720p"),
+             (1, 65, 31, 45, 80), 1000, (1, 2, 4, 8)),
         Case("HunyuanVideo 720x1280x129", "hunyuanvideo", {}, (1, 16, 33, 90, 160), 256, (1, 2, 4, 8)),
         # Published shape (engine/models/skyreels_v2/published.py); 97 frames: 25 latent frames.
         Case("SkyReels-V2 14B 720x1280x97", "skyreels-v2", _published("skyreels-v2-14b-720p"), (1, 16, 25, 90, 160),
@@ -120,6 +131,7 @@ def smoke_cases() -> list[Case]:
     return [
         Case("tiny Wan", "wan", None, (1, 16, 3, 8, 8), 16, (1, 2, 4)),
         Case("tiny HunyuanVideo", "hunyuanvideo", None, (1, 16, 3, 8, 8), 32, (1, 2)),
+        Case("tiny HunyuanVideo 1.5", "hunyuanvideo1.5", None, (1, 9, 3, 8, 8), 16, (1, 2)),
     ]
 
 
@@ -136,23 +148,31 @@ def build_transformer(case: Case, device: torch.device, dtype: torch.dtype) -> t
     return transformer.to(device=device, dtype=dtype).eval()
 
 
+FIXED = {"timestep": 500.0, "guidance": 6000.0}
+"""Inputs given one value rather than noise: a mid-schedule timestep, and embedded guidance 6.0
+as HunyuanVideo's pipeline passes it (x 1000)."""
+
+
 def inputs(case: Case, transformer, device: torch.device, dtype: torch.dtype) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    c = transformer.config
+    """The forward's arguments as its family declares them (the planner's, engine/planner/model.py
+    forward_inputs), made on the device and filled there: every mask with ones (every text token
+    valid), the FIXED ones with their value, any other floating tensor with seeded noise."""
     b, _, f, h, w = case.latents
-    kwargs = dict(hidden_states=randn(b, c.in_channels, f, h, w), timestep=torch.tensor([500.0], device=device),
-                  return_dict=False)
-    if case.family == "hunyuanvideo":
-        kwargs.update(encoder_hidden_states=randn(1, case.text_tokens, c.text_embed_dim),
-                      encoder_attention_mask=torch.ones(1, case.text_tokens, device=device, dtype=torch.bool),
-                      pooled_projections=randn(1, c.pooled_projection_dim),
-                      guidance=torch.tensor([6000.0], device=device, dtype=dtype))
-    else:
-        kwargs.update(encoder_hidden_states=randn(1, case.text_tokens, c.text_dim))
+    config = dict(transformer.config)
+    hidden_states = torch.empty(b, config["in_channels"], f, h, w, device=device, dtype=dtype)
+    kwargs = forward_inputs(get_spec(case.family), config, hidden_states, case.text_tokens, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, value in kwargs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if "mask" in name:
+            value.fill_(1)
+        elif name in FIXED:
+            value.fill_(FIXED[name])
+        elif value.is_floating_point():
+            value.normal_(generator=g)
+        else:
+            raise ValueError(f"no rule fills the forward's {name} ({value.dtype})")
     return kwargs
 
 
@@ -287,15 +307,14 @@ def parity(ctx: Context, limit: float) -> Iterator[dict]:
 
 
 def _shape(case: Case, transformer) -> TransformerShape:
-    c = transformer.config
-    patch = c.patch_size if isinstance(c.patch_size, (list, tuple)) else (c.patch_size_t, c.patch_size, c.patch_size)
+    """What parallel/cost.py counts a rank's bytes from, as the planner gives it (engine/planner/layouts.py)."""
+    spec, c = get_spec(case.family), dict(transformer.config)
+    pt, ph, pw = patch_size(c)
     _, _, f, h, w = case.latents
-    tokens = (f // patch[0]) * (h // patch[1]) * (w // patch[2])
-    hunyuan = case.family == "hunyuanvideo"
-    attentions = c.num_layers + c.num_single_layers if hunyuan else c.num_layers
-    return TransformerShape(video_tokens=tokens, heads=c.num_attention_heads, head_dim=c.attention_head_dim,
-                            attentions=attentions, latent_elements=int(torch.Size(case.latents).numel()),
-                            joint_text_tokens=case.text_tokens if hunyuan else 0)
+    return TransformerShape(video_tokens=(f // pt) * (h // ph) * (w // pw), heads=c["num_attention_heads"],
+                            head_dim=c["attention_head_dim"], attentions=spec.block_count(c),
+                            latent_elements=(c.get("out_channels") or c["in_channels"]) * f * h * w,
+                            joint_text_tokens=spec.meta.joint_text(case.text_tokens) if spec.joint_text else 0)
 
 
 def forwards(ctx: Context, limit: float) -> Iterator[dict]:

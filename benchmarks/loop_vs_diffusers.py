@@ -5,6 +5,9 @@ alternate so that machine noise hits both alike. Prints a table and writes a dat
 file naming the device. Goal: ratio of medians (unison / diffusers) <= 1.05.
 
     python benchmarks/loop_vs_diffusers.py [--family wan] [--repeats 7]
+
+What differs between families (guidance, text length, a picture) is read from their specs by
+tests/families.py, the parity battery's own runner, so a new family needs no edit here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +34,10 @@ def device_name(device: torch.device) -> str:
 
 
 def main() -> None:
-    from diffusers import DiffusionPipeline
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import families  # tests/families.py: a family's diffusers call for a unison sampling, from its spec
 
-    from unison.engine.config import ModelConfig, OutputConfig, RunConfig, SamplingConfig
+    from unison.engine.config import ModelConfig, OutputConfig, RunConfig
     from unison.engine.models import get_spec
     from unison.engine.render import Engine
 
@@ -46,30 +51,25 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
-    folder = Path(tempfile.mkdtemp()) / args.family
+    work = Path(tempfile.mkdtemp())
+    folder = work / args.family
     get_spec(args.family).build_tiny(0).save_pretrained(folder)
-    sampling = SamplingConfig(prompt="a cat", negative_prompt="blurry", height=args.height, width=args.width,
-                              frames=args.frames, steps=args.steps, max_sequence_length=64,
-                              **({"true_cfg_scale": 3.0} if args.family == "hunyuanvideo" else {}))
+    # Two guidance branches, the family's own text length and a picture where it needs one; a
+    # family whose pipeline sizes the video from the picture keeps that size.
+    size = {} if families.sizes_the_video(args.family) else dict(height=args.height, width=args.width)
+    sampling = families.sampling(args.family, steps=args.steps, folder=work, prompt="a cat", negative_prompt="blurry",
+                                 frames=args.frames, **size)
     config = RunConfig(model=ModelConfig(path=str(folder)), sampling=sampling,
                        output=OutputConfig(decode=False, progress=False))
     engine = Engine.from_config(config)
     s = engine.plan.config.sampling
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32).to(engine.plan.device)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
-                  num_frames=s.frames, num_inference_steps=s.steps, guidance_scale=s.guidance,
-                  max_sequence_length=s.max_sequence_length, output_type="latent", return_dict=False)
-    if args.family == "hunyuanvideo":
-        kwargs["true_cfg_scale"] = s.true_cfg_scale
-    if args.family == "wan2.2":
-        kwargs["guidance_scale_2"] = s.guidance_2
+    pipe = families.pipeline(args.family, str(folder)).to(engine.plan.device)
 
     def run_ours():
         return engine.render().latents
 
     def run_theirs():
-        return pipe(generator=torch.Generator().manual_seed(s.seed), **kwargs)[0]
+        return families.run(pipe, args.family, sampling)
 
     times = {"unison": [], "diffusers": []}
     run_ours(), run_theirs()  # warm-up

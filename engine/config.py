@@ -83,9 +83,10 @@ class SamplingConfig:
     diffusers flow-matching scheduler built from the folder's settings."""
     flow_shift: float | None = None
     """The sampler's flow shift (Wan: 3.0 at 480p, 5.0 at 720p). None: the folder's."""
-    image_resize: Literal["stretch", "crop", "pad"] = "stretch"
-    """How the picture meets height x width: stretch (diffusers' pipelines), crop (cover, cut the
-    centre) or pad (fit inside, fill the rest); the aspect ratio is kept by crop and pad."""
+    image_resize: Literal["auto", "stretch", "crop", "pad"] = "auto"
+    """How the picture meets height x width: stretch, crop (cover, cut the centre) or pad (fit
+    inside, fill the rest); the aspect ratio is kept by crop and pad. auto: as the family's diffusers
+    pipeline does (stretch; HunyuanVideo 1.5 crops)."""
 
 
 @dataclass(frozen=True, kw_only=True)

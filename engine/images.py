@@ -4,9 +4,12 @@ VAE the way diffusers' pipelines do it.
 `sampling.image` (and `sampling.last_image`, the last frame of first-last-frame models) is a
 path; a batch job's relative path is resolved against its JSONL file's folder (launch/jobs.py).
 `sampling.image_resize` says how the picture meets the video's height x width:
-- stretch (the default, what diffusers' Wan and HunyuanVideo image-to-video pipelines do: their
+- auto (the default): what the family's diffusers pipeline does, stretch or crop (the family's
+  SamplingDefaults.image_resize);
+- stretch (what diffusers' Wan and HunyuanVideo image-to-video pipelines do: their
   VideoProcessor resizes to exactly height x width, whatever the aspect ratio);
-- crop: scale to cover height x width, keeping the aspect ratio, and cut the centre;
+- crop: scale to cover height x width, keeping the aspect ratio, and cut the centre (HunyuanVideo
+  1.5's image-to-video pipeline);
 - pad: scale to fit inside, keeping the aspect ratio, and fill the rest (diffusers' "fill").
 The image encoders of Wan 2.1 I2V (CLIP) and HunyuanVideo I2V (LLaVA) get the picture as it is,
 through their own processor (resize and centre crop to its input size), as in diffusers.

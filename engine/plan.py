@@ -158,11 +158,18 @@ def _resolve_family(model: ModelConfig) -> tuple[str, dict | None]:
     return found, index
 
 
-def _resolve_sampling(s: SamplingConfig, spec: ModelSpec, *, tiny: bool) -> SamplingConfig:
+def _resolve_sampling(s: SamplingConfig, spec: ModelSpec, *, tiny: bool, read=None) -> SamplingConfig:
+    """Unset sampling fields from the family's defaults; the size, where the family derives it
+    (Hooks.default_size, from the folder's configs through `read`)."""
     d = spec.tiny_defaults if tiny else spec.defaults
+    size = spec.hooks.default_size(s, read) if read is not None and s.height is None and s.width is None else None
+    if size is not None:
+        s = dataclasses.replace(s, height=size[0], width=size[1])
     filled = {name: getattr(d, name) for name in ("height", "width", "frames", "steps", "guidance",
                                                    "max_sequence_length")
               if getattr(s, name) is None}
+    if s.image_resize == "auto":
+        filled["image_resize"] = d.image_resize
     s = dataclasses.replace(s, **filled)
     if spec.two_experts and s.guidance_2 is None:
         # As in diffusers, an unset guidance_2 follows the guidance the user gave; with neither
@@ -309,7 +316,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
         config.model, family=family, device=str(device) if pinned else placement.kind, dtype=dtype,
         vae_dtype=resolve_dtype(config.model.vae_dtype, device, fallback=dtype),
     )
-    sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None)
+    sampling = _resolve_sampling(config.sampling, spec, tiny=config.model.path is None,
+                                 read=config_reader(config.model, spec))
     check_sampling(sampling, spec)
     sampling = images.with_hashes(sampling)  # the resolved config records each picture's SHA-256
     check_seeds(sampling, config.model)

@@ -19,6 +19,9 @@ from unison.engine.planner.model import ceil_div
 
 from unison.engine.models import checkpoints
 
+CASE_NAME = re.compile(r"(.+?) (\d+)x(\d+)x(\d+)$")
+"""A suite case's name: its checkpoint's suite_case, then the video's height x width x frames."""
+
 
 def efficiency_from_suite(path: Path, gpu_key: str) -> Calibration:
     peak = GPUS[gpu_key].bf16_tflops * 1e12
@@ -26,7 +29,7 @@ def efficiency_from_suite(path: Path, gpu_key: str) -> Calibration:
     suite_cases = {c.suite_case: c.name for _, c in checkpoints().values() if c.suite_case}
     ratios = []
     for row in suite_forward_rows(path):
-        match = re.match(r"(.+?) (\d+)x(\d+)x(\d+)$", row.get("case", ""))
+        match = CASE_NAME.match(row.get("case", ""))
         name = suite_cases.get(match.group(1)) if match else None
         try:
             seconds, ranks = float(row["seconds"]), int(row["ranks"])

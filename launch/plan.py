@@ -44,7 +44,7 @@ class Request:
 def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealModel, object]:
     """The model at the requested size, and the resolved sampling settings."""
     from unison.engine.plan import _resolve_family, _resolve_sampling, check_sampling
-    from unison.engine.limits import check_limits
+    from unison.engine.limits import check_limits, config_reader
 
     path = config.model.path
     # A recipe may name a Hub id: with no local copy, plan uses that checkpoint's published configs.
@@ -60,11 +60,11 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
         parts = plan_model.from_folder(path, spec, index)
     else:
         raise UserError(f"plan needs --family (one of {', '.join(checkpoints())}) or --model DIR")
-    sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False), spec)
+    # A folder's own configs, or a published model's, bound the video and may size it.
+    read = config_reader(config.model, spec) if name is None else _published_reader(parts)
+    sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False, read=read), spec)
     check_sampling(sampling, spec)
-    # A folder's own position table and text length bound the video; a published model's, its
-    # published configs.
-    check_limits(sampling, spec, config.model, read=None if name is None else _published_reader(parts))
+    check_limits(sampling, spec, config.model, read=read)
     latent = plan_model.latent_shape(spec, parts, height=sampling.height, width=sampling.width,
                                      frames=sampling.frames)
     cache = plan_model.meta_model.CountCache(request.counts_cache)

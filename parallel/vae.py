@@ -2,9 +2,10 @@
 
 Decoding a 720p video on one rank is slow, and without tiling it runs out of memory. Here the
 latent video is cut into the same overlapping spatial tiles that diffusers' tiled decode uses
-(the VAE's `tile_sample_min_*` / `tile_sample_stride_*` sizes), every rank of the group decodes a
-contiguous, cost-balanced run of them, and group rank 0 receives the decoded tiles in order and
-blends them with the same linear ramps into the video. The result equals `vae.enable_tiling();
+(most VAEs size them by `tile_sample_min_*` / `tile_sample_stride_*`; a family whose VAE sizes
+them otherwise declares its `TileGeometry`), every rank of the group decodes a contiguous,
+cost-balanced run of them, and group rank 0 receives the decoded tiles in order and blends them
+with the same linear ramps into the video. The result equals `vae.enable_tiling();
 vae.decode(z)` on one rank, to float32 rounding (the tests hold it to a relative error of 1e-6
 and see exact equality on the CPU).
 
@@ -15,6 +16,10 @@ freshly cleared cache, exactly as diffusers' tiled decode does, so the split is 
 The HunyuanVideo VAE decodes long latents in overlapping temporal chunks (its framewise
 decoding, on by default, `tile_sample_*_num_frames`); each (chunk, spatial tile) pair is one unit
 of work, and rank 0 blends tiles into chunks and chunks into the video as diffusers does.
+The HunyuanVideo 1.5 VAE is causal in time too (causal convolutions, and an attention where a
+frame sees only itself and earlier ones), but it keeps no cache between calls and never chunks
+time: each tile runs all its latent frames through the decoder in one call, as diffusers' tiled
+decode does, so its split is purely spatial as well.
 
 Memory. A rank holds the activations of one tile at a time and the decoded tiles it owns until
 they are sent (about 1/N of them). Rank 0 blends each tile into the video as it arrives, keeping
@@ -41,6 +46,37 @@ from unison.parallel.comm import CommStats
 
 
 @dataclass(frozen=True)
+class TileGeometry:
+    """How a VAE's tiled decode cuts the latent frame and blends the decoded tiles, as (height,
+    width) pairs read from the VAE's tiling settings when a decode is planned."""
+
+    tile: tuple[int, int]
+    """Latent rows and columns of a tile; the frame is tiled when it is larger in either."""
+    stride: tuple[int, int]
+    """Latent rows and columns from one tile's start to the next."""
+    blend: tuple[int, int]
+    """Decoded pixels cross-faded from the previous tile into the next."""
+    keep: tuple[int, int]
+    """Decoded pixels each tile contributes after blending (its first ones)."""
+    crop: bool = True
+    """Whether the joined tiles are cut to the latent size times the compression; False: the video
+    is the tiles' contributions joined as they are (diffusers' HunyuanVideo 1.5 decode, which
+    differs from the latent size only when its latent and pixel tile sizes disagree)."""
+
+
+def _sample_geometry(vae, patch: int) -> TileGeometry:
+    """The usual convention (Wan, HunyuanVideo): pixel tile and stride sizes, `tile_sample_min_*`
+    and `tile_sample_stride_*`, with latent sizes derived from them; `patch` folds the pixels."""
+    ratio = vae.spatial_compression_ratio
+    keep = (vae.tile_sample_stride_height // patch, vae.tile_sample_stride_width // patch)
+    return TileGeometry(tile=(vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio),
+                        stride=(vae.tile_sample_stride_height // ratio, vae.tile_sample_stride_width // ratio),
+                        blend=(vae.tile_sample_min_height // patch - keep[0],
+                               vae.tile_sample_min_width // patch - keep[1]),
+                        keep=keep)
+
+
+@dataclass(frozen=True)
 class VaeTiling:
     """What parallel decode needs to know of a model family's VAE, declared by the family
     (engine/models/<family>/vae.py): how diffusers' tiled decode cuts its latents, decodes one
@@ -57,6 +93,9 @@ class VaeTiling:
     (`tile_sample_*_num_frames`)."""
     finish: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda vae, video: video
     """(vae, the blended video) -> the video as the VAE's own decode returns it."""
+    geometry: Callable[[torch.nn.Module], TileGeometry] | None = None
+    """(vae) -> how its tiled decode cuts and blends; None: from `tile_sample_min_*` and
+    `tile_sample_stride_*`, the pixels folded by `pixel_patch`."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +131,8 @@ class TilePlan:
     stride: tuple[int, int]
     """Decoded pixels each tile contributes (height, width) before the final crop."""
     size: tuple[int, int]
-    """Decoded frame size (height, width); Wan 2.2's patchified size before unpatchify."""
+    """Decoded frame size (height, width) the joined tiles are cut to; Wan 2.2's patchified size
+    before unpatchify."""
     chunks: int = 1
     blend_frames: int = 0
     """HunyuanVideo framewise decoding: decoded frames blended between chunks, and those each
@@ -125,12 +165,15 @@ def plan_tiles(vae, shape: tuple[int, ...], tiling: VaeTiling) -> TilePlan:
     _, _, frames, height, width = shape
     ratio = vae.spatial_compression_ratio
     patch = tiling.pixel_patch(vae)
-    tile_h, tile_w = vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
-    spatial = height > tile_h or width > tile_w
-    stride = (vae.tile_sample_stride_height // patch, vae.tile_sample_stride_width // patch)
-    blend = (vae.tile_sample_min_height // patch - stride[0], vae.tile_sample_min_width // patch - stride[1])
-    rows = _starts(height, tile_h, vae.tile_sample_stride_height // ratio, spatial)
-    cols = _starts(width, tile_w, vae.tile_sample_stride_width // ratio, spatial)
+    g = tiling.geometry(vae) if tiling.geometry is not None else _sample_geometry(vae, patch)
+    spatial = height > g.tile[0] or width > g.tile[1]
+    rows = _starts(height, g.tile[0], g.stride[0], spatial)
+    cols = _starts(width, g.tile[1], g.stride[1], spatial)
+    if g.crop:
+        size = (height * ratio // patch, width * ratio // patch)
+    else:  # as long as the contributions joined: each tile's decoded extent, at most `keep`
+        size = tuple(sum(min((stop - start) * ratio // patch, keep) for start, stop in starts)
+                     for starts, keep in ((rows, g.keep[0]), (cols, g.keep[1])))
     temporal = {}
     chunks = [(0, frames)]
     if tiling.framewise(vae):
@@ -143,9 +186,8 @@ def plan_tiles(vae, shape: tuple[int, ...], tiling: VaeTiling) -> TilePlan:
                             stride_frames=vae.tile_sample_stride_num_frames, frames=(frames - 1) * t_ratio + 1)
     tiles = tuple(Tile(chunk=c, row=i, col=j, frames=f, rows=r, cols=k) for c, f in enumerate(chunks)
                   for i, r in enumerate(rows) for j, k in enumerate(cols))
-    return TilePlan(tiling=tiling, tiles=tiles, grid=(len(rows), len(cols)), spatial=spatial, blend=blend,
-                    stride=stride, size=(height * ratio // patch, width * ratio // patch), chunks=len(chunks),
-                    **temporal)
+    return TilePlan(tiling=tiling, tiles=tiles, grid=(len(rows), len(cols)), spatial=spatial, blend=g.blend,
+                    stride=g.keep, size=size, chunks=len(chunks), **temporal)
 
 
 def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:

@@ -6,6 +6,7 @@ decisions and latents family by family. What differs between families is read fr
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +18,37 @@ from unison.engine.models import get_spec
 
 
 def picture(folder: Path) -> str:
-    """A smooth random 80 x 56 picture (not the video's aspect), saved once per folder."""
+    """A smooth random 96 x 30 picture (not the video's aspect; where the pipeline sizes the video
+    from the picture, this one gives a small video), saved once per folder."""
     path = Path(folder) / "picture.png"
     if not path.exists():
         low = np.random.default_rng(7).uniform(0, 255, size=(4, 5, 3)).astype(np.uint8)
-        Image.fromarray(np.array(Image.fromarray(low).resize((80, 56), Image.BILINEAR))).save(path)
+        Image.fromarray(np.array(Image.fromarray(low).resize((96, 30), Image.BILINEAR))).save(path)
     return str(path)
+
+
+def sizes_the_video(family: str) -> bool:
+    """Whether the family's diffusers pipeline takes no height and width (it sizes the video from
+    the picture; the engine then does the same)."""
+    import diffusers
+
+    return "height" not in inspect.signature(getattr(diffusers, get_spec(family).pipeline_class).__call__).parameters
 
 
 def sampling(family: str, *, steps: int, folder: Path | None = None, **overrides) -> SamplingConfig:
     """Two guidance branches (true CFG where guidance is embedded), a size the family takes, a
     picture where it needs one (written in `folder`), and a short text unless its tiny preset
-    needs its trained length (Wan 2.1 I2V: 512)."""
+    needs a longer one (Wan 2.1 I2V its trained 512; a chat template's system prompt)."""
     spec = get_spec(family)
     embedded = spec.embedded_guidance
     text = spec.tiny_defaults.max_sequence_length
     values = dict(prompt="a dog runs on the beach", negative_prompt="blurred", guidance=4.0, seed=1, frames=9,
                   steps=steps, height=max(48, 2 * spec.size_multiple), width=48 if embedded else 64,
                   true_cfg_scale=3.0 if embedded else None,
-                  max_sequence_length=128 if embedded else text if text >= 512 else 16,
+                  max_sequence_length=128 if embedded else text if text >= 128 else 16,
                   image=picture(folder) if spec.needs_image else None)
+    if sizes_the_video(family):
+        values.update(height=None, width=None)
     return SamplingConfig(**{**values, **overrides})
 
 
@@ -60,5 +72,13 @@ def run(pipe, family: str, s: SamplingConfig) -> torch.Tensor:
         kwargs["guidance_scale_2"] = s.guidance_2
     if s.image is not None:
         kwargs["image"] = Image.open(s.image).convert("RGB")
+    # A pipeline that guides through a guider component (HunyuanVideo 1.5) takes its scale there,
+    # and its text length as an attribute.
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "guidance_scale" not in accepted and getattr(pipe, "guider", None) is not None:
+        pipe.guider = pipe.guider.new(guidance_scale=s.guidance)
+    if "max_sequence_length" not in accepted and hasattr(pipe, "tokenizer_max_length"):
+        pipe.tokenizer_max_length = s.max_sequence_length
+    kwargs = {key: value for key, value in kwargs.items() if key in accepted}
     return pipe(generator=torch.Generator().manual_seed(s.seed), output_type="latent", return_dict=False,
                 **kwargs)[0]

@@ -4,7 +4,8 @@ render, on one rank and on two (Ulysses 2), with no cache, First-Block Cache and
 Broadcast (mixed skip schedules, which must match too); Wan 2.2's two experts resumed before, at
 and after the expert switch; HunyuanVideo with First-Block Cache on one rank and on Ring 2;
 PipeFusion, whose buffers are not saved, bit-identical when the resumed step is inside the warm-up
-and off by one extra warm-up step otherwise; a checkpoint of another run is never resumed silently."""
+and off by one extra warm-up step otherwise; a checkpoint of another run is never resumed silently;
+and every family of the registry resumed on one rank."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import families
 from multirank import run_ranks
 from test_caching import PAB, THRESHOLD, _cached
 from unison.engine.plan import plan_run
 from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.targets import checkpoint_folder as checkpoint_dir
-from unison.engine.config import CacheConfig, ParallelConfig, RunConfig
+from unison.engine.config import CacheConfig, ModelConfig, OutputConfig, ParallelConfig, RunConfig
+from unison.engine.models import SPECS
 from unison.engine.render import Engine
 from unison.engine.errors import UserError
 
@@ -296,3 +299,23 @@ def test_displaced_patches_resumed_inside_the_warmup_are_bit_identical(two_ranks
         reference, resumed, calls = out["displaced"]
         assert torch.equal(resumed, reference)
         assert calls == {"all_gather": 2 * 3 * 2 + 2 * 2, "all_gather_async": 2 * 3 * 2}
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_every_family_resumes_bit_identical(tiny_folder, tmp_path, family):
+    """The registry's battery: every family (a new one with no edit here), interrupted after a
+    checkpoint and rendered again, runs only the remaining steps and ends bit-identical to an
+    uninterrupted render of the same engine (two guidance branches, a picture where it needs one)."""
+    sampling = families.sampling(family, steps=4, folder=tmp_path)
+
+    def config(folder: Path, every: int) -> RunConfig:
+        return RunConfig(model=ModelConfig(path=tiny_folder(family)), sampling=sampling,
+                         output=OutputConfig(decode=False, progress=False, path=str(folder / "video.mp4"),
+                                             checkpoint_every=every))
+
+    engine = Engine.from_config(config(tmp_path / "reference", 0))
+    reference = engine.render()
+    result, forwards = _interrupt_and_resume(engine, config(tmp_path / "resumed", 2), stop=2)
+    assert [r.index for r in result.loop.steps] == [2, 3] and result.loop.resumed_from_step == 2
+    assert forwards == 2 * 2  # cond and uncond on each of the two remaining steps
+    assert torch.equal(result.latents, reference.latents)

@@ -61,6 +61,37 @@ def test_make_tiny_folders_are_detected(tiny_folder, capsys):
         assert f"[{family}]" in capsys.readouterr().out
 
 
+def test_an_image_folder_is_sized_by_its_picture_and_a_step_distilled_one_refused(tiny_folder, tmp_path, capsys):
+    """A HunyuanVideo 1.5 I2V folder is detected, and with no size given the video takes the
+    pipeline's own size for the picture (its image processor's bucket nearest the picture's aspect
+    at the transformer's target_size, computed here by diffusers); a copy marked step-distilled
+    (use_meanflow) is refused in one line before loading."""
+    import json
+    import shutil
+
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+    from PIL import Image
+
+    folder = tiny_folder("hunyuanvideo1.5-i2v")
+    picture = tmp_path / "wide.png"
+    # 192 x 60: a bucket of the tiny VAE's 4-pixel ones that is a multiple of 16 (16 x 48).
+    Image.new("RGB", (192, 60), (90, 120, 30)).save(picture)
+    config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    height, width = HunyuanVideo15ImageProcessor(vae_scale_factor=vae["spatial_compression_ratio"]) \
+        .calculate_default_height_width(height=60, width=192, target_size=config["target_size"])
+    capsys.readouterr()
+    assert main(["generate", "--model", folder, "--image", str(picture), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[hunyuanvideo1.5-i2v]" in out and f"{width}x{height}" in out, out
+    distilled = tmp_path / "distilled"
+    shutil.copytree(folder, distilled)
+    (distilled / "transformer" / "config.json").write_text(json.dumps({**config, "use_meanflow": True}))
+    assert main(["generate", "--model", str(distilled), "--image", str(picture), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step-distilled (use_meanflow: true)" in err and "\n" not in err
+
+
 def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
     (tmp / "empty").mkdir(exist_ok=True)
     (tmp / "a-file").write_text("x")
@@ -168,6 +199,16 @@ def _bad_cases(tmp: Path, wan_folder: str) -> list[tuple[list[str], str]]:
         (["--set", "sampling.max_sequence_length=10000000000"], "at most 512 (the text length Wan was trained with)"),
         (["--set", "model.family=hunyuanvideo", "--set", "sampling.max_sequence_length=930"],
          "at most 929 (the Llama text encoder's max_position_embeddings 1024 less the 95-token prompt template)"),
+        (["--set", "model.family=hunyuanvideo1.5", "--set", "sampling.max_sequence_length=1001"],
+         "at most 1000 (the text length HunyuanVideo 1.5 was trained with)"),
+        (["--set", "model.family=hunyuanvideo1.5", "--prompt", 'a sign reading "' + "ab" * 126 + '"'],
+         "sampling.prompt: the quoted text makes 262 ByT5 tokens"),
+        (["--set", "model.family=hunyuanvideo1.5", "--negative-prompt", "“" + "é" * 125 + "”"],
+         "sampling.negative_prompt: the quoted text makes 260 ByT5 tokens"),
+        (["--set", "model.family=hunyuanvideo1.5", "--frames", "12"], "takes 4k+1 frames"),
+        (["--set", "model.family=hunyuanvideo1.5", "--width", "840"], "sampling.width must be a positive multiple of 16"),
+        (["--set", "model.family=hunyuanvideo1.5", "--image", str(tmp / "a-file")],
+         "sampling.image: hunyuanvideo1.5 is a text-to-video model; image-to-video needs"),
         (["--steps", "1001"], "sampling.steps=1001 is more than the scheduler's 1000 training timesteps"),
         (["--steps", "10000000000"], "sampling.steps=10000000000 is more than"),
         (["--set", "parallel.timeout_s=5"], "parallel.timeout_s must be between 10 and 86400 seconds, got 5"),

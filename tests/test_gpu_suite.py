@@ -42,7 +42,8 @@ def test_smoke_run_completes_every_section(tmp_path):
     assert wan["family"] == "wan" and wan["rel_err"] <= 1e-5
     forward = sections["one forward, per-rank share of Ulysses N (compute only)"]
     assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
-                                                          ("tiny HunyuanVideo", 1), ("tiny HunyuanVideo", 2)]
+                                                          ("tiny HunyuanVideo", 1), ("tiny HunyuanVideo", 2),
+                                                          ("tiny HunyuanVideo 1.5", 1), ("tiny HunyuanVideo 1.5", 2)]
     assert all(r["seconds"] > 0 for r in forward)
     caches = {r["cache"]: r for r in sections["cache overhead, never skipping"]}
     # Never-skipping settings really never skip (else the overhead would be understated).
@@ -112,6 +113,56 @@ def test_the_one_rank_row_uses_the_shares_attention_kernel(monkeypatch):
     assert torch.allclose(plain, shared, rtol=1e-4, atol=1e-5)  # the same forward, another kernel
 
 
+def test_every_text_token_of_hunyuanvideo15_is_valid_and_counted(monkeypatch):
+    """HunyuanVideo 1.5's inputs are its planner inputs filled (the prompt, 256 glyph and 729 image
+    tokens, every mask all ones, noise for the image embeddings, so the transformer keeps them);
+    the simulated rank counts all of them: one rank equals the transformer's own forward, and a
+    rank of two attends over every video and text token with half the heads."""
+    case, transformer, kwargs = _built(2)
+    assert case.family == "hunyuanvideo1.5"
+    text = case.text_tokens + 256 + 729
+    assert [kwargs[k].shape[1] for k in ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds")] == \
+        [case.text_tokens, 256, 729]
+    assert all(bool(kwargs[k].all()) for k in ("encoder_attention_mask", "encoder_attention_mask_2"))
+    assert kwargs["image_embeds"].std() > 0.5 and kwargs["timestep"].tolist() == [500.0]
+    shape = gpu_suite._shape(case, transformer)
+    assert (shape.video_tokens, shape.joint_text_tokens, shape.attentions) == (3 * 8 * 8, text, 4)
+    keys = []
+    _spy_attention(monkeypatch, lambda q, k, kw: keys.append((q.shape[1], k.shape[2])))
+    heads = transformer.config.num_attention_heads
+    with torch.no_grad():
+        plain = transformer(**kwargs)[0]
+        with gpu_suite.simulated_rank(transformer, case.family, 1):
+            one = transformer(**kwargs)[0]
+        keys.clear()
+        with gpu_suite.simulated_rank(transformer, case.family, 2):
+            two = transformer(**kwargs)[0]
+    assert torch.allclose(plain, one, rtol=1e-4, atol=1e-5)
+    assert two.shape == plain.shape
+    # (heads, keys) of the blocks' joint attention; the token refiner attends over the prompt alone.
+    assert [k for k in keys if k[1] > case.text_tokens] == [(heads // 2, shape.video_tokens + text)] * 4
+
+
+def test_each_suite_case_of_a_checkpoint_is_the_shape_calibration_counts():
+    """launch/calibrate.py reads a forward row's checkpoint and video size from its case name and
+    counts that checkpoint's forward at the size, with its default text length: each checkpoint's
+    suite_case names a real case, whose latents and text are what the planner counts there."""
+    from unison.engine.models import checkpoints
+    from unison.engine.planner import model as plan_model
+    from unison.launch.calibrate import CASE_NAME
+
+    cases = {CASE_NAME.match(case.name).group(1): case for case in gpu_suite.real_cases()}
+    named = {c.suite_case: c.name for _, c in checkpoints().values() if c.suite_case}
+    assert {"Wan 2.1 14B", "HunyuanVideo", "HunyuanVideo 1.5"} <= set(named) <= set(cases)
+    for suite_case, name in named.items():
+        case = cases[suite_case]
+        height, width, frames = map(int, CASE_NAME.match(case.name).groups()[1:])
+        spec, parts = plan_model.published(name)
+        latent = plan_model.latent_shape(spec, parts, height=height, width=width, frames=frames)
+        assert (case.family, case.latents[2:], case.text_tokens) == \
+            (spec.family, latent[1:], spec.defaults.max_sequence_length), suite_case
+
+
 def test_a_killed_suite_leaves_its_finished_rows_on_disk(tmp_path):
     """SIGKILL once two forward rows are reported: both result files hold them, readable (the
     markdown by the planner's own reader)."""
@@ -153,8 +204,9 @@ def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
     path, sections = gpu_suite.run_suite(smoke=True, out=tmp_path, sections=["forward", "vae"])
     forward = sections[gpu_suite.FORWARD_TITLE]
     assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
-                                                          ("tiny HunyuanVideo", "1,2")]
-    assert forward[-1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+                                                          ("tiny HunyuanVideo", "1,2"), ("tiny HunyuanVideo 1.5", 1),
+                                                          ("tiny HunyuanVideo 1.5", 2)]
+    assert forward[3]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert "seconds" in sections["VAE decode, float32"][0]
     assert "OutOfMemoryError" in path.read_text()
 

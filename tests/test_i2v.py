@@ -106,8 +106,8 @@ def test_the_picture_and_the_resize_mode_change_the_video(tiny_folder, pictures,
     (dict(model="wan-i2v", image="text"), " is not a readable image ("),
     (dict(model="wan-i2v", image="first", max_sequence_length=256), "sampling.max_sequence_length must be 512 for "
                                                                       "Wan 2.1 I2V"),
-    (dict(model="wan2.2-i2v", image="first", image_resize="fit"), "sampling.image_resize: expected 'stretch' | "
-                                                                  "'crop' | 'pad', got str 'fit'"),
+    (dict(model="wan2.2-i2v", image="first", image_resize="fit"), "sampling.image_resize: expected 'auto' | "
+                                                                  "'stretch' | 'crop' | 'pad', got str 'fit'"),
 ])
 def test_bad_images_are_one_line_before_anything_loads(pictures, tmp_path, sampling, message):
     from unison.engine.config import config_from_dict

@@ -1,11 +1,13 @@
 """Parallel VAE decode: on 1, 2 and 3 gloo ranks it equals diffusers' one-rank tiled decode
-(`vae.enable_tiling(); vae.decode(z)`) for the Wan 2.1, Wan 2.2 (patchified) and HunyuanVideo
-VAEs, with tiles that really split (rows, columns and HunyuanVideo's temporal chunks); the
-engine decodes on every rank and writes on rank 0; an unsupported VAE is a clear error."""
+(`vae.enable_tiling(); vae.decode(z)`) for the Wan 2.1, Wan 2.2 (patchified), HunyuanVideo and
+HunyuanVideo 1.5 VAEs, with tiles that really split (rows, columns and HunyuanVideo's temporal
+chunks; HunyuanVideo 1.5's own tile sizes, joined uncropped); the engine decodes on every rank and
+writes on rank 0; an unsupported VAE is a clear error."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -19,14 +21,26 @@ TOLERANCE = 1e-6
 """Relative error (max |diff| / max |reference|); on the CPU the outputs are in fact identical."""
 
 # Latents per case: Wan 3 latent frames (9 video frames), HunyuanVideo 6 (21 frames, two temporal
-# chunks of its framewise decoding). 12x14 latent pixels make a 2x3 tile grid at these tile sizes.
-SHAPES = {"wan": (1, 16, 3, 12, 14), "wan2.2": (1, 48, 2, 6, 7), "hunyuan": (1, 4, 6, 12, 14)}
+# chunks of its framewise decoding), HunyuanVideo 1.5 4 (7 frames, in one call). 12x14 latent
+# pixels make a 2x3 tile grid at these tile sizes.
+SHAPES = {"wan": (1, 16, 3, 12, 14), "wan2.2": (1, 48, 2, 6, 7), "hunyuan": (1, 4, 6, 12, 14),
+          "hunyuan1.5": (1, 4, 4, 12, 14)}
 
 
 def _vae(case: str):
-    from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
+    from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15, AutoencoderKLWan
 
     torch.manual_seed(0)
+    if case == "hunyuan1.5":  # the tiny VAE of engine/models/hunyuan_video15/tiny.py (4x spatial)
+        vae = AutoencoderKLHunyuanVideo15(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+            spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+            upsample_match_channel=False)
+        # Its tiling takes the latent tile apart from the pixel one, and no stride: tiles 6 latent
+        # pixels apart (a quarter overlap), 8 decoded pixels blended, 24 kept.
+        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_latent_min_height=8,
+                          tile_latent_min_width=8)
+        return vae.eval()
     if case == "wan":  # the tiny Wan 2.1 VAE of engine/models/wan/hooks.py
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
@@ -50,7 +64,8 @@ def _tiling(case: str):
     """The family's declared tiling of the VAE `_vae(case)` builds."""
     from unison.engine.models import get_spec
 
-    return get_spec({"wan": "wan", "wan2.2": "wan2.2-ti2v", "hunyuan": "hunyuanvideo"}[case]).vae_tiling
+    return get_spec({"wan": "wan", "wan2.2": "wan2.2-ti2v", "hunyuan": "hunyuanvideo",
+                     "hunyuan1.5": "hunyuanvideo1.5"}[case]).vae_tiling
 
 
 def _latents(case: str) -> torch.Tensor:
@@ -79,7 +94,7 @@ def _decode_cases(rank: int, world: int, cases: list[str]):
     return out
 
 
-@pytest.mark.parametrize("world,cases", [(2, ["wan", "wan2.2", "hunyuan"]), (3, ["wan", "hunyuan"])])
+@pytest.mark.parametrize("world,cases", [(2, ["wan", "wan2.2", "hunyuan", "hunyuan1.5"]), (3, ["wan", "hunyuan"])])
 def test_parallel_decode_equals_one_rank_tiled_decode(world, cases):
     results = run_ranks(world, _decode_cases, cases)
     for case in cases:
@@ -103,7 +118,8 @@ def test_one_rank_without_group_equals_tiled_decode():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny convolutions are far slower with threads on a busy machine
     try:
-        for case, shape in [("wan2.2", SHAPES["wan2.2"]), ("hunyuan", (1, 4, 7, 6, 7)), ("wan", (1, 16, 2, 6, 7))]:
+        for case, shape in [("wan2.2", SHAPES["wan2.2"]), ("hunyuan", (1, 4, 7, 6, 7)), ("wan", (1, 16, 2, 6, 7)),
+                            ("hunyuan1.5", (1, 4, 3, 6, 7))]:
             vae = _vae(case)
             z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
             with torch.no_grad():
@@ -111,11 +127,27 @@ def test_one_rank_without_group_equals_tiled_decode():
             video = ParallelVAE(vae, tiling=_tiling(case), group=None).decode(z, return_dict=False)[0]
             assert _rel(video, reference) <= TOLERANCE and torch.equal(video, reference), case
         # Those cover the patchified grid, temporal chunks of whole frames (no spatial tiling),
-        # and a Wan frame small enough for one tile (diffusers' untiled path).
+        # and Wan and HunyuanVideo 1.5 frames small enough for one tile (diffusers' untiled path).
         assert plan_tiles(_vae("hunyuan"), (1, 4, 7, 6, 7), _tiling("hunyuan")).chunks == 3
         assert not plan_tiles(_vae("wan"), (1, 16, 2, 6, 7), _tiling("wan")).spatial
+        assert not plan_tiles(_vae("hunyuan1.5"), (1, 4, 3, 6, 7), _tiling("hunyuan1.5")).spatial
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sample", [48, 24])
+def test_tiles_joined_uncropped_keep_diffusers_length(sample):
+    """HunyuanVideo 1.5's decode joins what each tile keeps without cropping to the latent size:
+    with pixel tiles larger (48) or smaller (24) than the 8-latent tiles decode to (32), its video
+    is longer or shorter than 4x the latents, and parallel decode's is the same."""
+    vae = _vae("hunyuan1.5")
+    vae.enable_tiling(tile_sample_min_height=sample, tile_sample_min_width=sample)
+    z = torch.randn((1, 4, 2, 12, 14), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = vae.decode(z).sample
+    video = parallel_decode(vae, z, tiling=_tiling("hunyuan1.5"), group=None)
+    assert reference.shape[-2:] != (48, 56) and video.shape == reference.shape, (video.shape, reference.shape)
+    assert torch.equal(video, reference)
 
 
 def test_tile_owners_are_contiguous_and_cover_every_tile():
@@ -185,10 +217,18 @@ def test_the_spec_declares_parallel_decode_and_the_plan_checks_it(monkeypatch):
         if spec.vae_tiling is None:
             continue
         vae = spec.build_tiny(0).vae.eval()
-        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
-                          tile_sample_stride_height=24, tile_sample_stride_width=24)
+        # 32-pixel tiles 24 apart, in the sizes its enable_tiling takes (some VAEs size the latent
+        # tile apart from the pixel one, and the stride by an overlap factor of a quarter).
+        ratio = vae.spatial_compression_ratio
+        sizes = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                     tile_sample_stride_width=24, tile_latent_min_height=32 // ratio, tile_latent_min_width=32 // ratio)
+        accepted = inspect.signature(vae.enable_tiling).parameters
+        vae.enable_tiling(**{name: size for name, size in sizes.items() if name in accepted})
         channels = getattr(vae.config, "z_dim", None) or vae.config.latent_channels
-        z = torch.randn(1, channels, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+        side = max(6, 32 // ratio + 4)  # latent pixels: more than one 32-pixel tile
+        z = torch.randn(1, channels, 2, side, side, generator=torch.Generator().manual_seed(3))
+        plan = plan_tiles(vae, z.shape, spec.vae_tiling)
+        assert plan.spatial and min(plan.grid) > 1, (family, plan.grid)
         with torch.no_grad():
             reference = spec.hooks.decode(vae, z)
             video = spec.hooks.decode(ParallelVAE(vae, tiling=spec.vae_tiling, group=None), z)

@@ -17,7 +17,7 @@ import torch
 
 from unison.engine.planner import model as plan_model
 from unison.engine.planner.hardware import Gpu
-from unison.engine.models import get_spec
+from unison.engine.models import SPECS, get_spec
 from unison.engine.planner.layouts import Layout, Setting, layouts, rank
 from unison.launch.cli import main
 
@@ -51,6 +51,48 @@ def test_flop_counter_matches_a_hand_count_of_wan_blocks():
     assert count.blocks == layers * (block_linear + block_attention)
     assert count.linear == layers * block_linear + other_linear
     assert count.other == 2 * s * h * 16 * 4  # the patch-embedding convolution, 16 x 1x2x2 -> h per token
+
+
+def _real_inputs(spec, transformer, text_tokens: int) -> dict:
+    """The meta stand-in's arguments for a tiny transformer, filled with real values: random
+    embeddings and every mask all ones (every text token valid, as the stand-in assumes)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(1, transformer.config.in_channels, 3, 4, 6, device="meta")
+    kwargs = spec.meta.inputs(dict(transformer.config), x, text_tokens, torch.float32)
+    real = {}
+    for name, value in kwargs.items():
+        if not isinstance(value, torch.Tensor):
+            real[name] = value
+        elif name == "timestep":
+            real[name] = torch.tensor([700.0])
+        elif "mask" in name:
+            real[name] = torch.ones(value.shape)
+        else:
+            real[name] = torch.randn(value.shape, generator=g)
+    return real
+
+
+@pytest.mark.parametrize("family", [f for f, spec in SPECS.items() if spec.meta.forward is not None])
+def test_a_meta_stand_in_is_the_forward_on_all_valid_text(family):
+    """Where a family's forward reads data the meta device lacks, the planner runs its stand-in:
+    on real tensors with every text token valid it returns the forward's output bit for bit and
+    counts the same FLOPs (so the planner's counts are the forward's)."""
+    import types
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = get_spec(family)
+    transformer = spec.build_tiny(0).transformer.eval()
+    kwargs = _real_inputs(spec, transformer, text_tokens=7)
+    with torch.no_grad(), FlopCounterMode(display=False) as real_count:
+        real = transformer(**kwargs)[0]
+    transformer.forward = types.MethodType(spec.meta.forward, transformer)
+    with torch.no_grad(), FlopCounterMode(display=False) as stand_in_count:
+        stand_in = transformer(**kwargs)[0]
+    assert torch.equal(real, stand_in)
+    assert stand_in_count.get_total_flops() == real_count.get_total_flops() > 0
+    assert {str(k): v for k, v in stand_in_count.get_flop_counts()["Global"].items()} == \
+        {str(k): v for k, v in real_count.get_flop_counts()["Global"].items()}
 
 
 def test_flops_at_a_shard_equal_a_count_at_that_length():

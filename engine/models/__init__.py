@@ -3,7 +3,7 @@
 - spec: ModelSpec (a family's data), Hooks (the loop's calls into it), Checkpoint (a published
   checkpoint), Limits, Conditioning
 - tiny: the offline tokenizers the tiny presets share
-- wan/, hunyuan_video/, skyreels_v2/: the families
+- wan/, hunyuan_video/, skyreels_v2/, hunyuan_video15/: the families
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from unison.engine.errors import UserError
-from unison.engine.models import hunyuan_video, skyreels_v2, wan
+from unison.engine.models import hunyuan_video, hunyuan_video15, skyreels_v2, wan
 from unison.engine.models.spec import Checkpoint, Conditioning, Hooks, ModelSpec, SamplingDefaults
 
-FAMILIES = (wan, hunyuan_video, skyreels_v2)
+FAMILIES = (wan, hunyuan_video, skyreels_v2, hunyuan_video15)
 """The family folders: adding a family is its folder and one entry here."""
 SPECS: dict[str, ModelSpec] = {spec.family: spec for family in FAMILIES for spec in family.SPECS}
 

@@ -32,6 +32,8 @@ class SamplingDefaults:
     max_sequence_length: int
     guidance_2: float | None = None
     true_cfg_scale: float | None = None
+    image_resize: str = "stretch"
+    """How the family's pipeline fits a picture to the video (sampling.image_resize auto)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +108,8 @@ class Checkpoint:
     default: bool = False
     """The family's name alone names this checkpoint (one per family at most)."""
     suite_case: str | None = None
-    """The GPU suite's case name for its per-rank forwards (benchmarks/gpu_suite.py), if any."""
+    """The GPU suite's case for its per-rank forwards (benchmarks/gpu_suite.py), if any: the case is
+    named "<suite_case> <height>x<width>x<frames>", and launch/calibrate.py reads both parts."""
 
     def matches(self, configs: list[dict]) -> bool:
         return bool(configs) and all(config.get(key) == value for config in configs for key, value in self.shape)
@@ -128,9 +131,16 @@ class MetaTransformer:
     """(config) -> its single-stream blocks (the rest are dual-stream or plain): what TaylorSeer's
     full form predicts differs between them."""
     inputs: Callable[..., dict] | None = None
-    """(config, hidden_states, text_tokens, dtype) -> the forward's keyword arguments, on the meta
-    device; None: a cross-attention transformer's (hidden states, timestep, text, and any CLIP
-    image tokens), which the planner builds."""
+    """(config, hidden_states, text_tokens, dtype) -> the forward's keyword arguments, empty, on the
+    hidden states' device (the planner's meta device; the GPU suite fills them on a GPU); None: a
+    cross-attention transformer's (hidden states, timestep, text, and any CLIP image tokens), which
+    engine/planner/model.py forward_inputs builds."""
+    forward: Callable | None = None
+    """A stand-in for the transformer's forward, bound to it on the meta device, where the forward
+    itself reads data (the same modules on the same shapes); None: the forward runs there."""
+    joint_text: Callable[[int], int] = lambda text_tokens: text_tokens
+    """(max_sequence_length) -> the text tokens a joint-attention block carries beside the video
+    (other text streams, image tokens)."""
 
 
 class Hooks:
@@ -145,6 +155,12 @@ class Hooks:
 
     def check_sampling(self, sampling) -> None:
         """Raise UserError for sampling settings the family cannot take (beyond size and frames)."""
+
+    def default_size(self, sampling, read) -> tuple[int, int] | None:
+        """(height, width) of the video when the user gave neither, where the family's pipeline
+        derives them (from the picture and the folder's configs, `read` as Limits reads them);
+        None: the family's SamplingDefaults."""
+        return None
 
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:
         """The prompts (and any picture) encoded: the transformer's inputs per guidance branch."""

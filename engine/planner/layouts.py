@@ -188,7 +188,7 @@ def _shape(model: RealModel) -> TransformerShape:
     c, f, h, w = model.latent
     return TransformerShape(video_tokens=model.video_tokens, heads=model.heads, head_dim=model.head_dim,
                             attentions=model.attentions, latent_elements=c * f * h * w,
-                            joint_text_tokens=model.text_tokens if model.spec.joint_text else 0)
+                            joint_text_tokens=model.spec.meta.joint_text(model.text_tokens) if model.spec.joint_text else 0)
 
 
 def _group_gbps(setting: Setting, span: int) -> float:

@@ -8,6 +8,7 @@ Face Hub, listed by each family (engine/models/<family>/, `Checkpoint.components
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,14 @@ class RealModel:
     def _module(self, name: str, **override) -> torch.nn.Module:
         library, class_name, config = self.parts[name]
         with meta_model.quiet_diffusers():
-            return meta_model.build(library, class_name, {**config, **override}).to(self.dtype)
+            module = meta_model.build(library, class_name, {**config, **override}).to(self.dtype)
+        if name in self.spec.experts and self.spec.meta.forward is not None:
+            module.forward = types.MethodType(self.spec.meta.forward, module)
+        return module
 
     @property
     def patch(self) -> tuple[int, int, int]:
-        p = self.expert.get("patch_size", 2)
-        if isinstance(p, (list, tuple)):
-            return tuple(p)
-        return (self.expert.get("patch_size_t", 1), p, p)
+        return patch_size(self.expert)
 
     @property
     def video_tokens(self) -> int:
@@ -124,22 +125,9 @@ class RealModel:
         return self.cache.get(key, lambda: meta_model.parameters(self._module(name), blocks))
 
     def _inputs(self, latent: tuple[int, int, int, int]) -> dict[str, Any]:
-        meta, bf16 = meta_model.META, self.dtype
         c = self.expert
-        x = torch.empty(1, c.get("in_channels", 16), *latent[1:], device=meta, dtype=bf16)
-        if self.spec.meta.inputs is not None:
-            return self.spec.meta.inputs(c, x, self.text_tokens, bf16)
-        pt, ph, pw = self.patch
-        tokens = (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
-        # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
-        timestep = torch.empty(1, tokens, device=meta) if self.spec.per_token_timesteps else \
-            torch.empty(1, device=meta)
-        inputs = dict(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.empty(
-            1, self.text_tokens, c.get("text_dim", 4096), device=meta, dtype=bf16), return_dict=False)
-        if c.get("image_dim") is not None:  # Wan 2.1 I2V: the CLIP tokens beside the text
-            inputs["encoder_hidden_states_image"] = torch.empty(1, self.image_tokens, c["image_dim"], device=meta,
-                                                                dtype=bf16)
-        return inputs
+        x = torch.empty(1, c.get("in_channels", 16), *latent[1:], device=meta_model.META, dtype=self.dtype)
+        return forward_inputs(self.spec, c, x, self.text_tokens, self.dtype, image_tokens=self.image_tokens)
 
     @property
     def image_tokens(self) -> int:
@@ -238,6 +226,40 @@ class RealModel:
         return self.cache.get(self.cache.key(name, self.parts["vae"], shape), trace)["bytes"]
 
 
+def patch_size(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(frames, height, width) of a transformer's patches, from its config."""
+    p = config.get("patch_size", 2)
+    if isinstance(p, (list, tuple)):
+        return tuple(p)
+    return (config.get("patch_size_t", 1), p, p)
+
+
+def forward_inputs(spec: ModelSpec, config: dict[str, Any], hidden_states: torch.Tensor, text_tokens: int,
+                   dtype: torch.dtype, *, image_tokens: int | None = None) -> dict[str, Any]:
+    """A transformer forward's keyword arguments around `hidden_states`, as empty tensors on its
+    device (the planner's on the meta device; benchmarks/gpu_suite.py fills them on a GPU): the
+    family's own (`spec.meta.inputs`), else a cross-attention transformer's: the timestep (one per
+    token where `spec.per_token_timesteps`), `text_tokens` of text, and `image_tokens` CLIP image
+    tokens where the config has an image_dim."""
+    if spec.meta.inputs is not None:
+        return spec.meta.inputs(config, hidden_states, text_tokens, dtype)
+    device = hidden_states.device
+    pt, ph, pw = patch_size(config)
+    _, _, f, h, w = hidden_states.shape
+    # TI2V-5B takes one timestep per token (expand_timesteps); the others one per video.
+    timestep = torch.empty(1, (f // pt) * (h // ph) * (w // pw), device=device) if spec.per_token_timesteps else \
+        torch.empty(1, device=device)
+    inputs = dict(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=torch.empty(
+        1, text_tokens, config.get("text_dim", 4096), device=device, dtype=dtype), return_dict=False)
+    if config.get("image_dim") is not None:  # Wan 2.1 I2V: the CLIP tokens beside the text
+        if image_tokens is None:
+            raise ValueError("this transformer takes CLIP image tokens beside the text (its config has an "
+                             "image_dim): say how many with image_tokens")
+        inputs["encoder_hidden_states_image"] = torch.empty(1, image_tokens, config["image_dim"], device=device,
+                                                            dtype=dtype)
+    return inputs
+
+
 def latent_shape(spec: ModelSpec, parts: dict[str, Component], *, height: int, width: int,
                  frames: int) -> tuple[int, int, int, int]:
     """(channels, frames, height, width) of the latents the pipeline prepares."""
@@ -256,4 +278,5 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["RealModel", "published", "published_name", "from_folder", "latent_shape", "gib", "ceil_div"]
+__all__ = ["RealModel", "published", "published_name", "from_folder", "forward_inputs", "patch_size",
+           "latent_shape", "gib", "ceil_div"]

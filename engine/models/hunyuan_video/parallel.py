@@ -124,12 +124,16 @@ class TextLengths:
         entry = self._seen.get(id(mask))
         if entry is not None and entry[0]() is mask and entry[1] == mask._version:
             return entry[2]
-        counts = mask.sum(dim=1, dtype=torch.int).tolist()  # as the transformer counts it for its joint mask
+        counts = self.count(mask)
         if len(set(counts)) > 1:
             raise ValueError("sequence parallelism needs the same text length for every sample of a batch")
         self._seen = {key: e for key, e in self._seen.items() if e[0]() is not None}
         self._seen[id(mask)] = (weakref.ref(mask), mask._version, counts[0])
         return counts[0]
+
+    def count(self, mask: torch.Tensor) -> list[int]:
+        """Each sample's real tokens, read to the host (a subclass counts other inputs)."""
+        return mask.sum(dim=1, dtype=torch.int).tolist()  # as the transformer counts it for its joint mask
 
 
 def _record_text_length(transformer, cache: dict) -> torch.utils.hooks.RemovableHandle:
