@@ -34,6 +34,9 @@ DBCache's TaylorSeer calibrator (caching/dbcache.py), which predicts its reused 
 
 Published settings (../shared/cache-facts.md): TaylorSeer's Wan 2.1 and HunyuanVideo code, N = 5
 (`interval`), order 1; diffusers' defaults interval 5, warm-up 3, order 1, bfloat16 factors.
+HunyuanVideo 1.5's release gives a schedule instead (generate.py: compute steps 0-10, every 4th
+from 11 to 43, 45-49 of 50; its Taylor cache order 2): `compute_steps` writes such a schedule out
+(configs/hunyuanvideo1.5/taylorseer.yaml).
 """
 
 from __future__ import annotations
@@ -73,10 +76,16 @@ class TaylorSeerConfig(CacheConfig):
     modules: tuple[str, ...] | None = None
     """Full form: regular expressions (re.fullmatch on the module's name in the transformer) of the
     modules to predict (None: the model family's, its CacheHints.predicted_modules)."""
+    compute_steps: tuple[int, ...] | None = None
+    """Instead of warmup_steps, interval and compute_from_step: exactly these steps compute, the
+    others predict (a schedule written out, as HunyuanVideo 1.5's release gives its no-cache steps;
+    configs/hunyuanvideo1.5/taylorseer.yaml). None: the rule above."""
 
     def __post_init__(self):
         if self.modules is not None:  # a list from YAML or Python: frozen, comparable
             object.__setattr__(self, "modules", tuple(str(m) for m in self.modules))
+        if self.compute_steps is not None:
+            object.__setattr__(self, "compute_steps", tuple(self.compute_steps))
         super().__post_init__()
         self.at_least(interval=1, warmup_steps=0, max_order=0)
         self.at_least(compute_from_step=0, nullable=True)
@@ -92,9 +101,22 @@ class TaylorSeerConfig(CacheConfig):
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"modules: {pattern!r} is not a regular expression ({err})") from None
+        if self.compute_steps is not None:
+            steps = self.compute_steps
+            if not steps or any(type(s) is not int or s < 0 for s in steps):
+                raise ValueError(f"compute_steps must be a non-empty list of step numbers (0 or more), got {list(steps)}")
+            if list(steps) != sorted(set(steps)):
+                raise ValueError(f"compute_steps must rise, each step once, got {list(steps)}")
+
+    def check_run(self, *, steps: int) -> None:
+        if self.compute_steps is not None and self.compute_steps[-1] >= steps:
+            raise ValueError(f"compute_steps names step {self.compute_steps[-1]}, past the last of {steps} "
+                             f"steps (0 to {steps - 1}): write the schedule for this run's steps")
 
     def computes(self, step: int) -> bool:
         """Whether step `step` (of this transformer) computes, before the no-factors rule."""
+        if self.compute_steps is not None:
+            return step in self.compute_steps
         return (step < self.warmup_steps or (step - self.warmup_steps - 1) % self.interval == 0
                 or (self.compute_from_step is not None and step >= self.compute_from_step))
 

@@ -6,6 +6,7 @@ test_cache_battery.py, covers lockstep under every layout and that no collective
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ import torch
 import families
 from unison.caching import taylorseer
 from unison.engine.config import (CacheConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig,
-                                  cache_from_dict)
+                                  cache_from_dict, load_yaml)
 from unison.engine.render import Engine
 from unison.engine.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 WAN_MODULES = (r"blocks\.\d+\.(attn1|attn2|ffn)",)
 """What diffusers must be told on Wan: its default identifiers match no Wan module (re.fullmatch
 of "^blocks.*attn" against "blocks.0.attn1" fails)."""
@@ -117,12 +119,75 @@ def test_taylor_factors_and_prediction_equal_a_hand_computation():
     assert predicted.item() == 34.0 + 17.0 * 2 + 9.0 * 4 / math.factorial(2)
 
 
+def _release_schedule(start: int, end: int, interval: int, total: int) -> list[int]:
+    """HunyuanVideo 1.5's release: the steps that never use its cache (AngelSlim's
+    no_cache_steps: the first `start`, every `interval`-th from `start` to `end`, the rest)."""
+    return [*range(0, start), *range(start, end, interval), *range(end, total)]
+
+
+def test_a_written_schedule_runs_every_block_on_exactly_its_steps(tiny_folder, tmp_path):
+    """HunyuanVideo 1.5's release schedule at 8 steps (start 2, end 6, interval 3: steps 0, 1, 2,
+    5, 6, 7 compute), lite and order 2 as its recipe: the first block's attention runs on those
+    steps only, in both branches, counted by a hook inside the block (the block itself is still
+    called on a predicted step, and passed over; the cache's own record is not the evidence)."""
+    compute = _release_schedule(2, 6, 3, 8)
+    assert compute == [0, 1, 2, 5, 6, 7]
+    config = RunConfig(model=ModelConfig(path=tiny_folder("hunyuanvideo1.5")),
+                       sampling=families.sampling("hunyuanvideo1.5", steps=8, folder=tmp_path),
+                       output=OutputConfig(decode=False, progress=False),
+                       cache=CacheConfig(kind="taylorseer", lite=True, max_order=2, compute_steps=compute))
+    engine = Engine.from_config(config)
+    step, ran = [0], []
+    engine.pipe.transformer.transformer_blocks[0].attn.register_forward_pre_hook(lambda *_: ran.append(step[0]))
+
+    def on_step(record) -> None:
+        step[0] = record.index + 1
+
+    result = engine.render(config, on_step=on_step)
+    assert ran == [s for s in compute for _branch in ("cond", "uncond")]
+    assert torch.isfinite(result.latents).all()
+
+
+def test_the_hunyuanvideo15_recipe_is_its_release_schedule(capsys):
+    """configs/hunyuanvideo1.5/taylorseer.yaml holds the release's defaults (start 11, end 45,
+    interval 4, of 50 steps), and `unison plan` counts the 25 of 50 it predicts from them."""
+    from unison.launch.cli import main
+
+    recipe = ROOT / "configs" / "hunyuanvideo1.5" / "taylorseer.yaml"
+    config = load_yaml(recipe)
+    assert list(config.cache.compute_steps) == _release_schedule(11, 45, 4, 50)
+    assert config.sampling.steps == 50
+    assert main(["plan", "--config", str(recipe), "--gpus", "8"]) == 0
+    assert "taylorseer, 50% of steps skipped (its schedule)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_written_schedule_past_the_run_is_refused_before_loading(monkeypatch):
+    """The release's schedule needs its 50 steps (its pipeline asserts them): a shorter run is a
+    one-line error before any model is built."""
+    from unison.engine import load
+
+    def never(plan):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(load, "load_pipeline", never)
+    config = RunConfig(model=ModelConfig(family="hunyuanvideo1.5"), output=OutputConfig(decode=False, progress=False),
+                       sampling=SamplingConfig(steps=30, frames=9),
+                       cache=CacheConfig(kind="taylorseer", lite=True, compute_steps=_release_schedule(11, 45, 4, 50)))
+    with pytest.raises(UserError) as err:
+        Engine.from_config(config)
+    assert str(err.value) == ("cache.compute_steps names step 49, past the last of 30 steps (0 to 29): write the "
+                              "schedule for this run's steps")
+
+
 @pytest.mark.parametrize("cache,message", [
     (dict(interval=0), "interval must be at least 1, got 0"),
     (dict(max_order=-1), "max_order must be at least 0, got -1"),
     (dict(factors_dtype="fp8"), "factors_dtype must be one of float32, bfloat16, float16, got 'fp8'"),
     (dict(lite=True, modules=["proj_out"]), "lite predicts proj_out alone: leave modules null"),
     (dict(modules=["blocks[.attn1"]), "modules: 'blocks[.attn1' is not a regular expression"),
+    (dict(compute_steps=[]), "compute_steps must be a non-empty list of step numbers (0 or more), got []"),
+    (dict(compute_steps=[0, 3, 3]), "compute_steps must rise, each step once, got [0, 3, 3]"),
+    (dict(compute_steps=[0, -2]), "compute_steps must be a non-empty list of step numbers (0 or more), got [0, -2]"),
     (dict(threshold=0.1), "unknown config key 'cache.threshold' for cache kind taylorseer; allowed in "
                           "'taylorseer': kind, verify, interval, warmup_steps, compute_from_step, max_order"),
 ])
