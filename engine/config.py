@@ -161,6 +161,22 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    path: str
+    """The LoRA's .safetensors file, in any key format diffusers' loader for the family reads
+    (diffusers/peft keys, the original repository's, kohya/musubi-style); a batch job's is relative
+    to its JSONL file's folder."""
+    scale: float = 1.0
+    """Its strength (diffusers' set_adapters weight)."""
+    expert: Literal["both", "high", "low"] | None = None
+    """Wan 2.2 A14B only: the high-noise expert (`transformer`), the low-noise one (`transformer_2`)
+    or both. None: both."""
+    sha256: str | None = None
+    """The file's SHA-256, recorded in the resolved config: a config that names one refuses a file
+    that changed since, and a changed file never resumes another's checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Which model, where its weights are, dtype and device."""
@@ -177,6 +193,9 @@ class RunConfig:
     `cache` is; a mapping without `kind` starts from `cache` (its kind and fields). None: `cache`."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    lora: tuple[LoraConfig, ...] = ()
+    """LoRA adapters fused into the transformer's weights for this render, a list of {path, scale,
+    expert} (or "PATH[:SCALE]" strings); an engine switches them between renders (engine/lora.py)."""
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -328,6 +347,51 @@ def cache_from_dict(data: Any, *, base: CacheConfig | None = None, prefix: str =
         raise UserError(f"{prefix}.{err}") from None
 
 
+def lora_from_text(text: str, *, key: str = "lora") -> LoraConfig:
+    """"PATH[:SCALE]": a scale after the last colon when it reads as a number, else all is the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return LoraConfig(path=text)
+        if _not_finite(scale):
+            raise UserError(f"{key}.scale must be a finite number, got {_short(tail)}")
+        return LoraConfig(path=path, scale=scale)
+    if not text:
+        raise UserError(f"{key}.path must name a file, got ''")
+    return LoraConfig(path=text)
+
+
+def loras_from_list(value: Any, *, prefix: str = "lora") -> tuple[LoraConfig, ...]:
+    """The lora section: a list of mappings {path, scale, expert, sha256} or "PATH[:SCALE]"
+    strings (null or [] for none)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{prefix}: expected a list of {{path, scale, expert}} mappings or 'PATH[:SCALE]' strings, "
+                        f"got {type(value).__name__}")
+    loras = []
+    for i, item in enumerate(value):
+        key = f"{prefix}[{i}]"
+        if isinstance(item, LoraConfig):
+            loras.append(item)
+        elif isinstance(item, str):
+            loras.append(lora_from_text(item, key=key))
+        elif isinstance(item, dict):
+            if "path" not in item:
+                raise UserError(f"{key}.path is required (the LoRA's .safetensors file)")
+            loras.append(section_from_dict(LoraConfig, item, prefix=key, base=LoraConfig(path="")))
+        else:
+            raise UserError(f"{key}: expected a mapping {{path, scale, expert}} or 'PATH[:SCALE]', "
+                            f"got {type(item).__name__}")
+        if not loras[-1].path:
+            raise UserError(f"{key}.path must name a file, got ''")
+    return tuple(loras)
+
+
 def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = None) -> RunConfig:
     """Merge a nested mapping (as read from YAML) onto `base`; unknown sections or keys fail."""
     base = base or RunConfig()
@@ -340,7 +404,9 @@ def config_from_dict(data: dict[str, Any] | None, *, base: RunConfig | None = No
             raise UserError(f"unknown config section '{name}'; allowed: {', '.join(SECTIONS)}")
     # cache before cache_2, whatever the order given: cache_2 starts from the cache it follows.
     for name, value in sorted(data.items(), key=lambda item: item[0] == "cache_2"):
-        if name == "cache":
+        if name == "lora":
+            sections[name] = loras_from_list(value)
+        elif name == "cache":
             sections[name] = cache_from_dict(value or {}, base=base.cache)
         elif name == "cache_2":
             follows = sections.get("cache", base.cache)

@@ -36,10 +36,13 @@ def check_finite(config: RunConfig) -> None:
         part = getattr(config, section.name)
         if part is None:  # cache_2 unset
             continue
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{section.name}.{f.name} must be a finite number, got {value}")
+        parts = {f"{section.name}[{i}]": p for i, p in enumerate(part)} if isinstance(part, tuple) \
+            else {section.name: part}  # lora: a list of entries
+        for name, part in parts.items():
+            for f in dataclasses.fields(part):
+                value = getattr(part, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(f"{name}.{f.name} must be a finite number, got {value}")
 
 
 def check_seeds(s: SamplingConfig, m: ModelConfig) -> None:

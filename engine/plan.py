@@ -14,7 +14,7 @@ import torch
 from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.errors import UserError
-from unison.engine import images
+from unison.engine import images, lora
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
@@ -363,7 +363,11 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_output(config.output, model_path=config.model.path,
                  reads={**(reads or {}), **picture_reads(config.sampling)})
     output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
-    resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output, cache=cache, cache_2=cache_2)
+    # Each LoRA's file checked and its SHA-256 recorded; with a folder, its layers against the
+    # transformer's config.json (engine/lora.py).
+    loras = lora.check(config.lora, spec, read=config_reader(config.model, spec) if config.model.path else None)
+    resolved = dataclasses.replace(config, model=model, sampling=sampling, output=output, cache=cache, cache_2=cache_2,
+                                   lora=loras)
     return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size,
                 notes=tuple(notes))
 

@@ -23,6 +23,7 @@ from unison.engine.io import faults
 from unison.engine.io.checkpoint import Checkpoints
 from unison.engine.config import RunConfig, dump_yaml
 from unison.engine import schedulers
+from unison.engine.lora import Loras
 from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
 from unison.engine.same_settings import check_same_settings
@@ -121,6 +122,8 @@ class Engine:
         self.assembly = assemble(self.pipe, plan.spec, parallel=plan.config.parallel, world_size=plan.world_size,
                                  compile_blocks=plan.config.model.compile == "blocks",
                                  announce=plan.world_size == 1 or dist.get_rank() == 0)
+        self.loras = Loras(self.pipe, plan.spec)
+        """The LoRAs fused into the weights, switched per render (engine/lora.py)."""
         self.renders = 0
         """Renders started (every rank counts alike: names each render's stop key)."""
         self.pending_stop = False
@@ -210,6 +213,7 @@ class Engine:
         show = (cfg.output.progress if progress is None else progress) and self.is_writer
         if self.runtime is not None:
             self.runtime.stats.reset()
+        self.loras.use(cfg.lora)  # before the caches: a cache keeps nothing across renders anyway
         self.assembly.use_caches(cfg.cache, cfg.cache_2)
         self._use_scheduler(cfg.sampling.scheduler, cfg.sampling.flow_shift)
         steps = cfg.sampling.steps

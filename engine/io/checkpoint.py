@@ -93,6 +93,8 @@ def fingerprint(config: RunConfig, *, world_size: int) -> str:
     data = {"model": model, "sampling": asdict(config.sampling), "parallel": parallel, "cache": cache,
             "world_size": world_size, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "format": FORMAT}
+    if config.lora:  # unset: the same run as before LoRAs existed
+        data["lora"] = [asdict(entry) for entry in config.lora]  # each file's SHA-256 among them
     if config.cache_2 is not None and replace(config.cache_2, verify=False) != replace(config.cache, verify=False):
         data["cache_2"] = asdict(replace(config.cache_2, verify=False))  # unset or equal: the same run as before
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,360 @@
+"""LoRA adapters fused into the transformers' weights, chosen per render.
+
+A render's `lora` entries (engine/config.py LoraConfig) are read by the family's own diffusers
+loader: its pipeline class's `lora_state_dict`, which converts the original repositories' and the
+kohya/musubi-style keys to diffusers' (a family whose pipeline has none, HunyuanVideo 1.5, takes
+diffusers/peft keys, as its transformer's `load_lora_adapter` does). They are put into peft LoRA
+layers on a *skeleton*: the transformer built from its config with no weights (meta tensors; each
+linear and convolution layer holds a zero-size stand-in), so no copy of the model is made. peft
+computes each layer's change (`get_delta_weight`: the adapter's own alpha/rank scaling; its bias
+where it has one), and the change, times the entry's scale and summed over the entries, is added to
+the real weight in float32 and rounded once to the weight's dtype, in place, layer by layer:
+
+- no per-forward cost: the model runs its own layers; no adapter module is left in the forward;
+- every mode alike: the change lands where the weight lives: a whole weight, an FSDP2 shard (the
+  change cut as the parameter is, by `distribute_tensor` with no communication), an offloaded
+  weight on the CPU. Modules and parameters keep their identity, so compiled blocks are not
+  recompiled and hooks, caches and parallel wrappers stay attached;
+- exact switching: before its first change, each touched weight (this rank's shard of it) is
+  copied to the CPU; a render with other LoRAs copies the originals back, bitwise, before adding
+  its own, so an engine that switches renders what a fresh one would. Memory: the touched weights
+  once more, on the host (LoRAs on every linear layer of a 14B model in bf16: about 28 GB).
+
+bf16: diffusers' `fuse_lora` adds each adapter's change to the bf16 weight in turn, one rounding
+per adapter (and one of the change itself); here the float32 sum is rounded once, which is never
+less accurate than diffusers' fuse against a float32 reference.
+
+`check` runs before anything loads (engine/plan.py): the file (present, a .safetensors, LoRA
+layers in it, its SHA-256 recorded in the resolved config), the scale, `expert`, and, where the
+folder's config.json gives the architecture, that every layer names a module of this family with
+its shapes. The tiny in-process presets are checked the same way when the render applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from unison.engine.config import LoraConfig
+from unison.engine.errors import UserError
+
+LORA_KEY = re.compile(r"lora[._](A|B|down|up)\b|\.lora\.(down|up)\b|lora_unet_|lora_te")
+"""What names a LoRA tensor in any format diffusers reads (peft's lora_A/lora_B, kohya's
+lora_down/lora_up, musubi's lora_unet_ prefix)."""
+
+
+# -- which expert takes which entry -----------------------------------------------------------------
+
+def experts_of(lora: LoraConfig, spec) -> tuple[str, ...]:
+    """The expert transformers `lora` changes: both of Wan 2.2 A14B's unless `expert` picks one."""
+    if len(spec.experts) == 1:
+        return spec.experts
+    high, low = spec.experts
+    return {"high": (high,), "low": (low,)}.get(lora.expert or "both", (high, low))
+
+
+# -- reading a file ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, hashed once per (path, size, modification time): a batch of jobs that
+    name one LoRA reads it once."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _tensor_names(path: Path, key: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:  # safetensors raises its own error types for a file that is not one
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"{key}.path: {path} is not a .safetensors file ({reason}); unison reads LoRAs "
+                        f"as safetensors") from None
+
+
+def check_file(lora: LoraConfig, *, key: str) -> LoraConfig:
+    """`lora` with its file's SHA-256 recorded, after the checks the file alone allows."""
+    path = Path(lora.path)
+    if not path.exists():
+        raise UserError(f"{key}.path: {path} not found")
+    if not path.is_file():
+        raise UserError(f"{key}.path: {path} is not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise UserError(f"{key}.path: cannot read {path} ({err.strerror or err})") from None
+    names = _tensor_names(path, key)
+    if not names:
+        raise UserError(f"{key}.path: {path} holds no tensors; a LoRA holds lora_A/lora_B (or lora_down/lora_up) "
+                        f"weights")
+    if not any(LORA_KEY.search(name) for name in names):
+        raise UserError(f"{key}.path: {path} holds no LoRA layers ({len(names)} tensors, such as {names[0]!r}); "
+                        f"a full model checkpoint is not a LoRA")
+    actual = sha256(path)
+    if lora.sha256 is not None and lora.sha256 != actual:
+        raise UserError(f"{key}.path: {path} changed since this config was written (sha256 {actual[:12]}…, "
+                        f"recorded {lora.sha256[:12]}…); remove {key}.sha256 to use the new file")
+    return dataclasses.replace(lora, sha256=actual)
+
+
+def _state(spec, path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The file as diffusers-format LoRA layers (`transformer.<module>.lora_A.weight`, …), through
+    the family's own loader, and its adapter metadata."""
+    import diffusers
+
+    pipeline = getattr(diffusers, spec.pipeline_class)
+    quiet = logging.getLogger("diffusers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its DoRA and unhandled-key notices: we say what matters ourselves
+    try:
+        if hasattr(pipeline, "lora_state_dict"):
+            state, metadata = pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        else:
+            from safetensors.torch import load_file
+
+            state, metadata = load_file(str(path)), None
+    except UserError:
+        raise
+    except Exception as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"{key}.path: diffusers cannot read {path} as a {spec.title} LoRA ({reason})") from None
+    finally:
+        quiet.setLevel(level)
+    if not state:
+        raise UserError(f"{key}.path: {path} holds no LoRA layers that {spec.title}'s loader reads")
+    other = [name for name in state if "lora" not in name]
+    if other:
+        raise UserError(f"{key}.path: {path} holds weights that are not LoRA layers once read as a {spec.title} "
+                        f"LoRA (such as {other[0]!r}); unison fuses LoRA layers only")
+    return state, metadata
+
+
+# -- the skeleton ---------------------------------------------------------------------------------
+
+def _stand_in(shape: torch.Size) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(shape), requires_grad=False)
+
+
+def skeleton(spec, config: dict) -> torch.nn.Module:
+    """The family's transformer built from `config` with no weights: meta tensors, and zero-size
+    float32 stand-ins (expanded scalars) in every linear and convolution layer, which is where
+    peft puts its adapters and what it casts them to."""
+    import diffusers
+
+    cls = getattr(diffusers, spec.transformer_class)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight = _stand_in(module.weight.shape)
+            if module.bias is not None:
+                module.bias = _stand_in(module.bias.shape)
+    return model
+
+
+def _layers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module name (without the `transformer.` prefix) -> its LoRA tensors (lora_A.weight, …)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        module, _, part = name.removeprefix("transformer.").partition(".lora_")
+        layers.setdefault(module, {})["lora_" + part] = tensor
+    return layers
+
+
+def check_fits(state: dict[str, torch.Tensor], model: torch.nn.Module, *, spec, expert: str, path: Path,
+               key: str) -> None:
+    """Every layer of `state` names a linear or convolution module of `model` (a skeleton or the
+    transformer) with its shapes: else one line naming a few and the family."""
+    modules = dict(model.named_modules())
+    layers = _layers(state)
+    missing = [m for m in layers if not hasattr(modules.get(m), "weight")]
+    where = f"{spec.title}'s {expert}" if len(spec.experts) > 1 else spec.title
+    if missing:
+        raise UserError(f"{key}.path: {len(missing)} of the {len(layers)} layers of {path} match no module of "
+                        f"{where} (such as {', '.join(missing[:3])}); a LoRA for another model?")
+    for name, parts in layers.items():
+        shape = tuple(modules[name].weight.shape)
+        down, up = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+        if down is None or up is None:
+            raise UserError(f"{key}.path: {path} has {'lora_B' if down is None else 'lora_A'} but not "
+                            f"{'lora_A' if down is None else 'lora_B'} for {name}")
+        if down.shape[0] != up.shape[1] or down.shape[1] != shape[1] or up.shape[0] != shape[0]:
+            raise UserError(f"{key}.path: the LoRA of {name} in {path} maps {down.shape[1]} inputs to {up.shape[0]} "
+                            f"outputs at rank {down.shape[0]}/{up.shape[1]}; {where}'s module takes {shape[1]} and "
+                            f"gives {shape[0]}: a LoRA for another model or size?")
+
+
+def _load(skeleton_model: torch.nn.Module, spec, state: dict, metadata, name: str) -> None:
+    """Put one LoRA's layers into the skeleton as peft adapter `name`, as the family's pipeline
+    loader would into the transformer."""
+    import diffusers
+
+    pipeline = getattr(diffusers, spec.pipeline_class)
+    state = dict(state)
+    quiet = logging.getLogger("diffusers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        if hasattr(pipeline, "_maybe_expand_t2v_lora_for_i2v"):  # a Wan T2V LoRA on an I2V model: zeros for the image layers
+            state = pipeline._maybe_expand_t2v_lora_for_i2v(transformer=skeleton_model, state_dict=state)
+            state = {k: torch.zeros(v.shape, dtype=v.dtype) if v.is_meta else v for k, v in state.items()}
+        if hasattr(pipeline, "load_lora_into_transformer"):
+            pipeline.load_lora_into_transformer(state, transformer=skeleton_model, adapter_name=name,
+                                                metadata=metadata, low_cpu_mem_usage=True)
+        else:
+            prefix = "transformer" if all(k.startswith("transformer.") for k in state) else None
+            skeleton_model.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata,
+                                             low_cpu_mem_usage=True)
+    finally:
+        quiet.setLevel(level)
+
+
+@torch.no_grad()
+def changes(model: torch.nn.Module, adapters: list[tuple[str, float]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(parameter name, float32 change) for every weight and bias the adapters of `model` (a
+    skeleton with them loaded) change: Σ scale · peft's change of each adapter, one layer at a time."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = bias = None
+        for adapter, scale in adapters:
+            if adapter not in module.lora_A:
+                continue
+            delta = module.get_delta_weight(adapter).float() * scale
+            weight = delta if weight is None else weight + delta
+            if module.lora_bias.get(adapter, False):
+                delta = module.lora_B[adapter].bias.float() * module.scaling[adapter] * scale
+                bias = delta if bias is None else bias + delta
+        if weight is not None:
+            yield f"{name}.weight", weight
+        if bias is not None:
+            yield f"{name}.bias", bias
+
+
+# -- before loading -------------------------------------------------------------------------------
+
+def check(loras: tuple[LoraConfig, ...], spec, *, read: Callable[[str], dict] | None) -> tuple[LoraConfig, ...]:
+    """The entries with their files' SHA-256 recorded, or a one-line UserError: the file, the
+    expert, and (given `read`, a model folder's config files) that every layer fits the family's
+    transformer (built from config.json on the meta device; no weights read)."""
+    checked = []
+    for i, lora in enumerate(loras):
+        key = f"lora[{i}]"
+        if lora.expert is not None and len(spec.experts) == 1:
+            raise UserError(f"{key}.expert: {spec.title} has one transformer; expert picks Wan 2.2 A14B's high-noise, "
+                            f"low-noise or both experts: leave it out")
+        lora = check_file(lora, key=key)
+        if read is not None:
+            for expert in experts_of(lora, spec):
+                _check_structure(lora.path, lora.sha256, spec.family, expert, _frozen(read(f"{expert}/config.json")),
+                                 key)
+        checked.append(lora)
+    return tuple(checked)
+
+
+def _frozen(config: dict):
+    import json
+
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_structure(path: str, digest: str, family: str, expert: str, config: str, key: str) -> None:
+    """Once per (file, expert config): a batch of jobs naming one LoRA builds one skeleton."""
+    import json
+
+    from unison.engine.models import get_spec
+
+    spec = get_spec(family)
+    state, _ = _state(spec, Path(path), key)
+    check_fits(state, skeleton(spec, json.loads(config)), spec=spec, expert=expert, path=Path(path), key=key)
+
+
+# -- on the engine --------------------------------------------------------------------------------
+
+class Loras:
+    """The LoRAs fused into an engine's transformers; `use` switches them between renders."""
+
+    def __init__(self, pipe, spec):
+        self.pipe, self.spec = pipe, spec
+        self.fused: tuple[LoraConfig, ...] = ()
+        self.originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        """(expert, parameter name) -> (the live tensor changed, its original on the CPU)."""
+        self.seconds = 0.0
+        """Seconds the last switch took (restore and fuse)."""
+
+    def use(self, loras: tuple[LoraConfig, ...]) -> bool:
+        """Fuse `loras` (restoring the weights first when others are fused); False when they are
+        the ones fused already."""
+        if tuple(loras) == self.fused:
+            return False
+        started = time.perf_counter()
+        self.restore()
+        for expert in self.spec.experts:
+            entries = [(i, lora) for i, lora in enumerate(loras) if expert in experts_of(lora, self.spec)]
+            if entries:
+                self._fuse(expert, entries)
+        self.fused = tuple(loras)
+        self.seconds = time.perf_counter() - started
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every changed weight back to its original, bitwise."""
+        for tensor, original in self.originals.values():
+            tensor.copy_(original)
+        self.originals.clear()
+        self.fused = ()
+
+    @torch.no_grad()
+    def _fuse(self, expert: str, entries: list[tuple[int, LoraConfig]]) -> None:
+        transformer = getattr(self.pipe, expert)
+        model = skeleton(self.spec, dict(transformer.config))
+        adapters = []
+        for i, lora in entries:
+            key, path = f"lora[{i}]", Path(lora.path)
+            state, metadata = _state(self.spec, path, key)
+            check_fits(state, model, spec=self.spec, expert=expert, path=path, key=key)
+            _load(model, self.spec, state, metadata, f"lora{i}")
+            adapters.append((f"lora{i}", lora.scale))
+        params = dict(transformer.named_parameters())
+        for name, change in changes(model, adapters):
+            if name in params:  # a module this rank does not hold (none today) keeps no change
+                self._add((expert, name), params[name], change)
+
+    def _add(self, key: tuple[str, str], param: torch.Tensor, change: torch.Tensor) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(param, DTensor):  # an FSDP2 shard: this rank's rows of the change, no message
+            change = distribute_tensor(change.to(param.device), param.device_mesh, param.placements,
+                                       src_data_rank=None).to_local()
+            tensor = param.to_local()
+        else:
+            tensor = param.data
+        if tensor.is_meta:
+            return
+        if key not in self.originals:
+            self.originals[key] = (tensor, tensor.detach().to("cpu", copy=True))
+        tensor.copy_((tensor.float() + change.to(tensor.device)).to(tensor.dtype))
