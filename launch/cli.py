@@ -107,6 +107,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             nested.setdefault(section, {})[field_name] = value
     if getattr(args, "parallel", None) == "auto":
         nested.setdefault("parallel", {})["auto"] = True
+    if getattr(args, "lora", None):
+        nested["lora"] = list(args.lora)
     config = config_from_dict(nested, base=config)
     return apply_overrides(config, args.set or [])
 
@@ -167,6 +169,9 @@ def _add_run_options(p, *, single: bool) -> None:
     p.add_argument("--cache-2", dest="cache_2", metavar="KIND",
                    help="Wan 2.2 A14B: the low-noise expert's step cache (default: --cache's; its fields: "
                         "--set cache_2.FIELD=…)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors) fused into the weights, at SCALE (default 1); repeat to stack them; "
+                        "replaces the recipe's lora list (expert per entry: the recipe's lora section)")
     p.add_argument("--parallel", choices=("auto",),
                    help="auto: the layout `unison plan` recommends for the world size (degrees given are kept)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config field")

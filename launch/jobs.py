@@ -6,7 +6,10 @@ true_cfg_scale, max_sequence_length) and of the cache (`"cache": "fbcache"`, or 
 kind and its own fields: `{"kind": "magcache", "threshold": 0.12}`; without a kind, fields of
 the batch's kind), and on Wan 2.2 A14B of the low-noise expert's `cache_2`, written the same way.
 Image-to-video jobs name their pictures (`image`, `last_image`); a relative path is resolved
-against the JSONL file's folder, so a batch folder of prompts and pictures moves as one.
+against the JSONL file's folder, so a batch folder of prompts and pictures moves as one. `lora`
+(a list of {path, scale, expert} or "PATH[:SCALE]" strings; [] for none) replaces the batch's
+LoRAs for that job, its paths relative to the JSONL file's folder as pictures are; the engine
+switches LoRAs between jobs without reloading (engine/lora.py).
 Each line is validated completely (the same checks as `unison generate`, no weights read) before
 anything renders; a line that does not parse or validate is reported with its number and skipped,
 and the rest still render.
@@ -36,7 +39,7 @@ from typing import Any, Iterable
 
 from unison.caching import registry
 from unison.engine.plan import plan_run
-from unison.engine.config import SamplingConfig, RunConfig, config_from_dict
+from unison.engine.config import SamplingConfig, RunConfig, config_from_dict, lora_from_text
 from unison.engine.worker import Job
 from unison.engine.io.writes import append_line
 from unison.engine.errors import UserError
@@ -73,6 +76,8 @@ def job_config(obj: dict[str, Any], *, base: RunConfig, out_dir: Path, job_id: s
     sampling = {k: v for k, v in obj.items() if k in SAMPLING_KEYS}
     nested: dict[str, dict] = {"sampling": sampling,
                                "output": {"path": str(out_dir / f"{job_id}.mp4"), "decode": True}}
+    if "lora" in obj:
+        nested["lora"] = obj["lora"]
     for section in ("cache", "cache_2"):
         cache = obj.get(section)
         if isinstance(cache, str):
@@ -135,9 +140,9 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object, got {type(obj).__name__}")
     _check_plain(obj)
-    unknown = sorted(set(obj) - {"id", "cache", "cache_2", *SAMPLING_KEYS})
+    unknown = sorted(set(obj) - {"id", "cache", "cache_2", "lora", *SAMPLING_KEYS})
     if unknown:
-        raise UserError(f"unknown key '{unknown[0]}'; allowed: id, cache, cache_2, {', '.join(SAMPLING_KEYS)}")
+        raise UserError(f"unknown key '{unknown[0]}'; allowed: id, cache, cache_2, lora, {', '.join(SAMPLING_KEYS)}")
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise UserError("'prompt' is required (a non-empty string)")
     job_id = obj.get("id", derived_id(obj))
@@ -150,9 +155,29 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
             raise UserError(f"'{key}' must be a path (a string), got {type(value).__name__}")
         if value is not None and folder is not None and not Path(value).is_absolute():
             obj = {**obj, key: str(folder / value)}
+    if folder is not None and "lora" in obj:
+        obj = {**obj, "lora": _relative_loras(obj["lora"], folder)}
     config = job_config(obj, base=base, out_dir=out_dir, job_id=job_id)
     config = plan_run(config, world_size=world_size, reads=reads).config
     return Job(id=job_id, line=number, config=config)
+
+
+def _relative_loras(value: Any, folder: Path) -> Any:
+    """A job's lora entries with relative paths resolved against the jobs file's folder (a value
+    of another shape is left for the config's own error)."""
+    def resolve(path: Any) -> Any:
+        return str(folder / path) if isinstance(path, str) and path and not Path(path).is_absolute() else path
+
+    items = value if isinstance(value, list) else [value]
+    resolved = []
+    for item in items:
+        if isinstance(item, str):
+            entry = lora_from_text(item)
+            item = {"path": resolve(entry.path), "scale": entry.scale}
+        elif isinstance(item, dict) and "path" in item:
+            item = {**item, "path": resolve(item["path"])}
+        resolved.append(item)
+    return resolved if isinstance(value, list) else resolved[0]
 
 
 def read_jobs(path: str | Path, *, base: RunConfig, out_dir: str | Path, world_size: int = 1,
