@@ -292,6 +292,23 @@ def _check_structure(path: str, digest: str, family: str, expert: str, config: s
     check_fits(state, skeleton(spec, json.loads(config)), spec=spec, expert=expert, path=Path(path), key=key)
 
 
+def host_copy(loras: tuple[LoraConfig, ...], spec, *, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(weights, bytes): how many weights the entries change (each expert's once, however many
+    entries touch it) and the host memory their originals take at `dtype_bytes` per element: what
+    an engine keeps to switch exactly, from the files' shapes (`unison plan`)."""
+    touched: dict[tuple[str, str], int] = {}
+    for i, entry in enumerate(loras):
+        state, _ = _state(spec, Path(entry.path), f"lora[{i}]")
+        for module, parts in _layers(state).items():
+            down, up = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+            if down is None or up is None:
+                continue
+            size = up.shape[0] * down[0].numel() + (up.shape[0] if "lora_B.bias" in parts else 0)
+            for expert in experts_of(entry, spec):
+                touched[(expert, module)] = size
+    return len(touched), sum(touched.values()) * dtype_bytes
+
+
 # -- on the engine --------------------------------------------------------------------------------
 
 class Loras:

@@ -258,7 +258,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--skip-share", dest="skip_share", type=float, help=_skip_share_help())
     for flag in ("height", "width", "frames", "steps"):
         p.add_argument(f"--{flag}", type=int)
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--guidance", type=float, help="1 or less: one branch per step (a CFG-distilled LoRA's setting)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA fused into the weights: the host memory its originals take (repeatable)")
     for axis in ("ulysses", "ring", "patch"):
         p.add_argument(f"--{axis}", type=int, help=f"only layouts with this {axis} degree")
     p.add_argument("--cfg-parallel", dest="cfg_parallel", type=int, choices=(1, 2), help="only layouts with this cfg degree")
@@ -392,7 +394,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = config_from_dict({"model": {"path": args.model} if args.model else {},
                                "sampling": {k: getattr(args, k) for k in ("height", "width", "frames", "steps",
                                                                           "guidance") if getattr(args, k) is not None},
-                               "cache": {"kind": args.cache} if args.cache else {}}, base=config)
+                               "cache": {"kind": args.cache} if args.cache else {},
+                               **({"lora": list(args.lora)} if args.lora else {})}, base=config)
     config = apply_overrides(config, args.set or [])
     if args.family:  # a published model, whatever folder the recipe names
         config = config_from_dict({"model": {"path": None}}, base=config)
@@ -419,6 +422,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model, sampling = plan.real_model(config, request)
     setting, rows, refused = plan.check_layouts(model, sampling, config, request)
     print(plan.format_plan(model, sampling, setting, rows, refused, plan.calibrated(request)))
+    if config.lora:
+        print(plan.lora_line(config, model.spec))
     return 0
 
 

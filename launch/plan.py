@@ -232,6 +232,18 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
     return "\n".join(lines)
 
 
+def lora_line(config: RunConfig, spec) -> str:
+    """What the config's LoRAs cost: nothing on the GPU or per step (fused into the weights), and
+    the host copy of the weights they change, from the files' shapes (engine/lora.py)."""
+    from unison.engine import lora
+
+    loras = lora.check(config.lora, spec, read=None)
+    weights, size = lora.host_copy(loras, spec, dtype_bytes=2)
+    return (f"  LoRA: {len(loras)} file(s) fused into the weights before the steps: no GPU memory and no time per "
+            f"step; the originals of the {weights} weights they change wait on the host to switch exactly: "
+            f"{_gib(size) if size else '0.0'} GiB in bf16 per rank (divided by the shard degree with shard_weights)")
+
+
 def _gpu_here() -> tuple[str, str]:
     """The known GPU this process sees, and a note when there is none."""
     import torch

@@ -314,3 +314,21 @@ def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
         assert "\n" not in err and out == "", (extra, err)
     assert main(["--model", wan_folder, "--height", "48", "--width", "64", "--lora", f"{f['good']}:0.5",
                  "--dry-run"]) == 0
+
+
+def test_plan_counts_the_host_copy_of_what_a_lora_changes(tmp_path, capsys):
+    """`unison plan` with a LoRA: a rank-64 LoRA on the query projection of Wan 14B's 40 blocks
+    changes 40 weights of 5120 x 5120, whose bf16 originals take 40 * 5120 * 5120 * 2 bytes =
+    1.95 GiB on the host; one branch per step at guidance 1 (a CFG-distilled LoRA's setting)."""
+    state = {}
+    for i in range(40):
+        state[f"diffusion_model.blocks.{i}.self_attn.q.lora_A.weight"] = torch.zeros(64, 5120, dtype=torch.bfloat16)
+        state[f"diffusion_model.blocks.{i}.self_attn.q.lora_B.weight"] = torch.zeros(5120, 64, dtype=torch.bfloat16)
+    save_file(state, str(tmp_path / "q.safetensors"))
+    assert main(["plan", "--family", "wan2.1-14b", "--gpus", "1", "--guidance", "1", "--steps", "4",
+                 "--lora", str(tmp_path / "q.safetensors"), "--counts-cache", str(tmp_path / "counts.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "4 steps, one branch per step" in lines[0]
+    assert lines[-1].startswith(f"  LoRA: 1 file(s) fused into the weights before the steps: no GPU memory and no time "
+                                f"per step; the originals of the 40 weights they change wait on the host to switch "
+                                f"exactly: {40 * 5120 * 5120 * 2 / 2**30:.1f} GiB in bf16 per rank")
