@@ -229,27 +229,45 @@ def _load(skeleton_model: torch.nn.Module, spec, state: dict, metadata, name: st
         quiet.setLevel(level)
 
 
+@dataclasses.dataclass
+class Change:
+    """What the adapters add to one parameter: Σ factor · up @ down (low-rank terms, the plain
+    LoRA layers: added by addmm in one pass over the weight, never formed whole), plus whole
+    tensors (a bias; peft's own change where a layer is not plain: DoRA, conv, fan_in_fan_out)."""
+    terms: list[tuple[torch.Tensor, torch.Tensor, float]] = dataclasses.field(default_factory=list)
+    whole: torch.Tensor | None = None
+
+    def add_whole(self, tensor: torch.Tensor) -> None:
+        self.whole = tensor if self.whole is None else self.whole + tensor
+
+
 @torch.no_grad()
-def changes(model: torch.nn.Module, adapters: list[tuple[str, float]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(parameter name, float32 change) for every weight and bias the adapters of `model` (a
-    skeleton with them loaded) change: Σ scale · peft's change of each adapter, one layer at a time."""
+def changes(model: torch.nn.Module, adapters: list[tuple[str, float]]) -> Iterator[tuple[str, Change]]:
+    """(parameter name, Change) for every weight and bias the adapters of `model` (a skeleton
+    with them loaded) change, one layer at a time: each adapter's change as peft computes it
+    (`get_delta_weight`: up @ down · its alpha/rank scaling), times the entry's scale."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        weight = bias = None
+        weight, bias = Change(), Change()
         for adapter, scale in adapters:
             if adapter not in module.lora_A:
                 continue
-            delta = module.get_delta_weight(adapter).float() * scale
-            weight = delta if weight is None else weight + delta
+            plain = (type(module) is LoraLinear and not module.use_dora.get(adapter, False)
+                     and not getattr(module, "fan_in_fan_out", False))
+            if plain:  # peft's get_delta_weight for it: lora_B @ lora_A * scaling
+                weight.terms.append((module.lora_B[adapter].weight.float(), module.lora_A[adapter].weight.float(),
+                                     module.scaling[adapter] * scale))
+            else:
+                weight.add_whole(module.get_delta_weight(adapter).float() * scale)
             if module.lora_bias.get(adapter, False):
-                delta = module.lora_B[adapter].bias.float() * module.scaling[adapter] * scale
-                bias = delta if bias is None else bias + delta
-        if weight is not None:
+                bias.add_whole(module.lora_B[adapter].bias.float() * module.scaling[adapter] * scale)
+        if weight.terms or weight.whole is not None:
             yield f"{name}.weight", weight
-        if bias is not None:
+        if bias.whole is not None:
             yield f"{name}.bias", bias
 
 
@@ -339,10 +357,11 @@ class Loras:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Every changed weight back to its original, bitwise."""
-        for tensor, original in self.originals.values():
-            tensor.copy_(original)
-        self.originals.clear()
+        """Every changed weight back to its original, bitwise. The host copies stay: the weights
+        equal them again, and the next LoRAs need not copy what is copied."""
+        if self.fused:
+            for tensor, original in self.originals.values():
+                tensor.copy_(original)
         self.fused = ()
 
     @torch.no_grad()
@@ -361,12 +380,24 @@ class Loras:
             if name in params:  # a module this rank does not hold (none today) keeps no change
                 self._add((expert, name), params[name], change)
 
-    def _add(self, key: tuple[str, str], param: torch.Tensor, change: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+    def _add(self, key: tuple[str, str], param: torch.Tensor, change: Change) -> None:
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-        if isinstance(param, DTensor):  # an FSDP2 shard: this rank's rows of the change, no message
-            change = distribute_tensor(change.to(param.device), param.device_mesh, param.placements,
-                                       src_data_rank=None).to_local()
+        def local(tensor: torch.Tensor, placements) -> torch.Tensor:
+            """This rank's part of `tensor` cut as the parameter is (no message: every rank has it)."""
+            return distribute_tensor(tensor.to(param.device), param.device_mesh, placements,
+                                     src_data_rank=None).to_local()
+
+        terms, whole = change.terms, change.whole
+        if isinstance(param, DTensor):  # an FSDP2 shard: this rank's rows
+            if whole is not None:
+                whole = local(whole, param.placements)
+            if terms and tuple(param.placements) == (Shard(0),):  # the up factor's rows are the weight's
+                terms = [(local(up, param.placements), down, f) for up, down, f in terms]
+            elif terms:
+                full = sum(up @ down * f for up, down, f in terms)
+                whole = local(full, param.placements) if whole is None else whole + local(full, param.placements)
+                terms = []
             tensor = param.to_local()
         else:
             tensor = param.data
@@ -374,4 +405,10 @@ class Loras:
             return
         if key not in self.originals:
             self.originals[key] = (tensor, tensor.detach().to("cpu", copy=True))
-        tensor.copy_((tensor.float() + change.to(tensor.device)).to(tensor.dtype))
+        target = tensor if tensor.dtype == torch.float32 else tensor.float()  # else: in float32, rounded once
+        for up, down, factor in terms:
+            target.addmm_(up.to(tensor.device), down.to(tensor.device), alpha=factor)
+        if whole is not None:
+            target.add_(whole.to(tensor.device))
+        if target is not tensor:
+            tensor.copy_(target)

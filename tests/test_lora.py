@@ -325,7 +325,8 @@ def test_plan_counts_the_host_copy_of_what_a_lora_changes(tmp_path, capsys):
         state[f"diffusion_model.blocks.{i}.self_attn.q.lora_A.weight"] = torch.zeros(64, 5120, dtype=torch.bfloat16)
         state[f"diffusion_model.blocks.{i}.self_attn.q.lora_B.weight"] = torch.zeros(5120, 64, dtype=torch.bfloat16)
     save_file(state, str(tmp_path / "q.safetensors"))
-    assert main(["plan", "--family", "wan2.1-14b", "--gpus", "1", "--guidance", "1", "--steps", "4",
+    assert main(["plan", "--family", "wan2.1-14b", "--gpus", "1", "--guidance", "1", "--steps", "4", "--height", "64",
+                 "--width", "64", "--frames", "9",
                  "--lora", str(tmp_path / "q.safetensors"), "--counts-cache", str(tmp_path / "counts.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "4 steps, one branch per step" in lines[0]
