@@ -339,6 +339,10 @@ class Loras:
         """(expert, parameter name) -> (the live tensor changed, its original on the CPU)."""
         self.seconds = 0.0
         """Seconds the last switch took (restore and fuse)."""
+        self.skeletons: dict[str, torch.nn.Module] = {}
+        """Per expert: its weightless copy, holding every LoRA read so far as a peft adapter (a
+        few MB each), so that a batch alternating LoRAs reads each file once."""
+        self.loaded: dict[str, set[str]] = {}
 
     def use(self, loras: tuple[LoraConfig, ...]) -> bool:
         """Fuse `loras` (restoring the weights first when others are fused); False when they are
@@ -367,14 +371,19 @@ class Loras:
     @torch.no_grad()
     def _fuse(self, expert: str, entries: list[tuple[int, LoraConfig]]) -> None:
         transformer = getattr(self.pipe, expert)
-        model = skeleton(self.spec, dict(transformer.config))
+        if expert not in self.skeletons:
+            self.skeletons[expert] = skeleton(self.spec, dict(transformer.config))
+        model = self.skeletons[expert]
         adapters = []
         for i, lora in entries:
-            key, path = f"lora[{i}]", Path(lora.path)
-            state, metadata = _state(self.spec, path, key)
-            check_fits(state, model, spec=self.spec, expert=expert, path=path, key=key)
-            _load(model, self.spec, state, metadata, f"lora{i}")
-            adapters.append((f"lora{i}", lora.scale))
+            name = f"lora_{lora.sha256 or hashlib.sha256(str(Path(lora.path).resolve()).encode()).hexdigest()}"[:21]
+            if name not in self.loaded.setdefault(expert, set()):  # a file once read stays on the skeleton
+                key, path = f"lora[{i}]", Path(lora.path)
+                state, metadata = _state(self.spec, path, key)
+                check_fits(state, model, spec=self.spec, expert=expert, path=path, key=key)
+                _load(model, self.spec, state, metadata, name)
+                self.loaded[expert].add(name)
+            adapters.append((name, lora.scale))
         params = dict(transformer.named_parameters())
         for name, change in changes(model, adapters):
             if name in params:  # a module this rank does not hold (none today) keeps no change
