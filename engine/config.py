@@ -83,6 +83,10 @@ class SamplingConfig:
     diffusers flow-matching scheduler built from the folder's settings."""
     flow_shift: float | None = None
     """The sampler's flow shift (Wan: 3.0 at 480p, 5.0 at 720p). None: the folder's."""
+    sigmas: tuple[float, ...] | None = None
+    """The sampler's sigmas, one per step from 1 down, before its flow shift: a step-distilled
+    model's published schedule (lightx2v's 4-step LoRAs: 1, 0.75, 0.5, 0.25); `steps` is their
+    count. Needs a sampler that takes sigmas (euler, unipc). None: the sampler's own spacing."""
     image_resize: Literal["auto", "stretch", "crop", "pad"] = "auto"
     """How the picture meets height x width: stretch, crop (cover, cut the centre) or pad (fit
     inside, fill the rest); the aspect ratio is kept by crop and pad. auto: as the family's diffusers

@@ -330,7 +330,7 @@ def denoise(
     with torch.no_grad(), offload.encoding() if offload is not None else contextlib.nullcontext():
         conditioning: Conditioning = spec.hooks.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
-    timesteps = spec.hooks.set_timesteps(pipe, sampling.steps, device)
+    timesteps = spec.hooks.set_timesteps(pipe, sampling.steps, device, sampling.sigmas)
     experts = [getattr(pipe, name) for name in spec.experts]
     latents, start = initial_latents(pipe, spec, sampling, device, conditioning), 0
     if checkpoints is not None:  # after set_timesteps and the caches' reset: the saved state replaces theirs

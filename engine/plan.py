@@ -14,7 +14,7 @@ import torch
 from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.errors import UserError
-from unison.engine import images, lora
+from unison.engine import images, lora, schedulers
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
@@ -165,6 +165,8 @@ def _resolve_sampling(s: SamplingConfig, spec: ModelSpec, *, tiny: bool, read=No
     size = spec.hooks.default_size(s, read) if read is not None and s.height is None and s.width is None else None
     if size is not None:
         s = dataclasses.replace(s, height=size[0], width=size[1])
+    if s.sigmas is not None and s.steps is None:
+        s = dataclasses.replace(s, steps=len(s.sigmas))  # a schedule written out counts its steps
     filled = {name: getattr(d, name) for name in ("height", "width", "frames", "steps", "guidance",
                                                    "max_sequence_length")
               if getattr(s, name) is None}
@@ -200,6 +202,8 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
         raise UserError(f"sampling.guidance must be >= 0, got {s.guidance}")
     if s.max_sequence_length < 1:
         raise UserError(f"sampling.max_sequence_length must be at least 1, got {s.max_sequence_length}")
+    if s.sigmas is not None:
+        schedulers.check_sigmas(s.sigmas, steps=s.steps, scheduler=s.scheduler)
     spec.hooks.check_sampling(s)
 
 

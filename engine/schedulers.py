@@ -57,6 +57,22 @@ def check(name: str, flow_shift: float | None, *, family: str, sigmas: bool) -> 
         raise UserError(f"sampling.flow_shift must be positive, got {flow_shift}")
 
 
+def check_sigmas(sigmas: tuple[float, ...], *, steps: int, scheduler: str) -> None:
+    """UserError (one line) for sigmas the sampler cannot run: not one per step, not falling
+    from at most 1 to above 0, or a sampler whose set_timesteps takes none. The folder's own
+    sampler (default) is checked when it is built (`build`), its class being the folder's."""
+    if not sigmas:
+        raise UserError("sampling.sigmas must list at least one sigma (or be null)")
+    if len(sigmas) != steps:
+        raise UserError(f"sampling.sigmas lists {len(sigmas)} sigmas but sampling.steps is {steps}: one per step "
+                        f"(leave steps out to take their count)")
+    if not all(0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise UserError(f"sampling.sigmas must fall from at most 1 to above 0, one per step, got {list(sigmas)}")
+    if scheduler != "default" and not takes_sigmas(scheduler):
+        allowed = [n for n in SCHEDULERS if takes_sigmas(n)]
+        raise UserError(f"sampling.sigmas: the {scheduler} sampler takes no sigmas; use {' or '.join(allowed)}")
+
+
 def _shift_key(cls) -> str | None:
     params = inspect.signature(cls.__init__).parameters
     return "flow_shift" if "flow_shift" in params else "shift" if "shift" in params else None

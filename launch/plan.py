@@ -237,10 +237,13 @@ def lora_line(config: RunConfig, spec) -> str:
     the host copy of the weights they change, from the files' shapes (engine/lora.py)."""
     from unison.engine import lora
 
+    absent = [entry.path for entry in config.lora if not Path(entry.path).exists()]
+    head = f"  LoRA: {len(config.lora)} file(s) fused into the weights before the steps: no GPU memory and no time per step"
+    if absent:  # a recipe planned before its LoRAs are downloaded
+        return f"{head}; the host copy of what they change is not counted ({absent[0]} is not here)"
     loras = lora.check(config.lora, spec, read=None)
     weights, size = lora.host_copy(loras, spec, dtype_bytes=2)
-    return (f"  LoRA: {len(loras)} file(s) fused into the weights before the steps: no GPU memory and no time per "
-            f"step; the originals of the {weights} weights they change wait on the host to switch exactly: "
+    return (f"{head}; the originals of the {weights} weights they change wait on the host to switch exactly: "
             f"{_gib(size) if size else '0.0'} GiB in bf16 per rank (divided by the shard degree with shard_weights)")
 
 

@@ -333,3 +333,66 @@ def test_plan_counts_the_host_copy_of_what_a_lora_changes(tmp_path, capsys):
     assert lines[-1].startswith(f"  LoRA: 1 file(s) fused into the weights before the steps: no GPU memory and no time "
                                 f"per step; the originals of the 40 weights they change wait on the host to switch "
                                 f"exactly: {40 * 5120 * 5120 * 2 / 2**30:.1f} GiB in bf16 per rank")
+
+
+def test_expert_puts_each_lora_where_diffusers_loads_it(tiny_folder, tmp_path):
+    """Wan 2.2 A14B: `expert: high` changes the high-noise transformer alone and `expert: low` the
+    low-noise one, as diffusers' load_lora_weights (transformer) and load_lora_weights(...,
+    load_into_transformer_2=True) do; float32 within 1e-5 as above."""
+    folder = tiny_folder("wan2.2")
+    pipe = families.pipeline("wan2.2", folder)
+    a = write_lora(tmp_path / "high.safetensors", pipe.transformer, seed=4)
+    b = write_lora(tmp_path / "low.safetensors", pipe.transformer_2, seed=5)
+    sampling = families.sampling("wan2.2", steps=4, folder=tmp_path)
+    ours = Engine.from_config(RunConfig(
+        model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False),
+        lora=(LoraConfig(path=str(a), expert="high"), LoraConfig(path=str(b), expert="low", scale=0.5)))).render()
+    pipe.load_lora_weights(str(a), adapter_name="high")
+    pipe.load_lora_weights(str(b), adapter_name="low", load_into_transformer_2=True)
+    pipe.transformer.set_adapters(["high"], [1.0])
+    pipe.transformer_2.set_adapters(["low"], [0.5])
+    theirs = families.run(pipe, "wan2.2", sampling)
+    assert (ours.latents - theirs).abs().max() <= 1e-5
+
+
+DISTILL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*-4step.yaml"))
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_distillation_recipe_runs_its_published_schedule(recipe, tmp_path):
+    """Each few-step LoRA recipe on its family's tiny model (tiny LoRAs in place of the published
+    files, on the same experts): 4 steps at timesteps 1000 * 5s / (1 + 4s) for sigmas 1, 0.75, 0.5,
+    0.25 (1000, 937.5, 833.3, 625), one branch per step (no CFG), and on Wan 2.2 A14B the first two
+    steps on the high-noise expert and the last two on the low-noise one, as the recipes say;
+    counted by hooks on the experts."""
+    config = load_yaml(recipe)
+    family = config.model.family
+    spec = get_spec(family)
+    pipe = spec.build_tiny(0)
+    loras = tuple(dataclasses.replace(entry, path=str(write_lora(
+        tmp_path / f"{i}.safetensors", getattr(pipe, experts_of_entry(entry, spec)[0]), seed=i)))
+        for i, entry in enumerate(config.lora))
+    recipe_sampling = config.sampling  # its schedule on the tiny model's size, text and picture
+    sampling = dataclasses.replace(families.sampling(family, steps=4, folder=tmp_path), sigmas=recipe_sampling.sigmas,
+                                   scheduler=recipe_sampling.scheduler, flow_shift=recipe_sampling.flow_shift,
+                                   guidance=recipe_sampling.guidance, guidance_2=recipe_sampling.guidance_2)
+    run = dataclasses.replace(config, model=ModelConfig(family=family), sampling=sampling, lora=loras,
+                              output=OutputConfig(decode=False, progress=False))
+    engine = Engine.from_config(run)
+    calls = []
+    for expert in spec.experts:
+        getattr(engine.pipe, expert).register_forward_pre_hook(lambda *_, e=expert: calls.append(e))
+    engine.render()
+    assert engine.plan.config.sampling.steps == 4
+    expected = [1000 * 5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    assert torch.allclose(engine.pipe.scheduler.timesteps, torch.tensor(expected), rtol=0, atol=1e-3)
+    if len(spec.experts) == 2:
+        assert calls == ["transformer", "transformer", "transformer_2", "transformer_2"]
+    else:
+        assert calls == ["transformer"] * 4
+    assert [entry.expert for entry in engine.loras.fused] == [entry.expert for entry in config.lora]
+
+
+def experts_of_entry(entry: LoraConfig, spec) -> tuple[str, ...]:
+    """The expert a recipe's entry names (the first for both)."""
+    return {"low": spec.experts[-1:]}.get(entry.expert, spec.experts[:1])

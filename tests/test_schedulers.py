@@ -82,3 +82,49 @@ def test_bad_schedulers_are_one_line_before_loading(family, sampling, message):
     with pytest.raises(UserError) as err:
         plan_run(config_from_dict({"model": {"family": family}, "sampling": sampling}))
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_published_sigmas_equal_diffusers_given_them(tiny_folder):
+    """lightx2v's 4-step schedule (sigmas 1, 0.75, 0.5, 0.25 at shift 5, Euler, no CFG): the
+    timesteps are 1000 * 5s / (1 + 4s) (1000, 937.5, 833.3, 625, the distillation's own), and the
+    latents equal diffusers' Wan pipeline whose Euler scheduler is handed the same sigmas (its
+    pipeline takes none, so its set_timesteps is given them)."""
+    import functools
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    folder, sigmas = tiny_folder("wan"), (1.0, 0.75, 0.5, 0.25)
+    sampling = SamplingConfig(prompt="a dog runs on the beach", seed=2, height=48, width=64, frames=9, guidance=1.0,
+                              max_sequence_length=16, scheduler="euler", flow_shift=5.0, sigmas=sigmas)
+    engine = Engine.from_config(RunConfig(model=ModelConfig(path=folder), sampling=sampling,
+                                          output=OutputConfig(decode=False, progress=False)))
+    assert engine.plan.config.sampling.steps == 4
+    ours = engine.render().latents
+    expected = [1000 * 5 * s / (1 + 4 * s) for s in sigmas]
+    assert torch.allclose(engine.pipe.scheduler.timesteps, torch.tensor(expected), rtol=0, atol=1e-3)
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=5.0)
+    given = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps, device=None, **kw: given(sigmas=list(sigmas), device=device)
+    theirs = pipe(prompt=sampling.prompt, height=48, width=64, num_frames=9, num_inference_steps=4,
+                  guidance_scale=1.0, max_sequence_length=16, generator=torch.Generator().manual_seed(2),
+                  output_type="latent", return_dict=False)[0]
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+    plain = Engine.from_config(RunConfig(model=ModelConfig(path=folder), output=OutputConfig(decode=False, progress=False),
+                                         sampling=SamplingConfig(**{**sampling.__dict__, "sigmas": None, "steps": 4})))
+    assert not torch.allclose(plain.render().latents, ours)  # the schedule matters
+
+
+@pytest.mark.parametrize("sigmas,extra,message", [
+    ([1.0, 0.5], dict(steps=3), "sampling.sigmas lists 2 sigmas but sampling.steps is 3"),
+    ([0.5, 0.75], {}, "sampling.sigmas must fall from at most 1 to above 0, one per step, got [0.5, 0.75]"),
+    ([1.5, 0.5], {}, "sampling.sigmas must fall from at most 1 to above 0"),
+    ([1.0, 0.0], {}, "sampling.sigmas must fall from at most 1 to above 0"),
+    ([1.0, 0.5], dict(scheduler="dpm++"), "sampling.sigmas: the dpm++ sampler takes no sigmas; use unipc or euler"),
+])
+def test_bad_sigmas_are_one_line(sigmas, extra, message):
+    config = config_from_dict({"model": {"family": "wan"}, "sampling": {"sigmas": sigmas, **extra}})
+    with pytest.raises(UserError) as err:
+        plan_run(config)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -166,9 +166,13 @@ class Hooks:
         """The prompts (and any picture) encoded: the transformer's inputs per guidance branch."""
         raise NotImplementedError
 
-    def set_timesteps(self, pipe, steps: int, device: torch.device) -> torch.Tensor:
-        """The timesteps, leaving the scheduler ready to step."""
-        pipe.scheduler.set_timesteps(steps, device=device)
+    def set_timesteps(self, pipe, steps: int, device: torch.device, sigmas=None) -> torch.Tensor:
+        """The timesteps, leaving the scheduler ready to step; `sigmas` (sampling.sigmas) replace
+        the scheduler's own spacing of `steps`."""
+        if sigmas is not None:
+            pipe.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            pipe.scheduler.set_timesteps(steps, device=device)
         pipe.scheduler.set_begin_index(0)
         return pipe.scheduler.timesteps
 

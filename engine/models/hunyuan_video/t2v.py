@@ -111,9 +111,10 @@ class HunyuanHooks(Hooks):
             scales=(true_cfg,),
         )
 
-    def set_timesteps(self, pipe, steps: int, device: torch.device) -> torch.Tensor:
-        # HunyuanVideoPipeline passes explicit sigmas 1 -> 1/steps; the scheduler shifts them.
-        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+    def set_timesteps(self, pipe, steps: int, device: torch.device, sigmas=None) -> torch.Tensor:
+        # HunyuanVideoPipeline passes explicit sigmas 1 -> 1/steps (a run's own replace them); the
+        # scheduler shifts them.
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1] if sigmas is None else np.array(sigmas)
         pipe.scheduler.set_timesteps(sigmas=sigmas, device=device)
         pipe.scheduler.set_begin_index(0)
         return pipe.scheduler.timesteps
