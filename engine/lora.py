@@ -38,6 +38,7 @@ import hashlib
 import logging
 import re
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -327,16 +328,31 @@ def host_copy(loras: tuple[LoraConfig, ...], spec, *, dtype_bytes: int = 2) -> t
     return len(touched), sum(touched.values()) * dtype_bytes
 
 
+def _live(param: torch.Tensor) -> torch.Tensor:
+    """The tensor holding a parameter's values on this rank: an FSDP2 shard's local rows, or the
+    parameter's data wherever it is now."""
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param.data
+
+
 # -- on the engine --------------------------------------------------------------------------------
 
 class Loras:
     """The LoRAs fused into an engine's transformers; `use` switches them between renders."""
 
     def __init__(self, pipe, spec):
+        """Before parallelism rebuilds the transformers (PipeFusion moves a stage's blocks under one
+        runner and drops the rest): each module is found later by its name in the model as loaded,
+        held weakly, so a dropped block is freed and skipped."""
         self.pipe, self.spec = pipe, spec
+        self.modules = {expert: weakref.WeakValueDictionary(dict(getattr(pipe, expert).named_modules()))
+                        for expert in spec.experts}
         self.fused: tuple[LoraConfig, ...] = ()
-        self.originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        """(expert, parameter name) -> (the live tensor changed, its original on the CPU)."""
+        self.originals: dict[tuple[str, str], tuple[torch.nn.Module, str, torch.Tensor]] = {}
+        """(expert, parameter name) -> (its module, the parameter's name there, its original on the
+        CPU). The live tensor is looked up at each use: offload moves parameter data between
+        devices (a new tensor each move)."""
         self.seconds = 0.0
         """Seconds the last switch took (restore and fuse)."""
         self.skeletons: dict[str, torch.nn.Module] = {}
@@ -364,8 +380,9 @@ class Loras:
         """Every changed weight back to its original, bitwise. The host copies stay: the weights
         equal them again, and the next LoRAs need not copy what is copied."""
         if self.fused:
-            for tensor, original in self.originals.values():
-                tensor.copy_(original)
+            for module, attr, original in self.originals.values():
+                tensor = _live(getattr(module, attr))
+                tensor.copy_(original.to(tensor.device))
         self.fused = ()
 
     @torch.no_grad()
@@ -384,13 +401,18 @@ class Loras:
                 _load(model, self.spec, state, metadata, name)
                 self.loaded[expert].add(name)
             adapters.append((name, lora.scale))
-        params = dict(transformer.named_parameters())
+        modules = self.modules[expert]
         for name, change in changes(model, adapters):
-            if name in params:  # a module this rank does not hold (none today) keeps no change
-                self._add((expert, name), params[name], change)
+            owner, _, attr = name.rpartition(".")
+            module = modules.get(owner)
+            if module is None:  # a block this rank dropped (another PipeFusion stage's)
+                continue
+            self._add((expert, name), module, attr, change)
 
-    def _add(self, key: tuple[str, str], param: torch.Tensor, change: Change) -> None:
+    def _add(self, key: tuple[str, str], module: torch.nn.Module, attr: str, change: Change) -> None:
         from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+        param = getattr(module, attr)
 
         def local(tensor: torch.Tensor, placements) -> torch.Tensor:
             """This rank's part of `tensor` cut as the parameter is (no message: every rank has it)."""
@@ -407,13 +429,11 @@ class Loras:
                 full = sum(up @ down * f for up, down, f in terms)
                 whole = local(full, param.placements) if whole is None else whole + local(full, param.placements)
                 terms = []
-            tensor = param.to_local()
-        else:
-            tensor = param.data
+        tensor = _live(param)
         if tensor.is_meta:
             return
         if key not in self.originals:
-            self.originals[key] = (tensor, tensor.detach().to("cpu", copy=True))
+            self.originals[key] = (module, attr, tensor.detach().to("cpu", copy=True))
         target = tensor if tensor.dtype == torch.float32 else tensor.float()  # else: in float32, rounded once
         for up, down, factor in terms:
             target.addmm_(up.to(tensor.device), down.to(tensor.device), alpha=factor)

@@ -117,13 +117,13 @@ class Engine:
         self.pipe = load.load_pipeline(plan)  # through the module: a test may stand in for it
         self.offloader = offloader_for(plan, self.pipe)
         load.use_attention_backend(self.pipe, plan)
+        self.loras = Loras(self.pipe, plan.spec)  # before parallelism renames or drops blocks
+        """The LoRAs fused into the weights, switched per render (engine/lora.py)."""
         # Sharding, the token split and compilation, in that order (engine/assemble.py); the
         # caches come with each render, the parallel VAE with each decode.
         self.assembly = assemble(self.pipe, plan.spec, parallel=plan.config.parallel, world_size=plan.world_size,
                                  compile_blocks=plan.config.model.compile == "blocks",
                                  announce=plan.world_size == 1 or dist.get_rank() == 0)
-        self.loras = Loras(self.pipe, plan.spec)
-        """The LoRAs fused into the weights, switched per render (engine/lora.py)."""
         self.renders = 0
         """Renders started (every rank counts alike: names each render's stop key)."""
         self.pending_stop = False

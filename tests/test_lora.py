@@ -175,14 +175,17 @@ def _render_lora(rank, world, family, layout, loras):
 
 
 LAYOUTS = [("wan", dict(ulysses=2)), ("wan", dict(ring=2, shard_weights=True)),
-           ("hunyuanvideo", dict(cfg=2, shard_weights=True))]
+           ("hunyuanvideo", dict(cfg=2, shard_weights=True)), ("wan", dict(patch=2)),
+           ("wan", dict(patch=2, patch_mode="pipefusion"))]
+"""Patch modes run all 4 steps in their exact warm-up (patch_warmup_steps 4), so they too equal
+one rank to rounding."""
 
 
 @pytest.mark.parametrize("family,layout", LAYOUTS, ids=lambda v: v if isinstance(v, str) else
                          "-".join(f"{k}{'' if v is True else v}" for k, v in v.items()))
 def test_two_ranks_with_a_lora_equal_one_rank(family, layout, tmp_path):
-    """Two ranks (sequence parallel, CFG parallel, FSDP2 shards: the change cut as each shard is)
-    with a LoRA, then without, then with it again on the same engine: each the one-rank render
+    """Two ranks (sequence parallel, CFG parallel, FSDP2 shards: the change cut as each shard is;
+    displaced patches; PipeFusion, each stage changing the blocks it holds) with a LoRA, then without, then with it again on the same engine: each the one-rank render
     (≤ 1e-5 relative), and the last equal to the first bitwise (the shards came back exactly)."""
     loras = (LoraConfig(path=str(_tiny_lora(tmp_path, family, seed=3, name="c.safetensors")), scale=0.8),)
     config = dataclasses.replace(_config(family, 48, ParallelConfig()), lora=loras)
@@ -396,3 +399,23 @@ def test_a_distillation_recipe_runs_its_published_schedule(recipe, tmp_path):
 def experts_of_entry(entry: LoraConfig, spec) -> tuple[str, ...]:
     """The expert a recipe's entry names (the first for both)."""
     return {"low": spec.experts[-1:]}.get(entry.expert, spec.experts[:1])
+
+
+def test_offloaded_experts_take_and_give_back_their_loras(monkeypatch, tmp_path):
+    """Wan 2.2 A14B with model.offload (parked on `cpu:0`, as tests/test_offload.py does): LoRAs
+    switched while an expert is parked land on its weights wherever they are, and each job equals
+    a fresh engine without offload, bitwise."""
+    from unison.engine.offload import Offloader
+
+    monkeypatch.setattr(Offloader, "park", torch.device("cpu", 0))
+    a = _tiny_lora(tmp_path, "wan2.2", seed=1, name="a.safetensors")
+    b = _tiny_lora(tmp_path, "wan2.2", seed=2, name="b.safetensors")
+    base = RunConfig(model=ModelConfig(family="wan2.2"), sampling=families.sampling("wan2.2", steps=4),
+                     output=OutputConfig(decode=False, progress=False))
+    offloaded = dataclasses.replace(base, model=dataclasses.replace(base.model, offload=True))
+    jobs = [(LoraConfig(path=str(a)),), (LoraConfig(path=str(b), expert="low"),), (LoraConfig(path=str(a)),)]
+    engine = Engine.from_config(offloaded)
+    for loras in jobs:
+        latents = engine.render(dataclasses.replace(offloaded, lora=loras)).latents
+        assert torch.equal(latents, Engine.from_config(dataclasses.replace(base, lora=loras)).render().latents), loras
+    assert any(device == "cpu:0" for _, device in engine.offloader.moves)
