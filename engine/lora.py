@@ -66,11 +66,9 @@ def experts_of(lora: LoraConfig, spec) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from unison.engine.images import sha256 as file_sha256
+
+    return file_sha256(path)
 
 
 def sha256(path: Path) -> str:
