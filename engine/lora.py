@@ -109,6 +109,10 @@ def check_file(lora: LoraConfig, *, key: str) -> LoraConfig:
     if not any(LORA_KEY.search(name) for name in names):
         raise UserError(f"{key}.path: {path} holds no LoRA layers ({len(names)} tensors, such as {names[0]!r}); "
                         f"a full model checkpoint is not a LoRA")
+    dora = next((name for name in names if "dora_scale" in name or "lora_magnitude" in name), None)
+    if dora is not None:
+        raise UserError(f"{key}.path: {path} is a DoRA ({dora!r}); diffusers' loaders drop its magnitudes, so it "
+                        f"would render as another adapter: unison fuses plain LoRAs only")
     actual = sha256(path)
     if lora.sha256 is not None and lora.sha256 != actual:
         raise UserError(f"{key}.path: {path} changed since this config was written (sha256 {actual[:12]}…, "

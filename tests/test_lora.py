@@ -280,6 +280,10 @@ def _bad_files(tmp: Path, wan_folder: str) -> dict[str, Path]:
                "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(48, 2)}, str(files["rank"]))
     save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 48)}, str(files["half"]))
     torch.save({"a": torch.zeros(1)}, files["bin"])
+    files["dora"] = tmp / "dora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 48),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(48, 2),
+               "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(48, 1)}, str(files["dora"]))
     write_lora(files["good"], wan, seed=1)
     return files
 
@@ -303,6 +307,8 @@ def test_bad_input_table(tmp_path, tiny_folder, monkeypatch, capsys):
         (["--lora", str(f["rank"])], "the LoRA of blocks.0.attn1.to_q in " + str(f["rank"]) + " maps 40 inputs to 48 "
                                      "outputs at rank 2/2; Wan 2.1 T2V (1.3B, 14B)'s module takes 48 and gives 48"),
         (["--lora", str(f["half"])], "has lora_A but not lora_B for blocks.0.attn1.to_q"),
+        (["--lora", str(f["dora"])], "is a DoRA ('diffusion_model.blocks.0.self_attn.q.dora_scale'); diffusers' "
+                                     "loaders drop its magnitudes"),
         (["--lora", f"{f['good']}:nan"], "lora[0].scale must be a finite number, got 'nan'"),
         (["--config", str(tmp_path / "two.yaml")], "lora[0].expert: Wan 2.1 T2V (1.3B, 14B) has one transformer"),
     ]
@@ -419,3 +425,44 @@ def test_offloaded_experts_take_and_give_back_their_loras(monkeypatch, tmp_path)
         latents = engine.render(dataclasses.replace(offloaded, lora=loras)).latents
         assert torch.equal(latents, Engine.from_config(dataclasses.replace(base, lora=loras)).render().latents), loras
     assert any(device == "cpu:0" for _, device in engine.offloader.moves)
+
+
+def test_bf16_fusion_is_no_further_from_float32_than_diffusers_fuse(tmp_path):
+    """bf16 weights: the fused weight against the exact float32 sum W + s1 d1 + s2 d2 (two stacked
+    LoRAs), ours (the float32 sum rounded once) against diffusers' fuse_lora (each change rounded,
+    added in bf16 in turn): never further, measured over every changed weight of the tiny Wan."""
+    import diffusers
+
+    from unison.engine.lora import Loras
+
+    pipe = get_spec("wan").build_tiny(0)
+    a = write_lora(tmp_path / "a.safetensors", pipe.transformer, seed=1)
+    b = write_lora(tmp_path / "b.safetensors", pipe.transformer, seed=2)
+    exact_pipe = get_spec("wan").build_tiny(0)
+    exact_pipe.load_lora_weights(str(a), adapter_name="a")
+    exact_pipe.load_lora_weights(str(b), adapter_name="b")
+    exact_pipe.set_adapters(["a", "b"], [0.7, 0.4])
+    exact_pipe.fuse_lora(adapter_names=["a", "b"])  # in float32: the reference
+    exact = {n.replace(".base_layer", ""): p.detach().clone() for n, p in exact_pipe.transformer.named_parameters()
+             if "lora_" not in n}
+
+    theirs = get_spec("wan").build_tiny(0)
+    theirs.transformer.to(torch.bfloat16)
+    theirs.load_lora_weights(str(a), adapter_name="a")
+    theirs.load_lora_weights(str(b), adapter_name="b")
+    theirs.set_adapters(["a", "b"], [0.7, 0.4])
+    theirs.fuse_lora(adapter_names=["a", "b"])
+    fused_theirs = {n.replace(".base_layer", ""): p.detach() for n, p in theirs.transformer.named_parameters()
+                    if "lora_" not in n}
+
+    ours = get_spec("wan").build_tiny(0)
+    ours.transformer.to(torch.bfloat16)
+    loras = Loras(ours, get_spec("wan"))
+    loras.use((LoraConfig(path=str(a), scale=0.7), LoraConfig(path=str(b), scale=0.4)))
+    changed = [name for _, name in loras.originals]
+    assert len(changed) == len(_targets(ours.transformer))
+    mine = dict(ours.transformer.named_parameters())
+    ours_err = sum((mine[n].float() - exact[n]).abs().sum().item() for n in changed)
+    theirs_err = sum((fused_theirs[n].float() - exact[n]).abs().sum().item() for n in changed)
+    assert ours_err <= theirs_err
+    assert theirs_err > 0  # bf16 rounds: the comparison is not between two exact results
