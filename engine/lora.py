@@ -361,6 +361,8 @@ class Loras:
         """Per expert: its weightless copy, holding every LoRA read so far as a peft adapter (a
         few MB each), so that a batch alternating LoRAs reads each file once."""
         self.loaded: dict[str, set[str]] = {}
+        self._stale: set[tuple[str, str]] | None = None
+        """During a switch: the keys whose weights still hold the previous LoRAs' changes."""
 
     def use(self, loras: tuple[LoraConfig, ...]) -> bool:
         """Fuse `loras` (restoring the weights first when others are fused); False when they are
@@ -368,23 +370,30 @@ class Loras:
         if tuple(loras) == self.fused:
             return False
         started = time.perf_counter()
-        self.restore()
+        # The weights the fused LoRAs changed: the new ones are computed from their host copies in
+        # one pass (original + change, written over the weight); the rest are copied back after.
+        self._stale = set(self.originals) if self.fused else set()
+        self.fused = ()
         for expert in self.spec.experts:
             entries = [(i, lora) for i, lora in enumerate(loras) if expert in experts_of(lora, self.spec)]
             if entries:
                 self._fuse(expert, entries)
+        self.restore()
         self.fused = tuple(loras)
         self.seconds = time.perf_counter() - started
         return True
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Every changed weight back to its original, bitwise. The host copies stay: the weights
-        equal them again, and the next LoRAs need not copy what is copied."""
-        if self.fused:
-            for module, attr, original in self.originals.values():
-                tensor = _live(getattr(module, attr))
-                tensor.copy_(original.to(tensor.device))
+        """Every weight changed by LoRAs no longer fused back to its original, bitwise (all of
+        them when called alone). The host copies stay: the weights equal them again, and the next
+        LoRAs need not copy what is copied."""
+        stale = self._stale if self._stale is not None else (set(self.originals) if self.fused else set())
+        for key in stale:
+            module, attr, original = self.originals[key]
+            tensor = _live(getattr(module, attr))
+            tensor.copy_(original.to(tensor.device))
+        self._stale = None
         self.fused = ()
 
     @torch.no_grad()
@@ -436,7 +445,21 @@ class Loras:
             return
         if key not in self.originals:
             self.originals[key] = (module, attr, tensor.detach().to("cpu", copy=True))
-        target = tensor if tensor.dtype == torch.float32 else tensor.float()  # else: in float32, rounded once
+        # The base: the weight itself, or where it still holds the previous LoRAs, its original.
+        stale = self._stale is not None and key in self._stale
+        if stale:
+            self._stale.discard(key)
+        base = self.originals[key][2].to(tensor.device) if stale else tensor
+        if tensor.dtype != torch.float32:  # in float32, rounded once
+            target = base.float()
+        elif stale and terms:  # original + the first term, written over the weight in one pass
+            up, down, factor = terms[0]
+            torch.addmm(base, up.to(tensor.device), down.to(tensor.device), alpha=factor, out=tensor)
+            target, terms = tensor, terms[1:]
+        else:
+            if stale:
+                tensor.copy_(base)
+            target = tensor
         for up, down, factor in terms:
             target.addmm_(up.to(tensor.device), down.to(tensor.device), alpha=factor)
         if whole is not None:

@@ -466,3 +466,25 @@ def test_bf16_fusion_is_no_further_from_float32_than_diffusers_fuse(tmp_path):
     theirs_err = sum((fused_theirs[n].float() - exact[n]).abs().sum().item() for n in changed)
     assert ours_err <= theirs_err
     assert theirs_err > 0  # bf16 rounds: the comparison is not between two exact results
+
+
+def _render_cached(rank, world, config):
+    result = Engine.from_config(config, world_size=world).render()
+    return result.latents, result.cache_decisions
+
+
+def test_a_step_cache_with_a_lora_decides_as_one_rank(tmp_path):
+    """First-Block Cache (data-dependent: the LoRA changes what it measures) under Ulysses 2 with a
+    LoRA: every rank takes the one-rank decision at every step (verify on), and the latents equal
+    one rank's; the threshold mixes skips and computes, so lockstep means something."""
+    from unison.engine.config import CacheConfig
+
+    loras = (LoraConfig(path=str(_tiny_lora(tmp_path, "wan", seed=3, name="c.safetensors")), scale=0.8),)
+    cache = CacheConfig(kind="fbcache", threshold=0.2, verify=True)
+    one = Engine.from_config(dataclasses.replace(_config("wan", 48, ParallelConfig()), lora=loras, cache=cache)).render()
+    flags = [d[-1] for d in one.cache_decisions["transformer"]]
+    assert True in flags and False in flags
+    two = dataclasses.replace(_config("wan", 48, ParallelConfig(ulysses=2, timeout_s=60)), lora=loras, cache=cache)
+    for latents, decisions in run_ranks(2, _render_cached, two):
+        assert decisions == one.cache_decisions
+        assert ((latents - one.latents).norm() / one.latents.norm()).item() <= 1e-5
