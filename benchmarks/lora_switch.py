@@ -116,8 +116,9 @@ def main() -> None:
     lines += ["", "Medians of the repeats; one engine renders with the LoRA and without, alternating. Load (mapped): "
               "folder to a ready engine, the weights memory-mapped by safetensors and read later as touched; load "
               "(read): until every weight of the transformer, text encoder and VAE has been read (from the page "
-              "cache: the folder was just written; a cold disk or a copy to a GPU adds to it). Switch: restore "
-              "the changed weights from their host copies, read the next file, fuse it."]
+              "cache: the folder was just written; a cold disk or a copy to a GPU adds to it). Switch: each weight "
+              "the next LoRA changes written once from its host original plus the LoRA's terms (its file read at "
+              "its first use and kept), the others copied back."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-lora-switch-cpu.md"

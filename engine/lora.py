@@ -16,9 +16,11 @@ the real weight in float32 and rounded once to the weight's dtype, in place, lay
   weight on the CPU. Modules and parameters keep their identity, so compiled blocks are not
   recompiled and hooks, caches and parallel wrappers stay attached;
 - exact switching: before its first change, each touched weight (this rank's shard of it) is
-  copied to the CPU; a render with other LoRAs copies the originals back, bitwise, before adding
-  its own, so an engine that switches renders what a fresh one would. Memory: the touched weights
-  once more, on the host (LoRAs on every linear layer of a 14B model in bf16: about 28 GB).
+  copied to the CPU; a render with other LoRAs writes each weight they change once, as its original
+  plus their terms, and copies the originals of the rest back, bitwise, so an engine that switches
+  renders what a fresh one would. Memory: the touched weights once more, on the host (LoRAs on
+  every linear layer of a 14B model in bf16: about 28 GB). Each file read stays on the skeleton
+  as a peft adapter (a few MB), so a batch alternating LoRAs reads each once.
 
 bf16: diffusers' `fuse_lora` adds each adapter's change to the bf16 weight in turn, one rounding
 per adapter (and one of the change itself); here the float32 sum is rounded once, which is never
