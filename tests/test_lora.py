@@ -176,23 +176,26 @@ def _render_lora(rank, world, family, layout, loras):
 
 LAYOUTS = [("wan", dict(ulysses=2)), ("wan", dict(ring=2, shard_weights=True)),
            ("hunyuanvideo", dict(cfg=2, shard_weights=True)), ("wan", dict(patch=2)),
-           ("wan", dict(patch=2, patch_mode="pipefusion"))]
+           ("wan", dict(patch=2, patch_mode="pipefusion")), ("wan", dict(ulysses=2, ring=2))]
 """Patch modes run all 4 steps in their exact warm-up (patch_warmup_steps 4), so they too equal
 one rank to rounding."""
 
 
 @pytest.mark.parametrize("family,layout", LAYOUTS, ids=lambda v: v if isinstance(v, str) else
                          "-".join(f"{k}{'' if v is True else v}" for k, v in v.items()))
-def test_two_ranks_with_a_lora_equal_one_rank(family, layout, tmp_path):
+def test_n_ranks_with_a_lora_equal_one_rank(family, layout, tmp_path):
     """Two ranks (sequence parallel, CFG parallel, FSDP2 shards: the change cut as each shard is;
-    displaced patches; PipeFusion, each stage changing the blocks it holds) with a LoRA, then without, then with it again on the same engine: each the one-rank render
-    (≤ 1e-5 relative), and the last equal to the first bitwise (the shards came back exactly)."""
+    displaced patches; PipeFusion, each stage changing the blocks it holds) and four (USP: Ulysses
+    2 x Ring 2) with a LoRA, then without, then with it again on the same engine: each the one-rank
+    render (≤ 1e-5 relative), and the last equal to the first bitwise (the weights came back
+    exactly)."""
     loras = (LoraConfig(path=str(_tiny_lora(tmp_path, family, seed=3, name="c.safetensors")), scale=0.8),)
     config = dataclasses.replace(_config(family, 48, ParallelConfig()), lora=loras)
     one = Engine.from_config(config).render().latents
     plain = Engine.from_config(dataclasses.replace(config, lora=())).render().latents
     assert (one - plain).abs().max() > 1e-2
-    for first, none, again in run_ranks(2, _render_lora, family, layout, loras):
+    world = layout.get("ulysses", 1) * layout.get("ring", 1) * layout.get("cfg", 1) * layout.get("patch", 1)
+    for first, none, again in run_ranks(world, _render_lora, family, layout, loras):
         assert ((first - one).norm() / one.norm()).item() <= 1e-5
         assert ((none - plain).norm() / plain.norm()).item() <= 1e-5
         assert torch.equal(first, again)
