@@ -34,7 +34,11 @@ Sections, in order of value per second (`--sections` picks some, by key):
 4. `compile`: eager vs compiled (model.compile=blocks): compile time and step time, Wan 1.3B.
 5. `caches`: each cache's overhead with settings that never skip (First-Block Cache threshold 0,
    PAB without skip ranges), Wan 1.3B at 480p, against no cache.
-6. `vae`: VAE decode (Wan 2.1 VAE, random weights): time and peak memory at 480p and 720p.
+6. `lora`: LoRA fusion on Wan 14B's blocks (random weights on the device, random rank-64 LoRAs
+   on every attention and MLP layer): the first fuse, a switch to a LoRA not read before, one
+   between two read before, back to none; and, for comparison, the host-to-device copy of the same
+   weights that any reload makes (no disk read counted).
+7. `vae`: VAE decode (Wan 2.1 VAE, random weights): time and peak memory at 480p and 720p.
 
 Budgets: a section starts only when the time left of `--budget` covers its estimate (else it is
 recorded as skipped, with the reason), and runs under its own limit (its cap, or the time left if
@@ -66,7 +70,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from compile_blocks import timed  # noqa: E402 - benchmarks/ is on the path (script or test)
+from compile_blocks import first_call, timed  # noqa: E402 - benchmarks/ is on the path (script or test)
 from unison.engine.caches import apply_caches
 from unison.engine.config import CacheConfig
 from unison.engine.models import SPECS, get_spec
@@ -456,6 +460,70 @@ def vae(ctx: Context, limit: float) -> Iterator[dict]:
     held.clear()
 
 
+def _random_lora(path: Path, transformer, *, seed: int, rank: int) -> Path:
+    """A rank-`rank` LoRA in diffusers keys on every linear layer of the blocks' attention and MLP
+    (random, bfloat16 as published LoRAs are), written to `path`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("blocks.") and (".attn" in name or ".ffn" in name):
+            state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, module.in_features, generator=g) * 0.01
+                                                          ).to(torch.bfloat16)
+            state[f"transformer.{name}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=g) * 0.01
+                                                          ).to(torch.bfloat16)
+    save_file(state, str(path))
+    return path
+
+
+def loras(ctx: Context, limit: float) -> Iterator[dict]:
+    """A LoRA switch against the copy to the device that a reload of the same weights makes: the
+    first Wan case (14B at real size; the tiny one with --smoke), a rank-64 LoRA (rank 2 tiny) on
+    every attention and MLP layer of its blocks."""
+    from unison.engine.config import LoraConfig
+    from unison.engine.lora import Loras
+
+    case = next(c for c in ctx.cases if c.family == "wan" and (ctx.smoke or c.config.get("num_layers") == 40))
+    spec = get_spec(case.family)
+    held: dict = {}
+    folder = Path(tempfile.mkdtemp(prefix="gpu-suite-lora-"))
+
+    def build() -> dict:
+        held["transformer"] = transformer = build_transformer(case, ctx.device, ctx.dtype)
+        rank = 2 if ctx.smoke else 64
+        held["files"] = [_random_lora(folder / f"{i}.safetensors", transformer, seed=i, rank=rank) for i in (1, 2)]
+        held["loras"] = Loras(SimpleNamespace(transformer=transformer), spec)
+        return {}
+
+    failed = _row(build)
+    if failed:
+        yield {"case": case.name, "what": "all", **failed}
+        return
+    a, b = (LoraConfig(path=str(f)) for f in held["files"])
+
+    def switch(to) -> dict:
+        seconds = first_call(lambda: held["loras"].use(to), ctx.device)  # wall time (files, peft, copies)
+        return {"seconds": seconds, "host_copies": len(held["loras"].originals)}  # weights changed so far
+
+    for what, to in [("first fuse (file A read)", (a,)), ("switch A -> B (file B read)", (b,)),
+                     ("switch B -> A (both read before)", (a,)), ("back to no LoRA", ())]:
+        yield {"case": case.name, "what": what, **_row(lambda to=to: switch(to))}
+
+    def reload_copy() -> dict:
+        transformer = held["transformer"]
+        transformer.to("cpu")
+        seconds = first_call(lambda: transformer.to(ctx.device), ctx.device)
+        gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
+        return {"seconds": seconds, "gib": round(gib, 2)}
+
+    yield {"case": case.name, "what": "weights host -> device (a reload's copy, no disk)", **_row(reload_copy)}
+    held.clear()
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     key: str
@@ -474,6 +542,7 @@ SECTIONS = [
     Section("forward", FORWARD_TITLE, forwards, 90, 240),
     Section("compile", "eager vs compiled (model.compile=blocks)", compiled, 60, 150),
     Section("caches", "cache overhead, never skipping", caches, 30, 90),
+    Section("lora", "LoRA switch vs a reload's copy to the device", loras, 40, 120),
     Section("vae", "VAE decode, float32", vae, 30, 120),
 ]
 SMOKE_ESTIMATE_S = 1.0

@@ -49,6 +49,11 @@ def test_smoke_run_completes_every_section(tmp_path):
     # Never-skipping settings really never skip (else the overhead would be understated).
     assert caches["fbcache"]["skipped"] == 0 and caches["pab"]["skipped"] == 0
     assert {r["mode"] for r in sections["eager vs compiled (model.compile=blocks)"]} == {"eager", "compiled"}
+    lora = {r["what"]: r for r in sections["LoRA switch vs a reload's copy to the device"]}
+    # Tiny Wan: 3 blocks x (4 self- + 4 cross-attention + 2 MLP) linear layers, each LoRA on all of
+    # them: 30 originals held from the first fuse on (kept when no LoRA is fused).
+    assert [r["host_copies"] for r in lora.values() if "host_copies" in r] == [30, 30, 30, 30]
+    assert all(r["seconds"] > 0 for r in lora.values())
     text = path.read_text()
     for title in sections:
         assert f"## {title}" in text
