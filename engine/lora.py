@@ -19,8 +19,9 @@ the real weight in float32 and rounded once to the weight's dtype, in place, lay
   copied to the CPU; a render with other LoRAs writes each weight they change once, as its original
   plus their terms, and copies the originals of the rest back, bitwise, so an engine that switches
   renders what a fresh one would. Memory: the touched weights once more, on the host (LoRAs on
-  every linear layer of a 14B model in bf16: about 28 GB). Each file read stays on the skeleton
-  as a peft adapter (a few MB), so a batch alternating LoRAs reads each once.
+  every linear layer of a 14B model in bf16: about 28 GB). The files of the current and the
+  previous render stay on the skeleton as peft adapters, so a batch alternating two LoRAs reads
+  each once.
 
 bf16: diffusers' `fuse_lora` adds each adapter's change to the bf16 weight in turn, one rounding
 per adapter (and one of the change itself); here the float32 sum is rounded once, which is never
@@ -360,9 +361,12 @@ class Loras:
         self.seconds = 0.0
         """Seconds the last switch took (restore and fuse)."""
         self.skeletons: dict[str, torch.nn.Module] = {}
-        """Per expert: its weightless copy, holding every LoRA read so far as a peft adapter (a
-        few MB each), so that a batch alternating LoRAs reads each file once."""
+        """Per expert: its weightless copy, holding the LoRAs of the current and the previous
+        render as peft adapters, so that a batch alternating LoRAs reads each file once."""
         self.loaded: dict[str, set[str]] = {}
+        """Per expert: the adapters on its skeleton."""
+        self.previous: dict[str, set[str]] = {}
+        """Per expert: the adapters the last render with LoRAs there used."""
         self._stale: set[tuple[str, str]] | None = None
         """During a switch: the keys whose weights still hold the previous LoRAs' changes."""
 
@@ -414,6 +418,15 @@ class Loras:
                 _load(model, self.spec, state, metadata, name)
                 self.loaded[expert].add(name)
             adapters.append((name, lora.scale))
+        # The skeleton keeps the files of this render and of the last one with LoRAs on this
+        # expert (a batch alternating two reads each once); older ones are dropped, so host
+        # memory stays bounded over a long batch of different LoRAs.
+        used = {name for name, _ in adapters}
+        stale = self.loaded[expert] - used - self.previous.get(expert, set())
+        if stale:
+            model.delete_adapters(sorted(stale))
+            self.loaded[expert] -= stale
+        self.previous[expert] = used
         modules = self.modules[expert]
         for name, change in changes(model, adapters):
             owner, _, attr = name.rpartition(".")

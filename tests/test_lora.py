@@ -162,6 +162,11 @@ def test_switching_renders_as_a_fresh_engine_does(tmp_path):
         fresh = Engine.from_config(dataclasses.replace(base, lora=loras)).render().latents
         assert torch.equal(latents, fresh), loras
     assert not torch.equal(switched[0], switched[1]) and not torch.equal(switched[0], switched[2])
+    # The skeleton holds the files of the last two renders with LoRAs (A+B, then A): two adapters.
+    assert len(engine.loras.loaded["transformer"]) == 2
+    engine.render(dataclasses.replace(base, lora=(LoraConfig(path=str(b), scale=0.3),)))
+    engine.render(dataclasses.replace(base, lora=(LoraConfig(path=str(b), scale=0.2),)))
+    assert len(engine.loras.loaded["transformer"]) == 1  # A dropped: used by neither of the last two
 
 
 def _render_lora(rank, world, family, layout, loras):
