@@ -35,6 +35,7 @@ its shapes. The tiny in-process presets are checked the same way when the render
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -123,29 +124,38 @@ def check_file(lora: LoraConfig, *, key: str) -> LoraConfig:
     return dataclasses.replace(lora, sha256=actual)
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers' logger at ERROR while its loaders run: their DoRA and unhandled-key notices are
+    said here as errors of our own where they matter."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _state(spec, path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The file as diffusers-format LoRA layers (`transformer.<module>.lora_A.weight`, …), through
     the family's own loader, and its adapter metadata."""
     import diffusers
 
     pipeline = getattr(diffusers, spec.pipeline_class)
-    quiet = logging.getLogger("diffusers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its DoRA and unhandled-key notices: we say what matters ourselves
     try:
-        if hasattr(pipeline, "lora_state_dict"):
-            state, metadata = pipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        else:
-            from safetensors.torch import load_file
+        with _quiet_diffusers():
+            if hasattr(pipeline, "lora_state_dict"):
+                state, metadata = pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+            else:
+                from safetensors.torch import load_file
 
-            state, metadata = load_file(str(path)), None
+                state, metadata = load_file(str(path)), None
     except UserError:
         raise
     except Exception as err:
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise UserError(f"{key}.path: diffusers cannot read {path} as a {spec.title} LoRA ({reason})") from None
-    finally:
-        quiet.setLevel(level)
     if not state:
         raise UserError(f"{key}.path: {path} holds no LoRA layers that {spec.title}'s loader reads")
     other = [name for name in state if "lora" not in name]
@@ -217,11 +227,8 @@ def _load(skeleton_model: torch.nn.Module, spec, state: dict, metadata, name: st
 
     pipeline = getattr(diffusers, spec.pipeline_class)
     state = dict(state)
-    quiet = logging.getLogger("diffusers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        if hasattr(pipeline, "_maybe_expand_t2v_lora_for_i2v"):  # a Wan T2V LoRA on an I2V model: zeros for the image layers
+    with _quiet_diffusers():
+        if hasattr(pipeline, "_maybe_expand_t2v_lora_for_i2v"):  # a T2V LoRA on Wan I2V: zeros for its image layers
             state = pipeline._maybe_expand_t2v_lora_for_i2v(transformer=skeleton_model, state_dict=state)
             state = {k: torch.zeros(v.shape, dtype=v.dtype) if v.is_meta else v for k, v in state.items()}
         if hasattr(pipeline, "load_lora_into_transformer"):
@@ -231,8 +238,6 @@ def _load(skeleton_model: torch.nn.Module, spec, state: dict, metadata, name: st
             prefix = "transformer" if all(k.startswith("transformer.") for k in state) else None
             skeleton_model.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata,
                                              low_cpu_mem_usage=True)
-    finally:
-        quiet.setLevel(level)
 
 
 @dataclasses.dataclass
