@@ -91,6 +91,25 @@ class SamplingConfig:
     """How the picture meets height x width: stretch, crop (cover, cut the centre) or pad (fit
     inside, fill the rest); the aspect ratio is kept by crop and pad. auto: as the family's diffusers
     pipeline does (stretch; HunyuanVideo 1.5 crops)."""
+    window_frames: int | None = None
+    """Diffusion forcing (SkyReels-V2 DF) only: frames each window renders, 4k+1 (diffusers'
+    base_num_frames; SkyReels-V2: 97 at 540P, 121 at 720P). A longer video is rendered window by
+    window. None: the family default."""
+    overlap_frames: int | None = None
+    """Diffusion forcing only: frames of the window before that each later window continues from,
+    4k+1 (diffusers' overlap_history; 17 or 37 recommended). Required when frames > window_frames."""
+    addnoise_condition: float = 0.0
+    """Diffusion forcing only: the timestep at which the frames a window continues from get fresh
+    noise at every step, which smooths long videos (20 recommended, 0 off)."""
+    ar_step: int = 0
+    """Diffusion forcing only: 0 renders every frame of a window on one schedule (synchronous);
+    above 0 each causal block starts ar_step steps after the one before (asynchronous, 5 recommended)."""
+    causal_block_size: int | None = None
+    """Diffusion forcing only: latent frames per causal block (5 recommended with ar_step > 0); every
+    window's latent frames must divide into blocks. None: the checkpoint's num_frame_per_block."""
+    fps: int | None = None
+    """Diffusion forcing only: the frame rate the model is told (its fps embedding tells 16 from any
+    other rate). None: output.fps, else the family's."""
 
 
 @dataclass(frozen=True, kw_only=True)

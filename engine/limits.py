@@ -81,10 +81,14 @@ def check_limits(s: SamplingConfig, spec: ModelSpec, model: ModelConfig, *, read
         train_steps = int(read("scheduler/scheduler_config.json").get("num_train_timesteps", 1000))
     except (TypeError, ValueError) as err:
         raise UserError(f"{model.path}: cannot read the model's limits from its config files ({err})") from None
+    # A diffusion-forcing video passes through the model a window at a time.
+    windowed = s.window_frames is not None
+    frames = s.window_frames if windowed else s.frames
     for name in ("frames", "height", "width"):
-        most, value = getattr(limits, name), getattr(s, name)
+        most, value = getattr(limits, name), frames if name == "frames" else getattr(s, name)
         if most is not None and value > most:
-            raise UserError(f"sampling.{name}={value} runs past the position table of {spec.title}: at most "
+            field = "window_frames" if windowed and name == "frames" else name
+            raise UserError(f"sampling.{field}={value} runs past the position table of {spec.title}: at most "
                             f"{most} ({limits.video_source})")
     if limits.text_tokens is not None and s.max_sequence_length > limits.text_tokens:
         raise UserError(f"sampling.max_sequence_length={s.max_sequence_length} is more text tokens than "
@@ -96,7 +100,7 @@ def check_limits(s: SamplingConfig, spec: ModelSpec, model: ModelConfig, *, read
                         f"timesteps (num_train_timesteps); more steps only repeat timesteps")
     # An upper bound (temporal patch 1) on the tokens of the video; size_multiple is the VAE's
     # spatial factor times the patch size.
-    tokens = ((s.frames - 1) // spec.temporal_factor + 1) * (s.height // spec.size_multiple) * \
+    tokens = ((frames - 1) // spec.temporal_factor + 1) * (s.height // spec.size_multiple) * \
         (s.width // spec.size_multiple)
     if tokens > MAX_VIDEO_TOKENS:
         raise UserError(f"{s.width}x{s.height}, {s.frames} frames is {tokens:,} video tokens; at most "

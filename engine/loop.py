@@ -153,10 +153,12 @@ class FiniteCheck:
 class Step:
     """The step under way, as the step hooks hear of it."""
 
-    __slots__ = ("index", "total", "timestep", "expert")
+    __slots__ = ("index", "total", "timestep", "expert", "window")
 
-    def __init__(self, index: int, total: int, timestep: float, expert: str):
+    def __init__(self, index: int, total: int, timestep: float, expert: str, window=None):
         self.index, self.total, self.timestep, self.expert = index, total, timestep, expert
+        self.window = window
+        """Diffusion forcing: where in its windows the step is (engine/windows.WindowStep); else None."""
 
 
 class StepHook:
@@ -320,7 +322,14 @@ def denoise(
     of the same run, if any, and writes one every N steps (engine/io/checkpoint.py). `stop`
     (engine/io/stop.py) is asked at every step boundary; when it says stop, a checkpoint is
     written there (needs `checkpoints`, whatever its N) and Preempted is raised.
-    `on_phase` hears "encoding" and every "step" as it begins (see PHASES)."""
+    `on_phase` hears "encoding" and every "step" as it begins (see PHASES). A diffusion-forcing
+    family (spec.forcing) renders window by window in engine/windows.py."""
+    if spec.forcing:
+        from unison.engine.windows import denoise_windows
+
+        return denoise_windows(pipe, spec, sampling, device=device, progress=progress, on_step=on_step,
+                               on_phase=on_phase, runtime=runtime, guidance=guidance, caches=caches,
+                               offload=offload, checkpoints=checkpoints, stop=stop)
     caches, guidance = caches or {}, guidance or Guidance()
     for watcher in [*caches.values(), *([runtime] if runtime is not None else [])]:
         watcher.reset()

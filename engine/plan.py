@@ -14,7 +14,7 @@ import torch
 from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.errors import UserError
-from unison.engine import images, lora, schedulers
+from unison.engine import images, lora, schedulers, windows
 from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
@@ -180,6 +180,13 @@ def _resolve_sampling(s: SamplingConfig, spec: ModelSpec, *, tiny: bool, read=No
         s = dataclasses.replace(s, guidance_2=d.guidance_2 if from_defaults else s.guidance)
     if spec.embedded_guidance and s.true_cfg_scale is None:
         s = dataclasses.replace(s, true_cfg_scale=d.true_cfg_scale)
+    if spec.forcing:
+        block = s.causal_block_size
+        if block is None:  # the checkpoint's own (diffusers' default when the pipeline is given none)
+            block = int(((read("transformer/config.json") if read is not None else {}) or {}).get(
+                "num_frame_per_block", 1))
+        s = dataclasses.replace(s, window_frames=min(s.window_frames or d.window_frames, s.frames),
+                                causal_block_size=block)
     return s
 
 
@@ -204,7 +211,19 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
         raise UserError(f"sampling.max_sequence_length must be at least 1, got {s.max_sequence_length}")
     if s.sigmas is not None:
         schedulers.check_sigmas(s.sigmas, steps=s.steps, scheduler=s.scheduler)
+    if spec.forcing:
+        windows.check(s, temporal=k, block=s.causal_block_size, title=spec.title)
+    else:
+        for name, unset in _FORCING_FIELDS.items():
+            if getattr(s, name) != unset:
+                raise UserError(f"sampling.{name} is for diffusion forcing (skyreels-v2-df, skyreels-v2-df-i2v); "
+                                f"{spec.title} renders a video in one pass")
     spec.hooks.check_sampling(s)
+
+
+_FORCING_FIELDS = {"window_frames": None, "overlap_frames": None, "addnoise_condition": 0.0, "ar_step": 0,
+                   "causal_block_size": None, "fps": None}
+"""The sampling fields only diffusion forcing reads, unset."""
 
 
 def parallel_dims(p: ParallelConfig, *, world_size: int):
@@ -344,7 +363,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     read, notes = config_reader(config.model, spec), []
     cache, note = resolve_preset(config.cache, spec=spec, model=config.model, sampling=sampling, read=read)
     notes += [note] if note else []
-    check_cache(cache, p, steps=sampling.steps, family=spec.family, read=read)
+    check_cache(cache, p, steps=forwards_per_video(sampling, spec), family=spec.family, read=read)
     cache_2 = config.cache_2
     if cache_2 is not None:
         if not spec.two_experts:
@@ -366,7 +385,9 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     check_compile(config.model.compile, device)
     check_output(config.output, model_path=config.model.path,
                  reads={**(reads or {}), **picture_reads(config.sampling)})
-    output = dataclasses.replace(config.output, fps=config.output.fps or spec.fps)
+    output = dataclasses.replace(config.output, fps=config.output.fps or sampling.fps or spec.fps)
+    if spec.forcing and sampling.fps is None:  # the model is told the rate the video is written at
+        sampling = dataclasses.replace(sampling, fps=output.fps)
     # Each LoRA's file checked and its SHA-256 recorded; with a folder, its layers against the
     # transformer's config.json (engine/lora.py).
     loras = lora.check(config.lora, spec, read=config_reader(config.model, spec) if config.model.path else None)
@@ -374,6 +395,15 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
                                    lora=loras)
     return Plan(config=resolved, spec=spec, placement=placement, model_index=index, world_size=world_size,
                 notes=tuple(notes))
+
+
+def forwards_per_video(s: SamplingConfig, spec: ModelSpec) -> int:
+    """The steps a cache counts in one pass: the steps, or a diffusion-forcing window's rows (the
+    most of any window; asynchronous windows take more rows than steps)."""
+    if not spec.forcing:
+        return s.steps
+    return max(windows.rows(s, temporal=spec.temporal_factor, block=s.causal_block_size,
+                            base_is_window=spec.hooks.base_is_window(s), first_ready=spec.hooks.given_frames(s)))
 
 
 def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:

@@ -34,6 +34,8 @@ class SamplingDefaults:
     true_cfg_scale: float | None = None
     image_resize: str = "stretch"
     """How the family's pipeline fits a picture to the video (sampling.image_resize auto)."""
+    window_frames: int | None = None
+    """Diffusion forcing: frames per window (sampling.window_frames)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +300,9 @@ class ModelSpec:
     tiny_configs: dict[str, dict] = field(default_factory=dict)
     """What a saved tiny preset's config files hold, for the keys `limits` reads (a test checks
     them against the built model, as it checks tiny_heads)."""
+    forcing: bool = False
+    """Diffusion forcing: rendered window by window with a timestep per frame (engine/windows.py);
+    its hooks add first_prefix, set_block, latent_shape and base_is_window."""
 
     @property
     def two_experts(self) -> bool:

@@ -6,15 +6,20 @@ what serves unchanged is Wan's (engine/models/wan/), shared by subclassing or by
 - parallel: its TokenPlan (Wan's attention processors; its blocks also take a causal mask)
 - published: the Hub checkpoints' configs
 - tiny: the tiny presets (Wan's tiny parts and a tiny SkyReelsV2Transformer3DModel)
-Diffusion forcing (SkyReelsV2DiffusionForcingPipeline) is not served: its folders are not detected.
+- forcing: the diffusion-forcing hooks (SkyReelsV2DiffusionForcing{,ImageToVideo}Pipeline), whose
+  loop is engine/windows.py's: a long video window by window, a timestep per frame
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from unison.engine.models.skyreels_v2 import published
+from unison.engine.models.skyreels_v2.forcing import ForcingHooks, ForcingImageHooks
 from unison.engine.models.skyreels_v2.hooks import SkyReelsHooks, SkyReelsImageHooks
 from unison.engine.models.skyreels_v2.parallel import TOKEN_PLAN
-from unison.engine.models.skyreels_v2.tiny import tiny_configs, tiny_pipeline
+from unison.engine.models.skyreels_v2.tiny import (tiny_configs, tiny_forcing_configs, tiny_forcing_pipeline,
+                                                   tiny_pipeline)
 from unison.engine.models.spec import ModelSpec, SamplingDefaults
 from unison.engine.models.wan import CACHE_HINTS
 from unison.engine.models.wan.hooks import attention_modules, limits
@@ -50,4 +55,27 @@ SKYREELS_I2V = _spec(
     defaults=SamplingDefaults(height=544, width=960, frames=97, steps=50, guidance=5.0, max_sequence_length=512),
     text=512, checkpoints=published.I2V)
 
-SPECS = (SKYREELS_T2V, SKYREELS_I2V)
+
+def _forcing(family: str, title: str, *, pipeline_class: str, hooks, guidance: float, checkpoints) -> ModelSpec:
+    i2v = hooks.i2v
+    spec = _spec(family, title, pipeline_class=pipeline_class, hooks=hooks, text=32, checkpoints=checkpoints,
+                 defaults=SamplingDefaults(height=544, width=960, frames=97, steps=50, guidance=guidance,
+                                           max_sequence_length=512, window_frames=97))
+    return dataclasses.replace(
+        spec, forcing=True, needs_image=i2v, build_tiny=lambda seed: tiny_forcing_pipeline(seed, i2v=i2v),
+        tiny_configs=tiny_forcing_configs(),
+        # Tiny: 9-frame windows (3 latent frames), so that 17 frames with a 5-frame overlap are 3 windows.
+        tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0, max_sequence_length=32,
+                                       window_frames=9))
+
+
+# Defaults: the DF pipelines' own __call__ defaults (diffusers 0.42: 544x960, 97 frames, base_num_frames
+# 97, 50 steps, guidance 6.0 for T2V and 5.0 for I2V, 512 text tokens, fps 24).
+SKYREELS_DF = _forcing("skyreels-v2-df", "SkyReels-V2 DF T2V (diffusion forcing; 1.3B, 14B)",
+                       pipeline_class="SkyReelsV2DiffusionForcingPipeline", hooks=ForcingHooks, guidance=6.0,
+                       checkpoints=published.DF)
+SKYREELS_DF_I2V = _forcing("skyreels-v2-df-i2v", "SkyReels-V2 DF I2V (diffusion forcing; 1.3B, 14B)",
+                           pipeline_class="SkyReelsV2DiffusionForcingImageToVideoPipeline", hooks=ForcingImageHooks,
+                           guidance=5.0, checkpoints=published.DF_I2V)
+
+SPECS = (SKYREELS_T2V, SKYREELS_I2V, SKYREELS_DF, SKYREELS_DF_I2V)

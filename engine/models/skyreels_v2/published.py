@@ -44,3 +44,24 @@ I2V = tuple(
                            "vae": _WAN_VAE},
                shape=_shape(_I2V_14B[2]))
     for size in ("540p", "720p"))
+
+
+# Diffusion forcing (diffusers' get_transformer_config for "SkyReels-V2-DF-1.3B-540P", "-DF-14B-540P",
+# "-DF-14B-720P"; huggingface/diffusers @2843b3d3): the 14B ones take the T2V 14B shape; the 1.3B one
+# is Wan 2.1 1.3B's shape with the fps embedding (inject_sample_info). One checkpoint serves text- and
+# image-to-video (SkyworkAI/SkyReels-V2's README; diffusers' DF I2V pipeline loads the same repos).
+_DF_1_3B: Component = ("diffusers", "SkyReelsV2Transformer3DModel", dict(
+    _BASE, ffn_dim=8960, num_attention_heads=12, num_layers=30, in_channels=16, inject_sample_info=True))
+_DF = (("1.3b-540p", _DF_1_3B), ("14b-540p", _T2V_14B), ("14b-720p", _T2V_14B))
+DF = tuple(
+    Checkpoint(name=f"skyreels-v2-df-{name}", title=f"SkyReels-V2 DF {name.split('-')[0].upper()} "
+                                                    f"{name.split('-')[1].upper()}",
+               hub_ids=(f"Skywork/SkyReels-V2-DF-{name.split('-')[0].upper()}-{name.split('-')[1].upper()}-Diffusers",),
+               components={"transformer": config, "text_encoder": _UMT5_XXL, "vae": _WAN_VAE},
+               shape=_shape(config[2]) + (("inject_sample_info", config[2]["inject_sample_info"]),),
+               default=name == "14b-540p")
+    for name, config in _DF)
+DF_I2V = tuple(
+    Checkpoint(name=f"skyreels-v2-df-i2v-{c.name.removeprefix('skyreels-v2-df-')}", title=f"{c.title} (image-to-video)",
+               hub_ids=c.hub_ids, components=c.components, shape=c.shape, default=c.default)
+    for c in DF)

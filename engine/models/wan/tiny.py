@@ -13,8 +13,9 @@ TINY_IMAGE = 32
 
 
 def tiny_transformer(seed: int, *, channels: int, in_channels: int | None = None, image_dim: int | None = None,
-                     cls: str = "WanTransformer3DModel"):
-    """The tiny Wan-architecture transformer (`cls`: diffusers' class of that architecture)."""
+                     cls: str = "WanTransformer3DModel", **extra):
+    """The tiny Wan-architecture transformer (`cls`: diffusers' class of that architecture; `extra`:
+    config values only that class takes)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -22,7 +23,7 @@ def tiny_transformer(seed: int, *, channels: int, in_channels: int | None = None
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12,
         in_channels=in_channels or channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=64,
         num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        image_dim=image_dim, added_kv_proj_dim=48 if image_dim is not None else None,
+        image_dim=image_dim, added_kv_proj_dim=48 if image_dim is not None else None, **extra,
     )
 
 

@@ -1,0 +1,272 @@
+"""Diffusion forcing: a video rendered window by window, each frame at its own noise level.
+
+A diffusion-forcing model (SkyReels-V2 DF) denoises every latent frame on its own schedule. The
+loop here is diffusers' SkyReelsV2DiffusionForcing*Pipeline's in numbers (the same calls in the
+same order, so one rank with no cache gives its latents) and the engine's in structure (guidance
+branches, caches and the parallel runtime hear every forward as in engine/loop.py):
+
+- The video is cut into windows of `window_frames` (diffusers' base_num_frames); each window after
+  the first starts from the last `overlap_frames` (overlap_history) of the one before, given as
+  finished frames ("prefix", cut to a multiple of the causal block), and adds the rest.
+- Inside a window, diffusers' `generate_timestep_matrix` gives one row of per-frame timesteps per
+  forward: synchronous (ar_step 0: every frame on the same schedule) or asynchronous (each block
+  of `causal_block_size` frames ar_step steps behind the one before, under a block-causal mask).
+  Each frame has its own copy of the scheduler and is stepped only where the row's mask says so.
+- `addnoise_condition` > 0 gives the prefix frames a little fresh noise at every forward and that
+  timestep; the noise comes from a CPU generator seeded with sampling.seed (diffusers draws it
+  from torch's global generator: seeded alike, the same numbers), so every rank draws the same.
+
+A "step" for progress, caches and checkpoints is one row (one forward per guidance branch):
+`Step.index` counts rows over the whole video, the caches count them per window (a window is a new
+video to them: its frames, its length and its prefix differ from the last window's).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from unison.engine.errors import UserError
+
+ROW_TEMPLATE = 999
+"""diffusers' stand-in timestep for a frame that has not started (the matrix's first column value)."""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Where each window of a video lies, in latent frames (diffusers' long-video arithmetic)."""
+
+    latent_frames: int
+    """The whole video's."""
+    base: int
+    """A full window's."""
+    overlap: int
+    """Frames each window after the first repeats from the one before (0: one window)."""
+    block: int
+    """The causal block: a prefix is cut to a multiple of it."""
+
+    @classmethod
+    def of(cls, sampling, *, temporal: int, block: int) -> "Windows":
+        latent = (sampling.frames - 1) // temporal + 1
+        long = sampling.overlap_frames is not None and sampling.frames > sampling.window_frames
+        if not long:
+            return cls(latent_frames=latent, base=latent, overlap=0, block=block)
+        return cls(latent_frames=latent, base=(sampling.window_frames - 1) // temporal + 1,
+                   overlap=(sampling.overlap_frames - 1) // temporal + 1, block=block)
+
+    @property
+    def long(self) -> bool:
+        return self.overlap > 0
+
+    @property
+    def count(self) -> int:
+        if not self.long:
+            return 1
+        return 1 + (self.latent_frames - self.base - 1) // (self.base - self.overlap) + 1
+
+    def size(self, k: int) -> int:
+        """Latent frames window `k` denoises (its prefix included)."""
+        if k == 0:
+            return self.base
+        finished = k * (self.base - self.overlap) + self.overlap
+        return min(self.latent_frames - finished + self.overlap, self.base)
+
+    def prefix(self, k: int) -> int:
+        """Finished frames window `k` starts from (the overlap, cut to whole causal blocks)."""
+        return 0 if k == 0 else self.overlap - self.overlap % self.block
+
+    def new(self, k: int) -> int:
+        """Frames window `k` adds to the video."""
+        return self.size(k) if k == 0 else self.size(k) - self.overlap
+
+
+def step_matrix(frames: int, timesteps: torch.Tensor, *, base: int, ar_step: int, ready: int, block: int):
+    """diffusers' generate_timestep_matrix (it reads nothing of its pipeline): per row, the
+    timestep of every frame, which frames step, and the frames the forward takes."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    matrix, _, mask, intervals = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
+        None, frames, timesteps, base, ar_step, ready, block)
+    return matrix, mask, intervals
+
+
+def rows(sampling, *, temporal: int, block: int, base_is_window: bool, first_ready: int = 0) -> list[int]:
+    """Forwards (rows) per window, without a model: the steps a cache or a checkpoint counts.
+    `first_ready`: latent frames given to the first window (an image-to-video picture's)."""
+    windows = Windows.of(sampling, temporal=temporal, block=block)
+    template = torch.arange(sampling.steps, 0, -1) * (1000 // max(sampling.steps, 1))
+    counts = []
+    for k in range(windows.count):
+        size = windows.size(k)
+        base = size if base_is_window else windows.base
+        matrix, _, _ = step_matrix(size, template, base=base, ar_step=sampling.ar_step,
+                                   ready=windows.prefix(k) if k else first_ready, block=block)
+        counts.append(len(matrix))
+    return counts
+
+
+def check(sampling, *, temporal: int, block: int, title: str) -> None:
+    """The window settings diffusers would refuse or mis-render, as one-line UserErrors (before loading)."""
+    if sampling.ar_step < 0:
+        raise UserError(f"sampling.ar_step must be at least 0 (0: synchronous), got {sampling.ar_step}")
+    if block < 1:
+        raise UserError(f"sampling.causal_block_size must be at least 1, got {block}")
+    if not 0 <= sampling.addnoise_condition <= 1000:
+        raise UserError(f"sampling.addnoise_condition must be between 0 and 1000 (a timestep; 20 is "
+                        f"SkyReels-V2's recommendation), got {sampling.addnoise_condition:g}")
+    for name in ("window_frames", "overlap_frames"):
+        value = getattr(sampling, name)
+        if value is not None and (value < 1 or (value - 1) % temporal):
+            raise UserError(f"sampling.{name} must be {temporal}k+1 frames, got {value}")
+    if sampling.frames > sampling.window_frames and sampling.overlap_frames is None:
+        raise UserError(f"sampling.overlap_frames is required when sampling.frames ({sampling.frames}) exceeds "
+                        f"sampling.window_frames ({sampling.window_frames}): each window continues from the last "
+                        f"frames of the one before (17 or 37 recommended)")
+    windows = Windows.of(sampling, temporal=temporal, block=block)
+    if windows.long and windows.overlap >= windows.base:
+        raise UserError(f"sampling.overlap_frames ({sampling.overlap_frames}) must be fewer than "
+                        f"sampling.window_frames ({sampling.window_frames}): a window must add frames")
+    if block > 1:
+        for k in range(windows.count):
+            if windows.size(k) % block:
+                raise UserError(
+                    f"{title}: window {k + 1} of {windows.count} has {windows.size(k)} latent frames, not a "
+                    f"multiple of sampling.causal_block_size {block} (each window's latent frames, "
+                    f"(frames - 1) / {temporal} + 1, must divide into causal blocks)")
+
+
+@dataclass
+class WindowStep:
+    """Where the render is: window `window` of `windows`, row `row` of `rows` in it."""
+
+    window: int
+    windows: int
+    row: int
+    rows: int
+
+
+def frame_schedulers(scheduler, frames: int, steps: int, device: torch.device, sigmas) -> list:
+    """One copy of the scheduler per latent frame, each with the run's timesteps (as diffusers)."""
+    copies = []
+    for _ in range(frames):
+        each = copy.deepcopy(scheduler)
+        if sigmas is not None:
+            each.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            each.set_timesteps(steps, device=device)
+        copies.append(each)
+    return copies
+
+
+def eta_text(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds))) if math.isfinite(seconds) else "?"
+
+
+def window_bar(total: int, *, progress: bool):
+    """The whole video's bar (its ETA is the whole video's); its description names the window."""
+    return tqdm(total=total, desc="window", unit="step", disable=not progress, leave=False)
+
+
+def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: bool = False, on_step=None,
+                    on_phase=None, runtime=None, guidance=None, caches: dict | None = None, offload=None,
+                    checkpoints=None, stop=None):
+    """engine.loop.denoise for a diffusion-forcing family (the same arguments and result)."""
+    from unison.engine import loop as steps_loop
+    from unison.parallel.cfg import Guidance
+
+    caches, guidance, hooks = caches or {}, guidance or Guidance(), spec.hooks
+    started = time.perf_counter()
+    if on_phase is not None:
+        on_phase("encoding", 0, sampling.steps)
+    with torch.no_grad(), offload.encoding() if offload is not None else _nothing():
+        conditioning = hooks.encode(pipe, sampling, device)
+    encode_seconds = time.perf_counter() - started
+    timesteps = hooks.set_timesteps(pipe, sampling.steps, device, sampling.sigmas)
+    model = getattr(pipe, spec.experts[0])
+    hooks.set_block(pipe, sampling.causal_block_size)
+    windows = Windows.of(sampling, temporal=pipe.vae_scale_factor_temporal, block=sampling.causal_block_size)
+    first = hooks.first_prefix(conditioning)  # image-to-video: the picture's latent frame(s), given
+    ready = [first.shape[2] if first is not None else 0] + [windows.prefix(k) for k in range(1, windows.count)]
+    plan = [step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
+                        base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
+                        block=sampling.causal_block_size) for k in range(windows.count)]
+    total = sum(len(matrix) for matrix, _, _ in plan)
+    guidance.check(two_branches=conditioning.uncond is not None)
+    noise_generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    addnoise_generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    finite, timing = steps_loop.FiniteCheck(device, total), steps_loop.Timing(device)
+    bar = window_bar(total, progress=progress)
+    step_hooks = [*([steps_loop.Phases(on_phase)] if on_phase is not None else []), steps_loop.Finite(finite),
+                  timing, *([steps_loop.Offloading(offload)] if offload is not None else []),
+                  steps_loop.Bar(bar, 0), *([steps_loop.Reports(on_step, timing)] if on_step is not None else [])]
+    pieces, history, index = [], None, 0
+    shape = hooks.latent_shape(pipe, sampling)
+    with torch.no_grad(), bar:
+        for k, (matrix, mask, intervals) in enumerate(plan):
+            size, given = windows.size(k), ready[k]
+            latents = torch.randn((*shape[:2], size, *shape[2:]), generator=noise_generator,
+                                  dtype=torch.float32).to(device)
+            if given:  # diffusers rounds what is given to the transformer's dtype
+                latents[:, :, :given] = (first if k == 0 else history[:, :, :given]).to(model.dtype)
+            frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
+            for watcher in [*caches.values(), *([runtime] if runtime is not None else [])]:
+                watcher.reset()
+            for cache in caches.values():
+                cache.begin_video(steps=len(matrix))
+            bar.set_description(f"window {k + 1}/{windows.count}")
+            host_rows, host_mask = matrix.tolist(), mask.tolist()
+            for row, (t, (start, end)) in enumerate(zip(matrix, intervals)):
+                stepped = [i for i in range(start, end) if host_mask[row][i]]
+                timestep = float(max(host_rows[row][i] for i in stepped)) if stepped else 0.0
+                step = steps_loop.Step(index, total, timestep, spec.experts[0],
+                                       WindowStep(window=k, windows=windows.count, row=row, rows=len(matrix)))
+                for hook in step_hooks:
+                    hook.before(step)
+                x = latents[:, :, start:end].to(model.dtype).clone()
+                t_in = t.expand(latents.shape[0], -1)[:, start:end].clone()
+                if sampling.addnoise_condition > 0 and start < given:
+                    factor = 0.001 * sampling.addnoise_condition
+                    part = x[:, :, start:given]
+                    fresh = torch.randn(part.shape, generator=addnoise_generator, dtype=part.dtype).to(device)
+                    x[:, :, start:given] = part * (1.0 - factor) + fresh * factor
+                    t_in[:, start:given] = sampling.addnoise_condition
+                watchers = [w for w in (caches.get(step.expert), runtime) if w is not None]
+                for watcher in watchers:
+                    watcher.begin_step(row, timestep)
+
+                def predict(context: str) -> torch.Tensor:
+                    for watcher in watchers:
+                        watcher.set_context(context)
+                    branch = conditioning.cond if context == "cond" else conditioning.uncond
+                    return model(hidden_states=x, timestep=t_in, return_dict=False, **branch)[0]
+
+                noise = guidance.noise(predict, two_branches=conditioning.uncond is not None,
+                                       scale=conditioning.scales[0])
+                for i in stepped:
+                    latents[:, :, i] = frame_steps[i].step(noise[:, :, i - start], t[i], latents[:, :, i],
+                                                           return_dict=False)[0]
+                for hook in step_hooks:
+                    hook.after(step, latents)
+                index += 1
+            piece = latents if k == 0 else latents[:, :, windows.overlap:]
+            pieces.append(piece)
+            if windows.long:
+                history = piece if history is None else torch.cat([history, piece], dim=2)
+                history = history[:, :, -windows.overlap:]
+    for hook in step_hooks:
+        hook.end()
+    return steps_loop.LoopResult(latents=torch.cat(pieces, dim=2), steps=timing.records,
+                                 encode_seconds=encode_seconds)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
