@@ -79,6 +79,13 @@ def run(pipe, family: str, s: SamplingConfig) -> torch.Tensor:
         pipe.guider = pipe.guider.new(guidance_scale=s.guidance)
     if "max_sequence_length" not in accepted and hasattr(pipe, "tokenizer_max_length"):
         pipe.tokenizer_max_length = s.max_sequence_length
+    if get_spec(family).forcing:
+        # Diffusion forcing: the window settings by diffusers' names; its addnoise_condition draws
+        # from torch's global generator, which unison's seeds alike (engine/windows.py).
+        kwargs.update(base_num_frames=s.window_frames or 97, overlap_history=s.overlap_frames,
+                      addnoise_condition=s.addnoise_condition, ar_step=s.ar_step,
+                      causal_block_size=s.causal_block_size, fps=s.fps or 24)
+        torch.manual_seed(s.seed)
     kwargs = {key: value for key, value in kwargs.items() if key in accepted}
     return pipe(generator=torch.Generator().manual_seed(s.seed), output_type="latent", return_dict=False,
                 **kwargs)[0]

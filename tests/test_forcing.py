@@ -1,0 +1,137 @@
+"""Diffusion forcing (SkyReels-V2 DF, engine/windows.py): parity with diffusers' DF pipelines on
+one and several windows, synchronous and asynchronous, with and without noised history; the
+window settings' one-line errors before loading; per-window progress."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import families
+from unison.engine.config import ModelConfig, OutputConfig, RunConfig
+from unison.engine.errors import UserError
+from unison.engine.plan import plan_run
+from unison.engine.render import Engine
+from unison.engine.windows import Windows, rows
+
+# (id, family, sampling overrides). Tiny latent frames are (frames - 1) / 4 + 1: 17 frames in 9-frame
+# windows with a 5-frame overlap is 5 latent frames in 3 windows of 3 (2 given, 1 new); 33 frames in
+# 21-frame windows with a 9-frame overlap is 9 latent frames in 2 windows of 6 (3 given, 3 new).
+CASES = [
+    ("t2v-one-window", "skyreels-v2-df", dict(frames=9)),
+    ("t2v-sync-3-windows-addnoise", "skyreels-v2-df", dict(frames=17, window_frames=9, overlap_frames=5,
+                                                           addnoise_condition=20)),
+    ("t2v-async-frame-wise", "skyreels-v2-df", dict(frames=9, ar_step=1)),
+    ("t2v-async-blocks-2-windows", "skyreels-v2-df", dict(frames=33, window_frames=21, overlap_frames=9,
+                                                          ar_step=2, causal_block_size=3, addnoise_condition=20)),
+    ("t2v-fps-16", "skyreels-v2-df", dict(frames=9, fps=16)),
+    ("i2v-sync-3-windows-addnoise", "skyreels-v2-df-i2v", dict(frames=17, window_frames=9, overlap_frames=5,
+                                                               addnoise_condition=20)),
+    ("i2v-async-blocks-2-windows", "skyreels-v2-df-i2v", dict(frames=33, window_frames=21, overlap_frames=9,
+                                                              ar_step=2, causal_block_size=3)),
+]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_folder, tmp_path_factory):
+    """One engine per family, shared by its cases (each render sets its own causal block)."""
+    made, folder = {}, tmp_path_factory.mktemp("forcing")
+
+    def get(family: str) -> Engine:
+        if family not in made:
+            sampling = families.sampling(family, steps=3, folder=folder)
+            made[family] = Engine.from_config(_config(tiny_folder(family), sampling))
+        return made[family]
+
+    return get
+
+
+def _config(folder: str, sampling) -> RunConfig:
+    return RunConfig(model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False))
+
+
+@pytest.mark.parametrize("family, overrides", [pytest.param(f, o, id=i) for i, f, o in CASES])
+def test_matches_diffusers(engines, tiny_folder, tmp_path, family, overrides):
+    """The final latents of the whole video equal diffusers' DF pipeline's (float32, 1e-5), the
+    case's windows and rows counted independently of the engine (diffusers' own arithmetic)."""
+    sampling = families.sampling(family, steps=3, folder=tmp_path, **overrides)
+    engine = engines(family)
+    result = engine.render(_config(tiny_folder(family), sampling))
+    theirs = families.run(families.pipeline(family, tiny_folder(family)), family, sampling)
+    assert result.latents.shape == theirs.shape
+    rel = ((result.latents.double() - theirs.double()).norm() / theirs.double().norm()).item()
+    assert rel <= 1e-5
+    windows = {record.index for record in result.loop.steps}
+    assert len(windows) == len(result.loop.steps)  # one record per forward row, none twice
+
+
+def test_window_arithmetic_matches_diffusers():
+    """Windows.count and sizes against a hand count for the README's examples (latent frames
+    (frames-1)/4+1): 257 frames in 97-frame windows, 17 overlap -> 65 latent in windows of 25, the
+    first adding 25 and each later one 20: 3 windows; 737 -> 185 latent: 1 + 160/20 = 9 windows."""
+    s = families.sampling("skyreels-v2-df", steps=3)
+    w = Windows.of(dataclasses.replace(s, frames=257, window_frames=97, overlap_frames=17), temporal=4, block=1)
+    assert (w.count, [w.size(k) for k in range(w.count)], [w.new(k) for k in range(w.count)]) == \
+        (3, [25, 25, 25], [25, 20, 20])
+    w = Windows.of(dataclasses.replace(s, frames=737, window_frames=97, overlap_frames=17), temporal=4, block=5)
+    assert w.count == 9 and sum(w.new(k) for k in range(w.count)) == 185
+    # Synchronous rows are the steps; asynchronous ones more: 5 blocks of 5 frames, each 5 steps
+    # behind the one before, 30 steps: the last block starts after 4 x 5 rows and takes 30.
+    sync = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30), temporal=4, block=1,
+                base_is_window=True)
+    lagged = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30, ar_step=5), temporal=4, block=5,
+                  base_is_window=True)
+    assert sync == [30] and lagged == [30 + 4 * 5]
+
+
+def test_causal_block_is_set_per_render(engines, tiny_folder, tmp_path):
+    """diffusers' _set_ar_attention changes the transformer's config for good: a render that
+    leaves the block unset takes the checkpoint's again, not the last render's."""
+    engine = engines("skyreels-v2-df")
+    folder = tiny_folder("skyreels-v2-df")
+    plain = families.sampling("skyreels-v2-df", steps=2, frames=9)
+    first = engine.render(_config(folder, plain)).latents
+    engine.render(_config(folder, dataclasses.replace(plain, frames=25, window_frames=25, ar_step=1, causal_block_size=7)))
+    again = engine.render(_config(folder, plain)).latents
+    assert torch.equal(first, again)
+    assert engine.pipe.transformer.config.num_frame_per_block == 1
+
+
+BAD = [
+    (dict(frames=17, window_frames=9), "sampling.overlap_frames is required when sampling.frames (17) exceeds "
+                                       "sampling.window_frames (9)"),
+    (dict(frames=17, window_frames=9, overlap_frames=9), "must be fewer than sampling.window_frames"),
+    (dict(frames=17, window_frames=10, overlap_frames=5), "sampling.window_frames must be 4k+1 frames, got 10"),
+    (dict(frames=17, window_frames=9, overlap_frames=6), "sampling.overlap_frames must be 4k+1 frames, got 6"),
+    (dict(frames=9, causal_block_size=2), "window 1 of 1 has 3 latent frames, not a multiple of "
+                                          "sampling.causal_block_size 2"),
+    (dict(frames=9, ar_step=-1), "sampling.ar_step must be at least 0"),
+    (dict(frames=9, causal_block_size=0), "sampling.causal_block_size must be at least 1"),
+    (dict(frames=9, addnoise_condition=1001), "sampling.addnoise_condition must be between 0 and 1000"),
+    (dict(frames=2001, window_frames=2001), "sampling.window_frames=2001 runs past the position table"),
+    (dict(frames=2001, window_frames=97, overlap_frames=17, max_sequence_length=16), None),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[(m or "accepted")[:40] for _, m in BAD])
+def test_bad_window_settings_are_refused_before_loading(overrides, message):
+    """Each a one-line UserError from the plan (no weights read); None: the same video in windows
+    the position table takes is accepted (a long video is limited by its window, not its length)."""
+    sampling = families.sampling("skyreels-v2-df", steps=3, **overrides)
+    config = RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling)
+    if message is None:
+        assert plan_run(config).config.sampling.window_frames == overrides["window_frames"]
+        return
+    with pytest.raises(UserError) as err:
+        plan_run(config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("window_frames", 9), ("overlap_frames", 5), ("addnoise_condition", 20.0),
+                                          ("ar_step", 1), ("causal_block_size", 1), ("fps", 16)])
+def test_forcing_fields_refused_elsewhere(field, value):
+    sampling = dataclasses.replace(families.sampling("wan", steps=2), **{field: value})
+    with pytest.raises(UserError, match=f"sampling.{field} is for diffusion forcing"):
+        plan_run(RunConfig(model=ModelConfig(family="wan"), sampling=sampling))
