@@ -355,7 +355,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
         raise UserError(f"output.parallel_decode: {spec.title}'s VAE decode cannot be spread over the ranks; set "
                         "output.parallel_decode=false (rank 0 decodes alone)")
     p = config.parallel
-    problem = structure_problem(p, spec=spec, branches=spec.hooks.branches(sampling), guidance=sampling.guidance)
+    problem = structure_problem(p, spec=spec, branches=spec.hooks.branches(sampling), guidance=sampling.guidance) \
+        or spec.hooks.layout_problem(sampling, p)
     if problem is not None:
         raise UserError(problem)
     # A MagCache or TeaCache that names no preset and no numbers of its own gets the preset

@@ -135,3 +135,48 @@ def test_forcing_fields_refused_elsewhere(field, value):
     sampling = dataclasses.replace(families.sampling("wan", steps=2), **{field: value})
     with pytest.raises(UserError, match=f"sampling.{field} is for diffusion forcing"):
         plan_run(RunConfig(model=ModelConfig(family="wan"), sampling=sampling))
+
+
+# -- N ranks -------------------------------------------------------------------------------------
+def _parallel_config(folder: str, layout: dict, **overrides) -> RunConfig:
+    """48 x 80 pixels: 3 x 5 patches per latent frame, 45 tokens per 3-frame window (no degree
+    divides it); 17 frames in three windows with noised history, CFG on."""
+    from unison.engine.config import ParallelConfig
+
+    values = dict(frames=17, window_frames=9, overlap_frames=5, addnoise_condition=20, height=48, width=80)
+    sampling = families.sampling("skyreels-v2-df", steps=3, **{**values, **overrides})
+    return dataclasses.replace(_config(folder, sampling), parallel=ParallelConfig(**layout, timeout_s=60))
+
+
+def _render_parallel(rank, world, folder, layout, overrides):
+    return Engine.from_config(_parallel_config(folder, layout, **overrides), world_size=world).render().latents
+
+
+PARALLEL = [(dict(ulysses=2), {}), (dict(ring=2, shard_weights=True), {}), (dict(ulysses=2, ring=2), {}),
+            (dict(cfg=2, shard_weights=True), {}), (dict(patch=2), {}), (dict(patch=2, patch_mode="pipefusion"), {}),
+            (dict(ulysses=2), dict(ar_step=1)), (dict(cfg=2), dict(frames=33, window_frames=21, overlap_frames=9,
+                                                                   ar_step=2, causal_block_size=3))]
+"""Patch modes run each window's 3 rows inside their exact warm-up (4 steps, re-warmed per window);
+the asynchronous block-causal case runs under CFG parallel, which leaves attention whole."""
+
+
+@pytest.mark.parametrize("layout, overrides", PARALLEL, ids=lambda v: "-".join(
+    f"{k}{'' if v is True else v}" for k, v in v.items()) or "sync")
+def test_n_ranks_equal_one_rank(tiny_folder, layout, overrides):
+    """Every exact mode on a three-window video (two for the block-causal case): N ranks give the
+    one-rank latents (float32, 1e-5 relative)."""
+    from multirank import run_ranks
+
+    folder = tiny_folder("skyreels-v2-df")
+    one = Engine.from_config(_parallel_config(folder, {}, **overrides)).render().latents
+    world = layout.get("ulysses", 1) * layout.get("ring", 1) * layout.get("cfg", 1) * layout.get("patch", 1)
+    for latents in run_ranks(world, _render_parallel, folder, layout, overrides):
+        assert latents.shape == one.shape
+        assert ((latents - one).norm() / one.norm()).item() <= 1e-5
+
+
+def test_block_causal_mask_under_sequence_parallel_is_refused_at_plan_time(tiny_folder):
+    config = _parallel_config(tiny_folder("skyreels-v2-df"), dict(ulysses=2), frames=33, window_frames=21,
+                              overlap_frames=9, ar_step=2, causal_block_size=3)
+    with pytest.raises(UserError, match="block-causal mask on every self-attention"):
+        plan_run(config, world_size=2)

@@ -158,6 +158,11 @@ class Hooks:
     def check_sampling(self, sampling) -> None:
         """Raise UserError for sampling settings the family cannot take (beyond size and frames)."""
 
+    def layout_problem(self, sampling, parallel) -> str | None:
+        """A parallel layout these sampling settings cannot run under, as one line (None: any the
+        spec allows)."""
+        return None
+
     def default_size(self, sampling, read) -> tuple[int, int] | None:
         """(height, width) of the video when the user gave neither, where the family's pipeline
         derives them (from the picture and the folder's configs, `read` as Limits reads them);

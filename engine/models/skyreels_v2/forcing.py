@@ -52,6 +52,14 @@ class ForcingHooks(SkyReelsHooks):
         if sampling.true_cfg_scale is not None or sampling.guidance_2 is not None:
             raise UserError(f"{self.family} runs classifier-free guidance with --guidance alone")
 
+    def layout_problem(self, sampling, parallel) -> str | None:
+        if sampling.causal_block_size > 1 and (parallel.ulysses > 1 or parallel.ring > 1 or parallel.patch > 1):
+            return (f"sampling.causal_block_size {sampling.causal_block_size} puts a block-causal mask on every "
+                    f"self-attention, which sequence and patch parallelism do not split yet; use causal_block_size "
+                    f"1 (asynchronous frame by frame with ar_step > 0 still works), or cfg parallel and "
+                    f"shard_weights alone")
+        return None
+
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:
         conditioning = super().encode(pipe, dataclass_without_picture(sampling), device)
         fps = [0 if sampling.fps == 16 else 1]  # diffusers' mapping of the rate to the embedding's index
