@@ -53,6 +53,9 @@ class LoopResult:
     decode: tuple[torch.Tensor, int] | None = None
     """What the video decodes from when it is not `latents` (ModelSpec.decode_input): the latents
     and the leading pixel frames to drop."""
+    windows: object = None
+    """Diffusion forcing (engine/windows.WindowRecord): the finished windows' latents, times and
+    cache decisions; `latents` is then only the last window's."""
 
 
 def initial_latents(pipe, spec: ModelSpec, sampling: SamplingConfig, device: torch.device,
@@ -313,6 +316,7 @@ def denoise(
     offload: Offloader | None = None,
     checkpoints: Checkpoints | None = None,
     stop: StopRequest | None = None,
+    keep_latents: bool = True,
 ) -> LoopResult:
     """Run the denoising loop. `guidance` (parallel/cfg.py) says whether this rank computes one
     guidance branch (CFG parallel) or both. `caches` (per expert name) and `runtime` (the parallel
@@ -329,7 +333,7 @@ def denoise(
 
         return denoise_windows(pipe, spec, sampling, device=device, progress=progress, on_step=on_step,
                                on_phase=on_phase, runtime=runtime, guidance=guidance, caches=caches,
-                               offload=offload, checkpoints=checkpoints, stop=stop)
+                               offload=offload, checkpoints=checkpoints, stop=stop, keep_latents=keep_latents)
     caches, guidance = caches or {}, guidance or Guidance()
     for watcher in [*caches.values(), *([runtime] if runtime is not None else [])]:
         watcher.reset()

@@ -28,7 +28,7 @@ from unison.engine.loop import LoopResult, OnPhase, denoise
 from unison.engine.precision import describe_components
 from unison.engine.same_settings import check_same_settings
 from unison.engine.io.stop import StopRequest
-from unison.engine.io.video import mp4_write, to_uint8_frames
+from unison.engine.io.video import mp4_stream_write, mp4_write, to_uint8_frames
 from unison.engine.io.writes import commit, text_write, torch_write
 
 log = logging.getLogger("unison")
@@ -62,6 +62,8 @@ class RenderResult:
     """Every rank's peak memory, in rank order (empty on one rank)."""
     components: str = ""
     """Each component's dtype and device, read from its parameters after the render."""
+    window_lines: list[str] = field(default_factory=list)
+    """Diffusion forcing: the windows and each one's seconds (empty otherwise)."""
 
     def summary(self) -> str:
         steps = [r.seconds for r in self.loop.steps]
@@ -80,6 +82,7 @@ class RenderResult:
             lines[0] += f"; resumed from the step checkpoint after step {self.loop.resumed_from_step}"
         if self.components:
             lines.append(f"components {self.components}")
+        lines += self.window_lines
         lines += [f"cache     {line}" for line in self.cache_lines]
         lines += [f"parallel  {line}" for line in self.parallel_lines]
         if self.comm_bytes_per_step:
@@ -237,7 +240,10 @@ class Engine:
                                          world_size=self.plan.world_size, group=everyone, on_stop=True)
         loop = denoise(self.pipe, plan.spec, cfg.sampling, device=device, progress=show, runtime=self.runtime,
                        guidance=self.assembly.guidance, caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
-                       checkpoints=checkpoints, stop=stop)
+                       checkpoints=checkpoints, stop=stop,
+                       keep_latents=self.is_writer or not cfg.output.decode)
+        if loop.windows is not None:
+            return self._finish_windows(plan, loop, checkpoints, phase=phase, started=started, everyone=everyone)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
         latents_path = video_path = config_path = None
@@ -283,6 +289,67 @@ class Engine:
                             if self.runtime is not None else [], peak_memory_per_rank=peaks,
                             components=describe_components(
                                 self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")))
+
+    def _finish_windows(self, plan: Plan, loop: LoopResult, checkpoints, *, phase, started: float,
+                        everyone) -> RenderResult:
+        """A diffusion-forcing render's results: the windows' latents are read back one window at a
+        time (engine/windows.WindowStore) and decoded as a stream into the mp4 encoder, the causal
+        VAE's cache carried across windows, so neither the latents nor the frames are ever held
+        whole (output.save_latents, or decode off, asks for the latents whole). Rank 0 decodes."""
+        cfg, device = plan.config, plan.device
+        steps, store = len(loop.steps), loop.windows.store
+        seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
+                   "denoise": sum(r.seconds for r in loop.steps)}
+        latents, latents_path = loop.latents, None
+        if store.keep and (cfg.output.save_latents or not cfg.output.decode):
+            latents = store.latents(device)
+        if cfg.output.save_latents and self.is_writer:
+            latents_path = Path(cfg.output.save_latents)
+            phase("writing", steps, steps)
+            commit(torch_write(latents_path, latents))
+        video_path = config_path = None
+        if cfg.output.decode and self.is_writer:
+            phase("decoding", steps, steps)
+            t0 = time.perf_counter()
+            video_path, config_path = Path(cfg.output.path), config_path_for(cfg.output.path)
+            s = cfg.sampling
+
+            def chunks():
+                with torch.no_grad():
+                    for video in plan.spec.hooks.decode_stream(self.pipe.vae, store.pieces(device)):
+                        yield to_uint8_frames(self.pipe.video_processor.postprocess_video(video, output_type="np")[0])
+
+            commit(text_write(config_path, dump_yaml(cfg)),
+                   mp4_stream_write(video_path, chunks, frames=s.frames, height=s.height, width=s.width,
+                                    fps=cfg.output.fps))
+            seconds["decode+write"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - started + self.load_seconds
+        peak, kind = peak_memory(device)
+        peaks = []
+        if self.runtime is not None:
+            peaks = [None] * self.plan.world_size
+            dist.all_gather_object(peaks, peak, group=everyone)
+        if checkpoints is not None:
+            checkpoints.remove()
+        comm = {}
+        if self.runtime is not None and loop.steps:
+            comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
+        w = loop.windows
+        lines = [f"windows   {w.count}" + (f" (resumed in window {w.resumed_window + 1})"
+                                           if w.resumed_window is not None else "")
+                 + (", " + ", ".join(f"{t:.2f}" for t in w.seconds) + " s each" if w.seconds else "")]
+        return RenderResult(config=cfg, latents=latents, loop=loop, video_path=video_path, config_path=config_path,
+                            latents_path=latents_path, seconds=seconds, peak_memory_bytes=peak,
+                            peak_memory_kind=kind, comm_bytes_per_step=comm,
+                            comm_calls=dict(self.runtime.stats.calls) if self.runtime is not None else {},
+                            cache_lines=describe_caches(self.caches),
+                            cache_decisions={name: [d for window in per for d in window]
+                                             for name, per in w.decisions.items()},
+                            parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
+                            if self.runtime is not None else [], peak_memory_per_rank=peaks,
+                            components=describe_components(
+                                self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")),
+                            window_lines=lines)
 
     def _use_scheduler(self, name: str, flow_shift: float | None) -> None:
         """The render's sampler (engine/schedulers.py), built from the folder's scheduler."""

@@ -172,14 +172,114 @@ def window_bar(total: int, *, progress: bool):
     return tqdm(total=total, desc="window", unit="step", disable=not progress, leave=False)
 
 
+class WindowStore:
+    """The finished windows' new latent frames, in order, held so that memory does not grow with
+    the video: on this rank's disk (Checkpoints.window_path, committed as each window ends, so a
+    resumed render reads them instead of recomputing) when a checkpoint folder exists, else in
+    memory; a rank that needs no latents (not the writer, decoding) keeps none."""
+
+    def __init__(self, checkpoints=None, *, keep: bool = True):
+        self.checkpoints, self.keep = checkpoints, keep
+        self.held: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, piece: torch.Tensor) -> None:
+        if self.keep and self.checkpoints is not None:
+            from unison.engine.io.checkpoint import mark_folder
+            from unison.engine.io.writes import commit, torch_write
+
+            mark_folder(self.checkpoints.folder)
+            commit(torch_write(self.checkpoints.window_path(self.count), piece.detach().to("cpu", copy=True)))
+        elif self.keep:
+            self.held.append(piece)
+        self.count += 1
+
+    def resume(self, count: int) -> None:
+        """Windows 0..count-1 finished before the checkpoint resumed from (their files are there)."""
+        if self.keep and self.checkpoints is not None:
+            missing = [k for k in range(count) if not self.checkpoints.window_path(k).is_file()]
+            if missing:
+                raise RuntimeError(f"the step checkpoint in {self.checkpoints.folder} is after window {count}, but "
+                                   f"the latents of window {missing[0] + 1} are gone")
+        self.count = count
+
+    def pieces(self, device: torch.device | None = None):
+        """Each finished window's latents in order, one at a time."""
+        if not self.keep:
+            raise RuntimeError("this rank kept no latents of its windows")
+        for k in range(self.count):
+            if self.checkpoints is None:
+                yield self.held[k]
+            else:
+                piece = torch.load(self.checkpoints.window_path(k), map_location="cpu", weights_only=True)
+                yield piece if device is None else piece.to(device)
+
+    def latents(self, device: torch.device | None = None) -> torch.Tensor:
+        """The whole video's latents (held whole: for output.save_latents and callers that want them)."""
+        return torch.cat(list(self.pieces(device)), dim=2)
+
+
+class _Cursor:
+    """The loop's state at a row boundary: what a checkpoint saves beside the latents."""
+
+    def __init__(self):
+        self.window = 0
+        self.frame_steps: list = []
+        self.history: torch.Tensor | None = None
+        self.noise = torch.Generator(device="cpu")
+        self.addnoise = torch.Generator(device="cpu")
+
+    def extra(self) -> dict:
+        from unison.engine.io.checkpoint import scheduler_state
+
+        return {"window": self.window, "frame_schedulers": [scheduler_state(s) for s in self.frame_steps],
+                "history": self.history, "noise_rng": self.noise.get_state(), "addnoise_rng": self.addnoise.get_state()}
+
+
+class WindowCheckpointing:
+    """engine.loop.Checkpointing for windows: every N rows (output.checkpoint_every counts rows
+    over the whole video) and where every rank's stop request agrees, the current window's
+    latents, each frame's scheduler, the overlap history and both noise generators."""
+
+    def __init__(self, checkpoints, stop, *, caches: dict, finite, on_phase, cursor: _Cursor):
+        self.checkpoints, self.stop, self.caches, self.finite = checkpoints, stop, caches, finite
+        self.on_phase, self.cursor = on_phase, cursor
+
+    def before(self, step) -> None:
+        pass
+
+    def after(self, step, latents: torch.Tensor) -> None:
+        from unison.engine.errors import Preempted
+
+        i, total = step.index, step.total
+        preempted = self.stop is not None and i + 1 < total and self.stop.should_stop(i + 1)
+        if preempted or (self.checkpoints is not None and self.checkpoints.due(i, total)):
+            self.finite.finish()
+            if self.on_phase is not None:
+                self.on_phase("checkpointing", i + 1, total)
+            self.checkpoints.save(i, latents, None, self.caches, extra=self.cursor.extra())
+            if preempted:
+                self.checkpoints.wait_for_all()
+                raise Preempted(i + 1, total, str(self.checkpoints.folder))
+
+    def end(self) -> None:
+        pass
+
+
 def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: bool = False, on_step=None,
                     on_phase=None, runtime=None, guidance=None, caches: dict | None = None, offload=None,
-                    checkpoints=None, stop=None):
-    """engine.loop.denoise for a diffusion-forcing family (the same arguments and result)."""
+                    checkpoints=None, stop=None, keep_latents: bool = True):
+    """engine.loop.denoise for a diffusion-forcing family (the same arguments and result; the
+    result's `windows` holds the latents window by window, `latents` the last window's).
+    `keep_latents`: this rank needs the video's latents (to decode, save or return them)."""
     from unison.engine import loop as steps_loop
+    from unison.engine.io.checkpoint import load_scheduler_state
     from unison.parallel.cfg import Guidance
 
     caches, guidance, hooks = caches or {}, guidance or Guidance(), spec.hooks
+    watchers_all = [*caches.values(), *([runtime] if runtime is not None else [])]
+    for watcher in watchers_all:
+        watcher.reset()
     started = time.perf_counter()
     if on_phase is not None:
         on_phase("encoding", 0, sampling.steps)
@@ -195,46 +295,78 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     plan = [step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
                         base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
                         block=sampling.causal_block_size) for k in range(windows.count)]
+    starts = [sum(len(m) for m, _, _ in plan[:k]) for k in range(windows.count)]
     total = sum(len(matrix) for matrix, _, _ in plan)
     guidance.check(two_branches=conditioning.uncond is not None)
-    noise_generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    addnoise_generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    cursor = _Cursor()
+    cursor.noise.manual_seed(sampling.seed)
+    cursor.addnoise.manual_seed(sampling.seed)
+    store = WindowStore(checkpoints, keep=keep_latents)
+    start, latents, resumed = 0, None, None
+    if checkpoints is not None:  # after the caches' reset: the saved state replaces theirs
+        resumed = checkpoints.restore(None, caches, device)
+    if resumed is not None:
+        start, latents, extra = resumed.step, resumed.latents, resumed.extra
+        cursor.window, cursor.history = extra["window"], extra["history"]
+        cursor.history = cursor.history.to(device) if cursor.history is not None else None
+        cursor.noise.set_state(extra["noise_rng"])
+        cursor.addnoise.set_state(extra["addnoise_rng"])
+        store.resume(cursor.window)
+    resumed_window = cursor.window if resumed is not None else None
     finite, timing = steps_loop.FiniteCheck(device, total), steps_loop.Timing(device)
     bar = window_bar(total, progress=progress)
     step_hooks = [*([steps_loop.Phases(on_phase)] if on_phase is not None else []), steps_loop.Finite(finite),
                   timing, *([steps_loop.Offloading(offload)] if offload is not None else []),
-                  steps_loop.Bar(bar, 0), *([steps_loop.Reports(on_step, timing)] if on_step is not None else [])]
-    pieces, history, index = [], None, 0
+                  steps_loop.Bar(bar, start),
+                  WindowCheckpointing(checkpoints, stop, caches=caches, finite=finite, on_phase=on_phase, cursor=cursor),
+                  *([steps_loop.Reports(on_step, timing)] if on_step is not None else [])]
+    decisions: dict[str, list[list[tuple]]] = {name: [] for name in caches}
+    window_seconds: list[float] = []
     shape = hooks.latent_shape(pipe, sampling)
     with torch.no_grad(), bar:
         for k, (matrix, mask, intervals) in enumerate(plan):
+            if k < cursor.window:  # finished before the checkpoint this render resumed from
+                continue
+            opened = time.perf_counter()
             size, given = windows.size(k), ready[k]
-            latents = torch.randn((*shape[:2], size, *shape[2:]), generator=noise_generator,
-                                  dtype=torch.float32).to(device)
-            if given:  # diffusers rounds what is given to the transformer's dtype
-                latents[:, :, :given] = (first if k == 0 else history[:, :, :given]).to(model.dtype)
-            frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
-            for watcher in [*caches.values(), *([runtime] if runtime is not None else [])]:
-                watcher.reset()
+            first_row = start - starts[k] if resumed is not None and k == cursor.window else 0
+            if first_row == 0:
+                cursor.window = k
+                latents = torch.randn((*shape[:2], size, *shape[2:]), generator=cursor.noise,
+                                      dtype=torch.float32).to(device)
+                if given:  # diffusers rounds what is given to the transformer's dtype
+                    latents[:, :, :given] = (first if k == 0 else cursor.history[:, :, :given]).to(model.dtype)
+                cursor.frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
+                if k > 0 or resumed is not None:
+                    for watcher in watchers_all:  # a new window is a new video to the caches
+                        watcher.reset()
+            else:  # resumed inside this window: its schedulers and caches come from the checkpoint
+                cursor.frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
+                for each, state in zip(cursor.frame_steps, resumed.extra["frame_schedulers"]):
+                    load_scheduler_state(each, state, device)
+                if runtime is not None:
+                    runtime.reset()
             for cache in caches.values():
                 cache.begin_video(steps=len(matrix))
             bar.set_description(f"window {k + 1}/{windows.count}")
             host_rows, host_mask = matrix.tolist(), mask.tolist()
-            for row, (t, (start, end)) in enumerate(zip(matrix, intervals)):
-                stepped = [i for i in range(start, end) if host_mask[row][i]]
+            for row, (t, (begin, end)) in enumerate(zip(matrix, intervals)):
+                if row < first_row:
+                    continue
+                stepped = [i for i in range(begin, end) if host_mask[row][i]]
                 timestep = float(max(host_rows[row][i] for i in stepped)) if stepped else 0.0
-                step = steps_loop.Step(index, total, timestep, spec.experts[0],
+                step = steps_loop.Step(starts[k] + row, total, timestep, spec.experts[0],
                                        WindowStep(window=k, windows=windows.count, row=row, rows=len(matrix)))
                 for hook in step_hooks:
                     hook.before(step)
-                x = latents[:, :, start:end].to(model.dtype).clone()
-                t_in = t.expand(latents.shape[0], -1)[:, start:end].clone()
-                if sampling.addnoise_condition > 0 and start < given:
+                x = latents[:, :, begin:end].to(model.dtype).clone()
+                t_in = t.expand(latents.shape[0], -1)[:, begin:end].clone()
+                if sampling.addnoise_condition > 0 and begin < given:
                     factor = 0.001 * sampling.addnoise_condition
-                    part = x[:, :, start:given]
-                    fresh = torch.randn(part.shape, generator=addnoise_generator, dtype=part.dtype).to(device)
-                    x[:, :, start:given] = part * (1.0 - factor) + fresh * factor
-                    t_in[:, start:given] = sampling.addnoise_condition
+                    part = x[:, :, begin:given]
+                    fresh = torch.randn(part.shape, generator=cursor.addnoise, dtype=part.dtype).to(device)
+                    x[:, :, begin:given] = part * (1.0 - factor) + fresh * factor
+                    t_in[:, begin:given] = sampling.addnoise_condition
                 watchers = [w for w in (caches.get(step.expert), runtime) if w is not None]
                 for watcher in watchers:
                     watcher.begin_step(row, timestep)
@@ -248,20 +380,37 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
                 noise = guidance.noise(predict, two_branches=conditioning.uncond is not None,
                                        scale=conditioning.scales[0])
                 for i in stepped:
-                    latents[:, :, i] = frame_steps[i].step(noise[:, :, i - start], t[i], latents[:, :, i],
-                                                           return_dict=False)[0]
+                    latents[:, :, i] = cursor.frame_steps[i].step(noise[:, :, i - begin], t[i], latents[:, :, i],
+                                                                  return_dict=False)[0]
                 for hook in step_hooks:
                     hook.after(step, latents)
-                index += 1
             piece = latents if k == 0 else latents[:, :, windows.overlap:]
-            pieces.append(piece)
+            store.add(piece)
             if windows.long:
-                history = piece if history is None else torch.cat([history, piece], dim=2)
-                history = history[:, :, -windows.overlap:]
+                joined = piece if cursor.history is None else torch.cat([cursor.history, piece], dim=2)
+                cursor.history = joined[:, :, -windows.overlap:]
+            for name, cache in caches.items():
+                decisions[name].append(list(cache.decisions))
+            window_seconds.append(time.perf_counter() - opened)
     for hook in step_hooks:
         hook.end()
-    return steps_loop.LoopResult(latents=torch.cat(pieces, dim=2), steps=timing.records,
-                                 encode_seconds=encode_seconds)
+    return steps_loop.LoopResult(latents=latents, steps=timing.records, encode_seconds=encode_seconds,
+                                 resumed_from_step=start if start else None,
+                                 windows=WindowRecord(store=store, count=windows.count, seconds=window_seconds,
+                                                      decisions=decisions, resumed_window=resumed_window))
+
+
+@dataclass
+class WindowRecord:
+    """What a diffusion-forcing render leaves beside the loop's result."""
+
+    store: WindowStore
+    count: int
+    seconds: list[float]
+    """Wall seconds of each window this render ran (a resumed render: from the one it resumed in)."""
+    decisions: dict[str, list[list[tuple]]]
+    """Per expert, per window this render ran: the cache's decisions (step counted in the window)."""
+    resumed_window: int | None = None
 
 
 class _nothing:

@@ -180,3 +180,82 @@ def test_block_causal_mask_under_sequence_parallel_is_refused_at_plan_time(tiny_
                               overlap_frames=9, ar_step=2, causal_block_size=3)
     with pytest.raises(UserError, match="block-causal mask on every self-attention"):
         plan_run(config, world_size=2)
+
+
+# -- resumable by window ---------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+def _resume_config(folder: str, out, *, every: int, **layout) -> RunConfig:
+    """Three windows of 3 rows (17 frames, 9-frame windows, 5 overlap, noised history), CFG on."""
+    config = _parallel_config(folder, layout)
+    return dataclasses.replace(config, output=dataclasses.replace(
+        config.output, path=str(out / "video.mp4"), checkpoint_every=every))
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 7])
+def test_a_crash_resumes_at_its_window_and_row_bit_identically(tiny_folder, tmp_path, stop):
+    """Killed after row `stop` (global; rows 0-2 are window 1, 3-5 window 2, 6-8 window 3) and its
+    checkpoint (one every row): the rerun runs only the rows after it, never a finished window (their
+    latents are read back), and its latents equal an uninterrupted render's bitwise. Stop 2 is a
+    window's last row (that window is stored by the rerun), stop 3 a window's first."""
+    folder = tiny_folder("skyreels-v2-df")
+    engine = Engine.from_config(_resume_config(folder, tmp_path / "reference", every=0))
+    reference = engine.render()
+    config = _resume_config(folder, tmp_path / "resumed", every=1)
+
+    def crash(record):
+        if record.index == stop:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        engine.render(config, on_step=crash)
+    ckpt = tmp_path / "resumed" / "video.mp4.ckpt"
+    assert sorted(p.name for p in ckpt.glob("rank0.window*.pt")) == [f"rank0.window{k}.pt" for k in range(stop // 3)]
+    forwards = []
+    hook = engine.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        result = engine.render(config)
+    finally:
+        hook.remove()
+    assert [r.index for r in result.loop.steps] == list(range(stop + 1, 9))
+    assert forwards == [1] * 2 * (8 - stop)  # cond and uncond per remaining row
+    assert result.loop.windows.resumed_window == stop // 3
+    assert torch.equal(result.latents, reference.latents)
+    assert not ckpt.exists()
+
+
+def _preempt_ulysses(rank, world, folder, out, at):
+    from unison.engine.errors import Preempted
+
+    engine = Engine.from_config(_resume_config(folder, out, every=0, ulysses=2), world_size=world)
+
+    def signal(record):  # what SIGTERM does, on rank 1 only: every rank stops at the same row
+        if rank == 1 and record.index == at:
+            engine.request_stop()
+
+    try:
+        engine.render(on_step=signal)
+        return None
+    except Preempted as stopped:
+        step = stopped.step
+    result = engine.render()
+    return step, result.loop.resumed_from_step, result.loop.windows.resumed_window, result.latents
+
+
+def test_preemption_under_ulysses_resumes_bit_identically(tiny_folder, tmp_path):
+    """Ulysses 2, a stop requested on rank 1 alone mid-window 2: both ranks checkpoint at the same
+    row (checkpoint_every 0: the stop writes one), and the same engine's rerun continues there and
+    equals an uninterrupted two-rank render bitwise."""
+    from multirank import run_ranks
+
+    folder = tiny_folder("skyreels-v2-df")
+    reference = run_ranks(2, _render_parallel, folder, dict(ulysses=2), {})
+    outcomes = run_ranks(2, _preempt_ulysses, folder, tmp_path, 4)
+    steps = {o[0] for o in outcomes}
+    assert len(steps) == 1 and 4 < steps.pop() < 9  # agreed on one row after the request
+    for (step, resumed, window, latents), theirs in zip(outcomes, reference):
+        assert resumed == step and window == (step - 1) // 3
+        assert torch.equal(latents, theirs)
+    assert not (tmp_path / "video.mp4.ckpt").exists()

@@ -147,6 +147,9 @@ class Resumed:
     step: int
     """Index of the first step still to run."""
     latents: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What the loop saved beside the latents (the same on every rank; diffusion forcing: the
+    window, each frame's scheduler, the noise generators), on the CPU."""
 
 
 @dataclass
@@ -228,18 +231,20 @@ class Checkpoints:
                 log.warning("not resuming: %s; starting from step 0", problems[0])
             return None
         shared = self._from_rank0(data)
-        load_scheduler_state(scheduler, shared["scheduler"], device)
+        if scheduler is not None:
+            load_scheduler_state(scheduler, shared["scheduler"], device)
         for name, cache in caches.items():
             cache.load_state_dict(_map(data["caches"][name], lambda t: t.to(device)))
         load_rng_state(data["rng"])
         self.written = [step]
         if self.rank == 0:
             log.info("resuming from the checkpoint after step %d in %s", step, self.folder)
-        return Resumed(step=step, latents=shared["latents"].to(device))
+        return Resumed(step=step, latents=shared["latents"].to(device), extra=shared.get("extra") or {})
 
     def _from_rank0(self, data: dict[str, Any]) -> dict[str, Any]:
         """The latents and scheduler state rank 0 saved (in its file alone), on every rank."""
-        shared = [{"latents": data["latents"], "scheduler": data["scheduler"]} if self.rank == 0 else None]
+        shared = [{"latents": data["latents"], "scheduler": data["scheduler"], "extra": data.get("extra")}
+                  if self.rank == 0 else None]
         if self.group is not None:
             dist.broadcast_object_list(shared, group=self.group, group_src=0)
         return shared[0]
@@ -250,14 +255,16 @@ class Checkpoints:
         done = index + 1
         return self.every > 0 and done % self.every == 0 and done < total
 
-    def save(self, index: int, latents: torch.Tensor, scheduler, caches: dict) -> None:
-        """Write the checkpoint after step `index` (this rank's file; rank 0 also the manifest)."""
+    def save(self, index: int, latents: torch.Tensor, scheduler, caches: dict, *, extra: dict | None = None) -> None:
+        """Write the checkpoint after step `index` (this rank's file; rank 0 also the manifest).
+        `extra`: more loop state, the same on every rank (rank 0 writes it; Resumed.extra)."""
         done = index + 1
         payload = {"format": FORMAT, "fingerprint": self.fingerprint, "step": done, "rank": self.rank,
                    "world_size": self.world_size,
                    "caches": {name: _cpu(cache.state_dict()) for name, cache in caches.items()}, "rng": rng_state()}
         if self.rank == 0:  # the same on every rank: written once (restore broadcasts them)
-            payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler))
+            payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler) if scheduler is not None else {},
+                           extra=_cpu(extra) if extra else None)
         mark_folder(self.folder)
         writes = [torch_write(self._path(done), payload)]
         if self.rank == 0:
@@ -276,15 +283,24 @@ class Checkpoints:
         if self.group is not None:
             dist.barrier(group=self.group)
 
+    # -- finished windows (diffusion forcing) ---------------------------------------------------------
+    def window_path(self, window: int) -> Path:
+        """This rank's copy of a finished window's latents (engine/windows.WindowStore)."""
+        return self.folder / f"rank{self.rank}.window{window}.pt"
+
     def remove(self) -> None:
         """The render's results are written: this rank's checkpoints go (and temporaries a killed
         writer left), and the folder once empty."""
         for step in self._steps():
             self._path(step).unlink(missing_ok=True)
+        windows = re.compile(rf"rank{self.rank}\.window\d+\.pt")
+        for name in self._names():
+            if windows.fullmatch(name):
+                (self.folder / name).unlink(missing_ok=True)
         if self.rank == 0:
             (self.folder / "manifest.json").unlink(missing_ok=True)
         (self.folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # every rank: the folder may be node-local
-        mine = re.compile(rf"\.rank{self.rank}\.step\d+\.[a-z0-9_]{{8}}\.part\.pt"
+        mine = re.compile(rf"\.rank{self.rank}\.(step|window)\d+\.[a-z0-9_]{{8}}\.part\.pt"
                           r"|\.unison-checkpoints\.[a-z0-9_]{8}\.part\.txt"
                           + (r"|\.manifest\.[a-z0-9_]{8}\.part\.json" if self.rank == 0 else ""))
         for name in self._names():

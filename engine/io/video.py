@@ -36,11 +36,23 @@ def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def encode_mp4(path: Path, frames: np.ndarray, *, fps: int) -> None:
-    """Encode uint8 frames (F, H, W, 3) into `path`; NotWritten when the encoder fails."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    _, height, width, _ = frames.shape
+def _check_frames(frames: np.ndarray, height: int | None = None, width: int | None = None) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or \
+            (height is not None and frames.shape[1:3] != (height, width)):
+        raise ValueError(f"expected uint8 frames (F, H, W, 3)" + (f" of {width}x{height}" if height else "") +
+                         f", got {frames.dtype} {tuple(frames.shape)}")
+
+
+def encode_mp4(path: Path, frames, *, fps: int, height: int | None = None, width: int | None = None) -> None:
+    """Encode uint8 frames (F, H, W, 3) into `path`; NotWritten when the encoder fails. `frames` may
+    also be an iterable of such chunks (a video streamed as it is decoded, never held whole), with
+    `height` and `width` given."""
+    if isinstance(frames, np.ndarray):
+        _check_frames(frames)
+        _, height, width, _ = frames.shape
+        chunks = [frames]
+    else:
+        chunks = frames
     # Sizes are multiples of 16 already, so nothing is rescaled.
     command = [ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF),
@@ -51,8 +63,10 @@ def encode_mp4(path: Path, frames: np.ndarray, *, fps: int) -> None:
                                    bufsize=0, start_new_session=True)
         try:
             try:
-                for frame in frames:
-                    encoder.stdin.write(np.ascontiguousarray(frame).tobytes())
+                for chunk in chunks:
+                    _check_frames(chunk, height, width)
+                    for frame in chunk:
+                        encoder.stdin.write(np.ascontiguousarray(frame).tobytes())
             except BrokenPipeError:
                 pass  # the encoder ended early; its status and message say why
             finally:
@@ -91,6 +105,13 @@ def mp4_write(path: str | Path, frames: np.ndarray, *, fps: int) -> Write:
     count, height, width = frames.shape[:3]
     return Write(Path(path), lambda tmp: encode_mp4(tmp, frames, fps=fps),
                  lambda tmp: check_mp4(tmp, frames=count, height=height, width=width))
+
+
+def mp4_stream_write(path: str | Path, chunks, *, frames: int, height: int, width: int, fps: int) -> Write:
+    """The Write of an mp4 whose frames come as they are made: `chunks()` gives an iterable of
+    uint8 (F, H, W, 3) arrays, `frames` in all (checked on read-back)."""
+    return Write(Path(path), lambda tmp: encode_mp4(tmp, chunks(), fps=fps, height=height, width=width),
+                 lambda tmp: check_mp4(tmp, frames=frames, height=height, width=width))
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int) -> None:

@@ -25,6 +25,7 @@ from unison.engine import images, schedulers
 from unison.engine.errors import UserError
 from unison.engine.models.spec import Conditioning
 from unison.engine.models.skyreels_v2.hooks import SkyReelsHooks
+from unison.engine.models.wan.vae import decode_stream
 
 
 class ForcingHooks(SkyReelsHooks):
@@ -84,6 +85,10 @@ class ForcingHooks(SkyReelsHooks):
 
     def condition_frames(self, sampling) -> int:
         return 1 if sampling.image is not None else 0
+
+    def decode_stream(self, vae, pieces):
+        """The video decoded window by window, the causal VAE's cache carried across (wan/vae.py)."""
+        return decode_stream(vae, pieces)
 
 
 class ForcingImageHooks(ForcingHooks):

@@ -32,5 +32,27 @@ def _finish(vae, video: torch.Tensor) -> torch.Tensor:
     return video.clamp_(-1.0, 1.0)
 
 
+def decode_stream(vae, pieces):
+    """Whole-video decode, a piece of latent frames at a time: the causal decoder's feature cache is
+    carried from one piece to the next, so each piece's pixels are exactly what a decode of the whole
+    video gives for those frames (diffusers' untiled decode runs the same calls frame by frame), and
+    only one piece's pixels exist at a time. `pieces`: normalised latents (the loop's), in order."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    started = False
+    for latents in pieces:
+        latents = latents.to(vae.device, dtype=vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        z = vae.post_quant_conv(latents / inv_std + mean)  # one frame at a time (a 1x1x1 convolution)
+        out = []
+        for k in range(z.shape[2]):
+            out.append(vae.decoder(z[:, :, k:k + 1], feat_cache=cache, feat_idx=[0], first_chunk=not started))
+            started = True
+        yield _finish(vae, torch.cat(out, dim=2))
+
+
 WAN_VAE = VaeTiling(name="Wan's VAE (AutoencoderKLWan)", decode_tile=_decode_tile,
                     pixel_patch=lambda vae: vae.config.patch_size or 1, finish=_finish)
