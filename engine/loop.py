@@ -29,7 +29,9 @@ PHASES = ("encoding", "step", "checkpointing", "decoding", "writing")
 """What a render is doing, in order, as `on_phase(phase, step, steps)` hears it when each begins:
 "step" once per denoising step (`step` is the one starting, 1 to `steps`); for the others
 `step` counts the steps finished. "checkpointing" is saving a step checkpoint. A worker adds
-"loading" (building its engine) and "idle"."""
+"loading" (building its engine) and "idle". A diffusion-forcing render (engine/windows.py) also
+says "window" as each window begins, (window, windows) in place of (step, steps), and counts its
+steps (forwards) over the whole video."""
 OnPhase = Callable[[str, int, int], None]
 
 

@@ -226,7 +226,7 @@ class Engine:
         self._video = Path(cfg.output.path).stem
 
         def phase(name: str, step: int, total: int) -> None:
-            if show and name != "step":
+            if show and name not in ("step", "window"):  # the bar shows steps; the window loop, windows
                 tqdm.write(f"unison: {name}", file=sys.stderr)
             if on_phase is not None:
                 on_phase(name, step, total)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -349,6 +350,13 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
             for cache in caches.values():
                 cache.begin_video(steps=len(matrix))
             bar.set_description(f"window {k + 1}/{windows.count}")
+            if on_phase is not None:
+                on_phase("window", k + 1, windows.count)
+            if progress and window_seconds:  # rank 0: the windows so far and the whole video's ETA
+                ran, spent = starts[k] - start, sum(window_seconds)
+                tqdm.write(f"unison: window {k + 1}/{windows.count}; the last {len(window_seconds)} took {spent:.1f} s "
+                           f"({spent / len(window_seconds):.1f} s each), about "
+                           f"{eta_text(spent / max(ran, 1) * (total - starts[k]))} to go", file=sys.stderr)
             host_rows, host_mask = matrix.tolist(), mask.tolist()
             for row, (t, (begin, end)) in enumerate(zip(matrix, intervals)):
                 if row < first_row:

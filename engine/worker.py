@@ -54,6 +54,9 @@ class Progress:
     "starting" before the first."""
     first: int = 0
     """The step the render started from: 0, or a step checkpoint's (known from its first step)."""
+    window: tuple[int, int] | None = None
+    """Diffusion forcing: (the window under way, 1-based, the video's windows); steps then count
+    forwards over the whole video."""
 
     @property
     def finished(self) -> int:
@@ -69,6 +72,8 @@ class Progress:
     def describe(self) -> str:
         """The line a driver prints: "job cat, decoding", "job dog, step 12/50", "loading"."""
         now = f"step {self.step}/{self.steps}" if self.phase == "step" else self.phase
+        if self.window is not None and self.phase in ("step", "checkpointing"):
+            now = f"window {self.window[0]}/{self.window[1]}, {now}"
         return now if self.job is None else f"job {self.job}, {now}"
 
 
@@ -116,13 +121,16 @@ class Worker:
         `unison generate`). A job of the engine's own config renders the engine's plan as it is."""
         started = time.perf_counter()
 
-        first = None
+        first, window = None, None
 
         def phase(name: str, step: int, steps: int) -> None:
-            nonlocal first
+            nonlocal first, window
+            if name == "window":  # diffusion forcing: the window now under way (its steps follow)
+                window = (step, steps)
+                return
             if name == "step" and first is None:
                 first = step - 1
-            self._set(Progress(job.id, step, steps, phase=name, first=first or 0))
+            self._set(Progress(job.id, step, steps, phase=name, first=first or 0, window=window))
             if on_progress is not None:
                 on_progress(self.progress())
 

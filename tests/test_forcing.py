@@ -259,3 +259,22 @@ def test_preemption_under_ulysses_resumes_bit_identically(tiny_folder, tmp_path)
         assert resumed == step and window == (step - 1) // 3
         assert torch.equal(latents, theirs)
     assert not (tmp_path / "video.mp4.ckpt").exists()
+
+
+def test_progress_names_the_window_and_the_whole_video(tiny_folder, tmp_path, capsys):
+    """A worker's progress lines say the window and the step over the whole video (rows counted
+    here from diffusers' step matrix, not the engine's); rank 0's stderr has one line per window
+    after the first with the windows' seconds and an ETA; the summary lists each window's time."""
+    from unison.engine.worker import Job, Worker
+
+    config = _resume_config(tiny_folder("skyreels-v2-df"), tmp_path, every=0)
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, progress=True))
+    worker = Worker.from_config(config)
+    seen = []
+    outcome = worker.run(Job(id="long", line=1, config=worker.engine.plan.config),
+                         on_progress=lambda p: seen.append(p.describe()), progress=True)
+    steps = [line for line in seen if "step" in line]
+    assert steps == [f"job long, window {row // 3 + 1}/3, step {row + 1}/9" for row in range(9)]
+    err = capsys.readouterr().err
+    assert err.count("unison: window ") == 2 and "unison: window 3/3; the last 2 took" in err and " to go" in err
+    assert "windows   3, " in outcome.summary and " s each" in outcome.summary
