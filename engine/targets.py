@@ -23,8 +23,8 @@ MAX_FPS = 1000
 
 CHECKPOINT_MARKER = "unison-checkpoints.txt"
 """The file that marks a checkpoint folder as unison's."""
-CHECKPOINT_NAMES = re.compile(r"rank\d+\.step\d+\.pt|manifest\.json|unison-checkpoints\.txt"
-                              r"|\.(rank\d+\.step\d+|manifest|unison-checkpoints)\.[a-z0-9_]{8}\.part\.(pt|json|txt)")
+CHECKPOINT_NAMES = re.compile(r"rank\d+\.(step|window)\d+\.pt|manifest\.json|unison-checkpoints\.txt"
+                              r"|\.(rank\d+\.(step|window)\d+|manifest|unison-checkpoints)\.[a-z0-9_]{8}\.part\.(pt|json|txt)")
 """Every name unison writes in a checkpoint folder (checkpoints, manifest, marker, and the
 temporaries engine/io/writes.py names `.<stem>.<random>.part<suffix>`)."""
 

@@ -5,6 +5,8 @@ window settings' one-line errors before loading; per-window progress."""
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +50,12 @@ def engines(tiny_folder, tmp_path_factory):
     return get
 
 
-def _config(folder: str, sampling) -> RunConfig:
-    return RunConfig(model=ModelConfig(path=folder), sampling=sampling, output=OutputConfig(decode=False, progress=False))
+def _config(folder: str, sampling, out: Path | None = None) -> RunConfig:
+    """Latents only; checkpoints (and the windows they keep) under `out` (default: a folder of this
+    config's own; ranks of one render must be given the same)."""
+    out = Path(out or tempfile.mkdtemp(prefix="forcing-")) / "video.mp4"
+    return RunConfig(model=ModelConfig(path=folder), sampling=sampling,
+                     output=OutputConfig(decode=False, progress=False, path=str(out)))
 
 
 @pytest.mark.parametrize("family, overrides", [pytest.param(f, o, id=i) for i, f, o in CASES])
@@ -138,18 +144,18 @@ def test_forcing_fields_refused_elsewhere(field, value):
 
 
 # -- N ranks -------------------------------------------------------------------------------------
-def _parallel_config(folder: str, layout: dict, **overrides) -> RunConfig:
+def _parallel_config(folder: str, layout: dict, out: Path | None = None, **overrides) -> RunConfig:
     """48 x 80 pixels: 3 x 5 patches per latent frame, 45 tokens per 3-frame window (no degree
     divides it); 17 frames in three windows with noised history, CFG on."""
     from unison.engine.config import ParallelConfig
 
     values = dict(frames=17, window_frames=9, overlap_frames=5, addnoise_condition=20, height=48, width=80)
     sampling = families.sampling("skyreels-v2-df", steps=3, **{**values, **overrides})
-    return dataclasses.replace(_config(folder, sampling), parallel=ParallelConfig(**layout, timeout_s=60))
+    return dataclasses.replace(_config(folder, sampling, out), parallel=ParallelConfig(**layout, timeout_s=60))
 
 
-def _render_parallel(rank, world, folder, layout, overrides):
-    return Engine.from_config(_parallel_config(folder, layout, **overrides), world_size=world).render().latents
+def _render_parallel(rank, world, folder, layout, overrides, out):
+    return Engine.from_config(_parallel_config(folder, layout, out, **overrides), world_size=world).render().latents
 
 
 PARALLEL = [(dict(ulysses=2), {}), (dict(ring=2, shard_weights=True), {}), (dict(ulysses=2, ring=2), {}),
@@ -162,7 +168,7 @@ the asynchronous block-causal case runs under CFG parallel, which leaves attenti
 
 @pytest.mark.parametrize("layout, overrides", PARALLEL, ids=lambda v: "-".join(
     f"{k}{'' if v is True else v}" for k, v in v.items()) or "sync")
-def test_n_ranks_equal_one_rank(tiny_folder, layout, overrides):
+def test_n_ranks_equal_one_rank(tiny_folder, tmp_path, layout, overrides):
     """Every exact mode on a three-window video (two for the block-causal case): N ranks give the
     one-rank latents (float32, 1e-5 relative)."""
     from multirank import run_ranks
@@ -170,7 +176,7 @@ def test_n_ranks_equal_one_rank(tiny_folder, layout, overrides):
     folder = tiny_folder("skyreels-v2-df")
     one = Engine.from_config(_parallel_config(folder, {}, **overrides)).render().latents
     world = layout.get("ulysses", 1) * layout.get("ring", 1) * layout.get("cfg", 1) * layout.get("patch", 1)
-    for latents in run_ranks(world, _render_parallel, folder, layout, overrides):
+    for latents in run_ranks(world, _render_parallel, folder, layout, overrides, tmp_path):
         assert latents.shape == one.shape
         assert ((latents - one).norm() / one.norm()).item() <= 1e-5
 
@@ -189,9 +195,8 @@ class Interrupted(Exception):
 
 def _resume_config(folder: str, out, *, every: int, **layout) -> RunConfig:
     """Three windows of 3 rows (17 frames, 9-frame windows, 5 overlap, noised history), CFG on."""
-    config = _parallel_config(folder, layout)
-    return dataclasses.replace(config, output=dataclasses.replace(
-        config.output, path=str(out / "video.mp4"), checkpoint_every=every))
+    config = _parallel_config(folder, layout, out)
+    return dataclasses.replace(config, output=dataclasses.replace(config.output, checkpoint_every=every))
 
 
 @pytest.mark.parametrize("stop", [1, 2, 3, 7])
@@ -251,7 +256,7 @@ def test_preemption_under_ulysses_resumes_bit_identically(tiny_folder, tmp_path)
     from multirank import run_ranks
 
     folder = tiny_folder("skyreels-v2-df")
-    reference = run_ranks(2, _render_parallel, folder, dict(ulysses=2), {})
+    reference = run_ranks(2, _render_parallel, folder, dict(ulysses=2), {}, tmp_path / "reference")
     outcomes = run_ranks(2, _preempt_ulysses, folder, tmp_path, 4)
     steps = {o[0] for o in outcomes}
     assert len(steps) == 1 and 4 < steps.pop() < 9  # agreed on one row after the request
@@ -278,3 +283,56 @@ def test_progress_names_the_window_and_the_whole_video(tiny_folder, tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("unison: window ") == 2 and "unison: window 3/3; the last 2 took" in err and " to go" in err
     assert "windows   3, " in outcome.summary and " s each" in outcome.summary
+
+
+# -- caches, in lockstep, per window ---------------------------------------------------------------
+def _cache_config(folder: str, cache, layout: dict, out, **overrides) -> RunConfig:
+    """The parallel case at 4 steps (the cache battery's tuned mixed settings are for 4 steps)."""
+    config = _parallel_config(folder, layout, out, **overrides)
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, steps=4))
+    return dataclasses.replace(config, cache=cache)
+
+
+def _render_every_kind(rank, world, folder, layout, overrides, out):
+    """Every kind on one engine (caches are applied per render): per kind, latents and decisions."""
+    engine, results = None, {}
+    for name, cache in _kinds():
+        config = _cache_config(folder, cache, layout, out, **overrides)
+        engine = engine or Engine.from_config(config, world_size=world)
+        result = engine.render(config)
+        results[name] = (result.latents, result.loop.windows.decisions)
+    return results
+
+
+def _kinds():
+    from test_cache_battery import SETTINGS
+
+    from unison.caching import registry
+
+    return [(name, dataclasses.replace(SETTINGS[name].mixed["wan"], verify=True)) for name in registry.KINDS]
+
+
+@pytest.mark.parametrize("overrides, rows", [({}, [4, 4, 4]), (dict(ar_step=1), [6, 4, 4])], ids=["sync", "async"])
+def test_every_cache_kind_decides_per_window_as_one_rank(tiny_folder, tmp_path, overrides, rows):
+    """Every kind of the registry (its battery's mixed setting, verify on) on a three-window video:
+    each window starts afresh (a window is a new video to a cache: its first forward computes, its
+    decisions count from row 0), and Ulysses 2 takes the one-rank decisions window by window and
+    reaches the one-rank latents (1e-5). Asynchronous rows are steps to a cache like any other:
+    ar_step 1 over 3 frames and 4 steps is 4 + 2 rows in the first window, and 4 in the later ones,
+    whose first two frames are given (only the third is denoised)."""
+    from multirank import run_ranks
+
+    folder = tiny_folder("skyreels-v2-df")
+    one = _render_every_kind(0, 1, folder, {}, overrides, tmp_path / "one")
+    skipped = 0
+    for name, (_, decisions) in one.items():
+        windows = decisions["transformer"]
+        assert [1 + max(d[0] for d in log) for log in windows] == rows, name
+        for log in windows:
+            assert min(d[0] for d in log) == 0 and all(d[-1] for d in log if d[0] == 0), name
+        skipped += sum(not d[-1] for log in windows for d in log)
+    assert skipped > 0
+    for theirs in run_ranks(2, _render_every_kind, folder, dict(ulysses=2), overrides, tmp_path / "two"):
+        for name, (latents, decisions) in theirs.items():
+            assert decisions == one[name][1], name
+            assert ((latents - one[name][0]).norm() / one[name][0].norm()).item() <= 1e-5, name
