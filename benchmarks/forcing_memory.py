@@ -1,0 +1,119 @@
+"""Peak host memory of a diffusion-forcing render against its number of windows, on the CPU.
+
+The tiny SkyReels-V2 DF model at 256x448 (its VAE's frames are what grows with the video: 0.46
+MB per float32 frame), 17-frame windows with a 5-frame overlap, so each window after the first
+adds 12 frames: 1, 2, 4 and 8 windows are 17, 29, 53 and 101 frames. Two steps, no guidance.
+Each render runs in a fresh process, whose peak resident memory (ru_maxrss) is the figure:
+
+- streamed: `unison`'s render (engine/windows.py, engine/render.py): the finished windows' latents
+  on disk, decoded window by window into the mp4 encoder;
+- whole: the same latents decoded at once and written from one array (what a render that holds the
+  video would cost), for contrast.
+
+    python benchmarks/forcing_memory.py [--windows 1 2 4 8]
+
+Writes benchmarks/results/<date>-forcing-memory-cpu.md naming the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEIGHT, WIDTH, WINDOW, OVERLAP, STEPS = 256, 448, 17, 5, 2
+
+
+def frames_for(windows: int) -> int:
+    """Pixel frames of a video of `windows` windows: the first 17, each later one 12 more."""
+    return WINDOW + (windows - 1) * (WINDOW - OVERLAP)
+
+
+def child(windows: int, *, whole: bool, out: Path) -> dict:
+    import time
+
+    import torch
+
+    from unison.engine.config import ModelConfig, OutputConfig, RunConfig, SamplingConfig
+    from unison.engine.io.video import to_uint8_frames, write_mp4
+    from unison.engine.render import Engine
+
+    config = RunConfig(
+        model=ModelConfig(family="skyreels-v2-df", dtype="float32"),
+        sampling=SamplingConfig(prompt="a long walk", height=HEIGHT, width=WIDTH, frames=frames_for(windows),
+                                window_frames=WINDOW, overlap_frames=OVERLAP, steps=STEPS, guidance=1.0,
+                                max_sequence_length=16),
+        output=OutputConfig(path=str(out / "video.mp4"), progress=False, decode=not whole))
+    started = time.perf_counter()
+    engine = Engine.from_config(config)
+    result = engine.render()
+    if whole:
+        with torch.no_grad():
+            video = engine.plan.spec.hooks.decode(engine.pipe.vae, result.latents)
+        frames = to_uint8_frames(engine.pipe.video_processor.postprocess_video(video, output_type="np")[0])
+        write_mp4(out / "video.mp4", frames, fps=24)
+    return {"windows": result.loop.windows.count, "frames": config.sampling.frames,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "seconds": time.perf_counter() - started}
+
+
+def measure(windows: int, *, whole: bool = False) -> dict:
+    """Run one render in a fresh interpreter; its peak RSS and what it rendered."""
+    with tempfile.TemporaryDirectory() as folder:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run([sys.executable, __file__, "--child", str(windows), "--out", folder,
+                               *(["--whole"] if whole else [])], capture_output=True, text=True, env=env,
+                              cwd=folder, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {windows}-window render failed: {proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--child", type=int)
+    parser.add_argument("--whole", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, whole=args.whole, out=Path(args.out))))
+        return
+    rows = []
+    for windows in args.windows:
+        streamed, whole = measure(windows), measure(windows, whole=True)
+        rows.append((streamed, whole))
+        print(f"{windows} windows, {streamed['frames']} frames: streamed {streamed['peak_rss'] / 2**20:.0f} MiB, "
+              f"whole {whole['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    base = rows[min(1, len(rows) - 1)][0]["peak_rss"]
+    lines = [f"# Diffusion forcing: peak host memory against windows ({datetime.date.today()})", "",
+             f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch "
+             f"{__import__('torch').__version__}. Tiny SkyReels-V2 DF at {HEIGHT}x{WIDTH}, {WINDOW}-frame windows, "
+             f"{OVERLAP}-frame overlap, {STEPS} steps, no guidance; each render in a fresh process, peak RSS "
+             f"(ru_maxrss). `python benchmarks/forcing_memory.py`.", "",
+             "| windows | frames | streamed (unison) MiB | vs 2 windows | whole decode MiB | vs 2 windows |",
+             "|---|---|---|---|---|---|"]
+    whole_base = rows[min(1, len(rows) - 1)][1]["peak_rss"]
+    for streamed, whole in rows:
+        lines.append(f"| {streamed['windows']} | {streamed['frames']} | {streamed['peak_rss'] / 2**20:.0f} | "
+                     f"{streamed['peak_rss'] / base:.3f} | {whole['peak_rss'] / 2**20:.0f} | "
+                     f"{whole['peak_rss'] / whole_base:.3f} |")
+    lines += ["", "Streamed: the finished windows' latents are kept on disk in the checkpoint folder and decoded "
+              "window by window into the encoder, the causal VAE's cache carried across windows (the frames equal "
+              "a whole decode bitwise: tests/test_forcing.py). Whole: the same latents decoded at once and written "
+              "from one array. The device side (CUDA peak) is the same design; not measured here (no GPU)."]
+    path = ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-forcing-memory-cpu.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
