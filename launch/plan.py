@@ -65,8 +65,9 @@ def real_model(config: RunConfig, request: Request) -> tuple[plan_model.RealMode
     sampling = stand_in_picture(_resolve_sampling(config.sampling, spec, tiny=False, read=read), spec)
     check_sampling(sampling, spec)
     check_limits(sampling, spec, config.model, read=read)
+    # A diffusion-forcing video passes through the model a window at a time.
     latent = plan_model.latent_shape(spec, parts, height=sampling.height, width=sampling.width,
-                                     frames=sampling.frames)
+                                     frames=sampling.window_frames if spec.forcing else sampling.frames)
     cache = plan_model.meta_model.CountCache(request.counts_cache)
     model = plan_model.RealModel(spec, parts, latent, sampling.max_sequence_length, cache=cache,
                                  name=plan_model.published_name(name) if name else path)
@@ -99,14 +100,26 @@ def make_setting(model, sampling, config: RunConfig, request: Request, gpus: int
     gpu = GPUS[request.gpu]
     # The skip share (given, the kind's schedule's, or the share it assumes) and the state per
     # token come from the cache kind's registry entry (caching/planning.py).
-    cache = cache_setting(model, config.cache, steps=sampling.steps, skip_share=request.skip_share)
+    rows = _window_rows(model.spec, sampling)
+    cache = cache_setting(model, config.cache, steps=max(rows), skip_share=request.skip_share)
     return Setting(gpu=gpu, gpus=gpus, nodes=request.nodes,
                    interconnect=request.interconnect or ("nvlink" if gpu.nvlink_gbps else "pcie"),
-                   steps=sampling.steps, branches=model.spec.hooks.branches(sampling), **cache,
+                   steps=sum(rows), windows=len(rows), branches=model.spec.hooks.branches(sampling), **cache,
                    encode_frames=model.spec.hooks.condition_frames(sampling),
                    patch_warmup_steps=config.parallel.patch_warmup_steps,
                    pipefusion_patches=config.parallel.pipefusion_patches, vae_tiling=config.output.vae_tiling,
-                   efficiency=calibrated(request).efficiency)
+                   efficiency=calibrated(request).efficiency,
+                   refuses=lambda layout: model.spec.hooks.layout_problem(sampling, layout))
+
+
+def _window_rows(spec, sampling) -> list[int]:
+    """Forwards per window (diffusion forcing: diffusers' step matrix per window), else [steps]."""
+    if not spec.forcing:
+        return [sampling.steps]
+    from unison.engine import windows
+
+    return windows.rows(sampling, temporal=spec.temporal_factor, block=sampling.causal_block_size,
+                        base_is_window=spec.hooks.base_is_window(sampling), first_ready=spec.hooks.given_frames(sampling))
 
 
 def calibrated(request: Request) -> Calibration:
@@ -202,6 +215,10 @@ def format_plan(model, sampling, setting: Setting, rows: list[Row], refused: lis
     lines = [
         f"unison plan: {spec.title} [{model.name}], {sampling.width}x{sampling.height}, {sampling.frames} frames, "
         f"{setting.steps} steps, {guidance}, {cache}",
+        *([f"  diffusion forcing: {setting.windows} windows of {sampling.window_frames} frames"
+           + (f" ({sampling.overlap_frames} overlapping)" if setting.windows > 1 else "")
+           + f", {setting.steps} forwards in all (s/step is one forward of a full window; s/video counts every "
+             f"window full)"] if spec.forcing else []),
         f"  {model.video_tokens} video tokens, {model.heads} heads x {model.head_dim}, {model.attentions} attentions "
         f"per forward; one forward counted on the meta device: {whole.linear / 1e15:.3f} PFLOP linear + "
         f"{whole.attention / 1e15:.3f} PFLOP attention",

@@ -288,7 +288,7 @@ the stage's buffer with the current patch refreshed)."""
 
 def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
                        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, text_valid: int = 0,
-                       kv: KVSource | None = None):
+                       kv: KVSource | None = None, causal_block: int = 0):
     """Attention of this rank's queries over the whole (unpadded) sequence: the one entry point of
     Ulysses, Ring, USP, displaced patches and PipeFusion.
 
@@ -300,7 +300,12 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     keys, and the text queries attend to everything; under Ulysses each rank attends with its own
     heads of the text and the text outputs are gathered over heads, so every rank of the group
     holds the same text output. Returns this rank's output shard (B, L, H, D), and the text
-    output (B, T, H, D) with `text`."""
+    output (B, T, H, D) with `text`. `causal_block` > 0: the sequence is in blocks of that many
+    tokens from the start and a query sees only the keys of its block and those before (a
+    diffusion-forcing model's block-causal mask); Ulysses alone takes it."""
+    if causal_block and (kv is not None or groups.ring_size > 1 or text is not None or groups.backend == "xfuser"):
+        raise NotImplementedError("a block-causal mask runs under Ulysses alone (not Ring, patches, joint "
+                                  "text or the xfuser backend)")
     if groups.backend == "xfuser" and kv is None:
         return xfuser_attention(q, k, v, groups=groups, valid_len=valid_len, text=text)
     u = groups.ulysses_size
@@ -321,7 +326,11 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     else:
         # Only the real queries: the padded rows' output is zero (they are trimmed at the gather).
         chunk = q.shape[1]
-        out = _over(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len], text, backend=groups.backend)
+        if causal_block:
+            out = _block_causal(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len], causal_block,
+                                backend=groups.backend)
+        else:
+            out = _over(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len], text, backend=groups.backend)
         if valid_len < chunk:
             video = out[0] if text is not None else out
             video = torch.cat([video, video.new_zeros(video.shape[0], chunk - valid_len, *video.shape[2:])], dim=1)
@@ -333,6 +342,13 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
         out = gather_heads(out, groups)
         text_out = all_gather(text_out, dim=2, group=groups.ulysses, stats=groups.stats)
     return out, text_out
+
+
+def _block_causal(q, k, v, block: int, *, backend: str) -> torch.Tensor:
+    """Block-causal attention without a mask: the queries of each block against the keys up to
+    that block's end (a prefix), one kernel call per block, so any backend (flash too) serves."""
+    return torch.cat([local_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
+                                      backend=backend) for start in range(0, q.shape[1], block)], dim=1)
 
 
 def _over(q, k, v, text, *, backend: str):

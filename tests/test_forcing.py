@@ -160,10 +160,13 @@ def _render_parallel(rank, world, folder, layout, overrides, out):
 
 PARALLEL = [(dict(ulysses=2), {}), (dict(ring=2, shard_weights=True), {}), (dict(ulysses=2, ring=2), {}),
             (dict(cfg=2, shard_weights=True), {}), (dict(patch=2), {}), (dict(patch=2, patch_mode="pipefusion"), {}),
-            (dict(ulysses=2), dict(ar_step=1)), (dict(cfg=2), dict(frames=33, window_frames=21, overlap_frames=9,
-                                                                   ar_step=2, causal_block_size=3))]
-"""Patch modes run each window's 3 rows inside their exact warm-up (4 steps, re-warmed per window);
-the asynchronous block-causal case runs under CFG parallel, which leaves attention whole."""
+            (dict(ulysses=2), dict(ar_step=1))] + [
+    (layout, dict(frames=33, window_frames=21, overlap_frames=9, ar_step=2, causal_block_size=3))
+    for layout in (dict(cfg=2), dict(ulysses=2, shard_weights=True), dict(ulysses=4))]
+"""Patch modes run each window's 3 rows inside their exact warm-up (4 steps, re-warmed per window).
+The block-causal cases (6-frame windows, 3-frame blocks: 2 blocks of 45 tokens, 90 per window)
+run under CFG parallel, which leaves attention whole, and under Ulysses 2 and 4 (4: padded to 92),
+whose attention runs block by block over key prefixes where one rank applies diffusers' mask."""
 
 
 @pytest.mark.parametrize("layout, overrides", PARALLEL, ids=lambda v: "-".join(
@@ -181,11 +184,14 @@ def test_n_ranks_equal_one_rank(tiny_folder, tmp_path, layout, overrides):
         assert ((latents - one).norm() / one.norm()).item() <= 1e-5
 
 
-def test_block_causal_mask_under_sequence_parallel_is_refused_at_plan_time(tiny_folder):
-    config = _parallel_config(tiny_folder("skyreels-v2-df"), dict(ulysses=2), frames=33, window_frames=21,
+@pytest.mark.parametrize("layout", [dict(ring=2), dict(patch=2), dict(ulysses=2, attention_backend="xfuser")])
+def test_block_causal_mask_under_ring_or_patches_is_refused_at_plan_time(tiny_folder, layout):
+    config = _parallel_config(tiny_folder("skyreels-v2-df"), layout, frames=33, window_frames=21,
                               overlap_frames=9, ar_step=2, causal_block_size=3)
-    with pytest.raises(UserError, match="block-causal mask on every self-attention"):
+    with pytest.raises(UserError, match="block-causal mask on every self-attention, which Ring, patch parallelism "
+                                        "and the xfuser backend do not split") as err:
         plan_run(config, world_size=2)
+    assert "\n" not in str(err.value)
 
 
 # -- resumable by window ---------------------------------------------------------------------------

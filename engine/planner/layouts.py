@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from unison.caching import registry
 from unison.caching.base import CacheConfig
@@ -85,6 +85,10 @@ class Setting:
     nodes: int = 1
     interconnect: str = "nvlink"
     steps: int = 50
+    """Forwards per video (per guidance branch): the steps, or a diffusion-forcing video's rows over
+    all its windows."""
+    windows: int = 1
+    """Diffusion forcing: windows, each re-warming patch parallelism's stale K/V."""
     branches: int = 2
     """Guidance branches per step (2 with CFG, 1 for HunyuanVideo's embedded guidance)."""
     cache: str = registry.NONE
@@ -102,6 +106,9 @@ class Setting:
     pipefusion_patches: int | None = None
     vae_tiling: bool = False
     efficiency: float = EFFICIENCY
+    refuses: Callable[[Any], str | None] | None = None
+    """(layout) -> why the run's sampling settings cannot take it (the family's
+    Hooks.layout_problem), or None."""
 
     def __post_init__(self):
         if self.cache != registry.NONE:
@@ -174,7 +181,8 @@ def layouts(model: RealModel, setting: Setting) -> tuple[list[Layout], list[tupl
             continue  # tiled anyway
         if structure_problem(layout, spec=spec, branches=setting.branches) is not None:
             continue
-        why = heads_problem(layout.ulysses, [model.heads]) or blocks_problem(layout, [model.attentions])
+        why = heads_problem(layout.ulysses, [model.heads]) or blocks_problem(layout, [model.attentions]) or \
+            (setting.refuses(layout) if setting.refuses is not None else None)
         if why is None and layout.tokens_split > model.video_tokens:
             why = f"more ranks than the {model.video_tokens} video tokens"
         if why is None:
@@ -288,7 +296,7 @@ def evaluate(model: RealModel, layout: Layout, setting: Setting) -> Row:
     video = step * setting.steps
     if layout.patch > 1 and not layout.pipefusion:
         # Warm-up steps exchange K/V synchronously: nothing of it hides.
-        warm = min(setting.patch_warmup_steps, setting.steps)
+        warm = min(setting.patch_warmup_steps, setting.steps // setting.windows) * setting.windows
         video += warm * seconds.get("all_gather_async", 0.0) - warm * max(0.0, hidden - compute)
     return Row(layout=layout, memory=memory(model, layout, setting), flops=step_flops, sent=sent,
                compute_s=compute, comm_s=step - compute, step_s=step, video_s=video)

@@ -54,11 +54,11 @@ class ForcingHooks(SkyReelsHooks):
             raise UserError(f"{self.family} runs classifier-free guidance with --guidance alone")
 
     def layout_problem(self, sampling, parallel) -> str | None:
-        if sampling.causal_block_size > 1 and (parallel.ulysses > 1 or parallel.ring > 1 or parallel.patch > 1):
+        if sampling.causal_block_size > 1 and (parallel.ring > 1 or parallel.patch > 1 or
+                                               getattr(parallel, "attention_backend", "auto") == "xfuser"):
             return (f"sampling.causal_block_size {sampling.causal_block_size} puts a block-causal mask on every "
-                    f"self-attention, which sequence and patch parallelism do not split yet; use causal_block_size "
-                    f"1 (asynchronous frame by frame with ar_step > 0 still works), or cfg parallel and "
-                    f"shard_weights alone")
+                    f"self-attention, which Ring, patch parallelism and the xfuser backend do not split; use "
+                    f"ulysses (and cfg, shard_weights), or causal_block_size 1")
         return None
 
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:

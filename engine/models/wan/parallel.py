@@ -35,12 +35,19 @@ def _qkv(attn, hidden_states, rotary_emb):
 
 
 @torch.compiler.disable
-def _attend_across(shard: SequenceShard, attn, q, k, v) -> torch.Tensor:
+def _attend_across(shard: SequenceShard, attn, q, k, v, mask=None) -> torch.Tensor:
     """The part of the processor that communicates and reads per-forward state (valid length,
     stale K/V keyed by layer): never traced, so under model.compile=blocks it runs eagerly between
-    the compiled projections and output (engine/compile.py)."""
+    the compiled projections and output (engine/compile.py). `mask`: SkyReels-V2 diffusion
+    forcing's block-causal mask over the whole sequence (1, 1, L, L), read once per forward as the
+    token length of its blocks (its first row's visible keys)."""
     kv = shard.displaced.source(id(attn)) if shard.displaced is not None else None
-    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, kv=kv)
+    block = 0
+    if mask is not None:
+        if "causal_block" not in shard.cache:
+            shard.cache["causal_block"] = int(mask[0, 0, 0].sum())
+        block = shard.cache["causal_block"]
+    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, kv=kv, causal_block=block)
 
 
 class WanSelfAttention:
@@ -52,7 +59,7 @@ class WanSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = _qkv(attn, hidden_states, rotary_emb)
-        out = _attend_across(self.shard, attn, q, k, v).flatten(2, 3).type_as(q)
+        out = _attend_across(self.shard, attn, q, k, v, attention_mask).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
