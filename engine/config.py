@@ -107,6 +107,14 @@ class SamplingConfig:
     causal_block_size: int | None = None
     """Diffusion forcing only: latent frames per causal block (5 recommended with ar_step > 0); every
     window's latent frames must divide into blocks. None: the checkpoint's num_frame_per_block."""
+    extend: str | None = None
+    """Diffusion forcing text-to-video only: a video (mp4 or any file ffmpeg reads) to continue, as
+    diffusers' SkyReelsV2DiffusionForcingVideoToVideoPipeline does: its last overlap_frames frames
+    are the first window's given frames, `frames` counts them too, and the written video is the
+    given one (resized to height x width) followed by the frames - overlap_frames new ones. A batch
+    job's is relative to its JSONL file's folder."""
+    extend_sha256: str | None = None
+    """The extended video's SHA-256, recorded in the resolved config (as image_sha256)."""
     fps: int | None = None
     """Diffusion forcing only: the frame rate the model is told (its fps embedding tells 16 from any
     other rate). None: output.fps, else the family's."""

@@ -70,7 +70,7 @@ def with_hashes(sampling):
     """`sampling` with each picture's SHA-256 recorded (after `check_images`); UserError if the
     config already recorded another one (the picture changed since the config was written)."""
     found = {}
-    for name in ("image", "last_image"):
+    for name in ("image", "last_image", "extend"):
         path, recorded = getattr(sampling, name), getattr(sampling, f"{name}_sha256")
         if path is None:
             if recorded is not None:
@@ -79,7 +79,7 @@ def with_hashes(sampling):
         actual = sha256(path)
         if recorded is not None and recorded != actual:
             raise UserError(f"sampling.{name}: {path} changed since this config was written (sha256 {actual[:12]}…, "
-                            f"recorded {recorded[:12]}…); remove sampling.{name}_sha256 to render the new picture")
+                            f"recorded {recorded[:12]}…); remove sampling.{name}_sha256 to render the new file")
         found[f"{name}_sha256"] = actual
     return dataclasses.replace(sampling, **found) if found else sampling
 

@@ -222,7 +222,7 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
 
 
 _FORCING_FIELDS = {"window_frames": None, "overlap_frames": None, "addnoise_condition": 0.0, "ar_step": 0,
-                   "causal_block_size": None, "fps": None}
+                   "causal_block_size": None, "fps": None, "extend": None}
 """The sampling fields only diffusion forcing reads, unset."""
 
 

@@ -313,14 +313,14 @@ class Engine:
             t0 = time.perf_counter()
             video_path, config_path = Path(cfg.output.path), config_path_for(cfg.output.path)
             s = cfg.sampling
+            count, frames = plan.spec.hooks.written_frames(self.pipe, s, store.pieces(device))
 
             def chunks():
                 with torch.no_grad():
-                    for video in plan.spec.hooks.decode_stream(self.pipe.vae, store.pieces(device)):
-                        yield to_uint8_frames(self.pipe.video_processor.postprocess_video(video, output_type="np")[0])
+                    yield from frames
 
             commit(text_write(config_path, dump_yaml(cfg)),
-                   mp4_stream_write(video_path, chunks, frames=s.frames, height=s.height, width=s.width,
+                   mp4_stream_write(video_path, chunks, frames=count, height=s.height, width=s.width,
                                     fps=cfg.output.fps))
             seconds["decode+write"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - started + self.load_seconds

@@ -45,7 +45,7 @@ def is_ours(folder: Path) -> bool:
 
 def picture_reads(sampling) -> dict[str, str]:
     """The pictures a run reads (sampling.image, sampling.last_image), as `reads` for check_landings."""
-    return {f"sampling.{name}": getattr(sampling, name) for name in ("image", "last_image")
+    return {f"sampling.{name}": getattr(sampling, name) for name in ("image", "last_image", "extend")
             if getattr(sampling, name)}
 
 

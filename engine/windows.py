@@ -50,15 +50,18 @@ class Windows:
     """Frames each window after the first repeats from the one before (0: one window)."""
     block: int
     """The causal block: a prefix is cut to a multiple of it."""
+    extend: bool = False
+    """The first window continues a given video (sampling.extend) from its last `overlap` frames."""
 
     @classmethod
     def of(cls, sampling, *, temporal: int, block: int) -> "Windows":
         latent = (sampling.frames - 1) // temporal + 1
-        long = sampling.overlap_frames is not None and sampling.frames > sampling.window_frames
+        extend = getattr(sampling, "extend", None) is not None
+        long = extend or (sampling.overlap_frames is not None and sampling.frames > sampling.window_frames)
         if not long:
             return cls(latent_frames=latent, base=latent, overlap=0, block=block)
         return cls(latent_frames=latent, base=(sampling.window_frames - 1) // temporal + 1,
-                   overlap=(sampling.overlap_frames - 1) // temporal + 1, block=block)
+                   overlap=(sampling.overlap_frames - 1) // temporal + 1, block=block, extend=extend)
 
     @property
     def long(self) -> bool:
@@ -72,18 +75,18 @@ class Windows:
 
     def size(self, k: int) -> int:
         """Latent frames window `k` denoises (its prefix included)."""
-        if k == 0:
+        if k == 0 and not self.extend:
             return self.base
         finished = k * (self.base - self.overlap) + self.overlap
         return min(self.latent_frames - finished + self.overlap, self.base)
 
     def prefix(self, k: int) -> int:
         """Finished frames window `k` starts from (the overlap, cut to whole causal blocks)."""
-        return 0 if k == 0 else self.overlap - self.overlap % self.block
+        return 0 if k == 0 and not self.extend else self.overlap - self.overlap % self.block
 
     def new(self, k: int) -> int:
         """Frames window `k` adds to the video."""
-        return self.size(k) if k == 0 else self.size(k) - self.overlap
+        return self.size(k) if k == 0 and not self.extend else self.size(k) - self.overlap
 
 
 def step_matrix(frames: int, timesteps: torch.Tensor, *, base: int, ar_step: int, ready: int, block: int):
@@ -124,6 +127,9 @@ def check(sampling, *, temporal: int, block: int, title: str) -> None:
         value = getattr(sampling, name)
         if value is not None and (value < 1 or (value - 1) % temporal):
             raise UserError(f"sampling.{name} must be {temporal}k+1 frames, got {value}")
+    if getattr(sampling, "extend", None) is not None and sampling.overlap_frames is None:
+        raise UserError("sampling.extend needs sampling.overlap_frames: the given video's last frames each "
+                        "window continues from (17 or 37 recommended)")
     if sampling.frames > sampling.window_frames and sampling.overlap_frames is None:
         raise UserError(f"sampling.overlap_frames is required when sampling.frames ({sampling.frames}) exceeds "
                         f"sampling.window_frames ({sampling.window_frames}): each window continues from the last "
@@ -131,7 +137,8 @@ def check(sampling, *, temporal: int, block: int, title: str) -> None:
     windows = Windows.of(sampling, temporal=temporal, block=block)
     if windows.long and windows.overlap >= windows.base:
         raise UserError(f"sampling.overlap_frames ({sampling.overlap_frames}) must be fewer than "
-                        f"sampling.window_frames ({sampling.window_frames}): a window must add frames")
+                        f"sampling.window_frames ({sampling.window_frames}) and than sampling.frames "
+                        f"({sampling.frames}): a window must add frames")
     if block > 1:
         for k in range(windows.count):
             if windows.size(k) % block:
@@ -291,8 +298,9 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     model = getattr(pipe, spec.experts[0])
     hooks.set_block(pipe, sampling.causal_block_size)
     windows = Windows.of(sampling, temporal=pipe.vae_scale_factor_temporal, block=sampling.causal_block_size)
-    first = hooks.first_prefix(conditioning)  # image-to-video: the picture's latent frame(s), given
-    ready = [first.shape[2] if first is not None else 0] + [windows.prefix(k) for k in range(1, windows.count)]
+    first = hooks.first_prefix(conditioning)  # the picture's latent frame, or an extended video's last frames
+    ready = [windows.prefix(0) if windows.extend else first.shape[2] if first is not None else 0] + \
+        [windows.prefix(k) for k in range(1, windows.count)]
     plan = [step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
                         base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
                         block=sampling.causal_block_size) for k in range(windows.count)]
@@ -336,7 +344,7 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
                 latents = torch.randn((*shape[:2], size, *shape[2:]), generator=cursor.noise,
                                       dtype=torch.float32).to(device)
                 if given:  # diffusers rounds what is given to the transformer's dtype
-                    latents[:, :, :given] = (first if k == 0 else cursor.history[:, :, :given]).to(model.dtype)
+                    latents[:, :, :given] = (first if k == 0 else cursor.history)[:, :, :given].to(model.dtype)
                 cursor.frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
                 if k > 0 or resumed is not None:
                     for watcher in watchers_all:  # a new window is a new video to the caches
@@ -392,7 +400,7 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
                                                                   return_dict=False)[0]
                 for hook in step_hooks:
                     hook.after(step, latents)
-            piece = latents if k == 0 else latents[:, :, windows.overlap:]
+            piece = latents if k == 0 else latents[:, :, windows.overlap:]  # an extension keeps its first window whole
             store.add(piece)
             if windows.long:
                 joined = piece if cursor.history is None else torch.cat([cursor.history, piece], dim=2)

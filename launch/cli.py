@@ -37,6 +37,7 @@ _FLAG_KEYS = {
     "negative_prompt": "sampling.negative_prompt",
     "image": "sampling.image",
     "last_image": "sampling.last_image",
+    "extend": "sampling.extend",
     "scheduler": "sampling.scheduler",
     "flow_shift": "sampling.flow_shift",
     "height": "sampling.height",
@@ -135,6 +136,8 @@ def _add_run_options(p, *, single: bool) -> None:
     p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame's picture")
     p.add_argument("--last-image", dest="last_image", metavar="PATH",
                    help="first-last-frame: the last frame's picture (with --image)")
+    p.add_argument("--extend", metavar="VIDEO",
+                   help="diffusion forcing (skyreels-v2-df): continue this video (needs sampling.overlap_frames)")
     p.add_argument("--scheduler", help="sampler: default (the folder's), unipc, dpm++, deis, euler")
     p.add_argument("--flow-shift", dest="flow_shift", type=float, help="the sampler's flow shift (Wan 480p 3.0, 720p 5.0)")
     p.add_argument("--height", type=int)

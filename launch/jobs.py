@@ -118,8 +118,8 @@ def _check_plain(obj: Any) -> None:
             stack.extend((value, depth + 1) for value in values)
 
 
-IMAGE_KEYS = ("image", "last_image")
-"""Per-job picture paths, relative to the jobs file's folder."""
+IMAGE_KEYS = ("image", "last_image", "extend")
+"""Per-job input paths (pictures, a video to extend), relative to the jobs file's folder."""
 
 
 def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_size: int,

@@ -394,3 +394,98 @@ def test_the_streamed_video_is_a_whole_decode_frame_for_frame(tiny_folder, tmp_p
     expected = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     assert np.array_equal(np.concatenate(sent), expected)
     video_io.check_mp4(tmp_path / "video.mp4", frames=17, height=48, width=80)
+
+
+# -- extending a video (diffusers' video-to-video pipeline) -------------------------------------------
+def _given_video(folder: Path, frames: int = 21) -> Path:
+    """A smooth random 80 x 48 video of `frames` frames, written once per folder."""
+    import numpy as np
+    from PIL import Image
+
+    from unison.engine.io.video import write_mp4
+
+    path = folder / f"given-{frames}.mp4"
+    if not path.exists():
+        low = np.random.default_rng(5).uniform(0, 255, size=(frames, 4, 5, 3)).astype(np.uint8)
+        write_mp4(path, np.stack([np.array(Image.fromarray(f).resize((80, 48), Image.BILINEAR)) for f in low]), fps=24)
+    return path
+
+
+@pytest.mark.parametrize("overrides", [dict(frames=17, window_frames=9, overlap_frames=5, addnoise_condition=20),
+                                       dict(frames=29, window_frames=21, overlap_frames=13, ar_step=2,
+                                            causal_block_size=3)], ids=["sync-3-windows", "async-blocks"])
+def test_extend_matches_diffusers_video_to_video(tiny_folder, tmp_path, overrides):
+    """--extend equals SkyReelsV2DiffusionForcingVideoToVideoPipeline given the same video's frames
+    (decoded by the same ffmpeg): the latents of every window (1e-5), the size taken from the video.
+    With 13 overlap frames (4 latent) and 3-frame blocks the given latents are cut to 3."""
+    from diffusers import SkyReelsV2DiffusionForcingVideoToVideoPipeline
+    from PIL import Image
+
+    from unison.engine.io.video import video_frames
+
+    given = _given_video(tmp_path)
+    folder = tiny_folder("skyreels-v2-df")
+    sampling = families.sampling("skyreels-v2-df", steps=3, extend=str(given), height=None, width=None, **overrides)
+    result = Engine.from_config(_config(folder, sampling)).render()
+    s = result.config.sampling
+    assert (s.height, s.width) == (48, 80)
+    pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(s.seed)
+    theirs = pipe(video=[Image.fromarray(f) for f in video_frames(given)], prompt=s.prompt,
+                  negative_prompt=s.negative_prompt, height=48, width=80, num_frames=s.frames, num_inference_steps=3,
+                  guidance_scale=s.guidance, max_sequence_length=s.max_sequence_length,
+                  overlap_history=s.overlap_frames, base_num_frames=s.window_frames, ar_step=s.ar_step,
+                  causal_block_size=s.causal_block_size, addnoise_condition=s.addnoise_condition, fps=24,
+                  generator=torch.Generator().manual_seed(s.seed), output_type="latent").frames
+    assert result.latents.shape == theirs.shape
+    assert ((result.latents - theirs).norm() / theirs.norm()).item() <= 1e-5
+
+
+def test_extend_writes_the_given_video_then_the_new_frames(tiny_folder, tmp_path):
+    """The written video is the 21 given frames followed by 17 - 5 new ones (the decoded overlap is
+    not repeated): 33 frames at the given video's size; the given frames are streamed, not held."""
+    from unison.engine.io.video import video_info
+
+    given = _given_video(tmp_path)
+    sampling = families.sampling("skyreels-v2-df", steps=2, extend=str(given), height=None, width=None, frames=17,
+                                 window_frames=9, overlap_frames=5)
+    config = _config(tiny_folder("skyreels-v2-df"), sampling, tmp_path / "out")
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, decode=True))
+    result = Engine.from_config(config).render()
+    assert video_info(result.video_path) == (21 + 17 - 5, 48, 80)
+    assert result.config.sampling.extend_sha256 is not None
+
+
+def _extend_bad(tmp_path: Path) -> list[tuple[dict, str]]:
+    given = str(_given_video(tmp_path))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video")
+    return [
+        (dict(extend=given), "sampling.extend needs sampling.overlap_frames"),
+        (dict(extend=str(tmp_path / "missing.mp4"), overlap_frames=5), "sampling.extend: no such file"),
+        (dict(extend=str(text), overlap_frames=5), "is not a video ffmpeg reads"),
+        (dict(extend=given, overlap_frames=25, window_frames=29, frames=33), "has 21 frames, fewer than "
+                                                                            "sampling.overlap_frames (25)"),
+        (dict(extend=given, overlap_frames=17, frames=17), "must be fewer than sampling.window_frames"),
+    ]
+
+
+def test_bad_extensions_are_refused_before_loading(tmp_path):
+    for overrides, message in _extend_bad(tmp_path):
+        sampling = families.sampling("skyreels-v2-df", steps=3, height=None, width=None, **overrides)
+        with pytest.raises(UserError) as err:
+            plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling))
+        assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
+    given = str(_given_video(tmp_path))
+    for family, overrides, message in [
+            ("skyreels-v2-df-i2v", dict(image=families.picture(tmp_path)), "give it without sampling.image"),
+            ("wan", {}, "sampling.extend is for diffusion forcing")]:
+        sampling = families.sampling(family, steps=3, folder=tmp_path, extend=given,
+                                     overlap_frames=5 if family != "wan" else None, **overrides)
+        with pytest.raises(UserError, match=message):
+            plan_run(RunConfig(model=ModelConfig(family=family), sampling=sampling))
+    sampling = families.sampling("skyreels-v2-df", steps=3, extend=given, overlap_frames=5)
+    with pytest.raises(UserError, match="would overwrite sampling.extend"):
+        plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling,
+                           output=OutputConfig(path=given)))

@@ -117,3 +117,35 @@ def mp4_stream_write(path: str | Path, chunks, *, frames: int, height: int, widt
 def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int) -> None:
     """Write uint8 frames (F, H, W, 3) as an H.264 mp4: encoded, decoded back, then renamed into place."""
     commit(mp4_write(path, frames, fps=fps))
+
+
+def video_frames(path: str | Path, *, what: str = "sampling.extend"):
+    """The frames of the video at `path` as uint8 (H, W, 3) arrays, decoded one at a time by the
+    ffmpeg imageio-ffmpeg ships (any file it reads). UserError naming `what` for a missing file or
+    one that does not decode."""
+    import imageio_ffmpeg
+
+    from unison.engine.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"{what}: no such file: {path}")
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        meta = next(reader)
+    except (RuntimeError, OSError, StopIteration) as err:
+        raise UserError(f"{what}: {path} is not a video ffmpeg reads ({one_line(str(err))})") from None
+    width, height = meta["size"]
+    try:
+        for raw in reader:
+            yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+    finally:
+        reader.close()
+
+
+def video_info(path: str | Path, *, what: str = "sampling.extend") -> tuple[int, int, int]:
+    """(frames, height, width) of the video at `path`, every frame decoded and counted (a header's
+    count can be an estimate)."""
+    count, height, width = 0, 0, 0
+    for frame in video_frames(path, what=what):
+        count, (height, width) = count + 1, frame.shape[:2]
+    return count, height, width

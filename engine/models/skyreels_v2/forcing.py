@@ -15,6 +15,13 @@ what the family adds to it.
   against each window's own length): the two pipelines differ there, and so do these hooks.
   One checkpoint serves both: `skyreels-v2-df` takes an optional picture (then it is the
   image-to-video pipeline's render), `skyreels-v2-df-i2v` requires one.
+- Extension (sampling.extend, diffusers' SkyReelsV2DiffusionForcingVideoToVideoPipeline): the
+  given video's last overlap_frames frames, resized, VAE-encoded and normalised, are the first
+  window's given frames (cut to whole causal blocks); the step matrices are the text-to-video
+  pipeline's. The given video is read twice, a frame at a time (for its last frames, and into the
+  written video), never held whole. diffusers' video-to-video output is the given video followed
+  by the decode of every latent frame, so the overlap appears twice; here the written video is
+  the given one followed by the new frames only (the latents are diffusers').
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from unison.engine import images, schedulers
 from unison.engine.errors import UserError
 from unison.engine.models.spec import Conditioning
 from unison.engine.models.skyreels_v2.hooks import SkyReelsHooks
+from unison.engine.io.video import video_frames, video_info
 from unison.engine.models.wan.vae import decode_stream
 
 
@@ -38,17 +46,39 @@ class ForcingHooks(SkyReelsHooks):
         self.takes_last = False
 
     def base_is_window(self, sampling) -> bool:
-        """Each window's step matrix is built against the window's own length (diffusers' T2V
-        pipeline), not the full window's (its I2V pipeline)."""
+        """Each window's step matrix is built against the window's own length (diffusers' T2V and
+        V2V pipelines), not the full window's (its I2V pipeline)."""
         return sampling.image is None
 
     def given_frames(self, sampling) -> int:
-        """Latent frames the first window is given (an image-to-video picture's)."""
+        """Latent frames the first window is given (an image-to-video picture's; an extended
+        video's overlap, in whole causal blocks)."""
+        if sampling.extend is not None:
+            overlap = (sampling.overlap_frames - 1) // 4 + 1
+            return overlap - overlap % sampling.causal_block_size
         return 0 if sampling.image is None else 1
+
+    def default_size(self, sampling, read) -> tuple[int, int] | None:
+        """An extension takes the given video's size, each side down to a multiple of 16."""
+        if sampling.extend is None:
+            return None
+        frame = next(video_frames(sampling.extend), None)
+        if frame is None:
+            raise UserError(f"sampling.extend: {sampling.extend} has no frames")
+        return max(16, frame.shape[0] // 16 * 16), max(16, frame.shape[1] // 16 * 16)
 
     def check_sampling(self, sampling) -> None:
         images.check_images(sampling, family=self.family, takes_image=self.takes_image, needs_image=self.i2v,
                             takes_last=False)
+        if sampling.extend is not None:
+            if sampling.image is not None or self.i2v:
+                raise UserError("sampling.extend continues a video from its own last frames: give it without "
+                                "sampling.image, to skyreels-v2-df")
+            if sampling.overlap_frames is not None:
+                count = video_info(sampling.extend)[0]
+                if count < sampling.overlap_frames:
+                    raise UserError(f"sampling.extend: {sampling.extend} has {count} frames, fewer than "
+                                    f"sampling.overlap_frames ({sampling.overlap_frames}) to continue from")
         schedulers.check(sampling.scheduler, sampling.flow_shift, family=self.family, sigmas=False)
         if sampling.true_cfg_scale is not None or sampling.guidance_2 is not None:
             raise UserError(f"{self.family} runs classifier-free guidance with --guidance alone")
@@ -69,6 +99,8 @@ class ForcingHooks(SkyReelsHooks):
                 branch.update(enable_diffusion_forcing=True, fps=fps)
         if sampling.image is not None:
             conditioning.video["given"] = _picture_latents(pipe, sampling, device)
+        if sampling.extend is not None:
+            conditioning.video["given"] = _video_latents(pipe, sampling, device)
         return conditioning
 
     def set_block(self, pipe, block: int) -> None:
@@ -89,6 +121,26 @@ class ForcingHooks(SkyReelsHooks):
     def decode_stream(self, vae, pieces):
         """The video decoded window by window, the causal VAE's cache carried across (wan/vae.py)."""
         return decode_stream(vae, pieces)
+
+    def written_frames(self, pipe, sampling, pieces):
+        """uint8 (F, H, W, 3) chunks of the video as written: the decoded windows, and for an
+        extension the given video (resized as diffusers resizes it) before them, the decoded
+        overlap left out. Returns (frames in all, the chunks)."""
+        from unison.engine.io.video import to_uint8_frames
+
+        def decoded(drop: int):
+            for video in decode_stream(pipe.vae, pieces):
+                frames = to_uint8_frames(pipe.video_processor.postprocess_video(video, output_type="np")[0])
+                cut = min(drop, len(frames))
+                drop -= cut
+                if cut < len(frames):
+                    yield frames[cut:]
+
+        if sampling.extend is None:
+            return sampling.frames, decoded(0)
+        given = video_info(sampling.extend)[0]
+        return given + sampling.frames - sampling.overlap_frames, \
+            _chain(_given_frames(pipe, sampling), decoded(sampling.overlap_frames))
 
 
 class ForcingImageHooks(ForcingHooks):
@@ -117,4 +169,46 @@ def _picture_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, torch.float32)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, torch.float32)
+    return (encoded - mean) * inv_std
+
+
+def _chain(*parts):
+    for part in parts:
+        yield from part
+
+
+def _pil(frames):
+    from PIL import Image
+
+    return [Image.fromarray(frame) for frame in frames]
+
+
+def _given_frames(pipe, sampling, chunk: int = 16):
+    """The given video, resized to the render's size as diffusers preprocesses it (and back to
+    uint8 as its output is postprocessed), `chunk` frames at a time."""
+    from unison.engine.io.video import to_uint8_frames
+
+    batch = []
+    for frame in _chain(video_frames(sampling.extend), [None]):
+        if frame is not None:
+            batch.append(frame)
+        if batch and (frame is None or len(batch) == chunk):
+            video = pipe.video_processor.preprocess_video(_pil(batch), height=sampling.height, width=sampling.width)
+            yield to_uint8_frames(pipe.video_processor.postprocess_video(video, output_type="np")[0])
+            batch = []
+
+
+def _video_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
+    """The given video's last overlap_frames frames, resized, VAE-encoded (the mode) and normalised,
+    as diffusers' video-to-video pipeline encodes them (float32 preprocessing, the VAE's dtype)."""
+    import collections
+
+    last = collections.deque(video_frames(sampling.extend), maxlen=sampling.overlap_frames)
+    vae = pipe.vae
+    video = pipe.video_processor.preprocess_video(_pil(last), height=sampling.height, width=sampling.width)
+    video = video.to(device, torch.float32).to(vae.dtype)
+    encoded = vae.encode(video).latent_dist.mode().to(torch.float32)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, vae.dtype)
     return (encoded - mean) * inv_std
