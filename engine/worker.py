@@ -41,6 +41,8 @@ class Outcome:
     """The step this attempt started from (0, or the step checkpoint's)."""
     summary: str = ""
     """The render's summary (time, memory, cache, parallel, what was written), as rank 0 prints it."""
+    windows: int = 0
+    """Diffusion forcing: the video's windows (0 otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -144,4 +146,5 @@ class Worker:
         return Outcome(id=job.id, seconds=time.perf_counter() - started, steps=len(times),
                        step_seconds=statistics.median(times) if times else 0.0,
                        video=str(result.video_path) if result.video_path else None,
-                       resumed_from_step=result.loop.resumed_from_step or 0, summary=result.summary())
+                       resumed_from_step=result.loop.resumed_from_step or 0, summary=result.summary(),
+                       windows=result.loop.windows.count if result.loop.windows is not None else 0)

@@ -156,11 +156,12 @@ class Ledger:
         return self.attempts.get(job.id, 0) + 1
 
     def succeeded(self, job: Job, *, seconds: float, steps: int, step_seconds: float,
-                  resumed_from_step: int = 0) -> None:
+                  resumed_from_step: int = 0, windows: int = 0) -> None:
         number = self.attempt(job)
         self.attempts[job.id] = number
         self._append(Record(id=job.id, status="done", attempts=number, seconds=round(seconds, 3),
-                            steps=steps, step_seconds=round(step_seconds, 4), resumed_from_step=resumed_from_step))
+                            steps=steps, step_seconds=round(step_seconds, 4), resumed_from_step=resumed_from_step,
+                            windows=windows))
         self.done += 1
         self.step_seconds.append(step_seconds)
         self.bar.update(1)
@@ -219,7 +220,10 @@ def _span(job: Job, reached: Progress | None) -> dict[str, int]:
     """A stopped attempt's Record fields: the step it started from and the steps it finished."""
     if reached is None or reached.job != job.id:
         return {}
-    return {"resumed_from_step": reached.first, "steps": max(0, reached.finished - reached.first)}
+    span = {"resumed_from_step": reached.first, "steps": max(0, reached.finished - reached.first)}
+    if reached.window is not None:  # diffusion forcing: the windows before the one under way are done
+        span["windows"] = reached.window[0] - 1
+    return span
 
 
 def error_text(err: BaseException) -> str:
@@ -285,5 +289,6 @@ def run_local(ledger: Ledger | None, todo: list[Job], *, worker) -> None:
                 break
             if ledger is not None:
                 ledger.succeeded(job, seconds=outcome.seconds, steps=outcome.steps,
-                                 step_seconds=outcome.step_seconds, resumed_from_step=outcome.resumed_from_step)
+                                 step_seconds=outcome.step_seconds, resumed_from_step=outcome.resumed_from_step,
+                                 windows=outcome.windows)
             break

@@ -241,9 +241,15 @@ class Record:
     """Mean seconds per denoising step of this attempt (0 when it did not get that far)."""
     resumed_from_step: int = 0
     """The step this attempt started from: 0, or the step checkpoint it resumed from."""
+    windows: int = 0
+    """Diffusion forcing: windows finished when the attempt ended (done: all of them; stopped: as far
+    as the driver knows, whose latents are kept with the step checkpoint and never recomputed)."""
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+        record = dataclasses.asdict(self)
+        if not record["windows"]:  # not diffusion forcing: the records of before
+            del record["windows"]
+        return json.dumps(record, ensure_ascii=False)
 
 
 STATUSES = ("done", "retry", "failed", "preempted")

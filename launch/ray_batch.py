@@ -307,7 +307,7 @@ class RayBatch:
             first = self.ray.get(slot.refs[0])  # rank 0's outcome
             slot.job, slot.refs, slot.failures_in_row, slot.stop_sent = None, [], 0, False
             ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds,
-                             resumed_from_step=first.resumed_from_step)
+                             resumed_from_step=first.resumed_from_step, windows=first.windows)
             return
         message, cause, reached = _describe_error(error), _cause(error), self._reached(slot)
         if isinstance(cause, Preempted):  # every rank checkpointed the same step

@@ -489,3 +489,42 @@ def test_bad_extensions_are_refused_before_loading(tmp_path):
     with pytest.raises(UserError, match="would overwrite sampling.extend"):
         plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling,
                            output=OutputConfig(path=given)))
+
+
+def test_a_preempted_batch_job_records_its_windows_and_resumes(tmp_path, capsys):
+    """`unison batch` in-process: SIGTERM during window 2 of a three-window job (2 forwards a row,
+    CFG; 3 rows a window): exit 143, the attempt recorded preempted with 1 window done; the same
+    command resumes inside window 2 and records the job done with its 3 windows."""
+    import json
+    import os
+
+    from unison.launch.cli import main
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "long", "prompt": "a long walk", "frames": 17, "window_frames": 9,
+                                "overlap_frames": 5, "addnoise_condition": 20, "negative_prompt": "blur",
+                                "guidance": 4.0}) + "\n")
+    out = tmp_path / "out"
+    args = ["batch", str(jobs), "--out", str(out), "--no-progress", "--steps", "3", "--set",
+            "model.family=skyreels-v2-df", "--set", "output.decode=false"]
+    calls = []
+
+    def signal_once(module, _):
+        if type(module).__name__ == "SkyReelsV2Transformer3DModel":
+            calls.append(1)
+            if len(calls) == 2 * 4 + 1:  # the first forward of row 5 (window 2's second row)
+                os.kill(os.getpid(), 15)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(signal_once)
+    try:
+        assert main(args) == 143
+    finally:
+        hook.remove()
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["status"], r["windows"], r["resumed_from_step"]) for r in records] == \
+        [("long", "preempted", 1, 0)]
+    assert sorted(p.name for p in (out / "long.mp4.ckpt").glob("rank0.window*.pt")) == ["rank0.window0.pt"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["windows"], r["resumed_from_step"]) for r in records[1:]] == [("done", 3, 5)]
+    assert not (out / "long.mp4.ckpt").exists()
