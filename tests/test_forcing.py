@@ -528,3 +528,23 @@ def test_a_preempted_batch_job_records_its_windows_and_resumes(tmp_path, capsys)
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["status"], r["windows"], r["resumed_from_step"]) for r in records[1:]] == [("done", 3, 5)]
     assert not (out / "long.mp4.ckpt").exists()
+
+
+@pytest.mark.parametrize("name, windows, forwards", [("df-14b-540p-10s", 3, [50] * 3),
+                                                     ("df-14b-720p-10s", 3, [50] * 3),
+                                                     ("df-14b-540p-30s-async", 9, [70] + [65] * 8)])
+def test_the_diffusion_forcing_recipes_plan(name, windows, forwards):
+    """Each recipe passes the plan-time checks, and its windows and forwards are SkyReels-V2's README
+    arithmetic: 257 frames in 97-frame windows with 17 overlapping is 3 windows (in 121-frame windows: also 3);
+    737 is 9. Asynchronous (5 blocks of 5 frames, 5 steps apart, 50 steps) a first window takes
+    50 + 4 x 5 rows; each later one, its first block given, 50 + 3 x 5."""
+    from unison.engine.config import load_yaml
+    from unison.engine.models import get_spec
+    from unison.engine.plan import _resolve_sampling, check_sampling
+
+    config = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "skyreels-v2" / f"{name}.yaml")
+    spec = get_spec(config.model.family)
+    sampling = _resolve_sampling(config.sampling, spec, tiny=False, read=lambda _: {})
+    check_sampling(sampling, spec)
+    assert Windows.of(sampling, temporal=4, block=sampling.causal_block_size).count == windows
+    assert rows(sampling, temporal=4, block=sampling.causal_block_size, base_is_window=True) == forwards
