@@ -4,7 +4,12 @@ Both produce final latents (no decode) from the same folder, prompt, seed and st
 alternate so that machine noise hits both alike. Prints a table and writes a dated result
 file naming the device. Goal: ratio of medians (unison / diffusers) <= 1.05.
 
-    python benchmarks/loop_vs_diffusers.py [--family wan] [--repeats 7]
+    python benchmarks/loop_vs_diffusers.py [--family wan] [--repeats 7] [--sampling KEY=VALUE ...]
+
+A diffusion-forcing video in windows, for instance:
+
+    python benchmarks/loop_vs_diffusers.py --family skyreels-v2-df --frames 33 \
+        --sampling window_frames=17 --sampling overlap_frames=5 --sampling addnoise_condition=20
 
 What differs between families (guidance, text length, a picture) is read from their specs by
 tests/families.py, the parity battery's own runner, so a new family needs no edit here.
@@ -48,8 +53,13 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                    help="another sampling field (YAML value), e.g. window_frames=17")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    import yaml
+
+    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.sampling)}
 
     work = Path(tempfile.mkdtemp())
     folder = work / args.family
@@ -58,9 +68,9 @@ def main() -> None:
     # family whose pipeline sizes the video from the picture keeps that size.
     size = {} if families.sizes_the_video(args.family) else dict(height=args.height, width=args.width)
     sampling = families.sampling(args.family, steps=args.steps, folder=work, prompt="a cat", negative_prompt="blurry",
-                                 frames=args.frames, **size)
+                                 frames=args.frames, **size, **extra)
     config = RunConfig(model=ModelConfig(path=str(folder)), sampling=sampling,
-                       output=OutputConfig(decode=False, progress=False))
+                       output=OutputConfig(decode=False, progress=False, path=str(work / "video.mp4")))
     engine = Engine.from_config(config)
     s = engine.plan.config.sampling
     pipe = families.pipeline(args.family, str(folder)).to(engine.plan.device)
@@ -93,7 +103,9 @@ def main() -> None:
         f"- date: {today}",
         f"- device: {dev}",
         f"- torch {torch.__version__}; workload: {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, "
-        f"CFG two branches, float32, no decode; {args.repeats} alternating repeats after one warm-up",
+        f"CFG two branches, float32, no decode; {args.repeats} alternating repeats after one warm-up"
+        + (f"; {', '.join(f'{k} {v}' for k, v in extra.items())}" if extra else "")
+        + (f"; {engine.render().loop.windows.count} windows" if engine.plan.spec.forcing else ""),
         f"- final-latent relative error unison vs diffusers: {err:.2e}",
         "",
         "| runner | median s | min s | max s |",

@@ -389,6 +389,11 @@ def plan_run(config: RunConfig, *, world_size: int = 1, local_rank: int = 0, gpu
     output = dataclasses.replace(config.output, fps=config.output.fps or sampling.fps or spec.fps)
     if spec.forcing and sampling.fps is None:  # the model is told the rate the video is written at
         sampling = dataclasses.replace(sampling, fps=output.fps)
+    if spec.forcing:  # decoded window by window on rank 0, the causal VAE's cache carried (engine/render.py)
+        if output.vae_tiling:
+            raise UserError("output.vae_tiling: diffusion forcing decodes window by window, untiled (its memory "
+                            "does not grow with the video's length); leave vae_tiling off")
+        output = dataclasses.replace(output, parallel_decode=False)
     # Each LoRA's file checked and its SHA-256 recorded; with a folder, its layers against the
     # transformer's config.json (engine/lora.py).
     loras = lora.check(config.lora, spec, read=config_reader(config.model, spec) if config.model.path else None)

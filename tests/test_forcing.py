@@ -548,3 +548,12 @@ def test_the_diffusion_forcing_recipes_plan(name, windows, forwards):
     check_sampling(sampling, spec)
     assert Windows.of(sampling, temporal=4, block=sampling.causal_block_size).count == windows
     assert rows(sampling, temporal=4, block=sampling.causal_block_size, base_is_window=True) == forwards
+
+
+def test_vae_tiling_is_refused_and_parallel_decode_resolved_off():
+    sampling = families.sampling("skyreels-v2-df", steps=3)
+    with pytest.raises(UserError, match="output.vae_tiling: diffusion forcing decodes window by window"):
+        plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling,
+                           output=OutputConfig(vae_tiling=True)))
+    plan = plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling), world_size=1)
+    assert plan.config.output.parallel_decode is False
