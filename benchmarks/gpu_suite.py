@@ -121,6 +121,10 @@ def real_cases() -> list[Case]:
         # Published shape (engine/models/skyreels_v2/published.py); 97 frames: 25 latent frames.
         Case("SkyReels-V2 14B 720x1280x97", "skyreels-v2", _published("skyreels-v2-14b-720p"), (1, 16, 25, 90, 160),
              512, (1, 2, 4, 8)),
+        # One diffusion-forcing window at 720P (base_num_frames 121: 31 latent frames), a timestep per
+        # frame; a long video is windows x rows of these (engine/windows.py).
+        Case("SkyReels-V2 DF 14B 720x1280x121", "skyreels-v2-df", _published("skyreels-v2-df-14b-720p"),
+             (1, 16, 31, 90, 160), 512, (1, 2, 4, 8)),
     ]
 
 
@@ -136,6 +140,7 @@ def smoke_cases() -> list[Case]:
         Case("tiny Wan", "wan", None, (1, 16, 3, 8, 8), 16, (1, 2, 4)),
         Case("tiny HunyuanVideo", "hunyuanvideo", None, (1, 16, 3, 8, 8), 32, (1, 2)),
         Case("tiny HunyuanVideo 1.5", "hunyuanvideo1.5", None, (1, 9, 3, 8, 8), 16, (1, 2)),
+        Case("tiny SkyReels-V2 DF", "skyreels-v2-df", None, (1, 16, 3, 8, 8), 16, (1, 2)),
     ]
 
 

@@ -43,7 +43,8 @@ def test_smoke_run_completes_every_section(tmp_path):
     forward = sections["one forward, per-rank share of Ulysses N (compute only)"]
     assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
                                                           ("tiny HunyuanVideo", 1), ("tiny HunyuanVideo", 2),
-                                                          ("tiny HunyuanVideo 1.5", 1), ("tiny HunyuanVideo 1.5", 2)]
+                                                          ("tiny HunyuanVideo 1.5", 1), ("tiny HunyuanVideo 1.5", 2),
+                                                          ("tiny SkyReels-V2 DF", 1), ("tiny SkyReels-V2 DF", 2)]
     assert all(r["seconds"] > 0 for r in forward)
     caches = {r["cache"]: r for r in sections["cache overhead, never skipping"]}
     # Never-skipping settings really never skip (else the overhead would be understated).
@@ -210,7 +211,8 @@ def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
     forward = sections[gpu_suite.FORWARD_TITLE]
     assert [(r["case"], r["ranks"]) for r in forward] == [("tiny Wan", 1), ("tiny Wan", 2), ("tiny Wan", 4),
                                                           ("tiny HunyuanVideo", "1,2"), ("tiny HunyuanVideo 1.5", 1),
-                                                          ("tiny HunyuanVideo 1.5", 2)]
+                                                          ("tiny HunyuanVideo 1.5", 2), ("tiny SkyReels-V2 DF", 1),
+                                                          ("tiny SkyReels-V2 DF", 2)]
     assert forward[3]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert "seconds" in sections["VAE decode, float32"][0]
     assert "OutOfMemoryError" in path.read_text()

@@ -16,11 +16,12 @@ import dataclasses
 
 from unison.engine.models.skyreels_v2 import published
 from unison.engine.models.skyreels_v2.forcing import ForcingHooks, ForcingImageHooks
+from unison.engine.models.skyreels_v2.forcing import forward_inputs as forcing_inputs
 from unison.engine.models.skyreels_v2.hooks import SkyReelsHooks, SkyReelsImageHooks
 from unison.engine.models.skyreels_v2.parallel import TOKEN_PLAN
 from unison.engine.models.skyreels_v2.tiny import (tiny_configs, tiny_forcing_configs, tiny_forcing_pipeline,
                                                    tiny_pipeline)
-from unison.engine.models.spec import ModelSpec, SamplingDefaults
+from unison.engine.models.spec import MetaTransformer, ModelSpec, SamplingDefaults
 from unison.engine.models.wan import CACHE_HINTS
 from unison.engine.models.wan.hooks import attention_modules, limits
 from unison.engine.models.wan.vae import WAN_VAE
@@ -62,7 +63,7 @@ def _forcing(family: str, title: str, *, pipeline_class: str, hooks, guidance: f
                  defaults=SamplingDefaults(height=544, width=960, frames=97, steps=50, guidance=guidance,
                                            max_sequence_length=512, window_frames=97))
     return dataclasses.replace(
-        spec, forcing=True, needs_image=i2v, build_tiny=lambda seed: tiny_forcing_pipeline(seed, i2v=i2v),
+        spec, forcing=True, needs_image=i2v, meta=MetaTransformer(inputs=forcing_inputs), build_tiny=lambda seed: tiny_forcing_pipeline(seed, i2v=i2v),
         tiny_configs=tiny_forcing_configs(),
         # Tiny: 9-frame windows (3 latent frames), so that 17 frames with a 5-frame overlap are 3 windows.
         tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0, max_sequence_length=32,

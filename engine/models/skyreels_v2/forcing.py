@@ -212,3 +212,17 @@ def _video_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, vae.dtype)
     return (encoded - mean) * inv_std
+
+
+def forward_inputs(config: dict, hidden_states: torch.Tensor, text_tokens: int, dtype: torch.dtype) -> dict:
+    """A diffusion-forcing forward's arguments around `hidden_states`, empty on its device (the
+    planner's meta device; the GPU suite fills them): a timestep per latent frame, the text, the
+    fps embedding's index where the checkpoint has one (MetaTransformer.inputs)."""
+    device, frames = hidden_states.device, hidden_states.shape[2] // int(config.get("patch_size", (1, 2, 2))[0])
+    inputs = dict(hidden_states=hidden_states, timestep=torch.empty(1, frames, device=device),
+                  encoder_hidden_states=torch.empty(1, text_tokens, config.get("text_dim", 4096), device=device,
+                                                    dtype=dtype),
+                  enable_diffusion_forcing=True, return_dict=False)
+    if config.get("inject_sample_info"):
+        inputs["fps"] = [1]
+    return inputs
