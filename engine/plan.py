@@ -15,7 +15,7 @@ from unison.caching import registry
 from unison.engine.config import CacheConfig, ModelConfig, ParallelConfig, RunConfig, SamplingConfig
 from unison.engine.errors import UserError
 from unison.engine import images, lora, schedulers, windows
-from unison.engine.models import ModelSpec, detect_family, get_spec, read_json, read_model_index
+from unison.engine.models import SPECS, ModelSpec, detect_family, get_spec, read_json, read_model_index
 from unison.engine.cache_presets import resolve as resolve_preset
 from unison.engine.limits import TIMEOUT_RANGE_S, check_finite, check_limits, check_seeds, config_reader
 from unison.engine.offload import Offloader, offloader_for
@@ -216,8 +216,9 @@ def check_sampling(s: SamplingConfig, spec: ModelSpec) -> None:
     else:
         for name, unset in _FORCING_FIELDS.items():
             if getattr(s, name) != unset:
-                raise UserError(f"sampling.{name} is for diffusion forcing (skyreels-v2-df, skyreels-v2-df-i2v); "
-                                f"{spec.title} renders a video in one pass")
+                forcing = ", ".join(family for family, other in SPECS.items() if other.forcing)
+                raise UserError(f"sampling.{name} is for diffusion forcing ({forcing}); {spec.title} renders a "
+                                f"video in one pass")
     spec.hooks.check_sampling(s)
 
 
@@ -408,8 +409,7 @@ def forwards_per_video(s: SamplingConfig, spec: ModelSpec) -> int:
     most of any window; asynchronous windows take more rows than steps)."""
     if not spec.forcing:
         return s.steps
-    return max(windows.rows(s, temporal=spec.temporal_factor, block=s.causal_block_size,
-                            base_is_window=spec.hooks.base_is_window(s), first_ready=spec.hooks.given_frames(s)))
+    return max(windows.rows(s, spec.hooks, temporal=spec.temporal_factor))
 
 
 def _attention_heads(model: ModelConfig, spec: ModelSpec) -> list[int]:

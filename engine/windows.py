@@ -8,8 +8,8 @@ branches, caches and the parallel runtime hear every forward as in engine/loop.p
 - The video is cut into windows of `window_frames` (diffusers' base_num_frames); each window after
   the first starts from the last `overlap_frames` (overlap_history) of the one before, given as
   finished frames ("prefix", cut to a multiple of the causal block), and adds the rest.
-- Inside a window, diffusers' `generate_timestep_matrix` gives one row of per-frame timesteps per
-  forward: synchronous (ar_step 0: every frame on the same schedule) or asynchronous (each block
+- Inside a window, the family's step matrix (SkyReels-V2: diffusers' `generate_timestep_matrix`)
+  gives one row of per-frame timesteps per forward: synchronous (ar_step 0: every frame on the same schedule) or asynchronous (each block
   of `causal_block_size` frames ar_step steps behind the one before, under a block-causal mask).
   Each frame has its own copy of the scheduler and is stepped only where the row's mask says so.
 - `addnoise_condition` > 0 gives the prefix frames a little fresh noise at every forward and that
@@ -89,27 +89,18 @@ class Windows:
         return self.size(k) if k == 0 and not self.extend else self.size(k) - self.overlap
 
 
-def step_matrix(frames: int, timesteps: torch.Tensor, *, base: int, ar_step: int, ready: int, block: int):
-    """diffusers' generate_timestep_matrix (it reads nothing of its pipeline): per row, the
-    timestep of every frame, which frames step, and the frames the forward takes."""
-    from diffusers import SkyReelsV2DiffusionForcingPipeline
-
-    matrix, _, mask, intervals = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
-        None, frames, timesteps, base, ar_step, ready, block)
-    return matrix, mask, intervals
-
-
-def rows(sampling, *, temporal: int, block: int, base_is_window: bool, first_ready: int = 0) -> list[int]:
+def rows(sampling, hooks, *, temporal: int) -> list[int]:
     """Forwards (rows) per window, without a model: the steps a cache or a checkpoint counts.
-    `first_ready`: latent frames given to the first window (an image-to-video picture's)."""
+    `hooks`: the family's (its step matrix, and what the first window is given)."""
+    block = sampling.causal_block_size
     windows = Windows.of(sampling, temporal=temporal, block=block)
     template = torch.arange(sampling.steps, 0, -1) * (1000 // max(sampling.steps, 1))
     counts = []
     for k in range(windows.count):
         size = windows.size(k)
-        base = size if base_is_window else windows.base
-        matrix, _, _ = step_matrix(size, template, base=base, ar_step=sampling.ar_step,
-                                   ready=windows.prefix(k) if k else first_ready, block=block)
+        base = size if hooks.base_is_window(sampling) else windows.base
+        matrix, _, _ = hooks.step_matrix(size, template, base=base, ar_step=sampling.ar_step,
+                                         ready=windows.prefix(k) if k else hooks.given_frames(sampling), block=block)
         counts.append(len(matrix))
     return counts
 
@@ -301,9 +292,9 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     first = hooks.first_prefix(conditioning)  # the picture's latent frame, or an extended video's last frames
     ready = [windows.prefix(0) if windows.extend else first.shape[2] if first is not None else 0] + \
         [windows.prefix(k) for k in range(1, windows.count)]
-    plan = [step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
-                        base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
-                        block=sampling.causal_block_size) for k in range(windows.count)]
+    plan = [hooks.step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
+                              base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
+                              block=sampling.causal_block_size) for k in range(windows.count)]
     starts = [sum(len(m) for m, _, _ in plan[:k]) for k in range(windows.count)]
     total = sum(len(matrix) for matrix, _, _ in plan)
     guidance.check(two_branches=conditioning.uncond is not None)

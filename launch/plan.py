@@ -118,8 +118,7 @@ def _window_rows(spec, sampling) -> list[int]:
         return [sampling.steps]
     from unison.engine import windows
 
-    return windows.rows(sampling, temporal=spec.temporal_factor, block=sampling.causal_block_size,
-                        base_is_window=spec.hooks.base_is_window(sampling), first_ready=spec.hooks.given_frames(sampling))
+    return windows.rows(sampling, spec.hooks, temporal=spec.temporal_factor)
 
 
 def calibrated(request: Request) -> Calibration:

@@ -14,6 +14,7 @@ import torch
 import families
 from unison.engine.config import ModelConfig, OutputConfig, RunConfig
 from unison.engine.errors import UserError
+from unison.engine.models import SPECS
 from unison.engine.plan import plan_run
 from unison.engine.render import Engine
 from unison.engine.windows import Windows, rows
@@ -85,10 +86,10 @@ def test_window_arithmetic_matches_diffusers():
     assert w.count == 9 and sum(w.new(k) for k in range(w.count)) == 185
     # Synchronous rows are the steps; asynchronous ones more: 5 blocks of 5 frames, each 5 steps
     # behind the one before, 30 steps: the last block starts after 4 x 5 rows and takes 30.
-    sync = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30), temporal=4, block=1,
-                base_is_window=True)
-    lagged = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30, ar_step=5), temporal=4, block=5,
-                  base_is_window=True)
+    hooks = SPECS["skyreels-v2-df"].hooks
+    sync = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30, causal_block_size=1), hooks, temporal=4)
+    lagged = rows(dataclasses.replace(s, frames=97, window_frames=97, steps=30, ar_step=5, causal_block_size=5), hooks,
+                  temporal=4)
     assert sync == [30] and lagged == [30 + 4 * 5]
 
 
@@ -547,7 +548,7 @@ def test_the_diffusion_forcing_recipes_plan(name, windows, forwards):
     sampling = _resolve_sampling(config.sampling, spec, tiny=False, read=lambda _: {})
     check_sampling(sampling, spec)
     assert Windows.of(sampling, temporal=4, block=sampling.causal_block_size).count == windows
-    assert rows(sampling, temporal=4, block=sampling.causal_block_size, base_is_window=True) == forwards
+    assert rows(sampling, spec.hooks, temporal=4) == forwards
 
 
 def test_vae_tiling_is_refused_and_parallel_decode_resolved_off():

@@ -263,8 +263,9 @@ class Checkpoints:
                    "world_size": self.world_size,
                    "caches": {name: _cpu(cache.state_dict()) for name, cache in caches.items()}, "rng": rng_state()}
         if self.rank == 0:  # the same on every rank: written once (restore broadcasts them)
-            payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler) if scheduler is not None else {},
-                           extra=_cpu(extra) if extra else None)
+            payload.update(latents=_cpu(latents), scheduler=scheduler_state(scheduler) if scheduler is not None else {})
+            if extra:
+                payload["extra"] = _cpu(extra)
         mark_folder(self.folder)
         writes = [torch_write(self._path(done), payload)]
         if self.rank == 0:

@@ -84,6 +84,8 @@ class ForcingHooks(SkyReelsHooks):
             raise UserError(f"{self.family} runs classifier-free guidance with --guidance alone")
 
     def layout_problem(self, sampling, parallel) -> str | None:
+        if getattr(parallel, "vae_tiling", False):  # the planner's layouts carry the VAE's tiling
+            return "diffusion forcing decodes window by window, untiled (output.vae_tiling is refused)"
         if sampling.causal_block_size > 1 and (parallel.ring > 1 or parallel.patch > 1 or
                                                getattr(parallel, "attention_backend", "auto") == "xfuser"):
             return (f"sampling.causal_block_size {sampling.causal_block_size} puts a block-causal mask on every "
@@ -102,6 +104,15 @@ class ForcingHooks(SkyReelsHooks):
         if sampling.extend is not None:
             conditioning.video["given"] = _video_latents(pipe, sampling, device)
         return conditioning
+
+    def step_matrix(self, frames: int, timesteps: torch.Tensor, *, base: int, ar_step: int, ready: int, block: int):
+        """diffusers' generate_timestep_matrix (it reads nothing of its pipeline): per row, the
+        timestep of every frame, which frames step, and the frames the forward takes."""
+        from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+        matrix, _, mask, intervals = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
+            None, frames, timesteps, base, ar_step, ready, block)
+        return matrix, mask, intervals
 
     def set_block(self, pipe, block: int) -> None:
         pipe.transformer._set_ar_attention(block)
