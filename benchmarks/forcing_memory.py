@@ -1,9 +1,14 @@
 """Peak host memory of a diffusion-forcing render against its number of windows, on the CPU.
 
-The tiny SkyReels-V2 DF model at 256x448 (its VAE's frames are what grows with the video: 0.46
+The tiny SkyReels-V2 DF model at 192x320 (its VAE's frames are what grows with the video: 0.7
 MB per float32 frame), 17-frame windows with a 5-frame overlap, so each window after the first
-adds 12 frames: 1, 2, 4 and 8 windows are 17, 29, 53 and 101 frames. Two steps, no guidance.
-Each render runs in a fresh process, whose peak resident memory (ru_maxrss) is the figure:
+adds 12 frames: 1, 2, 4 and 8 windows are 17, 29, 53 and 101 frames. One step, no guidance.
+Each render runs in a fresh process, whose peak resident memory (ru_maxrss) is the figure, with
+glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_): by default glibc raises that
+threshold as large buffers are freed, after which freed buffers stay in the heap and RSS creeps
+up with fragmentation, not with what the process holds (the last column shows it: on this
+machine one series read 624, 660, 662 and 680 MiB for 2, 4, 8 and 16 windows, another 659,
+659, 645 and 654; with the threshold fixed, 534, 533, 534 and 533).
 
 - streamed: `unison`'s render (engine/windows.py, engine/render.py): the finished windows' latents
   on disk, decoded window by window into the mp4 encoder;
@@ -29,7 +34,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HEIGHT, WIDTH, WINDOW, OVERLAP, STEPS = 256, 448, 17, 5, 2
+HEIGHT, WIDTH, WINDOW, OVERLAP, STEPS = 192, 320, 17, 5, 1
+MMAP_THRESHOLD = 65536
 
 
 def frames_for(windows: int) -> int:
@@ -65,10 +71,13 @@ def child(windows: int, *, whole: bool, out: Path) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def measure(windows: int, *, whole: bool = False) -> dict:
+def measure(windows: int, *, whole: bool = False, fixed_threshold: bool = True) -> dict:
     """Run one render in a fresh interpreter; its peak RSS and what it rendered."""
     with tempfile.TemporaryDirectory() as folder:
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        if fixed_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         proc = subprocess.run([sys.executable, __file__, "--child", str(windows), "--out", folder,
                                *(["--whole"] if whole else [])], capture_output=True, text=True, env=env,
                               cwd=folder, timeout=600)
@@ -79,7 +88,7 @@ def measure(windows: int, *, whole: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--child", type=int)
     parser.add_argument("--whole", action="store_true")
     parser.add_argument("--out")
@@ -90,22 +99,28 @@ def main() -> None:
     rows = []
     for windows in args.windows:
         streamed, whole = measure(windows), measure(windows, whole=True)
-        rows.append((streamed, whole))
+        default = measure(windows, fixed_threshold=False)
+        rows.append((streamed, whole, default))
         print(f"{windows} windows, {streamed['frames']} frames: streamed {streamed['peak_rss'] / 2**20:.0f} MiB, "
-              f"whole {whole['peak_rss'] / 2**20:.0f} MiB", flush=True)
+              f"whole {whole['peak_rss'] / 2**20:.0f} MiB, streamed with glibc's default "
+              f"{default['peak_rss'] / 2**20:.0f} MiB", flush=True)
     base = rows[min(1, len(rows) - 1)][0]["peak_rss"]
     lines = [f"# Diffusion forcing: peak host memory against windows ({datetime.date.today()})", "",
              f"Device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch "
              f"{__import__('torch').__version__}. Tiny SkyReels-V2 DF at {HEIGHT}x{WIDTH}, {WINDOW}-frame windows, "
-             f"{OVERLAP}-frame overlap, {STEPS} steps, no guidance; each render in a fresh process, peak RSS "
-             f"(ru_maxrss). `python benchmarks/forcing_memory.py`.", "",
-             "| windows | frames | streamed (unison) MiB | vs 2 windows | whole decode MiB | vs 2 windows |",
-             "|---|---|---|---|---|---|"]
+             f"{OVERLAP}-frame overlap, {STEPS} step(s), no guidance; each render in a fresh process, peak RSS "
+             f"(ru_maxrss) with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (see the script's docstring), and, last "
+             f"column, with glibc's default. `python benchmarks/forcing_memory.py`.", "",
+             "| windows | frames | streamed (unison) MiB | vs 2 windows | whole decode MiB | vs 2 windows | "
+             "streamed, glibc default MiB | vs 2 windows |",
+             "|---|---|---|---|---|---|---|---|"]
     whole_base = rows[min(1, len(rows) - 1)][1]["peak_rss"]
-    for streamed, whole in rows:
+    default_base = rows[min(1, len(rows) - 1)][2]["peak_rss"]
+    for streamed, whole, default in rows:
         lines.append(f"| {streamed['windows']} | {streamed['frames']} | {streamed['peak_rss'] / 2**20:.0f} | "
                      f"{streamed['peak_rss'] / base:.3f} | {whole['peak_rss'] / 2**20:.0f} | "
-                     f"{whole['peak_rss'] / whole_base:.3f} |")
+                     f"{whole['peak_rss'] / whole_base:.3f} | {default['peak_rss'] / 2**20:.0f} | "
+                     f"{default['peak_rss'] / default_base:.3f} |")
     lines += ["", "Streamed: the finished windows' latents are kept on disk in the checkpoint folder and decoded "
               "window by window into the encoder, the causal VAE's cache carried across windows (the frames equal "
               "a whole decode bitwise: tests/test_forcing.py). Whole: the same latents decoded at once and written "

@@ -347,9 +347,10 @@ def test_every_cache_kind_decides_per_window_as_one_rank(tiny_folder, tmp_path, 
 
 # -- memory flat in length; the written frames are a whole decode's ------------------------------------
 def test_eight_windows_peak_within_ten_percent_of_two():
-    """Peak host memory (a fresh process each, benchmarks/forcing_memory.py): 101 frames in 8 windows
-    within 10% of 29 frames in 2. Decoding those latents whole costs +48% there (the benchmark's
-    contrast column), so a render that held the video would fail this bound."""
+    """Peak host memory (a fresh process each, glibc's mmap threshold fixed so that RSS counts what
+    is held: benchmarks/forcing_memory.py): 101 frames in 8 windows within 10% of 29 frames in 2.
+    Decoding those latents whole grows by more than that there (the benchmark's contrast column),
+    so a render that held the video would fail this bound."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
