@@ -242,10 +242,44 @@ class Engine:
                        guidance=self.assembly.guidance, caches=self.caches, on_step=on_step, on_phase=phase, offload=self.offloader,
                        checkpoints=checkpoints, stop=stop,
                        keep_latents=self.is_writer or not cfg.output.decode)
-        if loop.windows is not None:
-            return self._finish_windows(plan, loop, checkpoints, phase=phase, started=started, everyone=everyone)
         seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
                    "denoise": sum(r.seconds for r in loop.steps)}
+        write = self._write_windows if loop.windows is not None else self._write_whole
+        latents, latents_path, video_path, config_path = write(plan, loop, phase=phase, seconds=seconds)
+        seconds["total"] = time.perf_counter() - started + self.load_seconds
+        peak, kind = peak_memory(device)
+        peaks = []
+        if self.runtime is not None:
+            peaks = [None] * self.plan.world_size
+            dist.all_gather_object(peaks, peak, group=everyone)
+        if checkpoints is not None:  # after the all-gather: every rank knows rank 0 has written
+            checkpoints.remove()
+        comm = {}
+        if self.runtime is not None and loop.steps:
+            comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
+        calls = dict(self.runtime.stats.calls) if self.runtime is not None else {}
+        if loop.windows is None:
+            decisions, window_lines = {name: list(c.decisions) for name, c in self.caches.items()}, []
+        else:  # every window's decisions, in order (each window's steps count from 0)
+            w = loop.windows
+            decisions = {name: [d for window in per for d in window] for name, per in w.decisions.items()}
+            window_lines = [f"windows   {w.count}" + (f" (resumed in window {w.resumed_window + 1})"
+                                                      if w.resumed_window is not None else "")
+                            + (", " + ", ".join(f"{t:.2f}" for t in w.seconds) + " s each" if w.seconds else "")]
+        return RenderResult(config=cfg, latents=latents, loop=loop, video_path=video_path,
+                            config_path=config_path, latents_path=latents_path, seconds=seconds,
+                            peak_memory_bytes=peak, peak_memory_kind=kind, comm_bytes_per_step=comm,
+                            comm_calls=calls, cache_lines=describe_caches(self.caches), cache_decisions=decisions,
+                            parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
+                            if self.runtime is not None else [], peak_memory_per_rank=peaks,
+                            components=describe_components(
+                                self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")),
+                            window_lines=window_lines)
+
+    def _write_whole(self, plan: Plan, loop: LoopResult, *, phase, seconds: dict):
+        """The latents saved (output.save_latents), the video decoded (collectively with parallel
+        decode) and written with its config: (latents, latents_path, video_path, config_path)."""
+        cfg, steps = plan.config, plan.config.sampling.steps
         latents_path = video_path = config_path = None
         if cfg.output.save_latents and self.is_writer:
             latents_path = Path(cfg.output.save_latents)
@@ -268,38 +302,16 @@ class Engine:
             # has its config beside it. On failure WriteFailed, and neither file is there.
             commit(text_write(config_path, dump_yaml(cfg)), mp4_write(video_path, frames, fps=cfg.output.fps))
             seconds["write"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - started + self.load_seconds
-        peak, kind = peak_memory(device)
-        peaks = []
-        if self.runtime is not None:
-            peaks = [None] * self.plan.world_size
-            dist.all_gather_object(peaks, peak, group=everyone)
-        if checkpoints is not None:  # after the all-gather: every rank knows rank 0 has written
-            checkpoints.remove()
-        comm = {}
-        if self.runtime is not None and loop.steps:
-            comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
-        calls = dict(self.runtime.stats.calls) if self.runtime is not None else {}
-        return RenderResult(config=cfg, latents=loop.latents, loop=loop, video_path=video_path,
-                            config_path=config_path, latents_path=latents_path, seconds=seconds,
-                            peak_memory_bytes=peak, peak_memory_kind=kind, comm_bytes_per_step=comm,
-                            comm_calls=calls, cache_lines=describe_caches(self.caches),
-                            cache_decisions={name: list(c.decisions) for name, c in self.caches.items()},
-                            parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
-                            if self.runtime is not None else [], peak_memory_per_rank=peaks,
-                            components=describe_components(
-                                self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")))
+        return loop.latents, latents_path, video_path, config_path
 
-    def _finish_windows(self, plan: Plan, loop: LoopResult, checkpoints, *, phase, started: float,
-                        everyone) -> RenderResult:
-        """A diffusion-forcing render's results: the windows' latents are read back one window at a
-        time (engine/windows.WindowStore) and decoded as a stream into the mp4 encoder, the causal
-        VAE's cache carried across windows, so neither the latents nor the frames are ever held
-        whole (output.save_latents, or decode off, asks for the latents whole). Rank 0 decodes."""
+    def _write_windows(self, plan: Plan, loop: LoopResult, *, phase, seconds: dict):
+        """_write_whole for a diffusion-forcing render: the windows' latents are read back one window
+        at a time (engine/windows.WindowStore) and decoded as a stream into the mp4 encoder, the
+        causal VAE's cache carried across windows, so neither the latents nor the frames are ever
+        held whole (output.save_latents, or decode off, asks for the latents whole: they are then
+        the result's `latents`, else the last window's). Rank 0 decodes."""
         cfg, device = plan.config, plan.device
         steps, store = len(loop.steps), loop.windows.store
-        seconds = {"load": self.load_seconds, "encode": loop.encode_seconds,
-                   "denoise": sum(r.seconds for r in loop.steps)}
         latents, latents_path = loop.latents, None
         if store.keep and (cfg.output.save_latents or not cfg.output.decode):
             latents = store.latents(device)
@@ -323,33 +335,7 @@ class Engine:
                    mp4_stream_write(video_path, chunks, frames=count, height=s.height, width=s.width,
                                     fps=cfg.output.fps))
             seconds["decode+write"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - started + self.load_seconds
-        peak, kind = peak_memory(device)
-        peaks = []
-        if self.runtime is not None:
-            peaks = [None] * self.plan.world_size
-            dist.all_gather_object(peaks, peak, group=everyone)
-        if checkpoints is not None:
-            checkpoints.remove()
-        comm = {}
-        if self.runtime is not None and loop.steps:
-            comm = {k: v / len(loop.steps) for k, v in self.runtime.stats.bytes_sent.items()}
-        w = loop.windows
-        lines = [f"windows   {w.count}" + (f" (resumed in window {w.resumed_window + 1})"
-                                           if w.resumed_window is not None else "")
-                 + (", " + ", ".join(f"{t:.2f}" for t in w.seconds) + " s each" if w.seconds else "")]
-        return RenderResult(config=cfg, latents=latents, loop=loop, video_path=video_path, config_path=config_path,
-                            latents_path=latents_path, seconds=seconds, peak_memory_bytes=peak,
-                            peak_memory_kind=kind, comm_bytes_per_step=comm,
-                            comm_calls=dict(self.runtime.stats.calls) if self.runtime is not None else {},
-                            cache_lines=describe_caches(self.caches),
-                            cache_decisions={name: [d for window in per for d in window]
-                                             for name, per in w.decisions.items()},
-                            parallel_lines=self.runtime.describe({n: getattr(self.pipe, n) for n in plan.spec.experts})
-                            if self.runtime is not None else [], peak_memory_per_rank=peaks,
-                            components=describe_components(
-                                self.pipe, (*plan.spec.experts, *plan.spec.text_encoders, "vae")),
-                            window_lines=lines)
+        return latents, latents_path, video_path, config_path
 
     def _use_scheduler(self, name: str, flow_shift: float | None) -> None:
         """The render's sampler (engine/schedulers.py), built from the folder's scheduler."""
