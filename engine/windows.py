@@ -292,9 +292,16 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     first = hooks.first_prefix(conditioning)  # the picture's latent frame, or an extended video's last frames
     ready = [windows.prefix(0) if windows.extend else first.shape[2] if first is not None else 0] + \
         [windows.prefix(k) for k in range(1, windows.count)]
-    plan = [hooks.step_matrix(windows.size(k), timesteps, ar_step=sampling.ar_step, ready=ready[k],
-                              base=windows.size(k) if hooks.base_is_window(sampling) else windows.base,
+    end = hooks.end_frames(conditioning)  # a last frame's latents, given at the end of the last window
+    ends = [0] * (windows.count - 1) + [end.shape[2] if end is not None else 0]
+    plan = [hooks.step_matrix(windows.size(k) + ends[k], timesteps, ar_step=sampling.ar_step, ready=ready[k],
+                              base=(windows.size(k) if hooks.base_is_window(sampling) else windows.base) + ends[k],
                               block=sampling.causal_block_size) for k in range(windows.count)]
+    if end is not None:  # diffusers' end frame: timestep 0, never stepped
+        matrix, mask, intervals = plan[-1]
+        matrix, mask = matrix.clone(), mask.clone()
+        matrix[:, -ends[-1]:], mask[:, -ends[-1]:] = 0, False
+        plan[-1] = (matrix, mask, intervals)
     starts = [sum(len(m) for m, _, _ in plan[:k]) for k in range(windows.count)]
     total = sum(len(matrix) for matrix, _, _ in plan)
     guidance.check(two_branches=conditioning.uncond is not None)
@@ -336,12 +343,16 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
                                       dtype=torch.float32).to(device)
                 if given:  # diffusers rounds what is given to the transformer's dtype
                     latents[:, :, :given] = (first if k == 0 else cursor.history)[:, :, :given].to(model.dtype)
-                cursor.frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
+                if ends[k]:
+                    latents = torch.cat([latents, end.to(model.dtype)], dim=2)
+                cursor.frame_steps = frame_schedulers(pipe.scheduler, size + ends[k], sampling.steps, device,
+                                                      sampling.sigmas)
                 if k > 0 or resumed is not None:
                     for watcher in watchers_all:  # a new window is a new video to the caches
                         watcher.reset()
             else:  # resumed inside this window: its schedulers and caches come from the checkpoint
-                cursor.frame_steps = frame_schedulers(pipe.scheduler, size, sampling.steps, device, sampling.sigmas)
+                cursor.frame_steps = frame_schedulers(pipe.scheduler, size + ends[k], sampling.steps, device,
+                                                      sampling.sigmas)
                 for each, state in zip(cursor.frame_steps, resumed.extra["frame_schedulers"]):
                     load_scheduler_state(each, state, device)
                 if runtime is not None:

@@ -559,3 +559,40 @@ def test_vae_tiling_is_refused_and_parallel_decode_resolved_off():
                            output=OutputConfig(vae_tiling=True)))
     plan = plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df"), sampling=sampling), world_size=1)
     assert plan.config.output.parallel_decode is False
+
+
+def test_a_last_frame_matches_diffusers_and_is_left_out_of_the_video(tiny_folder, tmp_path):
+    """--image and --last-image on one window: the latents equal diffusers' DF image-to-video
+    pipeline given both pictures (its latents keep the end frame's latent frame: 4 here), and the
+    written video leaves that frame out as diffusers' decode does (3 latent frames: 9 frames)."""
+    from PIL import Image
+
+    from unison.engine.io.video import video_info
+
+    folder = tiny_folder("skyreels-v2-df-i2v")
+    last = tmp_path / "last.png"
+    Image.open(families.picture(tmp_path)).transpose(Image.FLIP_LEFT_RIGHT).save(last)
+    sampling = families.sampling("skyreels-v2-df-i2v", steps=3, folder=tmp_path, last_image=str(last), frames=9,
+                                 height=48, width=80)
+    config = _config(folder, sampling, tmp_path / "out")
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, decode=True,
+                                                                    save_latents=str(tmp_path / "latents.pt")))
+    result = Engine.from_config(config).render()
+    pipe = families.pipeline("skyreels-v2-df-i2v", folder)
+    s = result.config.sampling
+    torch.manual_seed(s.seed)
+    theirs = pipe(image=Image.open(s.image).convert("RGB"), last_image=Image.open(last).convert("RGB"),
+                  prompt=s.prompt, negative_prompt=s.negative_prompt, height=48, width=80, num_frames=9,
+                  num_inference_steps=3, guidance_scale=s.guidance, max_sequence_length=s.max_sequence_length,
+                  generator=torch.Generator().manual_seed(s.seed), output_type="latent").frames
+    ours = torch.load(tmp_path / "latents.pt")
+    assert ours.shape == theirs.shape == (1, 16, 4, 6, 10)
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+    assert video_info(result.video_path) == (9, 48, 80)
+
+
+def test_a_last_frame_with_several_windows_is_refused(tmp_path):
+    sampling = families.sampling("skyreels-v2-df-i2v", steps=3, folder=tmp_path, last_image=families.picture(tmp_path),
+                                 frames=17, window_frames=9, overlap_frames=5)
+    with pytest.raises(UserError, match="sampling.last_image takes one window and causal_block_size 1"):
+        plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df-i2v"), sampling=sampling))

@@ -43,7 +43,7 @@ class ForcingHooks(SkyReelsHooks):
         super().__init__(family, title=title)
         self.takes_image = True
         self.clip_tokens = False
-        self.takes_last = False
+        self.takes_last = True
 
     def base_is_window(self, sampling) -> bool:
         """Each window's step matrix is built against the window's own length (diffusers' T2V and
@@ -69,7 +69,17 @@ class ForcingHooks(SkyReelsHooks):
 
     def check_sampling(self, sampling) -> None:
         images.check_images(sampling, family=self.family, takes_image=self.takes_image, needs_image=self.i2v,
-                            takes_last=False)
+                            takes_last=True)
+        if sampling.last_image is not None:
+            from unison.engine.windows import Windows
+
+            windows = Windows.of(sampling, temporal=4, block=sampling.causal_block_size)
+            if windows.count > 1 or sampling.causal_block_size > 1:
+                # diffusers appends the end frame to the last window but counts it as long as that
+                # window's given frames (the overlap, after the first window), and as a block of one.
+                raise UserError(f"sampling.last_image takes one window and causal_block_size 1, as diffusers' DF "
+                                f"image-to-video pipeline runs it; got {windows.count} windows, causal_block_size "
+                                f"{sampling.causal_block_size}")
         if sampling.extend is not None:
             if sampling.image is not None or self.i2v:
                 raise UserError("sampling.extend continues a video from its own last frames: give it without "
@@ -100,7 +110,10 @@ class ForcingHooks(SkyReelsHooks):
             if branch is not None:
                 branch.update(enable_diffusion_forcing=True, fps=fps)
         if sampling.image is not None:
-            conditioning.video["given"] = _picture_latents(pipe, sampling, device)
+            pictures = _picture_latents(pipe, sampling, device)
+            conditioning.video["given"] = pictures[:1]
+            if sampling.last_image is not None:  # the last frame's latent frame, appended to the last window
+                conditioning.video["end"] = pictures[1:]
         if sampling.extend is not None:
             conditioning.video["given"] = _video_latents(pipe, sampling, device)
         return conditioning
@@ -121,6 +134,10 @@ class ForcingHooks(SkyReelsHooks):
         """The latent frames the first window is given (None: text-to-video, none)."""
         return conditioning.video.get("given")
 
+    def end_frames(self, conditioning: Conditioning) -> torch.Tensor | None:
+        """Latent frames appended, given, to the last window (the last frame's picture), or None."""
+        return conditioning.video.get("end")
+
     def latent_shape(self, pipe, sampling) -> tuple[int, int, int, int]:
         """(batch, channels, height, width) of the latents; frames come per window."""
         return (1, pipe.transformer.config.in_channels, sampling.height // pipe.vae_scale_factor_spatial,
@@ -140,7 +157,7 @@ class ForcingHooks(SkyReelsHooks):
         from unison.engine.io.video import to_uint8_frames
 
         def decoded(drop: int):
-            for video in decode_stream(pipe.vae, pieces):
+            for video in decode_stream(pipe.vae, _without_end(pieces) if sampling.last_image else pieces):
                 frames = to_uint8_frames(pipe.video_processor.postprocess_video(video, output_type="np")[0])
                 cut = min(drop, len(frames))
                 drop -= cut
@@ -171,11 +188,15 @@ def dataclass_without_picture(sampling):
 
 
 def _picture_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
-    """The picture VAE-encoded to one latent frame, the distribution's mode, normalised (as
-    diffusers' DF image-to-video pipeline; its float32 preprocessing, then the VAE's dtype)."""
+    """The picture (and the last frame's, as a second batch entry) VAE-encoded to one latent frame
+    each, the distribution's mode, normalised (as diffusers' DF image-to-video pipeline; its float32
+    preprocessing, then the VAE's dtype): (pictures, channels, 1, h, w)."""
     vae = pipe.vae
-    picture = images.for_vae(pipe.video_processor, images.read(sampling.image), height=sampling.height,
-                             width=sampling.width, mode=sampling.image_resize).to(device, torch.float32)
+    size = dict(height=sampling.height, width=sampling.width, mode=sampling.image_resize)
+    paths = [sampling.image] + ([sampling.last_image] if sampling.last_image is not None else [])
+    picture = torch.cat([images.for_vae(pipe.video_processor, images.read(path, what), **size)
+                         for path, what in zip(paths, ("sampling.image", "sampling.last_image"))])
+    picture = picture.to(device, torch.float32)
     encoded = vae.encode(picture.unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode().to(device, torch.float32)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, torch.float32)
@@ -237,3 +258,15 @@ def forward_inputs(config: dict, hidden_states: torch.Tensor, text_tokens: int, 
     if config.get("inject_sample_info"):
         inputs["fps"] = [1]
     return inputs
+
+
+def _without_end(pieces):
+    """The pieces with the last one's last latent frame left out (the end frame's, which diffusers
+    trims before decoding)."""
+    held = None
+    for piece in pieces:
+        if held is not None:
+            yield held
+        held = piece
+    if held is not None:
+        yield held[:, :, :-1]
