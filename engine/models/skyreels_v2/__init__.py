@@ -57,13 +57,17 @@ SKYREELS_I2V = _spec(
     text=512, checkpoints=published.I2V)
 
 
-def _forcing(family: str, title: str, *, pipeline_class: str, hooks, guidance: float, checkpoints) -> ModelSpec:
+def _forcing(family: str, title: str, *, pipeline_class: str, hooks, guidance: float, checkpoints,
+             also: tuple[str, ...] = ()) -> ModelSpec:
+    """A diffusion-forcing spec; `also`: other pipeline classes whose saved folders it serves."""
     i2v = hooks.i2v
+    classes = (pipeline_class, *also)
     spec = _spec(family, title, pipeline_class=pipeline_class, hooks=hooks, text=32, checkpoints=checkpoints,
                  defaults=SamplingDefaults(height=544, width=960, frames=97, steps=50, guidance=guidance,
                                            max_sequence_length=512, window_frames=97))
     return dataclasses.replace(
-        spec, forcing=True, needs_image=i2v, meta=MetaTransformer(inputs=forcing_inputs), build_tiny=lambda seed: tiny_forcing_pipeline(seed, i2v=i2v),
+        spec, forcing=True, needs_image=i2v, meta=MetaTransformer(inputs=forcing_inputs),
+        matches=lambda index: index.get("_class_name") in classes, build_tiny=lambda seed: tiny_forcing_pipeline(seed, i2v=i2v),
         tiny_configs=tiny_forcing_configs(),
         # Tiny: 9-frame windows (3 latent frames), so that 17 frames with a 5-frame overlap are 3 windows.
         tiny_defaults=SamplingDefaults(height=64, width=64, frames=9, steps=6, guidance=5.0, max_sequence_length=32,
@@ -74,7 +78,7 @@ def _forcing(family: str, title: str, *, pipeline_class: str, hooks, guidance: f
 # 97, 50 steps, guidance 6.0 for T2V and 5.0 for I2V, 512 text tokens, fps 24).
 SKYREELS_DF = _forcing("skyreels-v2-df", "SkyReels-V2 DF T2V (diffusion forcing; 1.3B, 14B)",
                        pipeline_class="SkyReelsV2DiffusionForcingPipeline", hooks=ForcingHooks, guidance=6.0,
-                       checkpoints=published.DF)
+                       checkpoints=published.DF, also=("SkyReelsV2DiffusionForcingVideoToVideoPipeline",))
 SKYREELS_DF_I2V = _forcing("skyreels-v2-df-i2v", "SkyReels-V2 DF I2V (diffusion forcing; 1.3B, 14B)",
                            pipeline_class="SkyReelsV2DiffusionForcingImageToVideoPipeline", hooks=ForcingImageHooks,
                            guidance=5.0, checkpoints=published.DF_I2V)
