@@ -70,6 +70,16 @@ class Plan:
             last = f", last frame {s.last_image}" if s.last_image is not None else ""
             lines.insert(lines.index(next(l for l in lines if l.startswith("guidance"))),
                          f"image      {s.image}{last} ({s.image_resize} to {s.width}x{s.height})")
+        if self.spec.forcing:
+            w = windows.Windows.of(s, temporal=self.spec.temporal_factor, block=s.causal_block_size)
+            rows = windows.rows(s, self.spec.hooks, temporal=self.spec.temporal_factor)
+            mode = f"asynchronous (ar_step {s.ar_step}, causal blocks of {s.causal_block_size})" if s.ar_step \
+                else "synchronous"
+            lines.insert(lines.index(next(l for l in lines if l.startswith("guidance"))),
+                         f"windows    {w.count} of {s.window_frames} frames"
+                         + (f", {s.overlap_frames} overlapping" if w.long else "") + f", {sum(rows)} forwards; {mode}"
+                         + (f"; addnoise_condition {s.addnoise_condition:g}" if s.addnoise_condition else "")
+                         + (f"; extends {s.extend}" if s.extend else ""))
         if (s.scheduler, s.flow_shift) != ("default", None):
             shift = f", flow shift {s.flow_shift}" if s.flow_shift is not None else ""
             lines.insert(lines.index(next(l for l in lines if l.startswith("guidance"))),

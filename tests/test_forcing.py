@@ -596,3 +596,17 @@ def test_a_last_frame_with_several_windows_is_refused(tmp_path):
                                  frames=17, window_frames=9, overlap_frames=5)
     with pytest.raises(UserError, match="sampling.last_image takes one window and causal_block_size 1"):
         plan_run(RunConfig(model=ModelConfig(family="skyreels-v2-df-i2v"), sampling=sampling))
+
+
+def test_dry_run_names_the_windows(capsys):
+    """`--dry-run` (no weights): 737 frames in 97-frame windows, 17 overlapping, is 9 windows; with 6
+    steps, 5 blocks 5 steps apart, the first window takes 6 + 4 x 5 rows and the 8 others, their
+    first block given, 6 + 3 x 5: 26 + 8 x 21 = 194 forwards."""
+    from unison.launch.cli import main
+
+    assert main(["generate", "--set", "model.family=skyreels-v2-df", "--frames", "737", "--steps", "6", "--set",
+                 "sampling.overlap_frames=17", "--set", "sampling.window_frames=97", "--set", "sampling.ar_step=5",
+                 "--set", "sampling.causal_block_size=5", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert ("windows    9 of 97 frames, 17 overlapping, 194 forwards; asynchronous (ar_step 5, causal blocks of 5)"
+            in out.out + out.err)
