@@ -213,9 +213,23 @@ def _merge_all(parts):
     return out, lse
 
 
-def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=None):
+def _block_segments(start: int, length: int, block: int) -> list[tuple[int, int, int]]:
+    """This rank's queries (sequence positions start..start+length) cut where causal blocks of
+    `block` tokens begin: (first row, end row, the end of the keys those rows see) each."""
+    segments, row = [], 0
+    while row < length:
+        end_of_block = ((start + row) // block + 1) * block
+        end = min(length, end_of_block - start)
+        segments.append((row, end, end_of_block))
+        row = end
+    return segments
+
+
+def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=None, causal_block: int = 0):
     """Ring attention: this rank's queries against every rank's K/V chunk, chunk c holding
     `valid[c]` real keys at its start. The next chunk's transfer overlaps this chunk's compute.
+    `causal_block` > 0: block-causal (sequence_attention): each causal block's queries take the
+    chunk's keys before their block's end (a prefix, or none), merged as any partial is.
 
     `text` = (q_t, k_t, v_t), replicated on every ring rank, makes it joint attention: every
     query also attends to k_t/v_t, and q_t attends to every chunk. q_t's partial results are
@@ -223,6 +237,8 @@ def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=N
     rank. Returns out, or (out, text_out) with `text`.
     """
     n, me = groups.ring_size, groups.ring_index
+    if causal_block:
+        return _ring_block_causal(q, k, v, groups=groups, valid=valid, block=causal_block)
     partial = None
     text_parts: list = [None] * n
     kv = [k, v]
@@ -245,6 +261,28 @@ def ring_attention(q, k, v, *, groups: AttentionGroups, valid: list[int], text=N
         text_parts.append(attention_with_lse(*text, backend=groups.backend))
     text_out = _merge_all(text_parts)[0]
     return partial[0].transpose(1, 2).to(q.dtype), text_out.transpose(1, 2).to(q.dtype)
+
+
+def _ring_block_causal(q, k, v, *, groups: AttentionGroups, valid: list[int], block: int) -> torch.Tensor:
+    """ring_attention under a block-causal structure: the K/V chunks pass round the ring as ever
+    (every rank sends every chunk, so the collectives match on every rank); each segment of this
+    rank's queries (one causal block's rows) merges the partials of the keys it sees."""
+    n, me, size = groups.ring_size, groups.ring_index, q.shape[1]
+    segments = _block_segments(me * size, size, block)
+    partials: list = [None] * len(segments)
+    kv = [k, v]
+    for step in range(n):
+        chunk = (me - step) % n
+        wait = ring_exchange(kv, group=groups.ring, stats=groups.stats) if step < n - 1 else None
+        for index, (first, end, seen_until) in enumerate(segments):
+            keys = min(valid[chunk], seen_until - chunk * size)
+            if keys <= 0:
+                continue
+            o, l = attention_with_lse(q[:, first:end], kv[0][:, :keys], kv[1][:, :keys], backend=groups.backend)
+            partials[index] = (o, l) if partials[index] is None else merge_partials(*partials[index], o, l)
+        if wait is not None:
+            kv = wait()
+    return torch.cat([p[0] for p in partials], dim=2).transpose(1, 2).to(q.dtype)
 
 
 def scatter_heads(x: torch.Tensor, groups: AttentionGroups) -> torch.Tensor:
@@ -302,10 +340,10 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     holds the same text output. Returns this rank's output shard (B, L, H, D), and the text
     output (B, T, H, D) with `text`. `causal_block` > 0: the sequence is in blocks of that many
     tokens from the start and a query sees only the keys of its block and those before (a
-    diffusion-forcing model's block-causal mask); Ulysses alone takes it."""
-    if causal_block and (kv is not None or groups.ring_size > 1 or text is not None or groups.backend == "xfuser"):
-        raise NotImplementedError("a block-causal mask runs under Ulysses alone (not Ring, patches, joint "
-                                  "text or the xfuser backend)")
+    diffusion-forcing model's block-causal mask); Ulysses, Ring and both take it."""
+    if causal_block and (kv is not None or text is not None or groups.backend == "xfuser"):
+        raise NotImplementedError("a block-causal mask runs under Ulysses and Ring (not patches, joint text or "
+                                  "the xfuser backend)")
     if groups.backend == "xfuser" and kv is None:
         return xfuser_attention(q, k, v, groups=groups, valid_len=valid_len, text=text)
     u = groups.ulysses_size
@@ -322,7 +360,7 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     elif groups.ring_size > 1:
         chunk = q.shape[1]
         valid = [max(0, min(chunk, valid_len - c * chunk)) for c in range(groups.ring_size)]
-        out = ring_attention(q, k, v, groups=groups, valid=valid, text=text)
+        out = ring_attention(q, k, v, groups=groups, valid=valid, text=text, causal_block=causal_block)
     else:
         # Only the real queries: the padded rows' output is zero (they are trimmed at the gather).
         chunk = q.shape[1]

@@ -163,11 +163,14 @@ PARALLEL = [(dict(ulysses=2), {}), (dict(ring=2, shard_weights=True), {}), (dict
             (dict(cfg=2, shard_weights=True), {}), (dict(patch=2), {}), (dict(patch=2, patch_mode="pipefusion"), {}),
             (dict(ulysses=2), dict(ar_step=1))] + [
     (layout, dict(frames=33, window_frames=21, overlap_frames=9, ar_step=2, causal_block_size=3))
-    for layout in (dict(cfg=2), dict(ulysses=2, shard_weights=True), dict(ulysses=4))]
+    for layout in (dict(cfg=2), dict(ulysses=2, shard_weights=True), dict(ulysses=4), dict(ring=4),
+                   dict(ulysses=2, ring=2))]
 """Patch modes run each window's 3 rows inside their exact warm-up (4 steps, re-warmed per window).
 The block-causal cases (6-frame windows, 3-frame blocks: 2 blocks of 45 tokens, 90 per window)
-run under CFG parallel, which leaves attention whole, and under Ulysses 2 and 4 (4: padded to 92),
-whose attention runs block by block over key prefixes where one rank applies diffusers' mask."""
+run under CFG parallel, which leaves attention whole; under Ulysses 2 and 4 (4: padded to 92),
+whose attention runs block by block over key prefixes where one rank applies diffusers' mask; and
+under Ring 4 (chunks of 23: blocks cut across chunks, the last chunk padded) and USP 2 x 2, whose
+queries take each passing chunk's keys before their block's end."""
 
 
 @pytest.mark.parametrize("layout, overrides", PARALLEL, ids=lambda v: "-".join(
@@ -185,12 +188,13 @@ def test_n_ranks_equal_one_rank(tiny_folder, tmp_path, layout, overrides):
         assert ((latents - one).norm() / one.norm()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("layout", [dict(ring=2), dict(patch=2), dict(ulysses=2, attention_backend="xfuser")])
-def test_block_causal_mask_under_ring_or_patches_is_refused_at_plan_time(tiny_folder, layout):
+@pytest.mark.parametrize("layout", [dict(patch=2), dict(patch=2, patch_mode="pipefusion"),
+                                    dict(ulysses=2, attention_backend="xfuser")])
+def test_block_causal_mask_under_patches_is_refused_at_plan_time(tiny_folder, layout):
     config = _parallel_config(tiny_folder("skyreels-v2-df"), layout, frames=33, window_frames=21,
                               overlap_frames=9, ar_step=2, causal_block_size=3)
-    with pytest.raises(UserError, match="block-causal mask on every self-attention, which Ring, patch parallelism "
-                                        "and the xfuser backend do not split") as err:
+    with pytest.raises(UserError, match="block-causal mask on every self-attention, which patch parallelism and the "
+                                        "xfuser backend do not take") as err:
         plan_run(config, world_size=2)
     assert "\n" not in str(err.value)
 

@@ -96,11 +96,11 @@ class ForcingHooks(SkyReelsHooks):
     def layout_problem(self, sampling, parallel) -> str | None:
         if getattr(parallel, "vae_tiling", False):  # the planner's layouts carry the VAE's tiling
             return "diffusion forcing decodes window by window, untiled (output.vae_tiling is refused)"
-        if sampling.causal_block_size > 1 and (parallel.ring > 1 or parallel.patch > 1 or
+        if sampling.causal_block_size > 1 and (parallel.patch > 1 or
                                                getattr(parallel, "attention_backend", "auto") == "xfuser"):
             return (f"sampling.causal_block_size {sampling.causal_block_size} puts a block-causal mask on every "
-                    f"self-attention, which Ring, patch parallelism and the xfuser backend do not split; use "
-                    f"ulysses (and cfg, shard_weights), or causal_block_size 1")
+                    f"self-attention, which patch parallelism and the xfuser backend do not take; use ulysses "
+                    f"and ring (and cfg, shard_weights), or causal_block_size 1")
         return None
 
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:

@@ -3,7 +3,7 @@ Wan's processors serve), but its blocks take (hidden, text, modulation, rope, ca
 modulation is per token only under diffusion forcing, (B, 6, tokens, D); the causal mask exists
 only when frame blocks are denoised causally (num_frame_per_block > 1, diffusion forcing). It is
 handed whole to every block; Wan's processor reads its block length once per forward and runs
-the block-causal attention under Ulysses (parallel/attention.py); Ring and patches do not take it
+the block-causal attention under Ulysses and Ring (parallel/attention.py); patches do not take it
 (the plan refuses them: engine/models/skyreels_v2/forcing.py)."""
 
 from __future__ import annotations
