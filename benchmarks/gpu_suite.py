@@ -6,8 +6,8 @@ and keeps every row it measured even when it is killed, runs out of memory or ru
 
 Results: `<out>/<date>-gpu-suite-<device>.md` (a table per section; `unison plan` calibrates from
 it) and a `.jsonl` beside it, one JSON object per row. Both are on disk as soon as a row is
-measured: the JSON line is appended and fsynced, the markdown rewritten whole and renamed into
-place, so a suite killed mid-way leaves every finished row readable. `--smoke` writes into a new
+measured: the markdown rewritten whole and renamed into place, then the JSON line appended and fsynced
+(a row in the JSON lines is in the markdown too), so a suite killed mid-way leaves every finished row readable. `--smoke` writes into a new
 temporary folder unless `--out` says where (it never writes into the checkout).
 
 Sections, in order of value per second (`--sections` picks some, by key):
@@ -615,11 +615,13 @@ class ResultFile:
 
     def add(self, title: str, row: dict) -> None:
         self.sections.setdefault(title, []).append(row)
+        # The markdown first: a row in the JSON lines is then in the markdown too, whenever the
+        # suite is killed (a kill between the two leaves the markdown one row ahead).
+        self.flush()
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"section": title, **row}, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.flush()
         print(f"[{title}] {row}", flush=True)
 
     def flush(self) -> None:
