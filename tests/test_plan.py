@@ -299,11 +299,11 @@ def test_cli_real_model(counts, capsys):
 
 
 def test_cli_projects_a_long_diffusion_forcing_video(counts, capsys):
-    """SkyReels-V2 DF 14B at 540P, 257 frames (the README's 10 s): 3 windows of 97 frames (25
+    """SkyReels-V2 DF 1.3B at 540P, 257 frames (the README's 10 s): 3 windows of 97 frames (25
     latent frames, 34 x 60 patches: 51000 tokens each), 50 forwards each in sync mode: 150 in all,
     and s/video is 150 forwards of a full window. Asynchronous with 5-frame causal blocks, the
     patch layouts are refused with the reason, Ulysses and Ring kept."""
-    assert main(["plan", "--family", "skyreels-v2-df-14b-540p", "--gpus", "8", "--frames", "257", "--set",
+    assert main(["plan", "--family", "skyreels-v2-df-1.3b-540p", "--gpus", "4", "--frames", "257", "--set",
                  "sampling.overlap_frames=17", "--counts-cache", counts]) == 0
     out = capsys.readouterr().out
     assert "960x544, 257 frames, 150 steps" in out and "51000 video tokens" in out
@@ -311,14 +311,14 @@ def test_cli_projects_a_long_diffusion_forcing_video(counts, capsys):
     row = next(line for line in out.splitlines() if line[5:6] == "*")
     step_s, video_s = float(row.split()[-3]), float(row.split()[-2])
     assert video_s == pytest.approx(150 * step_s, rel=0.02)  # both printed rounded
-    assert main(["plan", "--family", "skyreels-v2-df-14b-540p", "--gpus", "8", "--frames", "257", "--set",
+    assert main(["plan", "--family", "skyreels-v2-df-1.3b-540p", "--gpus", "4", "--frames", "257", "--set",
                  "sampling.overlap_frames=17", "--set", "sampling.ar_step=5", "--set", "sampling.causal_block_size=5",
                  "--counts-cache", counts]) == 0
     out = capsys.readouterr().out
     refused = out.split("refused by the engine:")[1]
-    assert "patch 8" in refused and "block-causal mask" in refused
+    assert "patch 4" in refused and "block-causal mask" in refused
     kept = out.split("refused by the engine:")[0]
-    assert "ulysses 8" in kept and "ring 8" in kept
+    assert "ulysses 4" in kept and "ring 4" in kept
 
 
 def _bad(folder: str) -> list[tuple[list[str], str]]:
