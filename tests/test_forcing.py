@@ -358,9 +358,9 @@ def test_eight_windows_peak_within_ten_percent_of_two():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from forcing_memory import measure
+    from forcing_memory import measure_all
 
-    two, eight = measure(2), measure(8)
+    two, eight = measure_all([2, 8])
     assert (two["windows"], eight["windows"], eight["frames"]) == (2, 8, 101)
     assert eight["peak_rss"] <= 1.10 * two["peak_rss"], (two, eight)
 
