@@ -8,10 +8,14 @@ branches, caches and the parallel runtime hear every forward as in engine/loop.p
 - The video is cut into windows of `window_frames` (diffusers' base_num_frames); each window after
   the first starts from the last `overlap_frames` (overlap_history) of the one before, given as
   finished frames ("prefix", cut to a multiple of the causal block), and adds the rest.
+- The first window may be given frames too: an image-to-video picture's latent frame, or an
+  extended video's last frames (`Windows.extend`); the last window may end with a last frame's,
+  never stepped (the family's `end_frames`).
 - Inside a window, the family's step matrix (SkyReels-V2: diffusers' `generate_timestep_matrix`)
-  gives one row of per-frame timesteps per forward: synchronous (ar_step 0: every frame on the same schedule) or asynchronous (each block
-  of `causal_block_size` frames ar_step steps behind the one before, under a block-causal mask).
-  Each frame has its own copy of the scheduler and is stepped only where the row's mask says so.
+  gives one row of per-frame timesteps per forward: synchronous (ar_step 0: every frame on the
+  same schedule) or asynchronous (each block of `causal_block_size` frames ar_step steps behind
+  the one before, under a block-causal mask). Each frame has its own copy of the scheduler and is
+  stepped only where the row's mask says so.
 - `addnoise_condition` > 0 gives the prefix frames a little fresh noise at every forward and that
   timestep; the noise comes from a CPU generator seeded with sampling.seed (diffusers draws it
   from torch's global generator: seeded alike, the same numbers), so every rank draws the same.
@@ -19,6 +23,10 @@ branches, caches and the parallel runtime hear every forward as in engine/loop.p
 A "step" for progress, caches and checkpoints is one row (one forward per guidance branch):
 `Step.index` counts rows over the whole video, the caches count them per window (a window is a new
 video to them: its frames, its length and its prefix differ from the last window's).
+
+Finished windows' latents go to disk as each window ends (`WindowStore`), so memory does not grow
+with the video and a resumed render never recomputes a window; engine/render.py decodes them
+window by window into the encoder.
 """
 
 from __future__ import annotations
