@@ -31,6 +31,7 @@ window by window into the encoder.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -105,9 +106,10 @@ def rows(sampling, hooks, *, temporal: int) -> list[int]:
     template = torch.arange(sampling.steps, 0, -1) * (1000 // max(sampling.steps, 1))
     counts = []
     for k in range(windows.count):
+        end = hooks.end_count(sampling) if k == windows.count - 1 else 0
         size = windows.size(k)
         base = size if hooks.base_is_window(sampling) else windows.base
-        matrix, _, _ = hooks.step_matrix(size, template, base=base, ar_step=sampling.ar_step,
+        matrix, _, _ = hooks.step_matrix(size + end, template, base=base + end, ar_step=sampling.ar_step,
                                          ready=windows.prefix(k) if k else hooks.given_frames(sampling), block=block)
         counts.append(len(matrix))
     return counts
@@ -290,7 +292,7 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     started = time.perf_counter()
     if on_phase is not None:
         on_phase("encoding", 0, sampling.steps)
-    with torch.no_grad(), offload.encoding() if offload is not None else _nothing():
+    with torch.no_grad(), offload.encoding() if offload is not None else contextlib.nullcontext():
         conditioning = hooks.encode(pipe, sampling, device)
     encode_seconds = time.perf_counter() - started
     timesteps = hooks.set_timesteps(pipe, sampling.steps, device, sampling.sigmas)
@@ -437,11 +439,3 @@ class WindowRecord:
     decisions: dict[str, list[list[tuple]]]
     """Per expert, per window this render ran: the cache's decisions (step counted in the window)."""
     resumed_window: int | None = None
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -326,7 +326,7 @@ the stage's buffer with the current patch refreshed)."""
 
 def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
                        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, text_valid: int = 0,
-                       kv: KVSource | None = None, causal_block: int = 0):
+                       kv: KVSource | None = None, causal_block: int = 0, q_start: int = 0):
     """Attention of this rank's queries over the whole (unpadded) sequence: the one entry point of
     Ulysses, Ring, USP, displaced patches and PipeFusion.
 
@@ -340,10 +340,10 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     holds the same text output. Returns this rank's output shard (B, L, H, D), and the text
     output (B, T, H, D) with `text`. `causal_block` > 0: the sequence is in blocks of that many
     tokens from the start and a query sees only the keys of its block and those before (a
-    diffusion-forcing model's block-causal mask); Ulysses, Ring and both take it."""
-    if causal_block and (kv is not None or text is not None or groups.backend == "xfuser"):
-        raise NotImplementedError("a block-causal mask runs under Ulysses and Ring (not patches, joint text or "
-                                  "the xfuser backend)")
+    diffusion-forcing model's block-causal mask); Ulysses, Ring, both, and a `kv` buffer (patches),
+    whose queries start at sequence position `q_start` (after Ulysses), take it."""
+    if causal_block and (text is not None or groups.backend == "xfuser"):
+        raise NotImplementedError("a block-causal mask does not take joint text or the xfuser backend")
     if groups.backend == "xfuser" and kv is None:
         return xfuser_attention(q, k, v, groups=groups, valid_len=valid_len, text=text)
     u = groups.ulysses_size
@@ -354,7 +354,10 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
             text = tuple(own_heads(t, groups) for t in text)
     if text is not None:
         text = (text[0], text[1][:, :text_valid], text[2][:, :text_valid])
-    if kv is not None:
+    if kv is not None and causal_block:
+        out = kv(k, v, lambda keys, values: _block_causal(q, keys[:, :valid_len], values[:, :valid_len], causal_block,
+                                                          backend=groups.backend, start=q_start))
+    elif kv is not None:
         out = kv(k, v, lambda keys, values: _over(q, keys[:, :valid_len], values[:, :valid_len], text,
                                                   backend=groups.backend))
     elif groups.ring_size > 1:
@@ -382,11 +385,12 @@ def sequence_attention(q, k, v, *, groups: AttentionGroups, valid_len: int,
     return out, text_out
 
 
-def _block_causal(q, k, v, block: int, *, backend: str) -> torch.Tensor:
-    """Block-causal attention without a mask: the queries of each block against the keys up to
-    that block's end (a prefix), one kernel call per block, so any backend (flash too) serves."""
-    return torch.cat([local_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
-                                      backend=backend) for start in range(0, q.shape[1], block)], dim=1)
+def _block_causal(q, k, v, block: int, *, backend: str, start: int = 0) -> torch.Tensor:
+    """Block-causal attention without a mask: the queries (sequence positions start.. of the keys'
+    sequence) of each block against the keys up to that block's end (a prefix), one kernel call
+    per block, so any backend (flash too) serves."""
+    return torch.cat([local_attention(q[:, first:end], k[:, :seen_until], v[:, :seen_until], backend=backend)
+                      for first, end, seen_until in _block_segments(start, q.shape[1], block)], dim=1)
 
 
 def _over(q, k, v, text, *, backend: str):

@@ -164,13 +164,16 @@ PARALLEL = [(dict(ulysses=2), {}), (dict(ring=2, shard_weights=True), {}), (dict
             (dict(ulysses=2), dict(ar_step=1))] + [
     (layout, dict(frames=33, window_frames=21, overlap_frames=9, ar_step=2, causal_block_size=3))
     for layout in (dict(cfg=2), dict(ulysses=2, shard_weights=True), dict(ulysses=4), dict(ring=4),
-                   dict(ulysses=2, ring=2))]
+                   dict(ulysses=2, ring=2), dict(patch=2, patch_warmup_steps=8),
+                   dict(patch=2, patch_mode="pipefusion", patch_warmup_steps=8))]
 """Patch modes run each window's 3 rows inside their exact warm-up (4 steps, re-warmed per window).
 The block-causal cases (6-frame windows, 3-frame blocks: 2 blocks of 45 tokens, 90 per window)
 run under CFG parallel, which leaves attention whole; under Ulysses 2 and 4 (4: padded to 92),
 whose attention runs block by block over key prefixes where one rank applies diffusers' mask; and
 under Ring 4 (chunks of 23: blocks cut across chunks, the last chunk padded) and USP 2 x 2, whose
-queries take each passing chunk's keys before their block's end."""
+queries take each passing chunk's keys before their block's end; and under displaced patches and
+PipeFusion inside their warm-up (8 steps over a window's 5 rows), whose patch queries take the
+buffer's keys before their block's end."""
 
 
 @pytest.mark.parametrize("layout, overrides", PARALLEL, ids=lambda v: "-".join(
@@ -188,13 +191,12 @@ def test_n_ranks_equal_one_rank(tiny_folder, tmp_path, layout, overrides):
         assert ((latents - one).norm() / one.norm()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("layout", [dict(patch=2), dict(patch=2, patch_mode="pipefusion"),
-                                    dict(ulysses=2, attention_backend="xfuser")])
-def test_block_causal_mask_under_patches_is_refused_at_plan_time(tiny_folder, layout):
+@pytest.mark.parametrize("layout", [dict(ulysses=2, attention_backend="xfuser")])
+def test_block_causal_mask_under_xfuser_is_refused_at_plan_time(tiny_folder, layout):
     config = _parallel_config(tiny_folder("skyreels-v2-df"), layout, frames=33, window_frames=21,
                               overlap_frames=9, ar_step=2, causal_block_size=3)
-    with pytest.raises(UserError, match="block-causal mask on every self-attention, which patch parallelism and the "
-                                        "xfuser backend do not take") as err:
+    with pytest.raises(UserError, match="block-causal mask on every self-attention, which the xfuser backend does "
+                                        "not take") as err:
         plan_run(config, world_size=2)
     assert "\n" not in str(err.value)
 
@@ -565,10 +567,15 @@ def test_vae_tiling_is_refused_and_parallel_decode_resolved_off():
     assert plan.config.output.parallel_decode is False
 
 
-def test_a_last_frame_matches_diffusers_and_is_left_out_of_the_video(tiny_folder, tmp_path):
+@pytest.mark.parametrize("ar_step, forwards", [(0, 3), (1, 5)])
+def test_a_last_frame_matches_diffusers_and_is_left_out_of_the_video(tiny_folder, tmp_path, ar_step, forwards):
     """--image and --last-image on one window: the latents equal diffusers' DF image-to-video
     pipeline given both pictures (its latents keep the end frame's latent frame: 4 here), and the
-    written video leaves that frame out as diffusers' decode does (3 latent frames: 9 frames)."""
+    written video leaves that frame out as diffusers' decode does (3 latent frames: 9 frames).
+    Asynchronous, frame by frame: the picture's frame given, the next two a row apart and the end
+    frame's column a row behind them: 3 + 2 rows (counted by hand from diffusers' rule), which the
+    plan also counts (what a cache is checked against)."""
+    from unison.engine.plan import forwards_per_video
     from PIL import Image
 
     from unison.engine.io.video import video_info
@@ -577,7 +584,7 @@ def test_a_last_frame_matches_diffusers_and_is_left_out_of_the_video(tiny_folder
     last = tmp_path / "last.png"
     Image.open(families.picture(tmp_path)).transpose(Image.FLIP_LEFT_RIGHT).save(last)
     sampling = families.sampling("skyreels-v2-df-i2v", steps=3, folder=tmp_path, last_image=str(last), frames=9,
-                                 height=48, width=80)
+                                 height=48, width=80, ar_step=ar_step)
     config = _config(folder, sampling, tmp_path / "out")
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, decode=True,
                                                                     save_latents=str(tmp_path / "latents.pt")))
@@ -588,8 +595,9 @@ def test_a_last_frame_matches_diffusers_and_is_left_out_of_the_video(tiny_folder
     theirs = pipe(image=Image.open(s.image).convert("RGB"), last_image=Image.open(last).convert("RGB"),
                   prompt=s.prompt, negative_prompt=s.negative_prompt, height=48, width=80, num_frames=9,
                   num_inference_steps=3, guidance_scale=s.guidance, max_sequence_length=s.max_sequence_length,
-                  generator=torch.Generator().manual_seed(s.seed), output_type="latent").frames
+                  ar_step=ar_step, generator=torch.Generator().manual_seed(s.seed), output_type="latent").frames
     ours = torch.load(tmp_path / "latents.pt")
+    assert len(result.loop.steps) == forwards == forwards_per_video(s, SPECS["skyreels-v2-df-i2v"])
     assert ours.shape == theirs.shape == (1, 16, 4, 6, 10)
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
     assert video_info(result.video_path) == (9, 48, 80)

@@ -96,11 +96,9 @@ class ForcingHooks(SkyReelsHooks):
     def layout_problem(self, sampling, parallel) -> str | None:
         if getattr(parallel, "vae_tiling", False):  # the planner's layouts carry the VAE's tiling
             return "diffusion forcing decodes window by window, untiled (output.vae_tiling is refused)"
-        if sampling.causal_block_size > 1 and (parallel.patch > 1 or
-                                               getattr(parallel, "attention_backend", "auto") == "xfuser"):
+        if sampling.causal_block_size > 1 and getattr(parallel, "attention_backend", "auto") == "xfuser":
             return (f"sampling.causal_block_size {sampling.causal_block_size} puts a block-causal mask on every "
-                    f"self-attention, which patch parallelism and the xfuser backend do not take; use ulysses "
-                    f"and ring (and cfg, shard_weights), or causal_block_size 1")
+                    f"self-attention, which the xfuser backend does not take; use flash-attn or sdpa")
         return None
 
     def encode(self, pipe, sampling, device: torch.device) -> Conditioning:
@@ -133,6 +131,10 @@ class ForcingHooks(SkyReelsHooks):
     def first_prefix(self, conditioning: Conditioning) -> torch.Tensor | None:
         """The latent frames the first window is given (None: text-to-video, none)."""
         return conditioning.video.get("given")
+
+    def end_count(self, sampling) -> int:
+        """Latent frames given at the end of the last window (a last frame's picture: 1)."""
+        return 0 if sampling.last_image is None else 1
 
     def end_frames(self, conditioning: Conditioning) -> torch.Tensor | None:
         """Latent frames appended, given, to the last window (the last frame's picture), or None."""

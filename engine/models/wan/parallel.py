@@ -8,6 +8,8 @@ no communication: text is replicated on every rank.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from unison.parallel.attention import sequence_attention
@@ -42,12 +44,22 @@ def _attend_across(shard: SequenceShard, attn, q, k, v, mask=None) -> torch.Tens
     forcing's block-causal mask over the whole sequence (1, 1, L, L), read once per forward as the
     token length of its blocks (its first row's visible keys)."""
     kv = shard.displaced.source(id(attn)) if shard.displaced is not None else None
-    block = 0
-    if mask is not None:
-        if "causal_block" not in shard.cache:
-            shard.cache["causal_block"] = int(mask[0, 0, 0].sum())
-        block = shard.cache["causal_block"]
-    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, kv=kv, causal_block=block)
+    block = _block_length(shard.cache, mask)
+    # After Ulysses this rank's queries are its Ulysses group's shards, consecutive in the sequence.
+    u = shard.attention.ulysses_size
+    start = shard.index // u * u * q.shape[1]
+    return sequence_attention(q, k, v, groups=shard.attention, valid_len=shard.valid_len, kv=kv, causal_block=block,
+                              q_start=start)
+
+
+def _block_length(cache: dict, mask) -> int:
+    """Tokens per causal block of a block-causal mask (its first row's visible keys), read once per
+    forward into `cache`; 0 without a mask."""
+    if mask is None:
+        return 0
+    if "causal_block" not in cache:
+        cache["causal_block"] = int(mask[0, 0, 0].sum())
+    return cache["causal_block"]
 
 
 class WanSelfAttention:
@@ -69,18 +81,29 @@ class WanStageAttention:
 
     def __init__(self, stage: PipeStage):
         self.stage = stage
+        self.mask: tuple = (None, 0)
+        """(a weak reference to the last block-causal mask seen, its block length): read once per
+        forward (every block of the forward hands the same mask), never keeping it alive."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = _qkv(attn, hidden_states, rotary_emb)
-        out = _attend_stage(self.stage, attn, q, k, v).flatten(2, 3).type_as(q)
+        block = 0
+        if attention_mask is not None:
+            seen, block = self.mask
+            if seen is None or seen() is not attention_mask:
+                block = _block_length({}, attention_mask)
+                self.mask = (weakref.ref(attention_mask), block)
+        out = _attend_stage(self.stage, attn, q, k, v, block).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
 @torch.compiler.disable
-def _attend_stage(stage: PipeStage, attn, q, k, v) -> torch.Tensor:
+def _attend_stage(stage: PipeStage, attn, q, k, v, block: int = 0) -> torch.Tensor:
     """The stage's K/V buffer update and attention: never traced (the current patch's span and
-    the buffers are per-forward state), like _attend_across."""
-    return sequence_attention(q, k, v, groups=stage.attention(), valid_len=stage.span[2], kv=stage.source(id(attn)))
+    the buffers are per-forward state), like _attend_across. The patch's queries start at its
+    span's start (a block-causal mask's prefixes count from there)."""
+    return sequence_attention(q, k, v, groups=stage.attention(), valid_len=stage.span[2], kv=stage.source(id(attn)),
+                              causal_block=block, q_start=stage.span[0])
 
 
 TOKEN_PLAN = TokenPlan(
