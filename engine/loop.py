@@ -245,12 +245,14 @@ class Bar(StepHook):
 
 class Checkpointing(StepHook):
     """A step checkpoint every N steps (output.checkpoint_every), and at a boundary every rank's
-    stop request agrees on: written there, then Preempted."""
+    stop request agrees on: written there, then Preempted. `extra()`: more loop state to save
+    beside the latents (engine/windows.py: the window, each frame's scheduler, the generators);
+    `pipe` None: no pipeline scheduler state (that loop keeps its own)."""
 
     def __init__(self, checkpoints: Checkpoints | None, stop: StopRequest | None, *, pipe, caches: dict,
-                 finite: FiniteCheck, on_phase: OnPhase | None):
+                 finite: FiniteCheck, on_phase: OnPhase | None, extra: Callable[[], dict] | None = None):
         self.checkpoints, self.stop, self.pipe, self.caches = checkpoints, stop, pipe, caches
-        self.finite, self.on_phase = finite, on_phase
+        self.finite, self.on_phase, self.extra = finite, on_phase, extra
 
     def after(self, step: Step, latents: torch.Tensor) -> None:
         i, total = step.index, step.total
@@ -259,7 +261,8 @@ class Checkpointing(StepHook):
             self.finite.finish()  # never a checkpoint of latents gone non-finite (a GPU's queued flags)
             if self.on_phase is not None:
                 self.on_phase("checkpointing", i + 1, total)
-            self.checkpoints.save(i, latents, self.pipe.scheduler, self.caches)
+            self.checkpoints.save(i, latents, self.pipe.scheduler if self.pipe is not None else None, self.caches,
+                                  extra=self.extra() if self.extra is not None else None)
             if preempted:
                 self.checkpoints.wait_for_all()  # no rank leaves (and is reaped) before every checkpoint is in
                 raise Preempted(i + 1, total, str(self.checkpoints.folder))

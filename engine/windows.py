@@ -245,36 +245,6 @@ class _Cursor:
                 "history": self.history, "noise_rng": self.noise.get_state(), "addnoise_rng": self.addnoise.get_state()}
 
 
-class WindowCheckpointing:
-    """engine.loop.Checkpointing for windows: every N rows (output.checkpoint_every counts rows
-    over the whole video) and where every rank's stop request agrees, the current window's
-    latents, each frame's scheduler, the overlap history and both noise generators."""
-
-    def __init__(self, checkpoints, stop, *, caches: dict, finite, on_phase, cursor: _Cursor):
-        self.checkpoints, self.stop, self.caches, self.finite = checkpoints, stop, caches, finite
-        self.on_phase, self.cursor = on_phase, cursor
-
-    def before(self, step) -> None:
-        pass
-
-    def after(self, step, latents: torch.Tensor) -> None:
-        from unison.engine.errors import Preempted
-
-        i, total = step.index, step.total
-        preempted = self.stop is not None and i + 1 < total and self.stop.should_stop(i + 1)
-        if preempted or (self.checkpoints is not None and self.checkpoints.due(i, total)):
-            self.finite.finish()
-            if self.on_phase is not None:
-                self.on_phase("checkpointing", i + 1, total)
-            self.checkpoints.save(i, latents, None, self.caches, extra=self.cursor.extra())
-            if preempted:
-                self.checkpoints.wait_for_all()
-                raise Preempted(i + 1, total, str(self.checkpoints.folder))
-
-    def end(self) -> None:
-        pass
-
-
 def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: bool = False, on_step=None,
                     on_phase=None, runtime=None, guidance=None, caches: dict | None = None, offload=None,
                     checkpoints=None, stop=None, keep_latents: bool = True):
@@ -335,7 +305,8 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
     step_hooks = [*([steps_loop.Phases(on_phase)] if on_phase is not None else []), steps_loop.Finite(finite),
                   timing, *([steps_loop.Offloading(offload)] if offload is not None else []),
                   steps_loop.Bar(bar, start),
-                  WindowCheckpointing(checkpoints, stop, caches=caches, finite=finite, on_phase=on_phase, cursor=cursor),
+                  steps_loop.Checkpointing(checkpoints, stop, pipe=None, caches=caches, finite=finite, on_phase=on_phase,
+                                           extra=cursor.extra),
                   *([steps_loop.Reports(on_step, timing)] if on_step is not None else [])]
     decisions: dict[str, list[list[tuple]]] = {name: [] for name in caches}
     window_seconds: list[float] = []

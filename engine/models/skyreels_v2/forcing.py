@@ -33,7 +33,7 @@ from unison.engine.errors import UserError
 from unison.engine.models.spec import Conditioning
 from unison.engine.models.skyreels_v2.hooks import SkyReelsHooks
 from unison.engine.io.video import video_frames, video_info
-from unison.engine.models.wan.vae import decode_stream
+from unison.engine.models.wan.vae import decode_stream, latent_stats
 
 
 class ForcingHooks(SkyReelsHooks):
@@ -200,9 +200,7 @@ def _picture_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
                          for path, what in zip(paths, ("sampling.image", "sampling.last_image"))])
     picture = picture.to(device, torch.float32)
     encoded = vae.encode(picture.unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode().to(device, torch.float32)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, torch.float32)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, torch.float32)
+    mean, inv_std = latent_stats(vae, device, torch.float32)
     return (encoded - mean) * inv_std
 
 
@@ -242,9 +240,7 @@ def _video_latents(pipe, sampling, device: torch.device) -> torch.Tensor:
     video = pipe.video_processor.preprocess_video(_pil(last), height=sampling.height, width=sampling.width)
     video = video.to(device, torch.float32).to(vae.dtype)
     encoded = vae.encode(video).latent_dist.mode().to(torch.float32)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, vae.dtype)
+    mean, inv_std = latent_stats(vae, device, vae.dtype)  # diffusers' video-to-video: in the VAE's dtype
     return (encoded - mean) * inv_std
 
 

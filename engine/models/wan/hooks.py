@@ -25,6 +25,7 @@ import torch
 from unison.engine import images, schedulers
 from unison.engine.errors import UserError
 from unison.engine.models.spec import Conditioning, Hooks, Limits
+from unison.engine.models.wan.vae import latent_stats
 
 WAN_TEXT_TOKENS = 512
 """The text length Wan's transformers were trained with (umT5 text, padded to 512: Wan's
@@ -53,9 +54,7 @@ def _image_condition(pipe, sampling, first, last, device: torch.device, *, ti2v:
     else:
         video = frames[0].unsqueeze(2)
     encoded = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode().to(device, torch.float32)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, torch.float32)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, torch.float32)
+    mean, inv_std = latent_stats(vae, device, torch.float32)
     encoded = (encoded - mean) * inv_std
     temporal = pipe.vae_scale_factor_temporal
     latent_frames = (sampling.frames - 1) // temporal + 1
@@ -184,10 +183,8 @@ class WanHooks(Hooks):
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(vae.device, dtype=vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         # diffusers divides by the reciprocal of std; do the same so decoded frames match bit for bit.
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        mean, inv_std = latent_stats(vae, latents.device, latents.dtype)
         return vae.decode(latents / inv_std + mean, return_dict=False)[0]
 
     def condition_frames(self, sampling) -> int:

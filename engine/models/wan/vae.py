@@ -32,6 +32,16 @@ def _finish(vae, video: torch.Tensor) -> torch.Tensor:
     return video.clamp_(-1.0, 1.0)
 
 
+def latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and the reciprocal of its std, (1, channels, 1, 1, 1) on `device` in
+    `dtype`: diffusers normalises by multiplying with the reciprocal (and denormalises by dividing
+    by it), which these reproduce bit for bit."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
+    return mean, inv_std
+
+
 def decode_stream(vae, pieces):
     """Whole-video decode, a piece of latent frames at a time: the causal decoder's feature cache is
     carried from one piece to the next, so each piece's pixels are exactly what a decode of the whole
@@ -40,12 +50,10 @@ def decode_stream(vae, pieces):
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    shape = (1, vae.config.z_dim, 1, 1, 1)
     started = False
     for latents in pieces:
         latents = latents.to(vae.device, dtype=vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        mean, inv_std = latent_stats(vae, latents.device, latents.dtype)
         z = vae.post_quant_conv(latents / inv_std + mean)  # one frame at a time (a 1x1x1 convolution)
         out = []
         for k in range(z.shape[2]):
