@@ -43,10 +43,6 @@ from tqdm import tqdm
 
 from unison.engine.errors import UserError
 
-ROW_TEMPLATE = 999
-"""diffusers' stand-in timestep for a frame that has not started (the matrix's first column value)."""
-
-
 @dataclass(frozen=True)
 class Windows:
     """Where each window of a video lies, in latent frames (diffusers' long-video arithmetic)."""
@@ -109,8 +105,9 @@ def rows(sampling, hooks, *, temporal: int) -> list[int]:
         end = hooks.end_count(sampling) if k == windows.count - 1 else 0
         size = windows.size(k)
         base = size if hooks.base_is_window(sampling) else windows.base
+        ready = windows.prefix(k) if k or windows.extend else hooks.given_frames(sampling)  # as the loop's
         matrix, _, _ = hooks.step_matrix(size + end, template, base=base + end, ar_step=sampling.ar_step,
-                                         ready=windows.prefix(k) if k else hooks.given_frames(sampling), block=block)
+                                         ready=ready, block=block)
         counts.append(len(matrix))
     return counts
 
@@ -318,6 +315,8 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
             opened = time.perf_counter()
             size, given = windows.size(k), ready[k]
             first_row = start - starts[k] if resumed is not None and k == cursor.window else 0
+            cursor.frame_steps = frame_schedulers(pipe.scheduler, size + ends[k], sampling.steps, device,
+                                                  sampling.sigmas)
             if first_row == 0:
                 cursor.window = k
                 latents = torch.randn((*shape[:2], size, *shape[2:]), generator=cursor.noise,
@@ -326,14 +325,10 @@ def denoise_windows(pipe, spec, sampling, *, device: torch.device, progress: boo
                     latents[:, :, :given] = (first if k == 0 else cursor.history)[:, :, :given].to(model.dtype)
                 if ends[k]:
                     latents = torch.cat([latents, end.to(model.dtype)], dim=2)
-                cursor.frame_steps = frame_schedulers(pipe.scheduler, size + ends[k], sampling.steps, device,
-                                                      sampling.sigmas)
                 if k > 0 or resumed is not None:
                     for watcher in watchers_all:  # a new window is a new video to the caches
                         watcher.reset()
             else:  # resumed inside this window: its schedulers and caches come from the checkpoint
-                cursor.frame_steps = frame_schedulers(pipe.scheduler, size + ends[k], sampling.steps, device,
-                                                      sampling.sigmas)
                 for each, state in zip(cursor.frame_steps, resumed.extra["frame_schedulers"]):
                     load_scheduler_state(each, state, device)
                 if runtime is not None:

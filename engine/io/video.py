@@ -107,11 +107,12 @@ def mp4_write(path: str | Path, frames: np.ndarray, *, fps: int) -> Write:
                  lambda tmp: check_mp4(tmp, frames=count, height=height, width=width))
 
 
-def mp4_stream_write(path: str | Path, chunks, *, frames: int, height: int, width: int, fps: int) -> Write:
+def mp4_stream_write(path: str | Path, chunks, *, frames, height: int, width: int, fps: int) -> Write:
     """The Write of an mp4 whose frames come as they are made: `chunks()` gives an iterable of
-    uint8 (F, H, W, 3) arrays, `frames` in all (checked on read-back)."""
+    uint8 (F, H, W, 3) arrays; `frames()` their count, asked once they are written (a stream may
+    learn it as it goes), checked on read-back."""
     return Write(Path(path), lambda tmp: encode_mp4(tmp, chunks(), fps=fps, height=height, width=width),
-                 lambda tmp: check_mp4(tmp, frames=frames, height=height, width=width))
+                 lambda tmp: check_mp4(tmp, frames=frames(), height=height, width=width))
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int) -> None:

@@ -51,11 +51,8 @@ class ForcingHooks(SkyReelsHooks):
         return sampling.image is None
 
     def given_frames(self, sampling) -> int:
-        """Latent frames the first window is given (an image-to-video picture's; an extended
-        video's overlap, in whole causal blocks)."""
-        if sampling.extend is not None:
-            overlap = (sampling.overlap_frames - 1) // 4 + 1
-            return overlap - overlap % sampling.causal_block_size
+        """Latent frames a picture gives the first window (an extension's are the windows' own
+        overlap: engine/windows.Windows.prefix)."""
         return 0 if sampling.image is None else 1
 
     def default_size(self, sampling, read) -> tuple[int, int] | None:
@@ -148,14 +145,11 @@ class ForcingHooks(SkyReelsHooks):
     def condition_frames(self, sampling) -> int:
         return 1 if sampling.image is not None else 0
 
-    def decode_stream(self, vae, pieces):
-        """The video decoded window by window, the causal VAE's cache carried across (wan/vae.py)."""
-        return decode_stream(vae, pieces)
-
     def written_frames(self, pipe, sampling, pieces):
         """uint8 (F, H, W, 3) chunks of the video as written: the decoded windows, and for an
         extension the given video (resized as diffusers resizes it) before them, the decoded
-        overlap left out. Returns (frames in all, the chunks)."""
+        overlap left out, each frame decoded from the file once. Returns (a function giving the
+        frames in all, once the chunks are spent; the chunks)."""
         from unison.engine.io.video import to_uint8_frames
 
         def decoded(drop: int):
@@ -167,10 +161,16 @@ class ForcingHooks(SkyReelsHooks):
                     yield frames[cut:]
 
         if sampling.extend is None:
-            return sampling.frames, decoded(0)
-        given = video_info(sampling.extend)[0]
-        return given + sampling.frames - sampling.overlap_frames, \
-            _chain(_given_frames(pipe, sampling), decoded(sampling.overlap_frames))
+            return lambda: sampling.frames, decoded(0)
+        given = [0]
+
+        def counted():
+            for chunk in _given_frames(pipe, sampling):
+                given[0] += len(chunk)
+                yield chunk
+
+        return lambda: given[0] + sampling.frames - sampling.overlap_frames, \
+            _chain(counted(), decoded(sampling.overlap_frames))
 
 
 class ForcingImageHooks(ForcingHooks):
