@@ -91,6 +91,7 @@ class Worker:
         self.engine = Engine(plan)
         self._set(Progress(job=None, step=0, steps=0))
         self._attempt: Progress | None = None
+        self._cancelled: str | None = None
 
     @classmethod
     def from_config(cls, config: RunConfig, *, world_size: int = 1) -> "Worker":
@@ -109,6 +110,17 @@ class Worker:
     def request_stop(self) -> None:
         """Stop the job under way at a step boundary with a checkpoint (Engine.request_stop)."""
         self.engine.request_stop()
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop `job_id` if it is the job under way, as request_stop does (every rank stops at the
+        same step; Preempted), without touching the jobs after it: a stop that lands after its
+        last step is dropped when the job ends. False when `job_id` is not under way."""
+        with self._lock:
+            if self._progress.job != job_id:
+                return False
+            self._cancelled = job_id
+        self.engine.request_stop()
+        return True
 
     def _set(self, progress: Progress) -> None:
         with self._lock:
@@ -142,6 +154,10 @@ class Worker:
             result = self.engine.render(None if own else job.config, progress=progress, on_phase=phase)
         finally:
             self._set(Progress(job=None, step=0, steps=0))
+            with self._lock:
+                if self._cancelled == job.id:  # the cancel's stop is this job's alone
+                    self._cancelled = None
+                    self.engine.pending_stop = False
         times = [r.seconds for r in result.loop.steps]
         return Outcome(id=job.id, seconds=time.perf_counter() - started, steps=len(times),
                        step_seconds=statistics.median(times) if times else 0.0,

@@ -1,4 +1,4 @@
-"""The `unison` command line: generate, calibrate, batch, plan, slurm, make-tiny.
+"""The `unison` command line: generate, calibrate, batch, serve, plan, slurm, make-tiny.
 
 Bad input is reported as one line on stderr with exit code 2, before any weights load. A result
 that could not be written (WriteFailed: the encoder failed, a full disk, a file-size limit) is one
@@ -215,6 +215,32 @@ def _add_batch(sub) -> None:
     _add_run_options(p, single=False)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve OpenAI's Videos API (/v1/videos) and a status page over the engines",
+                       description="Serve OpenAI's Videos API (POST/GET/DELETE /v1/videos, content downloads) and a "
+                       "status page at /, rendering with one local engine or Ray engines. Every accepted job is "
+                       "on disk (--out) before the response; a restart resumes queued and running jobs.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    p.add_argument("--out", required=True, help="the job store: a folder of jobs, videos and the manifest")
+    p.add_argument("--token", help="bearer token clients must send (default: $UNISON_SERVE_TOKEN; the environment "
+                   "keeps it out of the process list)")
+    p.add_argument("--engines", type=int, help="with --ray: engines (default: as many as the GPUs hold)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:SCALE]",
+                   help="a LoRA requests may pick by NAME (their `lora` field); repeatable")
+    p.add_argument("--max-retries", dest="max_retries", type=int, default=2,
+                   help="attempts after the first before a job is failed (default 2)")
+    p.add_argument("--max-queued-per-client", dest="max_queued_per_client", type=int, default=32,
+                   help="unfinished jobs one client address may hold; past it 429 (default 32)")
+    p.add_argument("--max-queued", dest="max_queued", type=int, default=1000,
+                   help="unfinished jobs the server holds; past it 429 (default 1000)")
+    p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, default=20.0,
+                   help="largest request body (a picture upload), MiB; past it 413 (default 20)")
+    p.add_argument("--max-picture-side", dest="max_picture_side", type=int, default=4096,
+                   help="largest side of an uploaded picture, pixels; past it 413 (default 4096)")
+    _add_run_options(p, single=False)
+
+
 def _add_slurm(sub) -> None:
     p = sub.add_parser("slurm", help="print an sbatch script for this run",
                        description="Print a filled sbatch script: srun torchrun (one engine over every GPU of "
@@ -291,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_calibrate(sub)
     _add_batch(sub)
+    _add_serve(sub)
     _add_slurm(sub)
     _add_plan(sub)
     _add_make_tiny(sub)
@@ -376,6 +403,21 @@ def cmd_batch(args: argparse.Namespace) -> int:
     config = resolve_auto(config, world_size=env.world_size, rank=env.rank)
     return batch_local(config, jobs=args.jobs, out=args.out, max_retries=args.max_retries, progress=args.progress,
                        env=env, reads=input_files(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from unison.launch.serve import TOKEN_ENV, ServeOptions, serve
+
+    _check_counts(args)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    options = ServeOptions(host=args.host, port=args.port, out=args.out, token=token, ray=args.ray,
+                           engines=args.engines, ranks_per_engine=args.ranks_per_engine, adapters=tuple(args.adapter),
+                           max_retries=args.max_retries, max_queued_per_client=args.max_queued_per_client,
+                           max_queued=args.max_queued, max_upload_mb=args.max_upload_mb,
+                           max_picture_side=args.max_picture_side)
+    return serve(build_config(args), options, reads=input_files(args))
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -478,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # `unison` alone runs the embedded default
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "batch": cmd_batch, "slurm": cmd_slurm,
+    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "batch": cmd_batch, "serve": cmd_serve,
+                "slurm": cmd_slurm,
                 "plan": cmd_plan, "make-tiny": cmd_make_tiny}
     try:
         with signals_exit_143():

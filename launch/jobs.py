@@ -137,6 +137,12 @@ def parse_line(text: str, number: int, *, base: RunConfig, out_dir: Path, world_
         raise UserError("nested too deeply to read; a job is an object of plain values") from None
     except ValueError as err:  # an integer of thousands of digits
         raise UserError(f"not readable JSON ({str(err).splitlines()[0][:120]})") from None
+    return parse_object(obj, number, base=base, out_dir=out_dir, world_size=world_size, folder=folder, reads=reads)
+
+
+def parse_object(obj: Any, number: int, *, base: RunConfig, out_dir: Path, world_size: int,
+                 folder: Path | None = None, reads: dict[str, str] | None = None) -> Job:
+    """A job object (a parsed line, or a service's request) -> a validated Job, as parse_line."""
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object, got {type(obj).__name__}")
     _check_plain(obj)

@@ -92,6 +92,12 @@ class RankActor:
         if worker is not None:
             worker.request_stop()
 
+    def cancel(self, job_id: str) -> None:
+        """A service's delete: stop `job_id` if it is under way here (Worker.cancel)."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.cancel(job_id)
+
 
 def engine_line(index: int, job: str | None, state: Progress | None) -> str:
     """One engine's progress line: "engine 1: job cat, decoding", "engine 0: idle". `job` is the
@@ -123,6 +129,39 @@ class EngineSlot:
     started: float = 0.0
     failures_in_row: int = 0
     stop_sent: bool = False
+    state: Progress | None = None
+    """Rank 0's last progress report of the job under way (read each turn of the driver's loop)."""
+
+
+class JobQueue:
+    """The jobs a driver hands out: a batch's list, in order (this class), or a service's queue,
+    which grows while the driver runs (launch/serve/scheduler.py) and may drop a running job."""
+
+    def __init__(self, jobs=()):
+        self._jobs = deque(jobs)
+
+    def take(self) -> Job | None:
+        """The next job to start, or None when there is none now."""
+        return self._jobs.popleft() if self._jobs else None
+
+    def put_back(self, job: Job) -> None:
+        """A job to run again (a retry, a resume after preemption) goes first."""
+        self._jobs.appendleft(job)
+
+    def open(self) -> bool:
+        """May a job still come? A batch: while its list is not empty; a service: until it stops."""
+        return bool(self._jobs)
+
+    def dropped(self, job_id: str) -> bool:
+        """Was this running job withdrawn (a service's delete)? Then it stops, and is not recorded."""
+        return False
+
+    def released(self, job: Job) -> None:
+        """A withdrawn job has left its engine (stopped, failed or even finished): what it left
+        behind may go."""
+
+    def __len__(self) -> int:
+        return len(self._jobs)
 
 
 @dataclass
@@ -171,6 +210,8 @@ class RayBatch:
         self.stopping = False
         """SIGTERM or SIGUSR1 reached the driver: no job starts, the running ones checkpoint."""
         self.preempted: list[str] = []
+        self.signalled = StopRequest()
+        self.slots: list[EngineSlot] = []
 
     # -- engines ----------------------------------------------------------------------------------
     def _start(self, slot: EngineSlot) -> None:
@@ -198,7 +239,7 @@ class RayBatch:
             self.ray.kill(actor, no_restart=True)
         if slot.group is not None:
             remove_placement_group(slot.group)
-        slot.actors, slot.group, slot.job, slot.refs, slot.stop_sent = [], None, None, [], False
+        slot.actors, slot.group, slot.job, slot.refs, slot.stop_sent, slot.state = [], None, None, [], False, None
 
     def _bring_up(self, slot: EngineSlot) -> bool:
         if self.progress and self.bars:
@@ -215,21 +256,23 @@ class RayBatch:
         return False
 
     # -- the queue --------------------------------------------------------------------------------
-    def run(self, todo: list[Job], ledger: Ledger) -> None:
+    def run(self, todo: list[Job] | JobQueue, ledger: Ledger) -> None:
         """Render `todo`. SIGTERM or SIGUSR1 (main thread; a second one ends the driver at once):
         no further job starts, every running job stops at a step checkpoint and is recorded
         preempted, the engines go down, and BatchPreempted is raised (the CLI exits 143; the same
         command resumes). A job whose write failed (WriteFailed) ends the batch the same way the
         local driver does: the next job would fail alike."""
-        with StopRequest().on_signals() as signalled:
-            self.signalled = signalled
-            self._run(todo, ledger)
+        with self.signalled.on_signals():
+            self._run(todo if isinstance(todo, JobQueue) else JobQueue(todo), ledger)
         if self.stopping:
             raise BatchPreempted(self.preempted)
 
-    def _run(self, todo: list[Job], ledger: Ledger) -> None:
-        queue = deque(todo)
-        slots = [EngineSlot(index=i) for i in range(self.options.engines)]
+    def stop(self) -> None:
+        """What SIGTERM does, from another thread (a service shutting down)."""
+        self.signalled.signalled = True
+
+    def _run(self, queue: JobQueue, ledger: Ledger) -> None:
+        slots = self.slots = [EngineSlot(index=i) for i in range(self.options.engines)]
         bars = self.bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress,
                                  leave=False) for i in range(len(slots))]
         live = []
@@ -240,20 +283,26 @@ class RayBatch:
             live = [s for s in live if s.actors]
             if not live and not self.stopping:
                 raise RuntimeError("no engine could be started; see the warnings above")
-            while (queue and not self.stopping) or any(s.job is not None for s in live):
+            while (queue.open() and not self.stopping) or any(s.job is not None for s in live):
                 for slot in live:
-                    if slot.job is None and queue and not self._stopped():
-                        self._assign(slot, queue.popleft())
+                    job = queue.take() if slot.job is None and not self._stopped() else None
+                    if job is not None:
+                        self._assign(slot, job)
                 busy = [s for s in live if s.job is not None]
-                if self._stopped():
-                    for slot in busy:
+                for slot in busy:
+                    if self._stopped():
                         self._send_stop(slot)
+                    elif queue.dropped(slot.job.id):
+                        self._send_stop(slot, only=slot.job.id)
                 refs = [r for s in busy for r in s.refs]
-                self.ray.wait(refs, num_returns=1, timeout=0.5)
+                if refs:
+                    self.ray.wait(refs, num_returns=1, timeout=0.5)
+                else:
+                    time.sleep(0.1)  # a service's idle engines: poll its queue
                 for slot in busy:
                     self._collect(slot, queue, ledger)
                 live = [s for s in live if s.actors]
-                if not live and queue and not self.stopping:
+                if not live and queue.open() and not self.stopping:
                     raise RuntimeError(f"every engine failed; {len(queue)} jobs were not rendered "
                                        "(the same command resumes them)")
                 self._show(live, bars)
@@ -270,8 +319,14 @@ class RayBatch:
             log.warning("stopping: the running jobs checkpoint at their next step; no new job starts")
         return self.stopping
 
-    def _send_stop(self, slot: EngineSlot) -> None:
-        if not slot.stop_sent:
+    def _send_stop(self, slot: EngineSlot, *, only: str | None = None) -> None:
+        """Stop the engine's job at a checkpoint; `only`: a withdrawn job's id (the stop then
+        reaches no later job, should it land after this one ended; it is asked again each turn, as
+        it may come before the job has reached the ranks)."""
+        if only is not None:
+            for actor in slot.actors:
+                actor.cancel.remote(only)
+        elif not slot.stop_sent:
             slot.stop_sent = True
             for actor in slot.actors:  # any rank's request stops them all; each is asked in case one is gone
                 actor.request_stop.remote()
@@ -293,7 +348,7 @@ class RayBatch:
         if self.on_start is not None:
             self.on_start(slot, job)
 
-    def _collect(self, slot: EngineSlot, queue: deque, ledger: Ledger) -> None:
+    def _collect(self, slot: EngineSlot, queue: JobQueue, ledger: Ledger) -> None:
         ready, _ = self.ray.wait(slot.refs, num_returns=len(slot.refs), timeout=0)
         error = None
         try:
@@ -303,21 +358,29 @@ class RayBatch:
         if error is None and len(ready) < len(slot.refs):
             return  # still running
         job, seconds = slot.job, time.perf_counter() - slot.started
+        if queue.dropped(job.id) and (error is None or self._all_preempted(slot)):
+            # Withdrawn (a service's delete): nothing is recorded, and an engine whose every rank
+            # stopped at the same step is whole, so it takes the next job.
+            slot.job, slot.refs, slot.stop_sent, slot.state = None, [], False, None
+            queue.released(job)
+            return
         if error is None:
             first = self.ray.get(slot.refs[0])  # rank 0's outcome
-            slot.job, slot.refs, slot.failures_in_row, slot.stop_sent = None, [], 0, False
+            slot.job, slot.refs, slot.failures_in_row, slot.stop_sent, slot.state = None, [], 0, False, None
             ledger.succeeded(job, seconds=seconds, steps=first.steps, step_seconds=first.step_seconds,
                              resumed_from_step=first.resumed_from_step, windows=first.windows)
             return
         message, cause, reached = _describe_error(error), _cause(error), self._reached(slot)
-        if isinstance(cause, Preempted):  # every rank checkpointed the same step
+        if queue.dropped(job.id):
+            queue.released(job)  # withdrawn, and an engine rank failed too: rebuilt below, nothing recorded
+        elif isinstance(cause, Preempted):  # every rank checkpointed the same step
             ledger.preempted(job, message, seconds=seconds, reached=reached)
             self.preempted.append(job.id)
             if not self.stopping:  # not the driver's stop (a rank's own signal): resume on a new engine
-                queue.appendleft(job)
+                queue.put_back(job)
         elif ledger.failed_attempt(job, message, seconds=seconds, retry=retryable(cause), reached=reached) \
                 and not isinstance(cause, WriteFailed):
-            queue.appendleft(job)
+            queue.put_back(job)
         self._stop(slot)
         if isinstance(cause, WriteFailed):
             raise cause
@@ -325,9 +388,19 @@ class RayBatch:
             log.warning("engine %d is rebuilt after: %s", slot.index, message)
             self._bring_up(slot)
 
+    def _all_preempted(self, slot: EngineSlot) -> bool:
+        """Did every rank end its call with Preempted (all stopped at the same step, none died)?"""
+        for ref in slot.refs:
+            try:
+                self.ray.get(ref, timeout=0)
+            except Exception as err:  # noqa: BLE001 - sorted below
+                if not isinstance(_cause(err), Preempted):
+                    return False
+        return True
+
     def _show(self, slots: list[EngineSlot], bars: list) -> None:
-        if not self.progress:
-            return
+        """Read rank 0's progress of every running job (slot.state; a service reports it) and show
+        it on the engines' bars."""
         for slot in slots:
             state = None
             if slot.job is not None:
@@ -335,8 +408,10 @@ class RayBatch:
                     state = self.ray.get(slot.actors[0].progress.remote(), timeout=1)
                 except Exception:  # noqa: BLE001 - progress is best effort
                     state = None
-            bars[slot.index].set_description_str(
-                engine_line(slot.index, slot.job.id if slot.job is not None else None, state))
+            slot.state = state if state is not None and slot.job is not None and state.job == slot.job.id else None
+            if self.progress:
+                bars[slot.index].set_description_str(
+                    engine_line(slot.index, slot.job.id if slot.job is not None else None, state))
 
 
 def _cause(err: BaseException) -> BaseException:

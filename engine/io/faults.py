@@ -4,7 +4,8 @@ Nothing here runs in a user's render: without the variable `active()` is False, 
 installs nothing, and the one call the engine makes per phase returns at once.
 
 UNISON_FAULTS is a JSON list of faults, each {"job": ID, "step": S, "action": A, "rank": R}:
-- `job`: the video's file stem (a batch job's id); `step`: the 0-based index of the denoising step
+- `job`: the video's file stem (a batch job's id; "*": every job, e.g. a service's, whose ids the
+  server makes); `step`: the 0-based index of the denoising step
   as it begins (S steps are finished); `rank`: the engine rank that acts (null: every rank);
 - `action`: "kill" (the process SIGKILLs itself: a lost node, an OOM kill), "raise" (an
   InjectedFault, a retryable RuntimeError), or "signal-driver" (SIGTERM to the process that
@@ -79,7 +80,7 @@ def at_step(job: str, index: int, *, rank: int) -> None:
     if not active():
         return
     for number, fault in enumerate(_faults()):
-        if fault["job"] != job or fault["step"] != index or fault.get("rank") not in (None, rank):
+        if fault["job"] not in (job, "*") or fault["step"] != index or fault.get("rank") not in (None, rank):
             continue
         try:  # once per fault and rank, whichever attempt gets there first
             os.close(os.open(_folder() / f"fired.{number}.rank{rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))

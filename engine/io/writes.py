@@ -230,7 +230,11 @@ def append_line(path: str | Path, line: str) -> None:
 
 def text_write(path: str | Path, text: str) -> Write:
     """A text file (a config), checked byte for byte, so a YAML file parses back to the same mapping."""
-    data = text.encode()
+    return bytes_write(path, text.encode())
+
+
+def bytes_write(path: str | Path, data: bytes) -> Write:
+    """A file of these bytes (a service's job record, an uploaded picture), checked byte for byte."""
 
     def check(tmp: Path) -> None:
         back = tmp.read_bytes()

@@ -1,0 +1,178 @@
+"""`unison serve`: OpenAI's Videos API and a status page over the same engines a batch uses.
+
+The server owns one job store (--out DIR, a batch folder: launch/serve/store.py), locked for its
+life (a second server or a batch on the same folder is refused), and one engine driver: a local
+engine in this process, or K Ray engines of N ranks (--ray). Requests are checked as `unison
+generate` checks its input, written durably, then queued; the engines render them in order of
+acceptance and every attempt is recorded in the store's manifest. A restart renders what is
+queued and continues what was running from its last step checkpoint; a completed video is never
+rendered again. SIGTERM or Ctrl-C: no new job starts, the running one stops at its next step with
+a checkpoint (recorded preempted), and the server exits; starting it again resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from unison.engine.config import RunConfig, config_from_dict, lora_from_text
+from unison.engine.errors import UserError
+
+log = logging.getLogger("unison")
+
+TOKEN_ENV = "UNISON_SERVE_TOKEN"
+DEFAULT_CHECKPOINT_EVERY = 5
+"""Step checkpoints a served render writes when its recipe asks for none (a crash loses at most
+this many steps of the job under way)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    out: str = "unison-serve"
+    token: str | None = None
+    ray: str | None = None
+    engines: int | None = None
+    ranks_per_engine: int | None = None
+    adapters: tuple[str, ...] = ()
+    """NAME=PATH[:SCALE] entries: the LoRAs a request may name."""
+    max_retries: int = 2
+    max_queued_per_client: int = 32
+    max_queued: int = 1000
+    max_upload_mb: float = 20.0
+    max_picture_side: int = 4096
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(options: ServeOptions) -> None:
+    """Refusals before anything loads: a reachable server needs a token; counts must be sane."""
+    if not options.token and not is_loopback(options.host):
+        raise UserError(f"--host {options.host} is reachable from other machines: give a bearer token (--token, or "
+                        f"{TOKEN_ENV}), or bind 127.0.0.1")
+    if not 0 <= options.port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {options.port}")
+    for flag, value in (("--max-queued-per-client", options.max_queued_per_client),
+                        ("--max-queued", options.max_queued), ("--max-picture-side", options.max_picture_side)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if not options.max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb must be positive, got {options.max_upload_mb}")
+    if options.max_retries < 0:
+        raise UserError(f"--max-retries must be at least 0, got {options.max_retries}")
+    if options.token is not None and len(options.token) < 16:
+        raise UserError("--token must be at least 16 characters (e.g. `python -c 'import secrets; "
+                        "print(secrets.token_urlsafe())'`)")
+
+
+def adapters_from(entries: tuple[str, ...]) -> dict[str, dict]:
+    """--adapter NAME=PATH[:SCALE] -> name -> a lora entry; each file must exist now."""
+    out: dict[str, dict] = {}
+    for text in entries:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise UserError(f"--adapter takes NAME=PATH[:SCALE], got {text!r}")
+        if name in out:
+            raise UserError(f"--adapter {name} given twice")
+        lora = lora_from_text(rest)
+        path = Path(lora.path).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"--adapter {name}: no such file: {lora.path}")
+        out[name] = {"path": str(path), "scale": lora.scale}
+    return out
+
+
+def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | None = None) -> int:
+    import uvicorn
+
+    from unison.engine.plan import plan_run
+    from unison.launch.batch import OutputLock
+    from unison.launch.runs import engine_config
+    from unison.launch.serve.app import build_app
+    from unison.launch.serve.requests import Served
+    from unison.launch.serve.service import Limits, LocalDriver, RayDriver, Service
+    from unison.launch.serve.store import JobStore
+    from unison.engine.targets import check_batch_output
+
+    check_options(options)
+    if options.ray is None and (options.engines is not None or options.ranks_per_engine is not None):
+        raise UserError("--engines and --ranks-per-engine need --ray (a local engine is one process)")
+    output = {"progress": False}
+    if config.output.checkpoint_every == 0:
+        output["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY
+    config = config_from_dict({"output": output}, base=config)
+    p = config.parallel
+    ranks = options.ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch
+    if options.ray is None and ranks > 1:
+        raise UserError(f"the parallel degrees ask for {ranks} ranks: serve them with --ray local (or an address) "
+                        f"--ranks-per-engine {ranks}")
+    plan = plan_run(engine_config(config), world_size=ranks, reads=reads)
+    adapters = adapters_from(options.adapters)
+    out_dir = Path(options.out).resolve()
+    check_batch_output(out_dir, config)
+    resolved = plan.config
+    name = Path(resolved.model.path).name if resolved.model.path else f"tiny-{resolved.model.family}"
+    served = Served(model=name, aliases=(resolved.model.family,), fps=resolved.output.fps,
+                    frames=resolved.sampling.frames, width=resolved.sampling.width, height=resolved.sampling.height,
+                    adapters=adapters, max_picture_side=options.max_picture_side)
+    limits = Limits(max_queued_per_client=options.max_queued_per_client, max_queued=options.max_queued,
+                    max_upload_bytes=int(options.max_upload_mb * 2**20))
+    with contextlib.ExitStack() as owned:
+        owned.enter_context(OutputLock(out_dir))
+        store = JobStore(out_dir)
+        service = Service(base=config, store=store, served=served, limits=limits, world_size=ranks,
+                          max_retries=options.max_retries)
+        if options.ray is not None:
+            from unison.launch.ray_batch import connect, options_for_cluster
+
+            connect(options.ray, ranks=(options.engines or 1) * ranks)
+            driver = RayDriver(service, config, options_for_cluster(engines=options.engines, ranks_per_engine=ranks))
+        else:
+            driver = LocalDriver(service, plan)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            driver.start()
+            try:
+                yield
+            finally:
+                from starlette.concurrency import run_in_threadpool
+
+                service.stop()
+                driver.stop()
+                await run_in_threadpool(driver.join)
+                service.ledger.close()
+
+        sock = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((options.host, options.port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {options.host}:{options.port} ({err.strerror or err})") from None
+        port = sock.getsockname()[1]
+        app = build_app(service, token=options.token, lifespan=lifespan)
+        where = f"{'[' + options.host + ']' if ':' in options.host else options.host}:{port}"
+        counts = service.counts()
+        print(f"unison serve: {served.model} on http://{where}/ (API /v1/videos; store {out_dir}; "
+              f"{counts['queued']} queued, {counts['completed']} completed; "
+              f"{'Ray ' + str(options.engines or 'auto') + ' engines x ' + str(ranks) + ' ranks' if options.ray else '1 local engine'}"
+              f"{'; bearer token required' if options.token else ''})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        server.run(sockets=[sock])
+    print("unison serve: stopped; queued and stopped jobs resume when it starts again", file=sys.stderr, flush=True)
+    return 0
