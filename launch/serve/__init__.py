@@ -13,10 +13,8 @@ a checkpoint (recorded preempted), and the server exits; starting it again resum
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import logging
-import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -97,6 +95,21 @@ def adapters_from(entries: tuple[str, ...]) -> dict[str, dict]:
     return out
 
 
+@contextlib.contextmanager
+def _stop_is_the_end():
+    """SIGTERM and SIGINT stop the server cleanly (uvicorn's shutdown: the engines checkpoint), and
+    that is a normal end (exit 0), not the CLI's 143 of an interrupted render: uvicorn raises the
+    signal again once it is down, and finds this handler, which notes it and does nothing."""
+    import signal
+
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | None = None) -> int:
     import uvicorn
 
@@ -173,6 +186,7 @@ def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | N
               f"{'Ray ' + str(options.engines or 'auto') + ' engines x ' + str(ranks) + ' ranks' if options.ray else '1 local engine'}"
               f"{'; bearer token required' if options.token else ''})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-        server.run(sockets=[sock])
+        with _stop_is_the_end():
+            server.run(sockets=[sock])
     print("unison serve: stopped; queued and stopped jobs resume when it starts again", file=sys.stderr, flush=True)
     return 0

@@ -302,7 +302,10 @@ class Service(JobQueue):
                     tracked.seen, tracked.seen_finished = clock, progress.finished
 
     def _recorded(self, record: Record) -> None:
-        """A record the ledger appended (in the driver's thread)."""
+        """A record the ledger appended (in the driver's thread). A done video's thumbnail is made
+        before it reads as completed, so a completed video's files are all there."""
+        if record.status == "done" and self.get(record.id) is not None:
+            self.store.make_thumbnail(record.id)
         with self.lock:
             tracked = self.tracked.get(record.id)
             if tracked is None:  # deleted as it finished
@@ -313,8 +316,6 @@ class Service(JobQueue):
                 tracked.status, tracked.completed_at, tracked.error = "completed", now(), None
             elif record.status == "failed":
                 tracked.status, tracked.error = "failed", record.error
-        if record.status == "done":
-            self.store.make_thumbnail(record.id)
         log.info("unison serve: %s %s%s", record.id, record.status, f" ({record.error})" if record.error else "")
 
     def stop(self) -> None:

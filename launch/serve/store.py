@@ -173,7 +173,8 @@ class JobStore:
             return path
         try:
             count = video_info(self.video(job_id), what="the video")[0]
-            picks = {round(i * (count - 1) / max(1, tiles - 1)) for i in range(min(tiles, count))}
+            n = min(tiles, count)
+            picks = {round(i * (count - 1) / max(1, n - 1)) for i in range(n)}
             frames = [Image.fromarray(f) for i, f in enumerate(video_frames(self.video(job_id), what="the video"))
                       if i in picks]
         except (UserError, OSError, RuntimeError) as err:
