@@ -358,3 +358,74 @@ def test_status_page_in_headless_chromium(served, tmp_path):
     clip = served.out / f"{video_id}.mp4"
     reference = _generate(tmp_path, "page", "--prompt", "a lantern over a pond, from the page", "--seed", "4")
     assert np.array_equal(_frames(clip), _frames(reference))
+
+
+# -- durability: a killed server, a killed Ray rank ------------------------------------------------
+
+def test_sigkill_mid_render_then_restart_completes_the_job_once(tmp_path):
+    """An image-to-video job (its picture uploaded) whose server is SIGKILLed as step 3 of 6
+    begins: the same command resumes it from the step-3 checkpoint; 6 steps are computed in all,
+    and the video equals `unison generate --image` of the same picture."""
+    book = tmp_path / "faults"
+    book.mkdir()
+    env = {"UNISON_FAULTS": json.dumps([{"job": "*", "step": 3, "action": "kill"}]), "UNISON_FAULTS_DIR": str(book)}
+    args = ("--set", "model.family=wan-i2v", "--steps", "6", "--set", "output.checkpoint_every=1")
+    picture = tmp_path / "first.png"
+    picture.write_bytes(_png(64, 64))
+    first = Server(tmp_path / "store", *args, env=env).start()
+    try:
+        response = httpx.post(first.url + "/v1/videos", headers=first.headers(), timeout=60,
+                              data={"prompt": "a kite", "seed": "5"},
+                              files={"input_reference": ("first.png", picture.read_bytes(), "image/png")})
+        assert response.status_code == 200, response.text
+        video_id = response.json()["id"]
+        assert first.wait_exit(120) == -9  # the injected SIGKILL
+    finally:
+        first.kill()
+    assert (tmp_path / "store" / "jobs" / f"{video_id}.json").is_file()  # accepted means on disk
+    second = Server(tmp_path / "store", *args, env=env).start()  # the fault fires once: not again
+    try:
+        assert wait_for(second.client(), video_id).status == "completed"
+        clip = tmp_path / "served.mp4"
+        clip.write_bytes(second.client().videos.download_content(video_id).content)
+        assert second.stop() == 0
+    finally:
+        second.kill()
+    records = [r for r in Manifest(tmp_path / "store").records() if r.id == video_id]
+    assert [(r.status, r.resumed_from_step, r.steps) for r in records] == [("done", 3, 3)]
+    assert steps_computed(book)[video_id] == {0: 6}  # nothing computed twice
+    out = tmp_path / "reference.mp4"
+    assert main(["generate", "--set", "model.family=wan-i2v", "--steps", "6", "--prompt", "a kite", "--seed", "5",
+                 "--image", str(picture), "--output", str(out)]) == 0
+    assert np.array_equal(_frames(clip), _frames(out))
+
+
+def test_ray_rank_killed_mid_job_resumes_on_the_rebuilt_engine(tmp_path):
+    """One Ray engine of 2 ranks (Ulysses 2); rank 1 is SIGKILLed as step 2 of 4 begins: the engine
+    is rebuilt and the job resumes there from its step-2 checkpoint; the video equals a one-rank
+    `unison generate` frame for frame."""
+    pytest.importorskip("ray")
+    book = tmp_path / "faults"
+    book.mkdir()
+    env = {"UNISON_FAULTS": json.dumps([{"job": "*", "step": 2, "action": "kill", "rank": 1}]),
+           "UNISON_FAULTS_DIR": str(book), "OMP_NUM_THREADS": "1"}
+    server = Server(tmp_path / "store", "--ray", "local", "--ulysses", "2", "--steps", "4", "--set",
+                    "output.checkpoint_every=1", "--set", "parallel.timeout_s=60", env=env).start(ready_s=300)
+    try:
+        client = server.client()
+        video = client.videos.create(prompt="a lighthouse at dusk", extra_body={"seed": 9})
+        assert wait_for(client, video.id, timeout=300).status == "completed"
+        assert client.videos.retrieve(video.id).model_extra["attempts"] == 2
+        clip = tmp_path / "served.mp4"
+        clip.write_bytes(client.videos.download_content(video.id).content)
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    records = [r for r in Manifest(tmp_path / "store").records() if r.id == video.id]
+    assert [r.status for r in records] == ["retry", "done"] and "died" in records[0].error
+    assert records[1].resumed_from_step == 2
+    assert steps_computed(book)[video.id] == {0: 4, 1: 4}  # steps 1-2, then 3-4 on the new engine
+    out = tmp_path / "reference.mp4"
+    assert main(["generate", "--steps", "4", "--prompt", "a lighthouse at dusk", "--seed", "9",
+                 "--output", str(out)]) == 0
+    assert np.array_equal(_frames(clip), _frames(out))

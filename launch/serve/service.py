@@ -418,6 +418,12 @@ class RayDriver(threading.Thread):
         service_ = service
 
         class Fed(RayBatch):
+            def _bring_up(self, slot) -> bool:
+                up = super()._bring_up(slot)
+                if up:
+                    service_.engine_state = "ready"
+                return up
+
             def _show(self, slots, bars) -> None:
                 super()._show(slots, bars)
                 for slot in slots:
@@ -428,7 +434,7 @@ class RayDriver(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        self.service.engine_state = "ready"
+        self.service.engine_state = "loading"
         try:
             self.batch.run(self.service, self.service.ledger)
         except BatchPreempted:
