@@ -18,8 +18,8 @@ TOKEN = "test-token-0123456789abcdef"
 
 class Server:
     def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None, token: str | None = TOKEN,
-                 cwd: Path | None = None):
-        self.out, self.args, self.token, self.cwd = Path(out), args, token, cwd
+                 cwd: Path | None = None, torchrun: int = 0):
+        self.out, self.args, self.token, self.cwd, self.torchrun = Path(out), args, token, cwd, torchrun
         self.env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
                     "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         if token is not None:
@@ -30,7 +30,13 @@ class Server:
 
     def start(self, *, ready_s: float = 180) -> "Server":
         self.url, self.lines = "", []
-        command = [sys.executable, "-m", "unison", "serve", "--out", str(self.out), "--port", "0", *self.args]
+        launcher = [sys.executable]
+        if self.torchrun:  # every rank one engine; rank 0 serves
+            from multirank import free_port
+
+            launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(self.torchrun),
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        command = [*launcher, "-m", "unison", "serve", "--out", str(self.out), "--port", "0", *self.args]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + ready_s

@@ -429,3 +429,37 @@ def test_ray_rank_killed_mid_job_resumes_on_the_rebuilt_engine(tmp_path):
     assert main(["generate", "--steps", "4", "--prompt", "a lighthouse at dusk", "--seed", "9",
                  "--output", str(out)]) == 0
     assert np.array_equal(_frames(clip), _frames(out))
+
+
+def test_torchrun_world_serves_as_one_engine(tmp_path):
+    """torchrun, 2 ranks (Ulysses 2): rank 0 serves, both render; a video equals the one-rank
+    `unison generate` frame for frame; a running job deleted stops on both ranks at the same step
+    (the step log counts each rank's steps) and the next job runs whole on both."""
+    book = tmp_path / "faults"
+    book.mkdir()
+    server = Server(tmp_path / "store", "--ulysses", "2", "--steps", "3", torchrun=2,
+                    env={"UNISON_FAULTS": "[]", "UNISON_FAULTS_DIR": str(book), "OMP_NUM_THREADS": "1"}).start()
+    try:
+        client = server.client()
+        long = client.videos.create(prompt="a long one", extra_body={"steps": 400, "frames": 5})
+        deadline = time.monotonic() + 120
+        while (client.videos.retrieve(long.id).model_extra.get("step") or 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.videos.delete(long.id).deleted
+        video = client.videos.create(prompt="a harbour at noon", extra_body={"seed": 6})
+        assert wait_for(client, video.id, timeout=180).status == "completed"
+        clip = tmp_path / "served.mp4"
+        clip.write_bytes(client.videos.download_content(video.id).content)
+        server.stop()
+    finally:
+        server.kill()
+    computed = steps_computed(book)
+    stopped = computed[long.id]
+    assert stopped[0] == stopped[1] and 3 <= stopped[0] < 400  # both ranks stopped at the same step
+    assert computed[video.id] == {0: 3, 1: 3}
+    assert [r.id for r in Manifest(tmp_path / "store").records()] == [video.id]
+    out = tmp_path / "reference.mp4"
+    assert main(["generate", "--steps", "3", "--prompt", "a harbour at noon", "--seed", "6",
+                 "--output", str(out)]) == 0
+    assert np.array_equal(_frames(clip), _frames(out))

@@ -111,30 +111,71 @@ def _stop_is_the_end():
 
 
 def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | None = None) -> int:
-    import uvicorn
-
     from unison.engine.plan import plan_run
-    from unison.launch.batch import OutputLock
-    from unison.launch.runs import engine_config
-    from unison.launch.serve.app import build_app
-    from unison.launch.serve.requests import Served
-    from unison.launch.serve.service import Limits, LocalDriver, RayDriver, Service
-    from unison.launch.serve.store import JobStore
     from unison.engine.targets import check_batch_output
+    from unison.launch.dist import DistEnv
+    from unison.launch.runs import engine_config
 
     check_options(options)
+    env = DistEnv.detect()
     if options.ray is None and (options.engines is not None or options.ranks_per_engine is not None):
-        raise UserError("--engines and --ranks-per-engine need --ray (a local engine is one process)")
+        raise UserError("--engines and --ranks-per-engine need --ray (a local engine is one process; under "
+                        "torchrun every rank is one engine)")
+    if options.ray is not None and env.world_size > 1:
+        raise UserError("--ray starts its own engines: run `unison serve --ray` as one process, not under torchrun")
     output = {"progress": False}
     if config.output.checkpoint_every == 0:
         output["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY
     config = config_from_dict({"output": output}, base=config)
     p = config.parallel
     ranks = options.ranks_per_engine or p.ulysses * p.ring * p.cfg * p.patch
-    if options.ray is None and ranks > 1:
-        raise UserError(f"the parallel degrees ask for {ranks} ranks: serve them with --ray local (or an address) "
-                        f"--ranks-per-engine {ranks}")
-    plan = plan_run(engine_config(config), world_size=ranks, reads=reads)
+    if options.ray is None:
+        ranks = env.world_size
+    plan = plan_run(engine_config(config), world_size=ranks, local_rank=env.local_rank, reads=reads)
+    adapters_from(options.adapters)  # refused here, before any rank joins
+    check_batch_output(Path(options.out).resolve(), config)
+    if env.world_size > 1:
+        return _serve_torchrun(config, options, plan, env, reads=reads)
+    return _serve(config, options, plan, ranks, reads=reads)
+
+
+def _serve_torchrun(config: RunConfig, options: ServeOptions, plan, env, *, reads) -> int:
+    """Every rank of a torchrun world is one engine: rank 0 serves and decides, the others follow
+    (launch/serve/service.follow) over a gloo group of their own."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from unison.launch.failure import FailureWatch
+    from unison.launch.serve.service import follow
+
+    timeout_s = plan.config.parallel.timeout_s
+    with env.joined(timeout_s=timeout_s, placement=plan.placement), \
+            FailureWatch.from_env(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s):
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if env.rank != 0:
+            with _stop_is_the_end():  # rank 0 says when to stop; a signal stops a render at its step
+                follow(plan, control)
+            return 0
+        return _serve(config, options, plan, env.world_size, reads=reads, control=control)
+
+
+def _engines_line(options: ServeOptions, ranks: int, *, torchrun: bool) -> str:
+    if options.ray is not None:
+        return f"Ray: {options.engines or 'as many engines as the GPUs hold'} x {ranks} ranks"
+    return f"1 engine of {ranks} ranks (torchrun)" if torchrun else "1 local engine"
+
+
+def _serve(config: RunConfig, options: ServeOptions, plan, ranks: int, *, reads, control=None) -> int:
+    import uvicorn
+
+    from unison.launch.batch import OutputLock
+    from unison.launch.serve.app import build_app
+    from unison.launch.serve.requests import Served
+    from unison.launch.serve.service import Limits, LocalDriver, RayDriver, Service
+    from unison.launch.serve.store import JobStore
+    from unison.engine.targets import check_batch_output
+
     adapters = adapters_from(options.adapters)
     out_dir = Path(options.out).resolve()
     check_batch_output(out_dir, config)
@@ -156,7 +197,7 @@ def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | N
             connect(options.ray, ranks=(options.engines or 1) * ranks)
             driver = RayDriver(service, config, options_for_cluster(engines=options.engines, ranks_per_engine=ranks))
         else:
-            driver = LocalDriver(service, plan)
+            driver = LocalDriver(service, plan, control=control, on_fatal=lambda: setattr(server, "should_exit", True))
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -183,10 +224,13 @@ def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | N
         counts = service.counts()
         print(f"unison serve: {served.model} on http://{where}/ (API /v1/videos; store {out_dir}; "
               f"{counts['queued']} queued, {counts['completed']} completed; "
-              f"{'Ray ' + str(options.engines or 'auto') + ' engines x ' + str(ranks) + ' ranks' if options.ray else '1 local engine'}"
+              f"{_engines_line(options, ranks, torchrun=control is not None)}"
               f"{'; bearer token required' if options.token else ''})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         with _stop_is_the_end():
             server.run(sockets=[sock])
+    if driver.error is not None and control is not None:
+        raise RuntimeError(f"the engine failed ({driver.error}); torchrun --max-restarts starts the server again, "
+                           f"and it resumes") from driver.error
     print("unison serve: stopped; queued and stopped jobs resume when it starts again", file=sys.stderr, flush=True)
     return 0

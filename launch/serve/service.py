@@ -333,14 +333,25 @@ class Service(JobQueue):
 
 
 class LocalDriver(threading.Thread):
-    """One engine in this process (one rank): builds it, then renders what the service queues. A
-    job that fails is retried in place (its step checkpoint resumes it) until its retries are used."""
+    """One engine: this process alone, or rank 0 of a torchrun world (`control`: a gloo group of
+    every rank, over which each job, or an idle beat, or the end, is broadcast to the ranks that
+    `follow`). Builds the engine, then renders what the service queues. On one rank a job that
+    fails is retried in place (its step checkpoint resumes it) until its retries are used; with
+    several ranks a failure may leave a collective half-done, so the attempt is recorded and the
+    server ends (`on_fatal`): torchrun --max-restarts starts it again, and it resumes."""
 
-    def __init__(self, service: Service, plan):
+    def __init__(self, service: Service, plan, *, control=None, on_fatal: Callable[[], None] | None = None):
         super().__init__(name="unison-engine", daemon=True)
-        self.service, self.plan = service, plan
+        self.service, self.plan, self.control, self.on_fatal = service, plan, control, on_fatal
         self.worker = None
         self.error: BaseException | None = None
+
+    def _tell(self, command) -> None:
+        """Every rank of a torchrun world gets the same command (rank 0 sends it)."""
+        if self.control is not None:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([command], src=0, group=self.control)
 
     def _withdraw(self, job_id: str) -> None:
         worker = self.worker
@@ -361,12 +372,17 @@ class LocalDriver(threading.Thread):
                 job = service.take()
                 if job is None:
                     service.wait(0.5)
+                    self._tell(None)  # the other ranks wait in the broadcast: a beat each half second
                     continue
+                self._tell(job)
                 self._render(job)
-        except BaseException as err:  # noqa: BLE001 - reported; the server stays up and says so
+            self._tell(STOP)
+        except BaseException as err:  # noqa: BLE001 - reported; alone, the server stays up and says so
             self.error = err
             service.engine_state = "failed"
             log.error("unison serve: the engine failed: %s", error_text(err))
+            if self.control is not None and self.on_fatal is not None:
+                self.on_fatal()
 
     def _render(self, job: Job) -> None:
         service, worker, ledger = self.service, self.worker, self.service.ledger
@@ -393,6 +409,8 @@ class LocalDriver(threading.Thread):
                 return
             again = ledger.failed_attempt(job, error_text(err), seconds=time.perf_counter() - started,
                                           retry=retryable(err), reached=worker.attempt())
+            if self.control is not None:
+                raise  # a collective may be half-done: the world ends, and a restart resumes
             if again:
                 service.put_back(job)
             return
@@ -406,6 +424,31 @@ class LocalDriver(threading.Thread):
         worker = self.worker
         if worker is not None:
             worker.request_stop()
+
+
+STOP = "stop"
+"""What rank 0 broadcasts when the server stops."""
+
+
+def follow(plan, control) -> None:
+    """A torchrun rank other than 0: render every job rank 0 broadcasts, until it says stop. Its
+    outcomes are rank 0's to record (every rank stops at the same step, fails together)."""
+    import torch.distributed as dist
+
+    from unison.engine.worker import Worker
+
+    worker = Worker(plan)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        command = box[0]
+        if command == STOP:
+            return
+        if isinstance(command, Job):
+            try:
+                worker.run(command)
+            except Preempted:
+                continue  # a cancel or the server's stop: rank 0 records it and says what comes next
 
 
 class RayDriver(threading.Thread):
