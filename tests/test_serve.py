@@ -362,13 +362,15 @@ def test_status_page_in_headless_chromium(served, tmp_path):
 
 # -- durability: a killed server, a killed Ray rank ------------------------------------------------
 
-def test_sigkill_mid_render_then_restart_completes_the_job_once(tmp_path):
-    """An image-to-video job (its picture uploaded) whose server is SIGKILLed as step 3 of 6
-    begins: the same command resumes it from the step-3 checkpoint; 6 steps are computed in all,
-    and the video equals `unison generate --image` of the same picture."""
-    book = tmp_path / "faults"
+def test_sigkill_mid_render_then_restart_completes_the_jobs_once(tmp_path):
+    """An image-to-video job (its picture uploaded) is held at step 1 while a second job queues
+    behind it, then its server is SIGKILLed as step 3 of 6 begins. The same command resumes the
+    first from its step-3 checkpoint (6 steps computed in all; the video equals `unison generate
+    --image` of the same picture) and renders the queued one; each is done exactly once."""
+    book, gate = tmp_path / "faults", tmp_path / "go"
     book.mkdir()
-    env = {"UNISON_FAULTS": json.dumps([{"job": "*", "step": 3, "action": "kill"}]), "UNISON_FAULTS_DIR": str(book)}
+    faults = [{"job": "*", "step": 1, "action": "pause", "until": str(gate)}, {"job": "*", "step": 3, "action": "kill"}]
+    env = {"UNISON_FAULTS": json.dumps(faults), "UNISON_FAULTS_DIR": str(book)}
     args = ("--set", "model.family=wan-i2v", "--steps", "6", "--set", "output.checkpoint_every=1")
     picture = tmp_path / "first.png"
     picture.write_bytes(_png(64, 64))
@@ -379,21 +381,36 @@ def test_sigkill_mid_render_then_restart_completes_the_job_once(tmp_path):
                               files={"input_reference": ("first.png", picture.read_bytes(), "image/png")})
         assert response.status_code == 200, response.text
         video_id = response.json()["id"]
+        client = first.client()
+        deadline = time.monotonic() + 60
+        while client.videos.retrieve(video_id).model_extra.get("step") != 2:  # held at step 2 (index 1)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        unfinished = httpx.get(f"{first.url}/v1/videos/{video_id}/content", headers=first.headers(), timeout=30)
+        assert unfinished.status_code == 409 and unfinished.json()["error"]["code"] == "video_not_ready"
+        queued = httpx.post(first.url + "/v1/videos", headers=first.headers(), timeout=60,
+                            data={"prompt": "a second kite", "seed": "6"},
+                            files={"input_reference": ("first.png", picture.read_bytes(), "image/png")}).json()
+        assert queued["status"] == "queued" and queued["queue_position"] == 0
+        gate.touch()
         assert first.wait_exit(120) == -9  # the injected SIGKILL
     finally:
         first.kill()
-    assert (tmp_path / "store" / "jobs" / f"{video_id}.json").is_file()  # accepted means on disk
-    second = Server(tmp_path / "store", *args, env=env).start()  # the fault fires once: not again
+    for job in (video_id, queued["id"]):  # accepted means on disk
+        assert (tmp_path / "store" / "jobs" / f"{job}.json").is_file()
+    second = Server(tmp_path / "store", *args, env=env).start()  # each fault fires once: not again
     try:
-        assert wait_for(second.client(), video_id).status == "completed"
+        for job in (video_id, queued["id"]):
+            assert wait_for(second.client(), job).status == "completed"
         clip = tmp_path / "served.mp4"
         clip.write_bytes(second.client().videos.download_content(video_id).content)
         assert second.stop() == 0
     finally:
         second.kill()
-    records = [r for r in Manifest(tmp_path / "store").records() if r.id == video_id]
-    assert [(r.status, r.resumed_from_step, r.steps) for r in records] == [("done", 3, 3)]
-    assert steps_computed(book)[video_id] == {0: 6}  # nothing computed twice
+    records = Manifest(tmp_path / "store").records()
+    assert [(r.id, r.status, r.resumed_from_step, r.steps) for r in records] == [
+        (video_id, "done", 3, 3), (queued["id"], "done", 0, 6)]
+    assert steps_computed(book) == {video_id: {0: 6}, queued["id"]: {0: 6}}  # nothing computed twice
     out = tmp_path / "reference.mp4"
     assert main(["generate", "--set", "model.family=wan-i2v", "--steps", "6", "--prompt", "a kite", "--seed", "5",
                  "--image", str(picture), "--output", str(out)]) == 0

@@ -10,7 +10,8 @@ UNISON_FAULTS is a JSON list of faults, each {"job": ID, "step": S, "action": A,
 - `action`: "kill" (the process SIGKILLs itself: a lost node, an OOM kill), "raise" (an
   InjectedFault, a retryable RuntimeError), or "signal-driver" (SIGTERM to the process that
   launched the render: the Ray driver, named by UNISON_FAULTS_DRIVER, else the parent process,
-  which is torchrun's agent under torchrun).
+  which is torchrun's agent under torchrun), or "pause" (wait until the file named by the fault's
+  "until" exists, at most 120 s: a test holds a render at a step while it does something else).
 UNISON_FAULTS_DIR is a folder for its bookkeeping: each fault fires once per rank (a marker file
 created exclusively there, so a retried or resumed job passes the same step), and every
 denoising step a rank finishes is appended to `steps.log` as "job rank": the independent
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 ENV = ("UNISON_FAULTS", "UNISON_FAULTS_DIR", "UNISON_FAULTS_DRIVER")
@@ -91,6 +93,10 @@ def at_step(job: str, index: int, *, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "raise":
             raise InjectedFault(f"injected fault {number} at step {index} of job {job}")
+        elif action == "pause":
+            gate, deadline = Path(fault["until"]), time.monotonic() + 120
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
         elif action == "signal-driver":
             os.kill(int(os.environ.get("UNISON_FAULTS_DRIVER") or os.getppid()), signal.SIGTERM)
         else:

@@ -185,6 +185,9 @@ class Service(JobQueue):
             if self.stopping:
                 raise BadRequest("the server is shutting down; try again shortly", status=503, code="shutting_down",
                                  type="server_error")
+            if self.engine_state == "failed":
+                raise BadRequest("the engine failed to start (see the server's log); no job can render", status=503,
+                                 code="engine_failed", type="server_error")
             pending = [t for t in self.tracked.values() if t.status in ("queued", "in_progress")]
             if len(pending) >= self.limits.max_queued:
                 raise BadRequest(f"the server holds {len(pending)} unfinished jobs, its limit; try again later",
