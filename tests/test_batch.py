@@ -387,25 +387,9 @@ def test_ray_two_engines_render_the_batch(ray_local, single, tmp_path):
     _assert_same_videos(out, reference, [f"j{i}" for i in range(6)])
 
 
-def test_ray_killed_rank_rebuilds_its_engine_and_retries_the_job(ray_local, single, tmp_path):
-    jobs, reference = single
-    killed: list[str] = []
-
-    def kill_once(slot, job):
-        if job.id == "j2" and not killed:
-            killed.append(job.id)
-            ray_local.kill(slot.actors[1], no_restart=True)  # rank 1 dies mid-job
-
-    out = tmp_path / "out"
-    ledger = _ray_batch(jobs, out, on_start=kill_once)
-    assert killed == ["j2"]
-    records = _records(out)
-    assert _done_ids(out) == [f"j{i}" for i in range(6)]  # every job exactly once
-    assert [(r["id"], r["status"]) for r in records if r["status"] != "done"] == [("j2", "retry")]
-    assert "died" in next(r["error"] for r in records if r["status"] == "retry")
-    assert (ledger.done, ledger.retries) == (6, 1)
-    assert sorted(p.name for p in out.glob("*.mp4")) == [f"j{i}.mp4" for i in range(6)]
-    _assert_same_videos(out, reference, ["j2"])
+# A rank killed mid-job (its engine rebuilt, the job retried from its checkpoint, the video the
+# same): tests/test_chaos.py (a batch under four faults) and tests/test_serve.py (the service's
+# Ray engines) kill one each.
 
 
 def test_generate_on_ray_renders_one_video(ray_local, tmp_path, capsys):

@@ -26,7 +26,7 @@ from unison.launch.cli import main
 STEPS = 6
 EVERY = 2
 PROMPTS = ["a cat walks on the grass", "a dog runs on the beach", "neon city at night", "a flower opening",
-           "an astronaut rides a horse", "waves roll in at sunset", "a red kite over a hill", "rain on a window"]
+           "an astronaut rides a horse"]
 
 
 def _frames(path: Path) -> np.ndarray:
@@ -52,7 +52,7 @@ def _recomputed_by_count(folder: Path, steps: int) -> dict[str, int]:
 
 
 def test_ray_batch_survives_four_faults(tmp_path):
-    """8 jobs on 2 local Ray engines of 2 ranks (Ulysses 2) under the four faults `draw` places
+    """5 jobs on 2 local Ray engines of 2 ranks (Ulysses 2) under the four faults `draw` places
     from a seed: a rank SIGKILLed mid-job, a job raising on every rank, SIGTERM to the driver
     (exit 143, then the same command again), and a second kill in the resumed job."""
     pytest.importorskip("ray")

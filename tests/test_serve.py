@@ -156,6 +156,22 @@ def test_json_bodies_and_data_urls_are_taken_too(served):
     assert refused.status_code == 400 and "image" in refused.json()["error"]["message"]
 
 
+def test_a_render_that_fails_reads_failed_once_with_its_error(served):
+    """Latents gone infinite (guidance 1e38) fail the same way on every attempt: failed at once,
+    not retried, its error in OpenAI's error object; its content is 409."""
+    client = served.client()
+    video = client.videos.create(prompt="too much guidance", extra_body={"guidance": 1e38, "frames": 5})
+    failed = wait_for(client, video.id)
+    assert failed.status == "failed" and failed.progress == 0
+    assert failed.error.code == "render_failed" and "NaN or infinity" in failed.error.message
+    records = [r for r in Manifest(served.out).records() if r.id == video.id]
+    assert [(r.status, r.attempts) for r in records] == [("failed", 1)]
+    response = httpx.get(f"{served.url}/v1/videos/{video.id}/content", headers=served.headers(), timeout=30)
+    assert response.status_code == 409
+    assert not (served.out / f"{video.id}.mp4").exists()
+    client.videos.delete(video.id)
+
+
 # -- bad requests ---------------------------------------------------------------------------------
 
 def _form(**fields):
