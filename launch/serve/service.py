@@ -306,9 +306,7 @@ class Service(JobQueue):
 
     def _recorded(self, record: Record) -> None:
         """A record the ledger appended (in the driver's thread). A done video's thumbnail is made
-        before it reads as completed, so a completed video's files are all there."""
-        if record.status == "done" and self.get(record.id) is not None:
-            self.store.make_thumbnail(record.id)
+        when first asked for (the content route), not here: the engine's next job waits for nothing."""
         with self.lock:
             tracked = self.tracked.get(record.id)
             if tracked is None:  # deleted as it finished

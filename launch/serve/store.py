@@ -3,7 +3,7 @@
     DIR/jobs/<id>.json      an accepted request (`Entry`), on disk before the response says so
     DIR/inputs/<id>.png     its picture, re-encoded by the server (the upload itself is not kept)
     DIR/<id>.mp4, <id>.yaml the video and its resolved config, as `unison batch` writes them
-    DIR/<id>.thumb.jpg      the first frame, made once the video is done
+    DIR/<id>.thumb.jpg      the first frame, made when first asked for (and .sprites.jpg likewise)
     DIR/<id>.mp4.ckpt/      the render's step checkpoints while it runs
     DIR/manifest.jsonl      every attempt (launch/jobs.py): what is done, failed or to resume
 
