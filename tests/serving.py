@@ -125,6 +125,22 @@ def wait_for(client, video_id: str, *, timeout: float = 120, until=("completed",
         time.sleep(0.1)
 
 
+def wait_step(client, video_id: str, *, at_least: int, timeout: float = 60) -> None:
+    """Poll retrieve until the video's render is at step `at_least` (1-based) or past it."""
+    deadline = time.monotonic() + timeout
+    while (client.videos.retrieve(video_id).model_extra.get("step") or 0) < at_least:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{video_id} did not reach step {at_least} in {timeout} s")
+        time.sleep(0.05)
+
+
+def long_job(client, *, timeout: float = 60) -> str:
+    """A job of 400 steps, returned once it is at step 3 (the tests then delete it mid-render)."""
+    video = client.videos.create(prompt="a long one", extra_body={"steps": 400, "frames": 5})
+    wait_step(client, video.id, at_least=3, timeout=timeout)
+    return video.id
+
+
 def files_of(folder: Path) -> set[str]:
     """Every file and folder under `folder`, relative (the lock file, which a running server holds, left out)."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != ".unison.lock"}

@@ -378,18 +378,9 @@ def _ray_batch(jobs: Path, out: Path, *, on_start=None, max_retries: int = 2):
     return ledger
 
 
-def test_ray_two_engines_render_the_batch(ray_local, single, tmp_path):
-    jobs, reference = single
-    out = tmp_path / "out"
-    ledger = _ray_batch(jobs, out)
-    assert (ledger.done, ledger.failed, ledger.retries) == (6, 0, 0)
-    assert _done_ids(out) == [f"j{i}" for i in range(6)] and len(_records(out)) == 6
-    _assert_same_videos(out, reference, [f"j{i}" for i in range(6)])
-
-
-# A rank killed mid-job (its engine rebuilt, the job retried from its checkpoint, the video the
-# same): tests/test_chaos.py (a batch under four faults) and tests/test_serve.py (the service's
-# Ray engines) kill one each.
+# Two engines rendering a batch, every video equal to one process's, and a rank killed mid-job
+# (its engine rebuilt, the job retried from its checkpoint): tests/test_chaos.py (a batch on two
+# engines under four faults); tests/test_serve.py kills a rank of the service's Ray engine.
 
 
 def test_generate_on_ray_renders_one_video(ray_local, tmp_path, capsys):

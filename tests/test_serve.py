@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import TOKEN, Server, files_of, wait_for
+from serving import TOKEN, Server, files_of, long_job, wait_for, wait_step
 from unison.engine.io.faults import steps_computed
 from unison.engine.io.video import video_frames
 from unison.launch.cli import main
@@ -251,8 +251,13 @@ def test_token_is_required_and_compared(served):
     assert httpx.get(served.url + "/", timeout=30).status_code == 200  # the page itself holds no job data
 
 
-def test_reachable_host_without_token_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+def test_refusals_before_loading(served, tmp_path, capsys, monkeypatch):
+    """A reachable address without a token, a short token, Ray-only flags, a missing adapter, and a
+    second server on a store in use: one line each (exit 2), nothing written."""
     monkeypatch.delenv("UNISON_SERVE_TOKEN", raising=False)
+    before = files_of(served.out)
+    assert main(["serve", "--out", str(served.out), "--port", "0"]) == 2
+    assert "in use" in capsys.readouterr().err and files_of(served.out) == before
     assert main(["serve", "--out", str(tmp_path / "s"), "--host", "0.0.0.0"]) == 2
     assert "token" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
@@ -266,19 +271,15 @@ def test_reachable_host_without_token_is_refused_before_loading(tmp_path, capsys
 
 def test_delete_stops_a_running_job_and_the_next_job_is_untouched(served, tmp_path):
     client = served.client()
-    long = client.videos.create(prompt="a long one", extra_body={"steps": 400, "frames": 5})
-    deadline = time.monotonic() + 60
-    while (client.videos.retrieve(long.id).model_extra.get("step") or 0) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert client.videos.delete(long.id).deleted
+    long = long_job(client)
+    assert client.videos.delete(long).deleted
     after = client.videos.create(prompt="after the cancel", extra_body={"seed": 11, "frames": 5})
     assert wait_for(client, after.id).status == "completed"
     computed = steps_computed(served.book)
-    assert 3 <= sum(computed[long.id].values()) < 400  # stopped early, counted by the scheduler's calls
+    assert 3 <= sum(computed[long].values()) < 400  # stopped early, counted by the scheduler's calls
     assert computed[after.id] == {0: STEPS}  # the next job ran whole: the stop did not reach it
-    assert not [p for p in served.out.rglob(f"{long.id}*")]  # its checkpoint and record gone
-    assert long.id not in {r.id for r in Manifest(served.out).records()}
+    assert not [p for p in served.out.rglob(f"{long}*")]  # its checkpoint and record gone
+    assert long not in {r.id for r in Manifest(served.out).records()}
     clip = tmp_path / "after.mp4"
     clip.write_bytes(client.videos.download_content(after.id).content)
     reference = _generate(tmp_path, "after", "--prompt", "after the cancel", "--seed", "11", "--frames", "5")
@@ -397,11 +398,7 @@ def test_sigkill_mid_render_then_restart_completes_the_jobs_once(tmp_path):
                               files={"input_reference": ("first.png", picture.read_bytes(), "image/png")})
         assert response.status_code == 200, response.text
         video_id = response.json()["id"]
-        client = first.client()
-        deadline = time.monotonic() + 60
-        while client.videos.retrieve(video_id).model_extra.get("step") != 2:  # held at step 2 (index 1)
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_step(first.client(), video_id, at_least=2)  # held there (step index 1) by the pause
         unfinished = httpx.get(f"{first.url}/v1/videos/{video_id}/content", headers=first.headers(), timeout=30)
         assert unfinished.status_code == 409 and unfinished.json()["error"]["code"] == "video_not_ready"
         queued = httpx.post(first.url + "/v1/videos", headers=first.headers(), timeout=60,
@@ -451,13 +448,23 @@ def test_ray_rank_killed_mid_job_resumes_on_the_rebuilt_engine(tmp_path):
         assert client.videos.retrieve(video.id).model_extra["attempts"] == 2
         clip = tmp_path / "served.mp4"
         clip.write_bytes(client.videos.download_content(video.id).content)
+        # A job deleted mid-render stops on both ranks; the engine, whole, takes the next job.
+        long = long_job(client, timeout=120)
+        assert client.videos.delete(long).deleted
+        after = client.videos.create(prompt="after the cancel", extra_body={"seed": 1, "frames": 5})
+        assert wait_for(client, after.id, timeout=120).status == "completed"
         assert server.stop() == 0
     finally:
         server.kill()
     records = [r for r in Manifest(tmp_path / "store").records() if r.id == video.id]
     assert [r.status for r in records] == ["retry", "done"] and "died" in records[0].error
     assert records[1].resumed_from_step == 2
-    assert steps_computed(book)[video.id] == {0: 4, 1: 4}  # steps 1-2, then 3-4 on the new engine
+    computed = steps_computed(book)
+    assert computed[video.id] == {0: 4, 1: 4}  # steps 1-2, then 3-4 on the new engine
+    assert computed[long][0] == computed[long][1] and 3 <= computed[long][0] < 400
+    assert computed[after.id] == {0: 4, 1: 4}
+    assert server.output().count("is rebuilt after") == 1  # the kill's; the cancel kept the engine
+    assert long not in {r.id for r in Manifest(tmp_path / "store").records()}
     out = tmp_path / "reference.mp4"
     assert main(["generate", "--steps", "4", "--prompt", "a lighthouse at dusk", "--seed", "9",
                  "--output", str(out)]) == 0
@@ -474,12 +481,8 @@ def test_torchrun_world_serves_as_one_engine(tmp_path):
                     env={"UNISON_FAULTS": "[]", "UNISON_FAULTS_DIR": str(book), "OMP_NUM_THREADS": "1"}).start()
     try:
         client = server.client()
-        long = client.videos.create(prompt="a long one", extra_body={"steps": 400, "frames": 5})
-        deadline = time.monotonic() + 120
-        while (client.videos.retrieve(long.id).model_extra.get("step") or 0) < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert client.videos.delete(long.id).deleted
+        long = long_job(client, timeout=120)
+        assert client.videos.delete(long).deleted
         video = client.videos.create(prompt="a harbour at noon", extra_body={"seed": 6})
         assert wait_for(client, video.id, timeout=180).status == "completed"
         clip = tmp_path / "served.mp4"
@@ -488,7 +491,7 @@ def test_torchrun_world_serves_as_one_engine(tmp_path):
     finally:
         server.kill()
     computed = steps_computed(book)
-    stopped = computed[long.id]
+    stopped = computed[long]
     assert stopped[0] == stopped[1] and 3 <= stopped[0] < 400  # both ranks stopped at the same step
     assert computed[video.id] == {0: 3, 1: 3}
     assert [r.id for r in Manifest(tmp_path / "store").records()] == [video.id]
