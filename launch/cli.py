@@ -7,7 +7,9 @@ SIGUSR1 during a render (a scheduler preempting the job; Slurm's `--signal`) is 
 rank finishes the same step, writes a step checkpoint there and exits with 143 (128 + SIGTERM,
 "preempted, resumable"), printing `unison: preempted at step S of N; checkpoint in DIR; run the
 same command to resume`; a batch records the attempt `preempted` and exits 143 too. A second signal
-ends the process at once. Ctrl-C exits with 130.
+ends the process at once. Ctrl-C exits with 130. `unison serve` is the exception: SIGTERM or Ctrl-C
+is how a server is stopped, so it stops cleanly (its running job checkpointed, recorded preempted,
+resumed at the next start) and exits 0.
 """
 
 from __future__ import annotations
