@@ -413,11 +413,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from unison.launch.serve import TOKEN_ENV, ServeOptions, serve
 
     _check_counts(args)
-    for module, package in (("starlette", "starlette"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise UserError(f"unison serve needs {package}: pip install 'unison-video[serve]'") from None
+    from importlib.util import find_spec
+
+    for modules, package in ((("starlette",), "starlette"), (("uvicorn",), "uvicorn"),
+                             (("python_multipart", "multipart"), "python-multipart")):
+        if not any(find_spec(module) for module in modules):
+            raise UserError(f"unison serve needs {package}: pip install 'unison-video[serve]'")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     options = ServeOptions(host=args.host, port=args.port, out=args.out, token=token, ray=args.ray,
                            engines=args.engines, ranks_per_engine=args.ranks_per_engine, adapters=tuple(args.adapter),

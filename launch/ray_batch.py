@@ -388,11 +388,13 @@ class RayBatch:
             log.warning("engine %d is rebuilt after: %s", slot.index, message)
             self._bring_up(slot)
 
-    def _all_preempted(self, slot: EngineSlot) -> bool:
-        """Did every rank end its call with Preempted (all stopped at the same step, none died)?"""
+    def _all_preempted(self, slot: EngineSlot, *, wait_s: float = 30.0) -> bool:
+        """Did every rank end its call with Preempted (all stopped at the same step, none died)?
+        The ranks that have not answered yet are waited for (they stop at the step the first one
+        did, a moment later); one that has not answered within `wait_s` counts as a failure."""
         for ref in slot.refs:
             try:
-                self.ray.get(ref, timeout=0)
+                self.ray.get(ref, timeout=wait_s)
             except Exception as err:  # noqa: BLE001 - sorted below
                 if not isinstance(_cause(err), Preempted):
                     return False

@@ -319,3 +319,28 @@ def test_every_family_resumes_bit_identical(tiny_folder, tmp_path, family):
     assert [r.index for r in result.loop.steps] == [2, 3] and result.loop.resumed_from_step == 2
     assert forwards == 2 * 2  # cond and uncond on each of the two remaining steps
     assert torch.equal(result.latents, reference.latents)
+
+
+def test_a_rank_at_its_next_render_sees_the_folder_as_ours_while_another_removes(tmp_path):
+    """Rank 1 has removed its checkpoints and checks the folder for its next render while rank 0
+    is still removing its own (its step file gone, manifest.json not yet): the folder must still
+    read as unison's. (Every rank used to remove the marker with its own files; the folder then
+    held manifest.json alone, which no rule recognises, and the next render was refused.)"""
+    from unison.engine.io.checkpoint import mark_folder
+    from unison.engine.targets import CHECKPOINT_MARKER, check_checkpoint_folder
+
+    folder = tmp_path / "video.mp4.ckpt"
+    folder.mkdir()
+    mark_folder(folder)
+    for name in ("rank0.step3.pt", "rank1.step3.pt", "rank0.window0.pt", "rank1.window0.pt", "manifest.json"):
+        (folder / name).write_bytes(b"x")
+    ranks = [Checkpoints(folder=folder, every=1, resume="auto", fingerprint="f", rank=r, world_size=2)
+             for r in range(2)]
+    ranks[1].remove()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [CHECKPOINT_MARKER, "rank0.step3.pt", "rank0.window0.pt", "manifest.json"])
+    for name in ("rank0.step3.pt", "rank0.window0.pt"):  # rank 0 part-way through its remove()
+        (folder / name).unlink()
+    check_checkpoint_folder(folder)  # no UserError: still unison's folder
+    ranks[0].remove()
+    assert not folder.exists()  # the last rank took the marker and the folder

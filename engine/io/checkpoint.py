@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from unison.engine.config import RunConfig
-from unison.engine.targets import CHECKPOINT_MARKER, checkpoint_folder
+from unison.engine.targets import CHECKPOINT_MARKER, CHECKPOINT_NAMES, checkpoint_folder
 from unison.engine.io.writes import commit, failure_reason, text_write, torch_write
 from unison.engine.errors import UserError, WriteFailed
 
@@ -300,14 +300,21 @@ class Checkpoints:
                 (self.folder / name).unlink(missing_ok=True)
         if self.rank == 0:
             (self.folder / "manifest.json").unlink(missing_ok=True)
-        (self.folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # every rank: the folder may be node-local
         mine = re.compile(rf"\.rank{self.rank}\.(step|window)\d+\.[a-z0-9_]{{8}}\.part\.pt"
                           r"|\.unison-checkpoints\.[a-z0-9_]{8}\.part\.txt"
                           + (r"|\.manifest\.[a-z0-9_]{8}\.part\.json" if self.rank == 0 else ""))
         for name in self._names():
             if mine.fullmatch(name):
                 (self.folder / name).unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()  # the last rank to get here empties it; never another's files
-        except OSError:
-            pass
+        # The marker goes with the last rank's files, not before: a rank already at its next
+        # render's checks (targets.check_checkpoint_folder) while another is still removing
+        # (manifest.json last, say) must still see the folder as unison's. Each rank looks after
+        # removing its own files, so the last to finish finds none of unison's but the marker
+        # (on a node-local folder, the node's last rank); files of someone else's stay.
+        left = [n for n in self._names() if n != CHECKPOINT_MARKER and CHECKPOINT_NAMES.fullmatch(n)]
+        if not left:
+            (self.folder / CHECKPOINT_MARKER).unlink(missing_ok=True)
+            try:
+                self.folder.rmdir()  # never with another's files in it
+            except OSError:
+                pass
