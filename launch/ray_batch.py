@@ -371,8 +371,9 @@ class RayBatch:
                              resumed_from_step=first.resumed_from_step, windows=first.windows)
             return
         message, cause, reached = _describe_error(error), _cause(error), self._reached(slot)
-        if queue.dropped(job.id):
-            queue.released(job)  # withdrawn, and an engine rank failed too: rebuilt below, nothing recorded
+        withdrawn = queue.dropped(job.id)  # and a rank failed too: nothing recorded, the engine rebuilt
+        if withdrawn:
+            pass
         elif isinstance(cause, Preempted):  # every rank checkpointed the same step
             ledger.preempted(job, message, seconds=seconds, reached=reached)
             self.preempted.append(job.id)
@@ -382,7 +383,9 @@ class RayBatch:
                 and not isinstance(cause, WriteFailed):
             queue.put_back(job)
         self._stop(slot)
-        if isinstance(cause, WriteFailed):
+        if withdrawn:
+            queue.released(job)  # its ranks are gone: what they wrote may go
+        elif isinstance(cause, WriteFailed):
             raise cause
         if not self._stopped():
             log.warning("engine %d is rebuilt after: %s", slot.index, message)

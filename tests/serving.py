@@ -101,6 +101,17 @@ class Server:
             self.output()
         return code
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """Killed on leaving; on a failure its output is printed first (pytest shows it)."""
+        self.kill()
+        if error is not None:
+            if self.proc is not None and self.proc.stdout is not None:
+                self.lines.append(self.proc.stdout.read())  # to the end: the process is gone
+            print(f"--- the server's output ---\n{''.join(self.lines)[-12000:]}")
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -224,7 +224,7 @@ class Service(JobQueue):
                 self.queue.remove(job_id)
             if running:
                 self.withdrawn.add(job_id)
-            self.store.remove(job_id)
+            self.store.remove(job_id, rendering=running)
         if running and self.on_withdraw is not None:
             self.on_withdraw(job_id)
         log.info("unison serve: deleted %s%s", job_id, " (stopping its render)" if running else "")

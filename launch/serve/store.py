@@ -113,11 +113,14 @@ class JobStore:
         return sorted(out, key=lambda e: e.seq)
 
     # -- removing -----------------------------------------------------------------------------
-    def remove(self, job_id: str) -> None:
-        """Delete a job: its record first (durably), then what it made."""
+    def remove(self, job_id: str, *, rendering: bool = False) -> None:
+        """Delete a job: its record (durably), then what it made, unless it is `rendering`: its
+        engine is still writing (checkpoints, the video), so that goes once the engine lets go
+        of it (`leftovers`), or at the next start should the server die first."""
         self._record(job_id).unlink(missing_ok=True)
         _fsync_folder(self.jobs)
-        self.leftovers(job_id)
+        if not rendering:
+            self.leftovers(job_id)
 
     def leftovers(self, job_id: str) -> None:
         """Remove what a deleted job made or left (also once its engine has let go of it)."""
