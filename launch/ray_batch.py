@@ -135,7 +135,7 @@ class EngineSlot:
 
 class JobQueue:
     """The jobs a driver hands out: a batch's list, in order (this class), or a service's queue,
-    which grows while the driver runs (launch/serve/scheduler.py) and may drop a running job."""
+    which grows while the driver runs (launch/serve/service.py) and may drop a running job."""
 
     def __init__(self, jobs=()):
         self._jobs = deque(jobs)
@@ -211,7 +211,6 @@ class RayBatch:
         """SIGTERM or SIGUSR1 reached the driver: no job starts, the running ones checkpoint."""
         self.preempted: list[str] = []
         self.signalled = StopRequest()
-        self.slots: list[EngineSlot] = []
 
     # -- engines ----------------------------------------------------------------------------------
     def _start(self, slot: EngineSlot) -> None:
@@ -272,7 +271,7 @@ class RayBatch:
         self.signalled.signalled = True
 
     def _run(self, queue: JobQueue, ledger: Ledger) -> None:
-        slots = self.slots = [EngineSlot(index=i) for i in range(self.options.engines)]
+        slots = [EngineSlot(index=i) for i in range(self.options.engines)]
         bars = self.bars = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not self.progress,
                                  leave=False) for i in range(len(slots))]
         live = []

@@ -174,7 +174,7 @@ def test_a_render_that_fails_reads_failed_once_with_its_error(served):
 # -- bad requests ---------------------------------------------------------------------------------
 
 def _form(**fields):
-    return {"data": {k: v for k, v in fields.items()}}
+    return {"data": fields}
 
 
 BAD = [
