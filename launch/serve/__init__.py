@@ -132,14 +132,14 @@ def serve(config: RunConfig, options: ServeOptions, *, reads: dict[str, str] | N
     if options.ray is None:
         ranks = env.world_size
     plan = plan_run(engine_config(config), world_size=ranks, local_rank=env.local_rank, reads=reads)
-    adapters_from(options.adapters)  # refused here, before any rank joins
+    adapters = adapters_from(options.adapters)  # refused here, before any rank joins
     check_batch_output(Path(options.out).resolve(), config)
     if env.world_size > 1:
-        return _serve_torchrun(config, options, plan, env, reads=reads)
-    return _serve(config, options, plan, ranks, reads=reads)
+        return _serve_torchrun(config, options, plan, env, adapters=adapters)
+    return _serve(config, options, plan, ranks, adapters=adapters)
 
 
-def _serve_torchrun(config: RunConfig, options: ServeOptions, plan, env, *, reads) -> int:
+def _serve_torchrun(config: RunConfig, options: ServeOptions, plan, env, *, adapters: dict[str, dict]) -> int:
     """Every rank of a torchrun world is one engine: rank 0 serves and decides, the others follow
     (launch/serve/service.follow) over a gloo group of their own."""
     import datetime
@@ -157,7 +157,7 @@ def _serve_torchrun(config: RunConfig, options: ServeOptions, plan, env, *, read
             with _stop_is_the_end():  # rank 0 says when to stop; a signal stops a render at its step
                 follow(plan, control)
             return 0
-        return _serve(config, options, plan, env.world_size, reads=reads, control=control)
+        return _serve(config, options, plan, env.world_size, adapters=adapters, control=control)
 
 
 def _engines_line(options: ServeOptions, ranks: int, *, torchrun: bool) -> str:
@@ -166,7 +166,10 @@ def _engines_line(options: ServeOptions, ranks: int, *, torchrun: bool) -> str:
     return f"1 engine of {ranks} ranks (torchrun)" if torchrun else "1 local engine"
 
 
-def _serve(config: RunConfig, options: ServeOptions, plan, ranks: int, *, reads, control=None) -> int:
+def _serve(config: RunConfig, options: ServeOptions, plan, ranks: int, *, adapters: dict[str, dict],
+           control=None) -> int:
+    """The server over checked input (`serve` has planned the engine, read the adapters and checked
+    the store's folder)."""
     import uvicorn
 
     from unison.launch.batch import OutputLock
@@ -174,11 +177,8 @@ def _serve(config: RunConfig, options: ServeOptions, plan, ranks: int, *, reads,
     from unison.launch.serve.requests import Served
     from unison.launch.serve.service import Limits, LocalDriver, RayDriver, Service
     from unison.launch.serve.store import JobStore
-    from unison.engine.targets import check_batch_output
 
-    adapters = adapters_from(options.adapters)
     out_dir = Path(options.out).resolve()
-    check_batch_output(out_dir, config)
     resolved = plan.config
     name = Path(resolved.model.path).name if resolved.model.path else f"tiny-{resolved.model.family}"
     served = Served(model=name, aliases=(resolved.model.family,), fps=resolved.output.fps,
